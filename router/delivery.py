@@ -1,0 +1,105 @@
+"""What the dispatcher hands a sink, and what a sink hands back.
+
+These models are the whole contract between the router core and `sinks/`: a sink
+never reads the journal or the config, only a DeliveryItem.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from router.manifest import ArtifactKind
+
+__all__ = [
+    "Action",
+    "ArtifactView",
+    "DeliveryContext",
+    "DeliveryItem",
+    "DeliveryResult",
+    "PermanentError",
+    "StagedFile",
+    "StoredObject",
+    "TransientError",
+]
+
+
+class Action(StrEnum):
+    STORE = "store"
+    REGISTER = "register"
+    DEPLOY = "deploy"
+    TRACK = "track"
+
+
+class TransientError(Exception):
+    """Worth retrying: timeouts, 5xx, throttling, connection refused, a full disk."""
+
+
+class PermanentError(Exception):
+    """Retrying cannot help: 403, no such bucket, invalid input, a key conflict."""
+
+
+class StagedFile(BaseModel):
+    """A file as accepted at intake: where it is now, and what it must hash to."""
+
+    name: str
+    type: str
+    path: Path | None = None
+    uri: str | None = None
+    sha256: str
+    size: int
+
+
+class DeliveryContext(BaseModel):
+    event_id: str
+    pipeline: str
+    run_id: str
+    step_name: str
+    received_at: datetime
+
+
+class ArtifactView(BaseModel):
+    index: int
+    kind: ArtifactKind
+    name: str
+    version: str
+    framework: str | None = None
+    format: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    values: dict[str, Any] = Field(default_factory=dict)
+    step: int | None = None
+    files: list[StagedFile] = Field(default_factory=list)
+
+
+class StoredObject(BaseModel):
+    file_name: str
+    uri: str
+    size: int
+    sha256: str
+    version_id: str | None = None
+
+
+class DeliveryResult(BaseModel):
+    """Where the artifact landed (stores) or what was done (registries, trackers)."""
+
+    objects: list[StoredObject] = Field(default_factory=list)
+    uri: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+    skipped: bool = Field(default=False, description="idempotent replay: nothing to do")
+
+
+class DeliveryItem(BaseModel):
+    key: str = Field(description="idempotency key: (event, artifact, action, sink)")
+    action: Action
+    sink_id: str
+    context: DeliveryContext
+    artifact: ArtifactView
+    target: str | None = Field(default=None, description="rendered store key prefix")
+    params: dict[str, Any] = Field(default_factory=dict)
+    upstream: DeliveryResult | None = Field(
+        default=None, description="result of the delivery this one waited for"
+    )

@@ -1,0 +1,64 @@
+"""The one interface every sink implements, and the errors that steer retries."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from router.delivery import (
+    DeliveryItem,
+    DeliveryResult,
+    PermanentError,
+    StoredObject,
+    TransientError,
+)
+
+__all__ = [
+    "BaseSink",
+    "DeliveryItem",
+    "DeliveryResult",
+    "PermanentError",
+    "Sink",
+    "SinkSettings",
+    "StoredObject",
+    "TransientError",
+]
+
+
+class SinkSettings(BaseModel):
+    """Base for each sink's settings: unknown keys are config errors, not silence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Deliver one item idempotently; raise TransientError to retry, PermanentError to stop."""
+
+    sink_id: str
+
+    async def deliver(self, item: DeliveryItem) -> DeliveryResult: ...
+
+    async def health(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class BaseSink:
+    """Convenience base: settings parsing, trivial health and close."""
+
+    Settings: ClassVar[type[SinkSettings]] = SinkSettings
+
+    def __init__(self, sink_id: str, settings: SinkSettings) -> None:
+        self.sink_id = sink_id
+        self.settings = settings
+
+    async def deliver(self, item: DeliveryItem) -> DeliveryResult:  # pragma: no cover
+        raise NotImplementedError
+
+    async def health(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,1 @@
+"""Artifact stores: local, S3, GCS."""

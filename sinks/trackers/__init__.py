@@ -1,0 +1,1 @@
+"""Experiment trackers: jsonl (local), MLflow, TensorBoard, W&B."""

@@ -11,16 +11,25 @@ from __future__ import annotations
 import os
 import re
 import string
+import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from router.errors import ConfigError, Problem, did_you_mean
 from router.manifest import ArtifactKind
@@ -42,6 +51,7 @@ __all__ = [
     "load_config",
     "mask_secrets",
     "select_stack",
+    "set_active_stack",
     "use_stack",
 ]
 
@@ -73,9 +83,21 @@ FLOWYML_TOP_LEVEL_UNUSED = {
     "ui",
     "server",
     "settings",
+    "secrets",
+    "logging",
+    "integrations",
 }
+
+# FlowyML asset types the router has no manifest type for: their routing rules are
+# accepted (a shared flowyml.yaml keeps loading) and reported as unused.
+FLOWYML_ROUTING_UNUSED = {"checkpoint", "featureset", "feature_set", "prompt"}
 FLOWYML_STACK_UNUSED = {
     "orchestrator",
+    "executor",
+    "image_builder",
+    "step_operator",
+    "annotator",
+    "model_monitor",
     "container_registry",
     "metadata_store",
     "feature_store",
@@ -96,15 +118,24 @@ def is_secret_key(key: str) -> bool:
     return key.lower() not in _NOT_SECRET and bool(_SECRET_KEY.search(key))
 
 
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*:)[^@/\s]+@")
+
+
 def mask_secrets(value: Any) -> Any:
-    """A copy of a config tree with secret-looking values replaced (for display)."""
+    """A copy of a config tree with secret values replaced by '***' (for display).
+
+    Masks the value of every secret-looking key (password, token, secret_access_key,
+    api_key, ...) and the password part of URLs (`postgresql://user:***@host/db`).
+    """
     if isinstance(value, Mapping):
         return {
             k: ("***" if is_secret_key(str(k)) and v not in (None, "") else mask_secrets(v))
             for k, v in value.items()
         }
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [mask_secrets(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}***@", value)
     return value
 
 
@@ -140,7 +171,11 @@ class ComponentConfig(BaseModel):
         if isinstance(data, dict):
             data = dict(data)
             for short, long in (("bucket", "bucket_name"), ("project", "project_id")):
-                if short in data and long not in data:
+                if short in data and long in data:
+                    raise ValueError(
+                        f"give either {short!r} (FlowyML's spelling) or {long!r}, not both"
+                    )
+                if short in data:
                     data[long] = data.pop(short)
         return data
 
@@ -149,23 +184,38 @@ class ComponentConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+_BOUND_HELP = "write a number (a minimum, as FlowyML does), {min: x} or {max: x} (lower is better)"
+
+
 class MetricBound(_Strict):
     """`accuracy: 0.9` means at least 0.9; `loss: {max: 0.1}` means at most 0.1."""
 
-    min: float | None = None
-    max: float | None = None
+    min: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    max: Annotated[float, Field(allow_inf_nan=False)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_number_is_a_minimum(cls, data: Any) -> Any:
+        if isinstance(data, bool):
+            raise ValueError(f"is not a bound; {_BOUND_HELP}")
+        if isinstance(data, int | float):
+            return {"min": data}
+        if isinstance(data, str):
+            try:
+                return {"min": float(data)}  # "${MIN_ACCURACY:-0.9}" interpolates to text
+            except ValueError:
+                raise ValueError(f"is not a number; {_BOUND_HELP}") from None
+        if data is None:
+            raise ValueError(f"is empty; {_BOUND_HELP}")
+        return data
 
     @model_validator(mode="after")
     def _one_bound(self) -> MetricBound:
         if self.min is None and self.max is None:
             raise ValueError("give 'min' (higher is better) or 'max' (lower is better)")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}; no value can pass")
         return self
-
-
-def _parse_bound(value: Any) -> Any:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return MetricBound(min=float(value))
-    return value
 
 
 # FlowyML's rule field is called `register`, which shadows ABCMeta.register on the class;
@@ -181,21 +231,18 @@ class RoutingRule(_Strict):
     register: bool = False
     deploy: bool = False
     deploy_condition: Literal["manual", "auto", "on_approval"] = "manual"
-    deploy_min_metrics: dict[str, Annotated[MetricBound, Field()]] = Field(default_factory=dict)
+    deploy_min_metrics: dict[str, MetricBound] = Field(default_factory=dict)
     endpoint_name: str | None = None
     log_to_tracker: bool = False
     metadata: dict[str, Any] = Field(default_factory=dict)
     on_conflict: Literal["fail", "overwrite", "version"] = "fail"
 
-    @model_validator(mode="before")
+    @field_validator("store")
     @classmethod
-    def _plain_numbers_are_minimums(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("deploy_min_metrics"), dict):
-            data = dict(data)
-            data["deploy_min_metrics"] = {
-                k: _parse_bound(v) for k, v in data["deploy_min_metrics"].items()
-            }
-        return data
+    def _store_list_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list routes nowhere; name a store or leave 'store' out")
+        return value
 
     @property
     def stores(self) -> list[str | None]:
@@ -335,7 +382,9 @@ class LoadedConfig(BaseModel):
 
 # --- interpolation ------------------------------------------------------------------
 
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# `$$` is a literal `$`; `${NAME}` and `${NAME:-default}` read the environment; any other
+# `${` is a mistake worth reporting rather than passing on as text.
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{[^}]*\}?")
 
 
 def _interpolate(value: Any, env: Mapping[str, str], path: str, problems: list[Problem]) -> Any:
@@ -350,17 +399,28 @@ def _interpolate(value: Any, env: Mapping[str, str], path: str, problems: list[P
         return value
 
     def sub(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
+        text = match.group(0)
+        if text == "$$":
             return "$"
         name, default = match.group(1), match.group(2)
+        if name is None:
+            problems.append(
+                Problem(
+                    field=path or "(file)",
+                    value=text,
+                    message="malformed variable reference; write ${NAME} or "
+                    "${NAME:-default} (NAME: letters, digits and '_'), or $$ for a literal $",
+                )
+            )
+            return ""
         if name in env:
             return env[name]
         if default is not None:
             return default
         problems.append(
             Problem(
-                field=path,
-                value=match.group(0),
+                field=path or "(file)",
+                value=text,
                 message=f"environment variable {name} is not set; export it or write "
                 f"${{{name}:-default}}",
             )
@@ -375,6 +435,7 @@ def _interpolate(value: Any, env: Mapping[str, str], path: str, problems: list[P
 _TOP_KEYS = {"stacks", "active_stack", "router", "plugins", "artifact_routing"}
 _STACK_KEYS = set(StackConfig.model_fields) - {"name", "unused"}
 _RULE_KEYS = set(RoutingRule.model_fields)
+_ROUTING_NAMES = ["Model", "Dataset", "Metrics", "Parameters", "Report", "Artifact", "default"]
 
 
 def _check_keys(
@@ -407,28 +468,83 @@ def _loc(prefix: str, loc: tuple[int | str, ...]) -> str:
     return out
 
 
+def _candidates(tp: Any) -> list[Any]:
+    origin = get_origin(tp)
+    if origin is Annotated:
+        return _candidates(get_args(tp)[0])
+    if origin in (Union, UnionType):
+        return [c for arg in get_args(tp) for c in _candidates(arg)]
+    return [tp]
+
+
+def _known_fields(root: type[BaseModel], loc: tuple[int | str, ...]) -> set[str]:
+    """Field names of the model a validation error's location points into."""
+    current: Any = root
+    for part in loc:
+        step: Any = None
+        for cand in _candidates(current):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                if isinstance(part, str) and part in cand.model_fields:
+                    step = cand.model_fields[part].annotation
+                    break
+            elif get_origin(cand) is dict and isinstance(part, str):
+                step = get_args(cand)[1]
+                break
+            elif get_origin(cand) is list and isinstance(part, int):
+                step = get_args(cand)[0]
+                break
+        if step is not None:
+            current = step
+        # else: a union member tag pydantic puts in the location; stay where we are
+    return {
+        name
+        for cand in _candidates(current)
+        if isinstance(cand, type) and issubclass(cand, BaseModel)
+        for name in cand.model_fields
+        if name not in ("name", "unused") or cand is not StackConfig
+    }
+
+
+_UNION_TAGS = ("ComponentConfig", "list[ComponentConfig]", "str", "list[str]")
+
+
 def _validation_problems(prefix: str, exc: ValidationError) -> list[Problem]:
     problems = []
     for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if p not in ("ComponentConfig", "list[ComponentConfig]"))
+        loc = tuple(p for p in err["loc"] if p not in _UNION_TAGS)
         message = err["msg"].removeprefix("Value error, ")
+        value = None if err["type"] == "missing" else err.get("input")
         if err["type"] == "literal_error":
             message = f"must be one of {err.get('ctx', {}).get('expected', '')}"
-        problems.append(
-            Problem(
-                field=_loc(prefix, loc),
-                value=None if err["type"] == "missing" else err.get("input"),
-                message=message,
-            )
-        )
+        elif err["type"] == "extra_forbidden":
+            key = str(loc[-1]) if loc else ""
+            hint = did_you_mean(key, _known_fields(RouterConfig, tuple(err["loc"])[:-1]))
+            message = f"unknown key{hint}; FlowyML would ignore it silently, the router refuses it"
+        problems.append(Problem(field=_loc(prefix, loc), value=value, message=message))
     return problems
 
 
 def _check_template(template: str, path: str, problems: list[Problem]) -> None:
+    if not template.strip():
+        problems.append(
+            Problem(
+                field=path,
+                value=template,
+                message="an empty path puts every artifact at the store's root; write a "
+                "template such as '{pipeline}/{run_id}/{step_name}/{name}'",
+            )
+        )
+        return
     try:
         fields = list(string.Formatter().parse(template))
     except ValueError as exc:
-        problems.append(Problem(field=path, value=template, message=f"bad template: {exc}"))
+        problems.append(
+            Problem(
+                field=path,
+                value=template,
+                message=f"bad template: {exc}; write {{{{ and }}}} for literal braces",
+            )
+        )
         return
     for _, field_name, spec, conversion in fields:
         if field_name is None:
@@ -445,19 +561,22 @@ def _check_template(template: str, path: str, problems: list[Problem]) -> None:
             )
         elif spec or conversion:
             problems.append(
-                Problem(field=path, value=template, message="placeholders take no format spec")
+                Problem(
+                    field=path,
+                    value=template,
+                    message=f"placeholder {{{field_name}}} takes no format spec or conversion",
+                )
             )
-    literal = "".join(text for text, *_ in fields)
-    if template.startswith("/") or "\\" in template or ".." in template.split("/"):
+    segments = template.split("/")
+    if template.startswith("/") or "\\" in template or ".." in segments or "\x00" in template:
         problems.append(
             Problem(
                 field=path,
                 value=template,
                 message="a path template is relative to its store: no leading '/', "
-                "no '..', no backslashes",
+                "no '..' segment, no backslashes",
             )
         )
-    del literal
 
 
 def _validate_stack_semantics(stack: StackConfig, problems: list[Problem]) -> None:
@@ -475,18 +594,36 @@ def _validate_stack_semantics(stack: StackConfig, problems: list[Problem]) -> No
         if component is not None:
             problems.extend(check_component(role, f"{base}.{key}", component))
 
+    seen_kinds: dict[str, str] = {}
     for key, rule in stack.artifact_routing.items():
         rpath = f"{base}.artifact_routing.{key}"
-        if key.lower() not in _ROUTING_KEYS and key.lower() != "default":
+        lowered = key.lower()
+        canonical = _ROUTING_KEYS[lowered].value if lowered in _ROUTING_KEYS else lowered
+        if lowered not in _ROUTING_KEYS and lowered != "default":
             problems.append(
                 Problem(
                     field=rpath,
+                    value=key,
                     message="unknown artifact type"
-                    f"{did_you_mean(key, ['Model', 'Dataset', 'Metrics', 'Parameters', 'Report', 'Artifact', 'default'])}",
+                    f"{did_you_mean(key, _ROUTING_NAMES)}; use one of "
+                    f"{', '.join(_ROUTING_NAMES)} (any case; Data means Dataset)",
                 )
             )
+        elif canonical in seen_kinds:
+            problems.append(
+                Problem(
+                    field=rpath,
+                    value=key,
+                    message=f"a second rule for {canonical} (the first is "
+                    f"{seen_kinds[canonical]!r}; type names ignore case); keep one",
+                )
+            )
+        else:
+            seen_kinds[canonical] = key
         _check_template(rule.path, f"{rpath}.path", problems)
         for store in rule.stores:
+            if store is None:
+                continue  # the stack's artifact_store, if any; planning reports its absence
             if stack.resolve_store(store) is None:
                 known = sorted(stack.artifact_stores) + (
                     [stack.artifact_store.type] if stack.artifact_store else []
@@ -497,7 +634,7 @@ def _validate_stack_semantics(stack: StackConfig, problems: list[Problem]) -> No
                         value=store,
                         message=(
                             "names no store of this stack"
-                            + (did_you_mean(store, known) if store else "")
+                            + did_you_mean(store, known)
                             + "; add it under artifact_stores or set artifact_store"
                             + (f" (known: {', '.join(known)})" if known else "")
                         ),
@@ -521,31 +658,57 @@ def _validate_stack_semantics(stack: StackConfig, problems: list[Problem]) -> No
                     "deploy: false",
                 )
             )
-        if rule.deploy_condition == "auto" and rule.deploy and not rule.deploy_min_metrics:
-            pass  # FlowyML deploys unconditionally here; so do we (documented).
+        # deploy_condition: auto with no deploy_min_metrics deploys every model, as in
+        # FlowyML; that is a choice, not an error.
 
 
-def _build(raw: dict[str, Any], source: str) -> tuple[RouterConfig, list[str]]:
+def _build(raw: Any, source: str) -> tuple[RouterConfig, list[str]]:
     problems: list[Problem] = []
     unused: dict[str, Any] = {}
     warnings: list[str] = []
     if not isinstance(raw, dict):
-        raise ConfigError(source, [Problem(field="(file)", message="must be a YAML mapping")])
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    field="(file)",
+                    value=raw if isinstance(raw, str | int | float) else type(raw).__name__,
+                    message="must be a YAML mapping with stacks:, active_stack: and router:",
+                )
+            ],
+        )
 
     _check_keys(raw, _TOP_KEYS, FLOWYML_TOP_LEVEL_UNUSED, "", problems, unused)
     stacks_raw = raw.get("stacks")
-    if stacks_raw is None and isinstance(raw.get("plugins"), dict):
+    if stacks_raw is not None:
+        if "plugins" in raw:
+            # FlowyML reads `plugins:` only when there is no `stacks:`.
+            unused["plugins"] = raw["plugins"]
+        if "artifact_routing" in raw:
+            problems.append(
+                Problem(
+                    field="artifact_routing",
+                    message="a top-level artifact_routing applies only to the legacy "
+                    "plugins: layout; move it under stacks.<name>.artifact_routing",
+                )
+            )
+    elif isinstance(raw.get("plugins"), dict):
         # FlowyML's legacy single-stack layout loads as a stack named "default".
         stacks_raw = {"default": raw["plugins"]}
         if "artifact_routing" in raw:
             stacks_raw["default"] = {**raw["plugins"], "artifact_routing": raw["artifact_routing"]}
-    if stacks_raw is None:
+    else:
         defaults = _embedded_defaults()
         stacks_raw = defaults["stacks"]
         raw = {**raw, "active_stack": raw.get("active_stack", defaults["active_stack"])}
     if not isinstance(stacks_raw, dict) or not stacks_raw:
         problems.append(
-            Problem(field="stacks", value=stacks_raw, message="must map stack names to stacks")
+            Problem(
+                field="stacks",
+                value=stacks_raw,
+                message="must map stack names to stacks, e.g. stacks: {local: {artifact_store: "
+                "{type: local, path: ./artifacts}}}",
+            )
         )
         raise ConfigError(source, problems)
 
@@ -553,23 +716,39 @@ def _build(raw: dict[str, Any], source: str) -> tuple[RouterConfig, list[str]]:
     for name, body in stacks_raw.items():
         spath = f"stacks.{name}"
         if not isinstance(body, dict):
-            problems.append(Problem(field=spath, value=body, message="must be a mapping"))
+            problems.append(
+                Problem(
+                    field=spath,
+                    value=body,
+                    message="must be a mapping of components (artifact_store, model_registry, "
+                    "...) and artifact_routing",
+                )
+            )
             continue
         stack_unused: dict[str, Any] = {}
         _check_keys(body, _STACK_KEYS, FLOWYML_STACK_UNUSED, spath, problems, stack_unused)
         unused.update(stack_unused)
-        routing = body.get("artifact_routing") or {}
-        if isinstance(routing, dict):
-            for key, rule in routing.items():
-                if isinstance(rule, dict):
-                    _check_keys(
-                        rule, _RULE_KEYS, set(), f"{spath}.artifact_routing.{key}", problems, {}
-                    )
         known = {k: v for k, v in body.items() if k in _STACK_KEYS}
+        routing = body.get("artifact_routing")
+        if isinstance(routing, dict):
+            kept = {}
+            for key, rule in routing.items():
+                rpath = f"{spath}.artifact_routing.{key}"
+                if str(key).lower() in FLOWYML_ROUTING_UNUSED:
+                    unused[rpath] = rule
+                    continue
+                if isinstance(rule, dict):
+                    _check_keys(rule, _RULE_KEYS, set(), rpath, problems, {})
+                kept[str(key)] = {} if rule is None else rule
+            known["artifact_routing"] = kept
+        elif routing is None and "artifact_routing" in body:
+            known["artifact_routing"] = {}
         stacks[str(name)] = {"name": str(name), **known}
 
     active = raw.get("active_stack") or next(iter(stacks), "")
-    router_raw = raw.get("router") or {}
+    router_raw = raw.get("router")
+    if router_raw is None:
+        router_raw = {}
     if isinstance(router_raw, dict):
         _check_keys(router_raw, set(RouterSettings.model_fields), set(), "router", problems, {})
         if isinstance(router_raw.get("mqtt"), dict):
@@ -611,7 +790,17 @@ def _embedded_defaults() -> dict[str, Any]:
     return data
 
 
-_CONFIG_NAMES = ("router.yaml", "router.yml", "flowyml.yaml", "flowyml.yml", ".flowyml.yaml")
+# --- files --------------------------------------------------------------------------
+
+# The router's own names, then FlowyML's (flowyml.plugins.config.CONFIG_FILE_NAMES).
+_CONFIG_NAMES = (
+    "router.yaml",
+    "router.yml",
+    "flowyml.yaml",
+    "flowyml.yml",
+    ".flowyml.yaml",
+    ".flowyml.yml",
+)
 
 
 def discover_config(
@@ -621,13 +810,23 @@ def discover_config(
 ) -> Path | None:
     """`--config`, then ROUTER_CONFIG, FLOWYML_CONFIG, then the usual names in the cwd."""
     env = os.environ if env is None else env
-    for candidate in (explicit, env.get("ROUTER_CONFIG"), env.get("FLOWYML_CONFIG")):
+    for origin, candidate in (
+        ("--config", explicit),
+        ("ROUTER_CONFIG", env.get("ROUTER_CONFIG")),
+        ("FLOWYML_CONFIG", env.get("FLOWYML_CONFIG")),
+    ):
         if candidate:
             path = Path(candidate)
             if not path.is_file():
                 raise ConfigError(
                     str(path),
-                    [Problem(field="(file)", message="no such file; check the path")],
+                    [
+                        Problem(
+                            field=origin,
+                            value=str(candidate),
+                            message="no such file; check the path or unset it",
+                        )
+                    ],
                 )
             return path
     base = cwd or Path.cwd()
@@ -637,13 +836,65 @@ def discover_config(
     return None
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if not isinstance(key, Hashable):
+                continue
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(file: Path, source: str) -> Any:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [Problem(field="(file)", message=str(exc))]) from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader) or {}  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    field=f"line {exc.second}",
+                    value=exc.key,
+                    message=f"key given twice (first on line {exc.first}); YAML would keep "
+                    "only the last silently: remove or rename one",
+                )
+            ],
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        raise ConfigError(source, [Problem(field=where, message=f"not valid YAML: {exc}")]) from None
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     *,
     discover: bool = True,
 ) -> LoadedConfig:
-    """Load, interpolate and validate; the embedded defaults when no file exists."""
+    """Load, interpolate and validate; the embedded defaults when no file exists.
+
+    Raises ConfigError naming the file, each bad key path, its value and the fix.
+    """
     env = os.environ if env is None else env
     file = discover_config(path, env) if discover else (Path(path) if path else None)
     if file is None:
@@ -651,22 +902,80 @@ def load_config(
         source = "(embedded defaults)"
     else:
         source = str(file)
-        try:
-            raw = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
-            raise ConfigError(
-                source, [Problem(field=where, message=f"not valid YAML: {exc}")]
-            ) from None
-        except OSError as exc:
-            raise ConfigError(source, [Problem(field="(file)", message=str(exc))]) from None
+        raw = _read_yaml(file, source)
     problems: list[Problem] = []
     raw = _interpolate(raw, env, "", problems)
     if problems:
         raise ConfigError(source, problems)
     config, warnings = _build(raw, source)
     return LoadedConfig(config=config, source=source, path=file, warnings=warnings, raw=raw)
+
+
+def set_active_stack(path: str | os.PathLike[str], name: str) -> None:
+    """`stack set NAME`: rewrite `active_stack:` in place, keeping comments and layout.
+
+    The name must be a stack of the file (the legacy `plugins:` layout has one stack,
+    `default`).  The file is replaced atomically and keeps its permissions.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError as RuamelError
+    from ruamel.yaml.util import load_yaml_guess_indent
+
+    file = Path(path)
+    source = str(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [Problem(field="(file)", message=str(exc))]) from None
+    try:
+        doc, indent, block_seq_indent = load_yaml_guess_indent(text)
+    except RuamelError as exc:
+        raise ConfigError(source, [Problem(field="(file)", message=f"not valid YAML: {exc}")]) from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(source, [Problem(field="(file)", message="must be a YAML mapping")])
+    stacks = doc.get("stacks")
+    if isinstance(stacks, dict):
+        names = [str(k) for k in stacks]
+    elif isinstance(doc.get("plugins"), dict):
+        names = ["default"]
+    else:
+        names = [str(k) for k in _embedded_defaults()["stacks"]]
+    if name not in names:
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    field="active_stack",
+                    value=name,
+                    message=f"no stack named {name!r}{did_you_mean(name, names)}; "
+                    f"known stacks: {', '.join(names)}",
+                )
+            ],
+        )
+    if doc.get("active_stack") == name:
+        return
+    doc["active_stack"] = name
+
+    yaml_rt = YAML(typ="rt")
+    yaml_rt.preserve_quotes = True
+    yaml_rt.width = 4096
+    yaml_rt.indent(
+        mapping=block_seq_indent or 2, sequence=indent or 2, offset=block_seq_indent or 0
+    )
+    mode = file.stat().st_mode & 0o7777
+    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yaml_rt.dump(doc, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # --- stack selection ----------------------------------------------------------------
@@ -698,7 +1007,10 @@ def select_stack(
     manifest_stack: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> str:
-    """`--stack`, then ROUTER_STACK / FLOWYML_STACK, then the manifest's, then active_stack."""
+    """`--stack`, then ROUTER_STACK / FLOWYML_STACK, then the manifest's, then active_stack.
+
+    Raises KeyError (with a did-you-mean) when the winning name is not a stack.
+    """
     env = os.environ if env is None else env
     for candidate in (
         flag,

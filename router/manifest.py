@@ -2,15 +2,20 @@
 
 Every emitter (bash, R, Spark, the Python SDK, an MQTT publisher) writes this JSON.
 The models here are the single source of truth: `artifact-router schema` prints the
-JSON Schema generated from them, and intake validates against them.
+JSON Schema generated from them (`manifest_json_schema`), and intake validates
+against them (`parse_manifest`).
 """
 
 from __future__ import annotations
 
+import binascii
+import math
 import os
 import posixpath
 import re
+from collections.abc import Mapping
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -25,8 +30,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from router.errors import Problem
+from router.detect import detect_dataset_format, detect_framework, detect_framework_bytes
+from router.errors import Problem, did_you_mean
 
 __all__ = [
     "LIMITS",
@@ -35,12 +42,15 @@ __all__ = [
     "DatasetArtifact",
     "FileEntry",
     "GenericArtifact",
+    "Limits",
     "Manifest",
     "ManifestError",
     "MetricsArtifact",
     "ModelArtifact",
     "ParametersArtifact",
     "ReportArtifact",
+    "apply_detection",
+    "manifest_json_schema",
     "parse_manifest",
     "upload_override",
 ]
@@ -57,6 +67,7 @@ class ArtifactKind(StrEnum):
 
 # Aliases accepted on input, compared case-insensitively.  DATA is Domino Flows' name.
 _KIND_ALIASES = {kind.value: kind for kind in ArtifactKind} | {"data": ArtifactKind.DATASET}
+_KIND_HELP = "use one of model, dataset (or data), metrics, parameters, report, artifact"
 
 
 class Limits(BaseModel):
@@ -70,12 +81,15 @@ class Limits(BaseModel):
     name_length: int = 256
     path_length: int = 1_024
     string_value_length: int = 65_536
+    version_length: int = 128
+    file_type_length: int = 32
 
 
 LIMITS = Limits()
 
 # Names end up in object keys and file paths: no control characters, no slashes.
 _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\]")
+_NAME_PATTERN = r"^[^\x00-\x1f\x7f/\\]+$"
 
 
 def _check_name(value: str) -> str:
@@ -83,27 +97,24 @@ def _check_name(value: str) -> str:
         raise ValueError("must not be empty or blank")
     if _NAME_FORBIDDEN.search(value):
         raise ValueError("must not contain '/', '\\' or control characters")
+    if value in (".", ".."):
+        raise ValueError("must not be '.' or '..'")
     return value
 
 
-Name = Annotated[str, Field(min_length=1, max_length=LIMITS.name_length), BeforeValidator(str)]
+def _name_input(value: Any) -> Any:
+    # Numbers are accepted as names (run_id: 42) and read as text; anything else is
+    # left to the str validator, which names the wrong type.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    return _check_name(value) if isinstance(value, str) else value
+
+
 SafeName = Annotated[
     str,
-    Field(min_length=1, max_length=LIMITS.name_length),
-    BeforeValidator(lambda v: _check_name(str(v)) if isinstance(v, str | int) else v),
+    Field(min_length=1, max_length=LIMITS.name_length, pattern=_NAME_PATTERN),
+    BeforeValidator(_name_input),
 ]
-
-
-def _normalise_kind(value: Any) -> Any:
-    if isinstance(value, str):
-        kind = _KIND_ALIASES.get(value.strip().lower())
-        if kind is None:
-            raise ValueError(
-                f"unknown artifact type {value!r}; use one of "
-                "model, dataset (or data), metrics, parameters, report, artifact"
-            )
-        return kind.value
-    return value
 
 
 def _kind_schema(*spellings: str) -> dict[str, Any]:
@@ -112,12 +123,26 @@ def _kind_schema(*spellings: str) -> dict[str, Any]:
     return {"type": "string", "pattern": f"^({alts})$"}
 
 
+def _normalise_kind(value: Any) -> Any:
+    if isinstance(value, str):
+        kind = _KIND_ALIASES.get(value.strip().lower())
+        if kind is None:
+            raise ValueError(f"unknown artifact type {value!r}; {_KIND_HELP}")
+        return kind.value
+    return value
+
+
 def _kind_field(kind: ArtifactKind, *spellings: str) -> Any:
     return Annotated[
         Literal[kind.value],  # type: ignore[valid-type]
         BeforeValidator(_normalise_kind),
         WithJsonSchema(_kind_schema(*(spellings or (kind.value,)))),
     ]
+
+
+def _located(message: str, at: str = "", value: Any = None) -> PydanticCustomError:
+    """A validation error that names a field below the model raising it (`files[1].name`)."""
+    return PydanticCustomError("located", "{message}", {"message": message, "at": at, "value": value})
 
 
 def check_relative_path(value: str) -> str:
@@ -137,16 +162,37 @@ def check_relative_path(value: str) -> str:
     return normalised
 
 
+_FILE_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
 class FileEntry(BaseModel):
-    """One file of an artifact: by bundle path, by URI (MQTT) or inline (MQTT, small)."""
+    """One file of an artifact: by bundle path, by URI (MQTT) or inline (MQTT, small).
 
-    model_config = ConfigDict(extra="forbid")
+    Give exactly one of `path`, `uri` and `content_base64`.
+    """
 
-    path: Annotated[str, Field(max_length=LIMITS.path_length)] | None = None
-    uri: Annotated[str, Field(max_length=LIMITS.path_length)] | None = None
-    content_base64: str | None = None
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["path"]},
+                {"required": ["uri"]},
+                {"required": ["content_base64"]},
+            ]
+        },
+    )
+
+    path: Annotated[str, Field(max_length=LIMITS.path_length)] | None = Field(
+        default=None, description="relative to the bundle directory; no '..', not absolute"
+    )
+    uri: Annotated[str, Field(max_length=LIMITS.path_length)] | None = Field(
+        default=None, description="file:// (under an allowed root), s3:// or gs://"
+    )
+    content_base64: str | None = Field(
+        default=None, description="the file's bytes, base64; small files only (MQTT)"
+    )
     name: SafeName | None = Field(default=None, description="defaults to the basename")
-    type: Annotated[str, Field(max_length=32)] | None = Field(
+    type: Annotated[str, Field(max_length=LIMITS.file_type_length)] | None = Field(
         default=None, description="defaults to the extension; required when the name has none"
     )
 
@@ -158,43 +204,101 @@ class FileEntry(BaseModel):
     @field_validator("uri")
     @classmethod
     def _uri_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^(file|s3|gs)://", value):
+        if value is None:
+            return None
+        if not re.match(r"^(file|s3|gs)://", value):
             raise ValueError("must start with file://, s3:// or gs://")
+        if "\x00" in value:
+            raise ValueError("must not contain NUL bytes")
+        return value
+
+    @field_validator("content_base64")
+    @classmethod
+    def _is_base64(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
+        except (binascii.Error, UnicodeEncodeError) as exc:
+            raise ValueError(f"is not valid base64 ({exc})") from None
+        return value
+
+    @field_validator("type")
+    @classmethod
+    def _type_is_an_extension(cls, value: str | None) -> str | None:
+        if value is not None and not _FILE_TYPE.match(value):
+            raise ValueError(
+                "must be a file type such as 'pdf' or 'csv': letters, digits, '.', '_', "
+                "'+' and '-' only"
+            )
         return value
 
     @model_validator(mode="after")
     def _one_source_and_derived_fields(self) -> FileEntry:
         given = [k for k in ("path", "uri", "content_base64") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(
+            raise _located(
                 "give exactly one of 'path' (spool bundles), 'uri' or 'content_base64' "
-                f"(MQTT); got {', '.join(given) or 'none'}"
+                f"(MQTT); got {', '.join(given) or 'none'}",
+                value=given or None,
             )
         if self.name is None:
             source = self.path or self.uri or ""
             base = posixpath.basename(source.rstrip("/"))
-            if not base:
-                raise ValueError("'name' is required when it cannot be taken from 'path' or 'uri'")
-            self.name = _check_name(base)
+            try:
+                self.name = _check_name(base)
+            except ValueError:
+                raise _located(
+                    "cannot be taken from 'path' or 'uri'; give 'name'", at="name", value=base
+                ) from None
         if self.type is None:
             ext = os.path.splitext(self.name)[1].lstrip(".").lower()
             if not ext:
-                raise ValueError(
-                    f"file {self.name!r} has no extension: add 'type' (for example \"txt\")"
+                raise _located(
+                    f"file {self.name!r} has no extension, so 'type' is required: add "
+                    '"type" (for example "txt" or "pdf")',
+                    at="name",
+                    value=self.name,
                 )
             self.type = ext
         return self
 
+    @property
+    def source(self) -> str:
+        """Where the bytes come from, as a person reads it."""
+        if self.path is not None:
+            return f"path {self.path!r}"
+        if self.uri is not None:
+            return f"uri {self.uri!r}"
+        return "inline content_base64"
+
 
 Metadata = Annotated[dict[str, Any], Field(default_factory=dict)]
+
+
+def _version_input(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 class _ArtifactBase(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: SafeName
-    version: Annotated[str, Field(max_length=128), BeforeValidator(str)] | None = None
-    upload: bool = False
+    version: (
+        Annotated[
+            str,
+            Field(max_length=LIMITS.version_length, pattern=_NAME_PATTERN),
+            BeforeValidator(_version_input),
+        ]
+        | None
+    ) = None
+    upload: bool = Field(
+        default=False,
+        description="copy the files to the stack's store; FLOWYML_UPLOAD_ALL_ARTIFACTS "
+        "overrides it",
+    )
     files: Annotated[list[FileEntry], Field(max_length=LIMITS.files_per_artifact)] = Field(
         default_factory=list
     )
@@ -212,10 +316,12 @@ class _ArtifactBase(BaseModel):
             assert entry.name is not None
             if entry.name in seen:
                 first = seen[entry.name]
-                raise ValueError(
-                    f"file name {entry.name!r} appears twice: files[{first}] "
-                    f"({_describe(self.files[first])}) and files[{index}] "
-                    f"({_describe(entry)}); give one of them a different 'name'"
+                raise _located(
+                    f"file name {entry.name!r} appears twice in this artifact: files[{first}] "
+                    f"({self.files[first].source}) and files[{index}] ({entry.source}); "
+                    "give one of them a different 'name'",
+                    at=f"files[{index}].name",
+                    value=entry.name,
                 )
             seen[entry.name] = index
         return self
@@ -229,18 +335,16 @@ class _ArtifactBase(BaseModel):
         raw = self.metadata.get("metrics", {})
         if not isinstance(raw, dict):
             return {}
-        return {k: float(v) for k, v in raw.items() if isinstance(v, int | float)}
-
-
-def _describe(entry: FileEntry) -> str:
-    if entry.path is not None:
-        return f"path {entry.path!r}"
-    if entry.uri is not None:
-        return f"uri {entry.uri!r}"
-    return "inline content"
+        return {
+            str(k): float(v)
+            for k, v in raw.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
 
 
 class ModelArtifact(_ArtifactBase):
+    """FlowyML's Model: version, framework, serving_config, input/output schema, metadata."""
+
     type: _kind_field(ArtifactKind.MODEL)  # type: ignore[valid-type]
     framework: Annotated[str, Field(max_length=64)] | None = Field(
         default=None, description="detected from the model file when absent"
@@ -258,8 +362,26 @@ class DatasetArtifact(_ArtifactBase):
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     statistics: dict[str, Any] | None = None
 
+    @model_validator(mode="after")
+    def _format_from_extension(self) -> DatasetArtifact:
+        if self.format is None:
+            for entry in self.files:
+                found = detect_dataset_format(entry.name or "") or detect_dataset_format(
+                    f"file.{entry.type}"
+                )
+                if found:
+                    self.format = found
+                    break
+        return self
 
-Number = Annotated[float, Field(allow_inf_nan=False)]
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+Number = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_finite)]
 
 
 class MetricsArtifact(_ArtifactBase):
@@ -311,19 +433,22 @@ AnyArtifact = Annotated[
     Discriminator(
         _artifact_tag,
         custom_error_type="artifact_type",
-        custom_error_message=(
-            "unknown or missing artifact 'type'; use one of model, dataset (or data), "
-            "metrics, parameters, report, artifact"
-        ),
+        custom_error_message=f"unknown or missing artifact 'type'; {_KIND_HELP}",
     ),
 ]
 
-_LINEAGE_REF = re.compile(r"^[^/\x00]+/[^/\x00]+/[^/\x00]+/[^/\x00]+$")
+_LINEAGE_REF = re.compile(r"^[^/\x00-\x1f]+/[^/\x00-\x1f]+/[^/\x00-\x1f]+/[^/\x00-\x1f]+$")
 
 
-def _check_lineage(value: str) -> str:
-    if not _LINEAGE_REF.match(value):
+def _check_lineage(value: Any) -> Any:
+    if isinstance(value, str) and not _LINEAGE_REF.match(value):
         raise ValueError("must be 'pipeline/run_id/step_name/artifact_name'")
+    return value
+
+
+def _check_manifest_version(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be the number 1, not true/false")
     return value
 
 
@@ -336,7 +461,7 @@ class Manifest(BaseModel):
         json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
     )
 
-    manifest_version: Literal[1]
+    manifest_version: Annotated[Literal[1], BeforeValidator(_check_manifest_version)]
     id: SafeName | None = Field(
         default=None,
         description="idempotency key; defaults to the bundle directory name",
@@ -344,14 +469,27 @@ class Manifest(BaseModel):
     pipeline: SafeName
     run_id: SafeName
     step_name: SafeName
-    stack: SafeName | None = None
+    stack: SafeName | None = Field(
+        default=None, description="stack for this event; --stack and ROUTER_STACK win over it"
+    )
     inputs: Annotated[
-        list[Annotated[str, BeforeValidator(_check_lineage)]],
+        list[
+            Annotated[
+                str,
+                BeforeValidator(_check_lineage),
+                Field(pattern=_LINEAGE_REF.pattern, max_length=4 * LIMITS.name_length + 3),
+            ]
+        ],
         Field(max_length=LIMITS.inputs_per_manifest),
-    ] = Field(default_factory=list)
+    ] = Field(default_factory=list, description="lineage: pipeline/run_id/step_name/artifact_name")
     artifacts: Annotated[
         list[AnyArtifact], Field(min_length=1, max_length=LIMITS.artifacts_per_manifest)
     ]
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    """The JSON Schema of manifest v1 (what `artifact-router schema` prints)."""
+    return Manifest.model_json_schema()
 
 
 class ManifestError(Exception):
@@ -362,37 +500,94 @@ class ManifestError(Exception):
         super().__init__("; ".join(p.render() for p in problems))
 
 
+_TAGS = {"model", "dataset", "metrics", "parameters", "report", "artifact"}
+
+
 def _loc(parts: tuple[int | str, ...]) -> str:
     out = ""
-    for part in parts:
+    for i, part in enumerate(parts):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in _TAGS:
-            continue  # discriminator tags add noise to the path a person reads
+        elif (
+            part in _TAGS
+            and i >= 2
+            and parts[i - 2] == "artifacts"
+            and isinstance(parts[i - 1], int)
+        ):
+            continue  # the discriminator tag adds noise to the path a person reads
         else:
             out += f".{part}" if out else str(part)
     return out or "(manifest)"
 
 
-_TAGS = {"model", "dataset", "metrics", "parameters", "report", "artifact"}
+def _join(field: str, at: str) -> str:
+    if not at:
+        return field
+    if field == "(manifest)":
+        return at
+    return field + at if at.startswith("[") else f"{field}.{at}"
+
+
+def _type_problem(field: str, value: Any) -> Problem:
+    if not isinstance(value, dict):
+        return Problem(
+            field=field,
+            value=_preview(value),
+            message="each artifact must be an object with a 'type' and a 'name'",
+        )
+    if "type" not in value:
+        return Problem(field=f"{field}.type", message=f"required field is missing; {_KIND_HELP}")
+    raw = value["type"]
+    hint = did_you_mean(raw.strip().lower(), _KIND_ALIASES) if isinstance(raw, str) else ""
+    return Problem(
+        field=f"{field}.type",
+        value=_preview(raw),
+        message=f"unknown artifact type{hint}; {_KIND_HELP}",
+    )
+
+
+def _message(err: Any) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return "unknown field; remove it or check its spelling against `artifact-router schema`"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "too_long" and "max_length" in ctx:
+        return f"has {ctx.get('actual_length')} items; the limit is {ctx['max_length']}"
+    if kind == "too_short" and ctx.get("min_length") == 1:
+        return "must hold at least one item"
+    if kind == "string_too_long":
+        return f"is longer than the limit of {ctx.get('max_length')} characters"
+    if kind == "literal_error" and err["loc"] == ("manifest_version",):
+        return "must be the number 1"
+    message: str = err["msg"].removeprefix("Value error, ")
+    return message
 
 
 def problems_from_validation(exc: ValidationError) -> list[Problem]:
     problems: list[Problem] = []
     for err in exc.errors(include_url=False):
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown field; remove it or check its spelling against `artifact-router schema`"
-        elif err["type"] == "missing":
-            message = "required field is missing"
+        field = _loc(tuple(err["loc"]))
         value = err.get("input")
-        problems.append(
-            Problem(
-                field=_loc(tuple(err["loc"])),
-                value=None if err["type"] == "missing" else _preview(value),
-                message=message,
+        if err["type"] == "artifact_type":
+            problems.append(_type_problem(field, value))
+            continue
+        if err["type"] == "located":
+            ctx = err.get("ctx") or {}
+            problems.append(
+                Problem(
+                    field=_join(field, ctx.get("at", "")),
+                    value=_preview(ctx.get("value")),
+                    message=str(ctx.get("message", err["msg"])),
+                )
             )
-        )
+            continue
+        if err["type"] in ("string_too_long", "too_long") and isinstance(value, str | list | dict):
+            shown: Any = f"{len(value)} {'characters' if isinstance(value, str) else 'items'}"
+        else:
+            shown = None if err["type"] == "missing" else _preview(value)
+        problems.append(Problem(field=field, value=shown, message=_message(err)))
     return problems
 
 
@@ -402,11 +597,19 @@ def _preview(value: Any) -> Any:
     if isinstance(value, dict | list):
         text = repr(value)
         return text if len(text) <= 120 else text[:117] + "..."
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
     return value
 
 
-def parse_manifest(data: bytes | str | dict[str, Any]) -> Manifest:
-    """Parse and validate a manifest; raise ManifestError naming every bad field."""
+def parse_manifest(
+    data: bytes | str | dict[str, Any], *, bundle_dir: str | os.PathLike[str] | None = None
+) -> Manifest:
+    """Parse and validate a manifest; raise ManifestError naming every bad field.
+
+    With `bundle_dir`, fields left out are then detected from the bundle's files
+    (see `apply_detection`).
+    """
     import orjson
 
     if isinstance(data, bytes | str):
@@ -445,24 +648,74 @@ def parse_manifest(data: bytes | str | dict[str, Any]) -> Manifest:
                 )
             ]
         )
-    if data.get("manifest_version") not in (1, None) and "manifest_version" in data:
+    version = data.get("manifest_version")
+    if (
+        "manifest_version" in data
+        and isinstance(version, int)
+        and not isinstance(version, bool)
+        and version != 1
+    ):
         raise ManifestError(
             [
                 Problem(
                     field="manifest_version",
-                    value=data.get("manifest_version"),
+                    value=version,
                     message="this router reads manifest_version 1; upgrade the router or "
                     "emit version 1",
                 )
             ]
         )
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         raise ManifestError(problems_from_validation(exc)) from None
+    if bundle_dir is not None:
+        apply_detection(manifest, bundle_dir)
+    return manifest
 
 
-def upload_override(env: dict[str, str] | None = None) -> bool | None:
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):
+        return False
+    return resolved == root or root in resolved.parents
+
+
+def apply_detection(manifest: Manifest, bundle_dir: str | os.PathLike[str]) -> Manifest:
+    """Fill `framework` of models that leave it out, from their files (in place).
+
+    Reads at most the first 64 KiB of each bundle file (never unpickles), the decoded
+    head of inline content, or only the name of a URI.  A file whose real path leaves
+    the bundle is not opened.  The first specific answer wins over a plain 'pickle'.
+    """
+    import base64
+
+    root = Path(bundle_dir).resolve()
+    for artifact in manifest.artifacts:
+        if not isinstance(artifact, ModelArtifact) or artifact.framework is not None:
+            continue
+        fallback: str | None = None
+        for entry in artifact.files:
+            found: str | None
+            if entry.path is not None and _inside(root, root / entry.path):
+                found = detect_framework(root / entry.path, entry.name)
+            elif entry.content_base64 is not None:
+                found = detect_framework_bytes(
+                    base64.b64decode(entry.content_base64), entry.name or ""
+                )
+            else:
+                found = detect_framework_bytes(b"", entry.name or "")
+            if found and found != "pickle":
+                artifact.framework = found
+                break
+            fallback = fallback or found
+        else:
+            artifact.framework = fallback
+    return manifest
+
+
+def upload_override(env: Mapping[str, str] | None = None) -> bool | None:
     """FLOWYML_UPLOAD_ALL_ARTIFACTS=true|false overrides every artifact's `upload`."""
     raw = (env if env is not None else os.environ).get("FLOWYML_UPLOAD_ALL_ARTIFACTS")
     if raw is None or raw.strip() == "":

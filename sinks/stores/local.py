@@ -87,6 +87,15 @@ class LocalStore(BaseSink):
         on_conflict = item.params.get("on_conflict", "fail")
         objects = []
         for staged in item.artifact.files:
+            if staged.path is None and staged.uri:
+                # A remote object referenced over MQTT: catalogued where it already is.
+                objects.append(
+                    StoredObject(
+                        file_name=staged.name, uri=staged.uri, size=staged.size,
+                        sha256=staged.sha256, version_id="unchanged",
+                    )
+                )
+                continue
             if staged.path is None:
                 raise PermanentError(f"file {staged.name!r} has no local path to copy from")
             key = object_key(item.target, staged.name)

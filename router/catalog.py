@@ -1,0 +1,289 @@
+"""The catalog: runs, artifacts, versions, locations and lineage.
+
+Writes happen inside the journal's transactions (an artifact is catalogued in the same
+commit that journals its event, a location in the same commit that marks its delivery
+done); reads serve the CLI and the client API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel, Field
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from router.db import artifacts, lineage, locations, runs, version_counters
+from router.delivery import DeliveryResult
+from router.intake import AcceptedEvent
+from router.rules import RoutePlan
+
+__all__ = [
+    "ArtifactRow",
+    "LocationRow",
+    "RunRow",
+    "artifact_checksum",
+    "list_artifacts",
+    "list_runs",
+    "next_version",
+    "record_event",
+    "record_locations",
+]
+
+
+class LocationRow(BaseModel):
+    sink_id: str
+    action: str
+    file_name: str | None = None
+    uri: str
+    sha256: str | None = None
+    size: int | None = None
+    version_id: str | None = None
+
+
+class ArtifactRow(BaseModel):
+    id: int
+    event_id: str
+    pipeline: str
+    run_id: str
+    step_name: str
+    name: str
+    kind: str
+    version: str
+    upload: bool
+    framework: str | None = None
+    format: str | None = None
+    checksum: str | None = None
+    size: int = 0
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    values: dict[str, Any] | None = None
+    step: int | None = None
+    files: list[dict[str, Any]] = Field(default_factory=list)
+    decision: dict[str, Any] | None = None
+    plan_errors: list[str] = Field(default_factory=list)
+    created_at: float
+    locations: list[LocationRow] = Field(default_factory=list)
+    inputs: list[str] = Field(default_factory=list)
+
+
+class RunRow(BaseModel):
+    pipeline: str
+    run_id: str
+    created_at: float
+    updated_at: float
+    artifacts: int = 0
+
+
+def artifact_checksum(file_hashes: list[str]) -> str | None:
+    """One file: its sha256.  Several: sha256 over their hashes in manifest order."""
+    if not file_hashes:
+        return None
+    if len(file_hashes) == 1:
+        return file_hashes[0]
+    return hashlib.sha256("\n".join(file_hashes).encode()).hexdigest()
+
+
+async def next_version(conn: AsyncConnection, pipeline: str, name: str) -> str:
+    """The next integer version of (pipeline, name): atomic on SQLite and PostgreSQL."""
+    bump = (
+        sa.update(version_counters)
+        .where(version_counters.c.pipeline == pipeline, version_counters.c.name == name)
+        .values(last=version_counters.c.last + 1)
+        .returning(version_counters.c.last)
+    )
+    value = (await conn.execute(bump)).scalar()
+    if value is None:
+        insert = _insert(conn, version_counters).values(pipeline=pipeline, name=name, last=1)
+        inserted = await conn.execute(insert.on_conflict_do_nothing())
+        if inserted.rowcount == 1:
+            return "1"
+        value = (await conn.execute(bump)).scalar()
+    return str(value)
+
+
+def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
+async def record_event(
+    conn: AsyncConnection, event: AcceptedEvent, plan: RoutePlan, now: float
+) -> None:
+    """Catalog every artifact of a just-journaled event, with its lineage."""
+    m = event.manifest
+    upsert = _insert(conn, runs).values(
+        pipeline=m.pipeline, run_id=m.run_id, created_at=now, updated_at=now
+    )
+    await conn.execute(
+        upsert.on_conflict_do_update(
+            index_elements=["pipeline", "run_id"], set_={"updated_at": now}
+        )
+    )
+    for index, artifact in enumerate(m.artifacts):
+        staged = event.files[index]
+        detected = event.detected[index] if index < len(event.detected) else {}
+        art_plan = plan.artifacts[index]
+        row = {
+            "event_id": event.event_id,
+            "artifact_index": index,
+            "pipeline": m.pipeline,
+            "run_id": m.run_id,
+            "step_name": m.step_name,
+            "name": artifact.name,
+            "kind": artifact.kind.value,
+            "version": art_plan.version,
+            "upload": art_plan.upload,
+            "framework": getattr(artifact, "framework", None) or detected.get("framework"),
+            "format": getattr(artifact, "format", None) or detected.get("format"),
+            "checksum": artifact_checksum([f.sha256 for f in staged]),
+            "size": sum(f.size for f in staged),
+            "metadata": artifact.metadata,
+            "values": getattr(artifact, "values", None),
+            "step": getattr(artifact, "step", None),
+            "files": [f.model_dump(mode="json") for f in staged],
+            "decision": art_plan.decision.model_dump(mode="json") if art_plan.decision else None,
+            "plan_errors": art_plan.errors or None,
+            "created_at": now,
+        }
+        artifact_id = (
+            await conn.execute(sa.insert(artifacts).values(**row).returning(artifacts.c.id))
+        ).scalar_one()
+        if m.inputs:
+            await conn.execute(
+                sa.insert(lineage),
+                [{"artifact_id": artifact_id, "input_ref": ref} for ref in dict.fromkeys(m.inputs)],
+            )
+
+
+async def record_locations(
+    conn: AsyncConnection,
+    *,
+    event_id: str,
+    artifact_index: int,
+    delivery_key: str,
+    sink_id: str,
+    action: str,
+    result: DeliveryResult,
+    now: float,
+) -> None:
+    artifact_id = (
+        await conn.execute(
+            sa.select(artifacts.c.id).where(
+                artifacts.c.event_id == event_id, artifacts.c.artifact_index == artifact_index
+            )
+        )
+    ).scalar()
+    if artifact_id is None:
+        return
+    rows = [
+        {
+            "artifact_id": artifact_id,
+            "delivery_key": delivery_key,
+            "sink_id": sink_id,
+            "action": action,
+            "file_name": obj.file_name,
+            "uri": obj.uri,
+            "sha256": obj.sha256,
+            "size": obj.size,
+            "version_id": obj.version_id if obj.version_id != "unchanged" else None,
+            "created_at": now,
+        }
+        for obj in result.objects
+    ]
+    if not rows and result.uri:
+        rows = [
+            {
+                "artifact_id": artifact_id,
+                "delivery_key": delivery_key,
+                "sink_id": sink_id,
+                "action": action,
+                "file_name": "",
+                "uri": result.uri,
+                "sha256": None,
+                "size": None,
+                "version_id": None,
+                "created_at": now,
+            }
+        ]
+    if rows:
+        await conn.execute(_insert(conn, locations).values(rows).on_conflict_do_nothing())
+
+
+def _artifact_row(row: Any) -> ArtifactRow:
+    data = dict(row._mapping)
+    data["plan_errors"] = data.get("plan_errors") or []
+    return ArtifactRow.model_validate(data)
+
+
+async def list_artifacts(
+    conn: AsyncConnection,
+    *,
+    pipeline: str | None = None,
+    run_id: str | None = None,
+    step_name: str | None = None,
+    name: str | None = None,
+    limit: int = 1000,
+) -> list[ArtifactRow]:
+    query = sa.select(artifacts).order_by(artifacts.c.created_at.desc(), artifacts.c.id.desc())
+    for column, value in (
+        (artifacts.c.pipeline, pipeline),
+        (artifacts.c.run_id, run_id),
+        (artifacts.c.step_name, step_name),
+        (artifacts.c.name, name),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    rows = [_artifact_row(r) for r in (await conn.execute(query.limit(limit))).all()]
+    if not rows:
+        return rows
+    by_id = {r.id: r for r in rows}
+    for loc in (
+        await conn.execute(
+            sa.select(locations).where(locations.c.artifact_id.in_(by_id)).order_by(locations.c.id)
+        )
+    ).all():
+        by_id[loc.artifact_id].locations.append(
+            LocationRow.model_validate(dict(loc._mapping))
+        )
+    for edge in (
+        await conn.execute(sa.select(lineage).where(lineage.c.artifact_id.in_(by_id)))
+    ).all():
+        by_id[edge.artifact_id].inputs.append(edge.input_ref)
+    return rows
+
+
+async def list_runs(
+    conn: AsyncConnection, *, pipeline: str | None = None, limit: int = 200
+) -> list[RunRow]:
+    counts = (
+        sa.select(
+            artifacts.c.pipeline, artifacts.c.run_id, sa.func.count().label("n")
+        )
+        .group_by(artifacts.c.pipeline, artifacts.c.run_id)
+        .subquery()
+    )
+    query = (
+        sa.select(runs, sa.func.coalesce(counts.c.n, 0).label("artifacts"))
+        .select_from(
+            runs.outerjoin(
+                counts,
+                sa.and_(counts.c.pipeline == runs.c.pipeline, counts.c.run_id == runs.c.run_id),
+            )
+        )
+        .order_by(runs.c.created_at.desc())
+        .limit(limit)
+    )
+    if pipeline is not None:
+        query = query.where(runs.c.pipeline == pipeline)
+    return [RunRow.model_validate(dict(r._mapping)) for r in (await conn.execute(query)).all()]
+
+
+def now() -> float:
+    return time.time()

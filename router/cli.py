@@ -1,0 +1,446 @@
+"""`artifact-router`: a thin typer layer over the library.  Every listing takes --json."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from router.config import LoadedConfig, load_config, mask_secrets
+from router.errors import ConfigError
+
+app = typer.Typer(
+    help="Route ML pipeline artifacts from a spool directory or MQTT to stores, "
+    "registries and trackers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stack_app = typer.Typer(help="List, show and select stacks.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+
+EX_CONFIG = 78  # sysexits.h, as `vector validate` uses
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="config file (default: $ROUTER_CONFIG, ./router.yaml, "
+                 "./flowyml.yaml, else the embedded defaults)"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+T = TypeVar("T")
+
+
+def _load(config: Path | None) -> LoadedConfig:
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        err_console.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+        raise typer.Exit(EX_CONFIG) from None
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(coro_fn())  # type: ignore[arg-type]
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+async def _with_journal(loaded: LoadedConfig, fn: Callable[[Any], Awaitable[T]]) -> T:
+    from router.db import Database
+    from router.journal import DeliveryJournal
+
+    db = Database(loaded.config.router.database_url())
+    try:
+        await db.migrate()
+        return await fn(DeliveryJournal(db))
+    finally:
+        await db.dispose()
+
+
+# --- run / validate / schema ------------------------------------------------------------
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    stack: Annotated[str | None, typer.Option("--stack", "-s", help="route every event "
+                                              "through this stack")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run the daemon until SIGTERM or SIGINT (then drain and exit 0)."""
+    from router.daemon import Daemon
+    from router.logs import configure_logging, secret_values
+
+    loaded = _load(config)
+    configure_logging(log_level, secrets=secret_values(loaded.raw))
+    if stack is not None and stack not in loaded.config.stacks:
+        err_console.print(f"no stack named {stack!r}; known: {', '.join(loaded.config.stacks)}")
+        raise typer.Exit(EX_CONFIG)
+    for warning in loaded.warnings:
+        import structlog
+
+        structlog.get_logger("router").info("config note", note=warning)
+
+    async def main() -> int:
+        daemon = Daemon(loaded, stack=stack)
+        from router.sources import mqtt_enabled
+
+        if mqtt_enabled(loaded.config):
+            from router.sources.mqtt import MqttSource
+
+            daemon.extra_sources.append(MqttSource.from_daemon(daemon))
+        return await daemon.run()
+
+    raise typer.Exit(asyncio.run(main()))
+
+
+@app.command()
+def validate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Check a config file; exit 78 (EX_CONFIG) when it is not usable."""
+    try:
+        loaded = load_config(config)
+    except ConfigError as exc:
+        if as_json:
+            _emit_json(
+                {"valid": False, "source": exc.source,
+                 "errors": [p.model_dump(mode="json") for p in exc.problems]}
+            )
+        else:
+            err_console.print(str(exc), highlight=False, markup=False)
+        raise typer.Exit(EX_CONFIG) from None
+    cfg = loaded.config
+    if as_json:
+        _emit_json(
+            {"valid": True, "source": loaded.source, "stacks": sorted(cfg.stacks),
+             "active_stack": cfg.active_stack, "warnings": loaded.warnings}
+        )
+        return
+    console.print(f"{loaded.source}: valid ({len(cfg.stacks)} stacks, active: "
+                  f"{cfg.active_stack})", highlight=False)
+    for warning in loaded.warnings:
+        console.print(f"  note: {warning}", highlight=False)
+
+
+@app.command()
+def schema() -> None:
+    """Print the manifest v1 JSON Schema (generated from the pydantic models)."""
+    from router.manifest import manifest_json_schema
+
+    _emit_json(manifest_json_schema())
+
+
+# --- stacks ---------------------------------------------------------------------------
+
+
+@stack_app.command("list")
+def stack_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Stacks in the config; the active one is marked."""
+    cfg = _load(config).config
+    rows = [
+        {"name": name, "active": name == cfg.active_stack,
+         "artifact_store": s.artifact_store.type if s.artifact_store else None,
+         "stores": sorted(s.artifact_stores),
+         "trackers": [c.type for _, c in s.trackers],
+         "model_registry": s.model_registry.type if s.model_registry else None,
+         "model_deployer": s.model_deployer.type if s.model_deployer else None}
+        for name, s in cfg.stacks.items()
+    ]
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table("", "stack", "artifact store", "trackers", "registry", "deployer")
+    for r in rows:
+        table.add_row("*" if r["active"] else "", r["name"], r["artifact_store"] or "-",
+                      ", ".join(r["trackers"]) or "-", r["model_registry"] or "-",
+                      r["model_deployer"] or "-")
+    console.print(table)
+
+
+@stack_app.command("show")
+def stack_show(
+    name: Annotated[str | None, typer.Argument(help="default: the active stack")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One stack's components and routing rules, secrets masked."""
+    cfg = _load(config).config
+    name = name or cfg.active_stack
+    try:
+        stack = cfg.stack(name)
+    except KeyError as exc:
+        err_console.print(str(exc.args[0]))
+        raise typer.Exit(1) from None
+    data = mask_secrets(stack.model_dump(mode="json", exclude_none=True))
+    if as_json:
+        _emit_json(data)
+    else:
+        import yaml
+
+        console.print(yaml.safe_dump(data, sort_keys=False), highlight=False, markup=False)
+
+
+@stack_app.command("set")
+def stack_set(name: str, config: ConfigOpt = None) -> None:
+    """Make NAME the active_stack, rewriting only that line of the config file."""
+    from router.config import discover_config, set_active_stack
+
+    path = discover_config(config)
+    if path is None:
+        err_console.print("no config file to edit; create router.yaml (see config/router.yaml)")
+        raise typer.Exit(EX_CONFIG)
+    try:
+        set_active_stack(path, name)
+    except ConfigError as exc:
+        err_console.print(str(exc), highlight=False, markup=False)
+        raise typer.Exit(EX_CONFIG) from None
+    console.print(f"active stack: {name} ({path})", highlight=False)
+
+
+# --- emit -----------------------------------------------------------------------------
+
+_KV = re.compile(r"^([^=]+)=(.*)$")
+
+
+def _parse_kv(pairs: list[str], numeric: bool, option: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        match = _KV.match(pair)
+        if not match:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint=option)
+        key, raw = match.group(1).strip(), match.group(2)
+        if numeric:
+            try:
+                out[key] = float(raw)
+            except ValueError:
+                raise typer.BadParameter(f"{key}={raw!r}: metric values must be numbers",
+                                         param_hint=option) from None
+        else:
+            try:
+                out[key] = json.loads(raw)
+            except ValueError:
+                out[key] = raw
+    return out
+
+
+@app.command()
+def emit(
+    files: Annotated[list[Path] | None, typer.Argument(help="files of the artifact")] = None,
+    pipeline: Annotated[str, typer.Option(help="pipeline name")] = ...,  # type: ignore[assignment]
+    run_id: Annotated[str, typer.Option("--run-id", help="run id")] = ...,  # type: ignore[assignment]
+    step: Annotated[str, typer.Option(help="step name")] = ...,  # type: ignore[assignment]
+    type_: Annotated[str, typer.Option("--type", help="model, dataset, metrics, parameters, "
+                                       "report, artifact")] = "artifact",
+    name: Annotated[str | None, typer.Option(help="artifact name (default: the type)")] = None,
+    version: Annotated[str | None, typer.Option(help="version (default: next integer)")] = None,
+    upload: Annotated[bool, typer.Option("--upload/--no-upload", help="copy files to the "
+                                         "store")] = False,
+    metric: Annotated[list[str] | None, typer.Option(help="KEY=NUMBER, repeatable")] = None,
+    param: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable")] = None,
+    input_: Annotated[list[str] | None, typer.Option("--input", help="lineage ref "
+                                                     "pipeline/run/step/artifact")] = None,
+    metric_step: Annotated[int | None, typer.Option("--metric-step", help="step of the "
+                                                    "metrics")] = None,
+    stack: Annotated[str | None, typer.Option(help="stack for this event")] = None,
+    event_id: Annotated[str | None, typer.Option("--id", help="event id (default: "
+                                                 "generated)")] = None,
+    spool: Annotated[Path | None, typer.Option(help="spool dir (default: from config)")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write one bundle atomically into the spool (for bash, R or any non-Python job)."""
+    from router.manifest import ManifestError, parse_manifest
+
+    if spool is None:
+        spool = _load(config).config.router.spool
+    kind = type_.lower()
+    artifacts: list[dict[str, Any]] = []
+    main: dict[str, Any] = {"type": type_, "name": name or kind}
+    if version:
+        main["version"] = version
+    metrics = _parse_kv(metric or [], True, "--metric")
+    params = _parse_kv(param or [], False, "--param")
+    if kind == "metrics":
+        main["values"] = metrics
+        if metric_step is not None:
+            main["step"] = metric_step
+        metrics = {}
+    elif kind == "parameters":
+        main["values"] = params
+        params = {}
+    if files:
+        main["files"] = [{"path": Path(f).name} for f in files]
+        main["upload"] = upload
+    if kind not in ("metrics", "parameters"):
+        artifacts.append(main)
+        if metrics:
+            main.setdefault("metadata", {})["metrics"] = metrics
+            artifacts.append({"type": "metrics", "name": f"{main['name']}_metrics",
+                              "values": metrics, **({"step": metric_step} if metric_step
+                                                    is not None else {})})
+    else:
+        artifacts.append(main)
+    if params:
+        artifacts.append({"type": "parameters", "name": f"{main['name']}_params",
+                          "values": params})
+    bundle_name = event_id or f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+    manifest: dict[str, Any] = {
+        "manifest_version": 1, "id": bundle_name, "pipeline": pipeline, "run_id": run_id,
+        "step_name": step, "artifacts": artifacts,
+    }
+    if stack:
+        manifest["stack"] = stack
+    if input_:
+        manifest["inputs"] = list(input_)
+    try:
+        parse_manifest(manifest)
+    except ManifestError as exc:
+        err_console.print(f"invalid artifact: {exc}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
+    incoming = Path(spool) / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    tmp = incoming / f".tmp-{bundle_name}"
+    tmp.mkdir()
+    try:
+        for f in files or []:
+            if not f.is_file():
+                raise typer.BadParameter(f"{f}: no such file", param_hint="FILES")
+            shutil.copyfile(f, tmp / f.name)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        os.rename(tmp, incoming / bundle_name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if as_json:
+        _emit_json({"event_id": bundle_name, "bundle": str(incoming / bundle_name)})
+    else:
+        console.print(f"emitted {bundle_name} -> {incoming / bundle_name}", highlight=False)
+
+
+# --- status / retry / runs / artifacts --------------------------------------------------
+
+
+@app.command()
+def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Events and deliveries by state, per sink; oldest pending age; dead letters."""
+    loaded = _load(config)
+    report = asyncio.run(_with_journal(loaded, lambda j: j.status()))
+    if as_json:
+        _emit_json(report.model_dump(mode="json"))
+        return
+    console.print("events: " + (", ".join(f"{k} {v}" for k, v in sorted(report.events.items()))
+                                or "none"), highlight=False)
+    table = Table("sink", "pending", "in flight", "done", "dead")
+    for sink_id, c in sorted(report.sinks.items()):
+        table.add_row(sink_id, str(c.pending), str(c.in_flight), str(c.done), str(c.dead))
+    console.print(table)
+    if report.oldest_pending_age_seconds is not None:
+        console.print(f"oldest pending: {report.oldest_pending_age_seconds:.1f}s ago")
+    for dead in report.dead_letters[:20]:
+        console.print(f"[red]dead[/red] {dead['key']}: {dead['last_error']}", highlight=False)
+    for rej in report.rejected[:20]:
+        console.print(f"[yellow]rejected[/yellow] {rej['id']}: {rej['error']}", highlight=False)
+
+
+@app.command()
+def retry(
+    key: Annotated[str | None, typer.Argument(help="delivery key or event id")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every dead delivery")] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-queue dead-lettered deliveries; a running daemon picks them up."""
+    if not all_ and key is None:
+        err_console.print("give a delivery key or event id, or --all")
+        raise typer.Exit(2)
+    loaded = _load(config)
+    n = asyncio.run(_with_journal(loaded, lambda j: j.retry_dead(None if all_ else key)))
+    if as_json:
+        _emit_json({"requeued": n})
+    else:
+        console.print(f"re-queued {n} deliveries")
+
+
+@app.command()
+def runs(
+    pipeline: Annotated[str | None, typer.Option(help="only this pipeline")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pipeline runs in the catalog, newest first."""
+    from router.catalog import list_runs
+
+    loaded = _load(config)
+
+    async def fetch(journal: Any) -> Any:
+        async with journal.db.read() as conn:
+            return await list_runs(conn, pipeline=pipeline)
+
+    rows = asyncio.run(_with_journal(loaded, fetch))
+    if as_json:
+        _emit_json([r.model_dump(mode="json") for r in rows])
+        return
+    table = Table("pipeline", "run", "artifacts", "created")
+    for r in rows:
+        table.add_row(r.pipeline, r.run_id, str(r.artifacts),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)))
+    console.print(table)
+
+
+@app.command()
+def artifacts(
+    pipeline: Annotated[str | None, typer.Option(help="only this pipeline")] = None,
+    run: Annotated[str | None, typer.Option("--run", help="only this run id")] = None,
+    rejected: Annotated[bool, typer.Option("--rejected", help="show rejected inputs "
+                                           "instead")] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Catalogued artifacts with versions, checksums and locations."""
+    from router.catalog import list_artifacts
+
+    loaded = _load(config)
+    if rejected:
+        report = asyncio.run(_with_journal(loaded, lambda j: j.status(dead_limit=1000)))
+        if as_json:
+            _emit_json(report.rejected)
+        else:
+            for rej in report.rejected:
+                console.print(f"{rej['id']} ({rej['source']}): {rej['error']}", highlight=False)
+        return
+
+    async def fetch(journal: Any) -> Any:
+        async with journal.db.read() as conn:
+            return await list_artifacts(conn, pipeline=pipeline, run_id=run)
+
+    rows = asyncio.run(_with_journal(loaded, fetch))
+    if as_json:
+        _emit_json([r.model_dump(mode="json") for r in rows])
+        return
+    table = Table("pipeline", "run", "step", "type", "name", "version", "sha256", "locations")
+    for r in rows:
+        table.add_row(r.pipeline, r.run_id, r.step_name, r.kind, r.name, r.version,
+                      (r.checksum or "")[:12], "\n".join(loc.uri for loc in r.locations) or "-")
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Daemon: wires sources -> journal -> dispatcher -> sinks, and serves /healthz, /metrics.
+
+SIGTERM or SIGINT: stop taking new work, let in-flight deliveries finish within
+`router.drain_seconds`, then exit 0.  Anything cut off stays in the journal and is
+resumed at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from router.config import LoadedConfig, select_stack
+from router.db import Database
+from router.dispatcher import Dispatcher, SinkPool
+from router.errors import Problem, did_you_mean
+from router.intake import AcceptedEvent
+from router.journal import DeliveryJournal, FinishedEvent
+from router.manifest import upload_override
+from router.metrics import RouterMetrics
+from router.rules import RoutePlan, plan_event
+from router.sources.spool import SpoolPaths, SpoolSource
+from sinks.registry import SINK_TYPES
+
+__all__ = ["Daemon", "parse_listen"]
+
+log = structlog.get_logger("router.daemon")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port`; a bare `:port` binds loopback, never all interfaces by accident."""
+    host, _, port = value.rpartition(":")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+class Daemon:
+    def __init__(self, loaded: LoadedConfig, *, stack: str | None = None) -> None:
+        self.loaded = loaded
+        self.config = loaded.config
+        self.stack_flag = stack
+        settings = self.config.router
+        self.metrics = RouterMetrics()
+        self.db = Database(settings.database_url())
+        self.journal = DeliveryJournal(
+            self.db, owner=f"{socket.gethostname()}:{settings.spool.resolve()}"
+        )
+        self.spool_paths = SpoolPaths(settings.spool)
+        self.pool = SinkPool(self.config)
+        self.dispatcher = Dispatcher(
+            self.journal,
+            self.pool,
+            self.config,
+            locate_bundle=self.spool_paths.locate,
+            on_finished=self._on_finished,
+            metrics=self.metrics,
+        )
+        self.spool = SpoolSource(
+            self.spool_paths,
+            self.journal,
+            self.plan,
+            preflight=self.preflight,
+            on_accepted=self.dispatcher.wake,
+            metrics=self.metrics,
+            batch_size=settings.intake_batch,
+            rescan_seconds=settings.rescan_seconds,
+            retention_days=settings.retention_days,
+        )
+        self.extra_sources: list[Any] = []
+        self._stop = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.upload_all = upload_override()
+
+    # --- planning -------------------------------------------------------------------
+
+    def preflight(self, event: AcceptedEvent) -> Problem | None:
+        """Checks that need the config: the stack an event asks for must exist."""
+        try:
+            select_stack(self.config, flag=self.stack_flag, manifest_stack=event.manifest.stack)
+        except KeyError:
+            name = event.manifest.stack or ""
+            return Problem(
+                field="stack",
+                value=name,
+                message=f"names no configured stack{did_you_mean(name, self.config.stacks)}; "
+                f"known: {', '.join(sorted(self.config.stacks))}",
+            )
+        return None
+
+    def plan(self, event: AcceptedEvent, versions: list[str]) -> RoutePlan:
+        name = select_stack(self.config, flag=self.stack_flag, manifest_stack=event.manifest.stack)
+        return plan_event(
+            event.manifest,
+            event_id=event.event_id,
+            stack=self.config.stacks[name],
+            versions=versions,
+            received_at=datetime.fromtimestamp(event.received_at, UTC),
+            upload_all=self.upload_all,
+        )
+
+    async def _on_finished(self, finished: list[FinishedEvent]) -> None:
+        await self.spool.on_finished(finished)
+        for source in self.extra_sources:
+            handler = getattr(source, "on_finished", None)
+            if handler is not None:
+                await handler(finished)
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def check_sinks(self) -> None:
+        """Refuse to start when the default stack needs a sink this build lacks."""
+        name = select_stack(self.config, flag=self.stack_flag)
+        stack = self.config.stacks[name]
+        for path, comp in (
+            ("artifact_store", stack.artifact_store),
+            ("model_registry", stack.model_registry),
+            ("model_deployer", stack.model_deployer),
+            *((f"artifact_stores.{k}", v) for k, v in stack.artifact_stores.items()),
+            *stack.trackers,
+        ):
+            if comp is not None and comp.type not in SINK_TYPES:
+                raise SystemExit(
+                    f"stack {name!r}: {path} type {comp.type!r} is not available in this build; "
+                    "choose another stack with --stack or ROUTER_STACK"
+                )
+
+    async def start(self) -> None:
+        self.check_sinks()
+        await self.db.migrate()
+        listen = self.config.router.listen
+        if listen:
+            host, port = parse_listen(listen)
+            app = web.Application()
+            app.router.add_get("/healthz", self._healthz)
+            app.router.add_get("/metrics", self._metrics)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            await web.TCPSite(self._runner, host, port).start()
+            log.info("http listening", address=f"{host}:{port}")
+
+    async def run(self) -> int:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        log.info(
+            "artifact-router started",
+            config=self.loaded.source,
+            spool=str(self.spool_paths.root),
+            journal=_safe_url(self.db.url),
+            stack=select_stack(self.config, flag=self.stack_flag),
+            pid=os.getpid(),
+        )
+        dispatcher = asyncio.create_task(self.dispatcher.run(), name="dispatcher")
+        sources = [asyncio.create_task(self.spool.run(), name="spool")]
+        sources += [asyncio.create_task(s.run(), name=type(s).__name__) for s in self.extra_sources]
+        stopper = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait(
+            {stopper, dispatcher, *sources}, return_when=asyncio.FIRST_COMPLETED
+        )
+        crashed = [t for t in done if t is not stopper and t.exception() is not None]
+        for task in crashed:
+            log.error("component crashed", task=task.get_name(), error=repr(task.exception()))
+        log.info("stopping: no new work; draining", in_flight=self.dispatcher.in_flight)
+        self.spool.stop()
+        for source in self.extra_sources:
+            source.stop()
+        await asyncio.gather(*sources, return_exceptions=True)
+        await self.dispatcher.stop(self.config.router.drain_seconds)
+        await asyncio.gather(dispatcher, return_exceptions=True)
+        await self.close()
+        log.info("stopped")
+        return 1 if crashed else 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.pool.close()
+        await self.db.dispose()
+
+    # --- http -------------------------------------------------------------------------
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        checks: dict[str, Any] = {"spool": self.spool.healthy}
+        try:
+            await self.journal.known_events(["-healthz-"])
+            checks["journal"] = True
+        except Exception:
+            checks["journal"] = False
+        for source in self.extra_sources:
+            checks[type(source).__name__] = bool(getattr(source, "healthy", True))
+        checks["sinks"] = await self.pool.health()
+        ok = checks["journal"] and checks["spool"] and all(
+            v for k, v in checks.items() if k not in ("sinks",) and isinstance(v, bool)
+        )
+        return web.json_response(
+            {"status": "ok" if ok else "degraded", "checks": checks}, status=200 if ok else 503
+        )
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url

@@ -1,0 +1,206 @@
+"""The database behind the journal and the catalog: one schema, SQLite or PostgreSQL.
+
+Tables are SQLAlchemy Core; Alembic owns their history (router/migrations).  Times
+are epoch seconds (floats) so that comparisons are cheap and identical on both backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+__all__ = ["Database", "metadata"]
+
+metadata = sa.MetaData()
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.String(300), primary_key=True),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("bundle", sa.String(300)),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("stack", sa.String(200)),
+    sa.Column("pipeline", sa.String(300)),
+    sa.Column("run_id", sa.String(300)),
+    sa.Column("step_name", sa.String(300)),
+    sa.Column("digest", sa.String(64)),
+    sa.Column("record", sa.JSON, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("moved", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("key", sa.String(800), primary_key=True),
+    sa.Column("event_id", sa.String(300), nullable=False, index=True),
+    sa.Column("artifact_index", sa.Integer, nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("stack", sa.String(200), nullable=False),
+    sa.Column("component", sa.String(200), nullable=False),
+    sa.Column("sink_id", sa.String(400), nullable=False, index=True),
+    sa.Column("target", sa.Text),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("after", sa.String(800)),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("owner", sa.String(200)),
+    sa.Column("lease_until", sa.Float),
+    sa.Column("last_error", sa.Text),
+    sa.Column("result", sa.JSON),
+    sa.Index("ix_deliveries_ready", "state", "next_attempt_at"),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("pipeline", sa.String(300), primary_key=True),
+    sa.Column("run_id", sa.String(300), primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+artifacts = sa.Table(
+    "artifacts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(300), nullable=False, index=True),
+    sa.Column("artifact_index", sa.Integer, nullable=False),
+    sa.Column("pipeline", sa.String(300), nullable=False),
+    sa.Column("run_id", sa.String(300), nullable=False),
+    sa.Column("step_name", sa.String(300), nullable=False),
+    sa.Column("name", sa.String(300), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("upload", sa.Boolean, nullable=False),
+    sa.Column("framework", sa.String(64)),
+    sa.Column("format", sa.String(32)),
+    sa.Column("checksum", sa.String(64)),
+    sa.Column("size", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("metadata", sa.JSON, nullable=False),
+    sa.Column("values", sa.JSON),
+    sa.Column("step", sa.Integer),
+    sa.Column("files", sa.JSON, nullable=False),
+    sa.Column("decision", sa.JSON),
+    sa.Column("plan_errors", sa.JSON),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("event_id", "artifact_index", name="uq_artifacts_event_index"),
+    sa.Index("ix_artifacts_run", "pipeline", "run_id", "step_name"),
+    sa.Index("ix_artifacts_name", "pipeline", "name"),
+)
+
+locations = sa.Table(
+    "locations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("artifact_id", sa.Integer, nullable=False, index=True),
+    sa.Column("delivery_key", sa.String(800), nullable=False),
+    sa.Column("sink_id", sa.String(400), nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("file_name", sa.String(300)),
+    sa.Column("uri", sa.Text, nullable=False),
+    sa.Column("sha256", sa.String(64)),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("version_id", sa.String(200)),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("delivery_key", "file_name", name="uq_locations_delivery_file"),
+)
+
+lineage = sa.Table(
+    "lineage",
+    metadata,
+    sa.Column("artifact_id", sa.Integer, primary_key=True),
+    sa.Column("input_ref", sa.String(1200), primary_key=True),
+)
+
+version_counters = sa.Table(
+    "version_counters",
+    metadata,
+    sa.Column("pipeline", sa.String(300), primary_key=True),
+    sa.Column("name", sa.String(300), primary_key=True),
+    sa.Column("last", sa.Integer, nullable=False),
+)
+
+
+class Database:
+    """An async engine with the settings each backend needs to be a durable journal."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            path = url.split(":///", 1)[1] if ":///" in url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: AsyncEngine = create_async_engine(
+                url, connect_args={"timeout": 60}, pool_size=4, max_overflow=4
+            )
+            _sqlite_pragmas(self.engine)
+        else:
+            self.engine = create_async_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+        # SQLite allows one writer: serialise our own writers instead of spinning on BUSY.
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction, committed on exit (one fsync for the whole batch)."""
+        if self._write_lock is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self.engine.connect() as conn:
+            # IMMEDIATE takes the write lock up front, so a transaction that reads then
+            # writes never fails with SQLITE_BUSY half-way because another process (the
+            # CLI, a second daemon) wrote in between.
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.rollback()
+                raise
+            await conn.commit()
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            yield conn
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        from router.migrations import upgrade_head
+
+        async with self.engine.begin() as conn:
+            if not self.is_sqlite:
+                # Several daemons may start at once against one PostgreSQL.
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(727274)"))
+            await conn.run_sync(upgrade_head)
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_pragmas(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # We issue BEGIN IMMEDIATE ourselves for writes (Database.write); reads autocommit.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+

@@ -1,0 +1,367 @@
+"""Dispatcher: claims ready deliveries from the journal and runs them against sinks.
+
+No head-of-line blocking: each sink has its own concurrency budget, and a sink that
+is failing backs off in the journal (next_attempt_at), never in a queue in front of
+the others.  Memory stays bounded: at most `router.concurrency` deliveries are in
+flight, and completions are written back in batches (one commit per burst).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from router.config import RetryPolicy, RouterConfig
+from router.delivery import (
+    Action,
+    ArtifactView,
+    DeliveryContext,
+    DeliveryItem,
+    PermanentError,
+    StagedFile,
+    TransientError,
+)
+from router.journal import ClaimedDelivery, Completion, DeliveryJournal, FinishedEvent
+from router.metrics import RouterMetrics
+from sinks.registry import create_sink
+
+__all__ = ["Dispatcher", "SinkPool", "backoff_delay"]
+
+log = structlog.get_logger("router.dispatcher")
+
+
+def backoff_delay(policy: RetryPolicy, attempt: int, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+    """Exponential backoff with full jitter (AWS architecture blog's recommendation)."""
+    ceiling = min(policy.max_delay, policy.base_delay * (2 ** max(0, attempt - 1)))
+    return rng.uniform(0, ceiling)
+
+
+class SinkPool:
+    """Sinks built lazily from the config, one instance per sink id."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self._sinks: dict[str, Any] = {}
+
+    def _component(self, stack: str, component: str) -> Any:
+        found = self.config.stacks.get(stack)
+        comp = found.component(component) if found else None
+        if comp is None:
+            raise PermanentError(
+                f"sink {stack}.{component} is no longer in the configuration; restore it "
+                "and run `artifact-router retry`"
+            )
+        return comp
+
+    def get(self, stack: str, component: str) -> Any:
+        sink_id = f"{stack}.{component}"
+        if sink_id not in self._sinks:
+            try:
+                self._sinks[sink_id] = create_sink(sink_id, self._component(stack, component))
+            except LookupError as exc:
+                raise PermanentError(str(exc)) from exc
+        return self._sinks[sink_id]
+
+    def policy(self, stack: str, component: str) -> tuple[RetryPolicy, int]:
+        settings = self.config.router
+        try:
+            comp = self._component(stack, component)
+        except PermanentError:
+            return settings.retry, settings.sink_concurrency
+        return comp.retry or settings.retry, comp.concurrency or settings.sink_concurrency
+
+    async def health(self) -> dict[str, bool]:
+        out = {}
+        for sink_id, sink in self._sinks.items():
+            try:
+                out[sink_id] = bool(await asyncio.wait_for(sink.health(), timeout=5))
+            except Exception:
+                out[sink_id] = False
+        return out
+
+    async def close(self) -> None:
+        for sink in self._sinks.values():
+            with contextlib.suppress(Exception):
+                await sink.close()
+        self._sinks.clear()
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        journal: DeliveryJournal,
+        pool: SinkPool,
+        config: RouterConfig,
+        *,
+        locate_bundle: Callable[[str], Path | None],
+        on_finished: Callable[[list[FinishedEvent]], Awaitable[None]],
+        metrics: RouterMetrics,
+    ) -> None:
+        self.journal = journal
+        self.pool = pool
+        self.settings = config.router
+        self.locate_bundle = locate_bundle
+        self.on_finished = on_finished
+        self.metrics = metrics
+        self._wake = asyncio.Event()
+        self._completions: asyncio.Queue[Completion] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[str, int] = {}
+        self._limits: dict[str, int] = {}
+        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._stopping = False
+        self.lease_seconds = 120.0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def run(self) -> None:
+        """Claim and run deliveries until stop() is called."""
+        recovered = await self.journal.recover()
+        if recovered:
+            log.info("resumed deliveries left in flight", count=recovered)
+        writer = asyncio.create_task(self._write_completions(), name="completion-writer")
+        leases = asyncio.create_task(self._maintain_leases(), name="leases")
+        try:
+            while not self._stopping:
+                free = self.settings.concurrency - len(self._tasks)
+                claimed: list[ClaimedDelivery] = []
+                if free > 0:
+                    saturated = [
+                        sink_id
+                        for sink_id, n in self._in_flight.items()
+                        if n >= self._limits.get(sink_id, self.settings.sink_concurrency)
+                    ]
+                    claimed = await self.journal.claim(
+                        free,
+                        capacity=self._capacity,
+                        exclude_sinks=saturated,
+                        lease_seconds=self.lease_seconds,
+                    )
+                for delivery in claimed:
+                    self._start(delivery)
+                self.metrics.buffer.labels(component="dispatcher").set(len(self._tasks))
+                if len(claimed) < max(free, 1):
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+        finally:
+            leases.cancel()
+            await self._completions.put(_STOP)  # type: ignore[arg-type]
+            await writer
+
+    def _capacity(self, sink_id: str, stack: str, component: str) -> int:
+        _, limit = self.pool.policy(stack, component)
+        self._limits[sink_id] = limit
+        return limit - self._in_flight.get(sink_id, 0)
+
+    def _start(self, delivery: ClaimedDelivery) -> None:
+        self._in_flight[delivery.sink_id] = self._in_flight.get(delivery.sink_id, 0) + 1
+        task = asyncio.create_task(self._attempt(delivery), name=f"deliver {delivery.key}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._in_flight[delivery.sink_id] -= 1
+
+        task.add_done_callback(done)
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; let in-flight deliveries finish within `grace` seconds.
+
+        Whatever is still running after that is cancelled and stays in_flight in the
+        journal, to be resumed at the next start: nothing is lost.
+        """
+        self._stopping = True
+        self.wake()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+    async def _event_record(self, event_id: str) -> dict[str, Any]:
+        record = self._records.get(event_id)
+        if record is None:
+            record = await self.journal.event_record(event_id)
+            self._records[event_id] = record
+            while len(self._records) > 2048:
+                self._records.popitem(last=False)
+        else:
+            self._records.move_to_end(event_id)
+        return record
+
+    async def _build_item(self, d: ClaimedDelivery) -> DeliveryItem:
+        record = await self._event_record(d.event_id)
+        manifest = record["manifest"]
+        artifact = manifest["artifacts"][d.artifact_index]
+        bundle_dir = self.locate_bundle(record["bundle"]) if record.get("bundle") else None
+        files = []
+        for raw in record["files"][d.artifact_index]:
+            staged = StagedFile.model_validate(raw)
+            if staged.path is not None and not staged.path.is_absolute():
+                if bundle_dir is None:
+                    raise TransientError(
+                        f"bundle {record.get('bundle')!r} is not in accepted/ or failed/"
+                    )
+                staged.path = bundle_dir / staged.path
+            files.append(staged)
+        detected = (record.get("detected") or [{}] * (d.artifact_index + 1))[d.artifact_index]
+        view = ArtifactView(
+            index=d.artifact_index,
+            kind=artifact["type"],
+            name=artifact["name"],
+            version=record["versions"][d.artifact_index],
+            framework=artifact.get("framework") or detected.get("framework"),
+            format=artifact.get("format") or detected.get("format"),
+            metadata=artifact.get("metadata") or {},
+            values=artifact.get("values") or {},
+            step=artifact.get("step"),
+            files=files,
+        )
+        context = DeliveryContext(
+            event_id=d.event_id,
+            pipeline=manifest["pipeline"],
+            run_id=manifest["run_id"],
+            step_name=manifest["step_name"],
+            received_at=record["received_at"],
+        )
+        return DeliveryItem(
+            key=d.key,
+            action=Action(d.action),
+            sink_id=d.sink_id,
+            context=context,
+            artifact=view,
+            target=d.target,
+            params=d.params,
+            upstream=d.upstream,
+        )
+
+    async def _attempt(self, d: ClaimedDelivery) -> None:
+        policy, _ = self.pool.policy(d.stack, d.component)
+        started = time.monotonic()
+        completion: Completion
+        try:
+            item = await self._build_item(d)
+            sink = self.pool.get(d.stack, d.component)
+            result = await sink.deliver(item)
+        except asyncio.CancelledError:
+            raise
+        except PermanentError as exc:
+            completion = self._dead(d, f"permanent: {exc}")
+        except Exception as exc:  # transient by default: bugs and surprises get retried
+            reason = str(exc) or type(exc).__name__
+            if not isinstance(exc, TransientError | OSError | TimeoutError):
+                reason = f"{type(exc).__name__}: {reason}"
+            completion = self._retry_or_dead(d, policy, reason)
+        else:
+            self.metrics.sent.labels(component="dispatcher", sink=d.sink_id).inc()
+            completion = Completion(
+                key=d.key,
+                event_id=d.event_id,
+                artifact_index=d.artifact_index,
+                sink_id=d.sink_id,
+                action=d.action,
+                outcome="done",
+                result=result,
+            )
+        self.metrics.duration.labels(sink=d.sink_id).observe(time.monotonic() - started)
+        await self._completions.put(completion)
+
+    def _dead(self, d: ClaimedDelivery, reason: str) -> Completion:
+        log.warning("delivery dead-lettered", key=d.key, sink=d.sink_id, error=reason)
+        self.metrics.errors.labels(component=d.sink_id, error_type="dead", stage="delivery").inc()
+        self.metrics.discarded.labels(component=d.sink_id, reason="dead_letter").inc()
+        return Completion(
+            key=d.key,
+            event_id=d.event_id,
+            artifact_index=d.artifact_index,
+            sink_id=d.sink_id,
+            action=d.action,
+            outcome="dead",
+            error=reason,
+        )
+
+    def _retry_or_dead(self, d: ClaimedDelivery, policy: RetryPolicy, reason: str) -> Completion:
+        delay = backoff_delay(policy, d.attempts)
+        age = time.time() - d.created_at
+        if d.attempts >= policy.max_attempts:
+            return self._dead(d, f"gave up after {d.attempts} attempts: {reason}")
+        if age + delay > policy.max_age:
+            return self._dead(d, f"gave up after {age:.0f}s (max_age): {reason}")
+        log.info(
+            "delivery will be retried",
+            key=d.key,
+            sink=d.sink_id,
+            attempt=d.attempts,
+            delay=round(delay, 3),
+            error=reason,
+        )
+        self.metrics.retries.labels(sink=d.sink_id).inc()
+        self.metrics.errors.labels(
+            component=d.sink_id, error_type="transient", stage="delivery"
+        ).inc()
+        return Completion(
+            key=d.key,
+            event_id=d.event_id,
+            artifact_index=d.artifact_index,
+            sink_id=d.sink_id,
+            action=d.action,
+            outcome="retry",
+            error=reason,
+            next_attempt_at=time.time() + delay,
+        )
+
+    async def _write_completions(self) -> None:
+        stop = False
+        while not stop:
+            first = await self._completions.get()
+            batch = [] if first is _STOP else [first]
+            stop = first is _STOP
+            while not self._completions.empty() and len(batch) < 500:
+                nxt = self._completions.get_nowait()
+                if nxt is _STOP:
+                    stop = True
+                    continue
+                batch.append(nxt)
+            if not batch:
+                continue
+            try:
+                finished = await self.journal.complete(batch)
+            except Exception:
+                # The rows stay in_flight and are resumed by lease expiry or restart.
+                log.exception("could not record delivery outcomes", count=len(batch))
+                continue
+            self.wake()
+            if finished:
+                for event in finished:
+                    self._records.pop(event.event_id, None)
+                await self.on_finished(finished)
+
+    async def _maintain_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                await self.journal.renew_leases(self.lease_seconds)
+                reaped = await self.journal.reap_expired_leases()
+                if reaped:
+                    log.warning("took over deliveries whose lease expired", count=reaped)
+                    self.wake()
+            except Exception:
+                log.exception("lease maintenance failed")
+
+
+_STOP: Any = object()

@@ -1,0 +1,193 @@
+"""Intake: turn a spool bundle into an AcceptedEvent, or a Rejection that says why.
+
+Everything here runs in a worker thread (it hashes files), and nothing here writes:
+the journal commits, then the spool source moves the bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from router.delivery import StagedFile
+from router.detect import detect_dataset_format, detect_framework
+from router.errors import Problem
+from router.manifest import (
+    DatasetArtifact,
+    Manifest,
+    ManifestError,
+    ModelArtifact,
+    parse_manifest,
+)
+
+__all__ = ["AcceptedEvent", "Rejection", "load_bundle", "sha256_file"]
+
+_CHUNK = 1024 * 1024
+
+
+class AcceptedEvent(BaseModel):
+    """A validated event, ready to journal: manifest plus every file's checksum."""
+
+    event_id: str
+    source: Literal["spool", "mqtt"]
+    bundle: str | None = None
+    manifest: Manifest
+    files: list[list[StagedFile]] = Field(description="per artifact, in manifest order")
+    detected: list[dict[str, str]] = Field(
+        default_factory=list, description="framework/format detected per artifact"
+    )
+    digest: str
+    received_at: float
+    reply_to: dict[str, str] | None = None
+
+
+class Rejection(BaseModel):
+    """Why an input was refused, in words a person can act on (written as error.json)."""
+
+    event_id: str | None = None
+    source: Literal["spool", "mqtt"]
+    bundle: str | None = None
+    problems: list[Problem]
+    rejected_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    @property
+    def summary(self) -> str:
+        return "; ".join(p.render() for p in self.problems)
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _resolve_in_bundle(bundle: Path, rel: str, field: str) -> tuple[Path | None, Problem | None]:
+    """The file a bundle path names, refusing anything that leaves the bundle."""
+    root = bundle.resolve()
+    candidate = bundle / rel
+    try:
+        st = candidate.lstat()
+    except FileNotFoundError:
+        return None, Problem(
+            field=field, value=rel, message="no such file in the bundle; write it before "
+            "manifest.json, or fix the path"
+        )
+    except OSError as exc:
+        return None, Problem(field=field, value=rel, message=f"cannot read: {exc.strerror}")
+    resolved = candidate.resolve()
+    if resolved != root and root not in resolved.parents:
+        return None, Problem(
+            field=field,
+            value=rel,
+            message="resolves outside the bundle (symlink escape); copy the file into the "
+            "bundle instead of linking to it",
+        )
+    try:
+        st = resolved.stat()
+    except OSError as exc:
+        return None, Problem(field=field, value=rel, message=f"cannot read: {exc.strerror}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a directory" if stat.S_ISDIR(st.st_mode)
+            else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+            else "a device or socket"
+        )
+        return None, Problem(
+            field=field, value=rel, message=f"is {kind}, not a regular file; only regular "
+            "files can be routed"
+        )
+    return resolved, None
+
+
+def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
+    """Validate a complete bundle directory (manifest.json present)."""
+    name = bundle.name
+    manifest_path = bundle / "manifest.json"
+    try:
+        if manifest_path.is_symlink():
+            raise ManifestError(
+                [Problem(field="manifest.json", message="must be a regular file, not a symlink")]
+            )
+        raw = manifest_path.read_bytes()
+        manifest = parse_manifest(raw)
+    except ManifestError as exc:
+        return Rejection(source="spool", bundle=name, event_id=name, problems=exc.problems)
+    except OSError as exc:
+        return Rejection(
+            source="spool",
+            bundle=name,
+            event_id=name,
+            problems=[Problem(field="manifest.json", message=f"cannot read: {exc.strerror}")],
+        )
+
+    event_id = manifest.id or name
+    problems: list[Problem] = []
+    files: list[list[StagedFile]] = []
+    detected: list[dict[str, str]] = []
+    for a_index, artifact in enumerate(manifest.artifacts):
+        staged: list[StagedFile] = []
+        for f_index, entry in enumerate(artifact.files):
+            field = f"artifacts[{a_index}].files[{f_index}]"
+            if entry.path is None:
+                problems.append(
+                    Problem(
+                        field=field,
+                        message="spool bundles carry files by 'path'; 'uri' and "
+                        "'content_base64' are for MQTT",
+                    )
+                )
+                continue
+            resolved, problem = _resolve_in_bundle(bundle, entry.path, f"{field}.path")
+            if problem is not None:
+                problems.append(problem)
+                continue
+            assert resolved is not None and entry.name is not None and entry.type is not None
+            sha, size = sha256_file(resolved)
+            staged.append(
+                StagedFile(name=entry.name, type=entry.type, path=Path(entry.path), sha256=sha, size=size)
+            )
+        files.append(staged)
+        detected.append(_detect(artifact, bundle, staged))
+    if problems:
+        return Rejection(source="spool", bundle=name, event_id=event_id, problems=problems)
+    return AcceptedEvent(
+        event_id=event_id,
+        source="spool",
+        bundle=name,
+        manifest=manifest,
+        files=files,
+        detected=detected,
+        digest=hashlib.sha256(raw).hexdigest(),
+        received_at=received_at,
+    )
+
+
+def _detect(artifact: object, bundle: Path, staged: list[StagedFile]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(artifact, ModelArtifact) and not artifact.framework and staged:
+        for f in staged:
+            assert f.path is not None
+            found = detect_framework(bundle / f.path, f.name)
+            if found:
+                out["framework"] = found
+                break
+    if isinstance(artifact, DatasetArtifact) and not artifact.format and staged:
+        found = detect_dataset_format(staged[0].name)
+        if found:
+            out["format"] = found
+    return out
+
+
+def bundle_path_ok(name: str) -> bool:
+    """Names starting with '.' are never read (writers build bundles under them)."""
+    return bool(name) and not name.startswith(".") and os.sep not in name

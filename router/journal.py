@@ -1,0 +1,580 @@
+"""DeliveryJournal: the durable record of every accepted event and every delivery.
+
+The journal is the only source of truth for what still has to happen: an event is
+committed here (with its whole RoutePlan) before its bundle moves or its MQTT message
+is acknowledged, and a delivery is marked done in the same commit that catalogues
+where it landed.  Batches amortise the fsync: one commit per intake batch, one per
+burst of completions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from pydantic import BaseModel, Field
+
+from router import catalog
+from router.db import Database, deliveries, events
+from router.delivery import DeliveryResult
+from router.intake import AcceptedEvent, Rejection
+from router.rules import RoutePlan
+
+__all__ = [
+    "AcceptOutcome",
+    "ClaimedDelivery",
+    "Completion",
+    "DeliveryJournal",
+    "FinishedEvent",
+    "StatusReport",
+]
+
+Planner = Callable[[AcceptedEvent, list[str]], RoutePlan]
+
+TERMINAL = ("done", "dead")
+
+
+class AcceptOutcome(BaseModel):
+    event_id: str
+    outcome: Literal["accepted", "duplicate", "conflict"]
+    deliveries: int = 0
+    detail: str | None = None
+
+
+class ClaimedDelivery(BaseModel):
+    key: str
+    event_id: str
+    artifact_index: int
+    action: str
+    stack: str
+    component: str
+    sink_id: str
+    target: str | None
+    params: dict[str, Any]
+    attempts: int
+    created_at: float
+    upstream: DeliveryResult | None = None
+
+
+class Completion(BaseModel):
+    """What the dispatcher learned from one attempt."""
+
+    key: str
+    event_id: str
+    artifact_index: int
+    sink_id: str
+    action: str
+    outcome: Literal["done", "retry", "dead"]
+    result: DeliveryResult | None = None
+    error: str | None = None
+    next_attempt_at: float | None = None
+
+
+class FinishedEvent(BaseModel):
+    event_id: str
+    bundle: str | None
+    source: str
+    state: Literal["done", "failed"]
+    reply_to: dict[str, str] | None = None
+
+
+class SinkCounts(BaseModel):
+    pending: int = 0
+    in_flight: int = 0
+    done: int = 0
+    dead: int = 0
+
+
+class StatusReport(BaseModel):
+    events: dict[str, int] = Field(default_factory=dict)
+    deliveries: SinkCounts = Field(default_factory=SinkCounts)
+    sinks: dict[str, SinkCounts] = Field(default_factory=dict)
+    oldest_pending_age_seconds: float | None = None
+    dead_letters: list[dict[str, Any]] = Field(default_factory=list)
+    rejected: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class DeliveryJournal:
+    def __init__(self, db: Database, owner: str = "router") -> None:
+        self.db = db
+        self.owner = owner
+
+    # --- intake -------------------------------------------------------------------
+
+    async def accept(
+        self, batch: Sequence[AcceptedEvent], planner: Planner
+    ) -> list[AcceptOutcome]:
+        """Journal a batch of events with their plans and catalog rows: one commit."""
+        outcomes: list[AcceptOutcome] = []
+        now = time.time()
+        async with self.db.write() as conn:
+            ids = [e.event_id for e in batch]
+            existing = {
+                row.id: row
+                for row in (
+                    await conn.execute(
+                        sa.select(events.c.id, events.c.state, events.c.digest).where(
+                            events.c.id.in_(ids)
+                        )
+                    )
+                ).all()
+            }
+            seen: dict[str, str] = {}
+            for event in batch:
+                prior = existing.get(event.event_id)
+                if event.event_id in seen or (prior is not None and prior.state != "rejected"):
+                    digest = seen.get(event.event_id) or (prior.digest if prior else None)
+                    same = digest == event.digest
+                    outcomes.append(
+                        AcceptOutcome(
+                            event_id=event.event_id,
+                            outcome="duplicate" if same else "conflict",
+                            detail=None
+                            if same
+                            else f"event id {event.event_id!r} was already accepted with a "
+                            "different manifest; give the new bundle its own 'id'",
+                        )
+                    )
+                    continue
+                if prior is not None:  # a rejected attempt, now fixed: replace it
+                    await conn.execute(sa.delete(events).where(events.c.id == event.event_id))
+                m = event.manifest
+                versions = [
+                    a.version or await catalog.next_version(conn, m.pipeline, a.name)
+                    for a in m.artifacts
+                ]
+                plan = planner(event, versions)
+                record = event.model_dump(mode="json")
+                record["versions"] = versions
+                await conn.execute(
+                    sa.insert(events).values(
+                        id=event.event_id,
+                        source=event.source,
+                        bundle=event.bundle,
+                        state="accepted" if plan.deliveries else "done",
+                        stack=plan.stack,
+                        pipeline=m.pipeline,
+                        run_id=m.run_id,
+                        step_name=m.step_name,
+                        digest=event.digest,
+                        record=record,
+                        received_at=event.received_at,
+                        finished_at=None if plan.deliveries else now,
+                        moved=False,
+                    )
+                )
+                if plan.deliveries:
+                    await conn.execute(
+                        sa.insert(deliveries),
+                        [
+                            {
+                                "key": d.key,
+                                "event_id": event.event_id,
+                                "artifact_index": d.artifact_index,
+                                "action": d.action.value,
+                                "stack": d.stack,
+                                "component": d.component,
+                                "sink_id": d.sink_id,
+                                "target": d.target,
+                                "params": d.params,
+                                "after": d.after,
+                                "state": "pending",
+                                "attempts": 0,
+                                "next_attempt_at": now,
+                                "created_at": now,
+                                "updated_at": now,
+                            }
+                            for d in plan.deliveries
+                        ],
+                    )
+                await catalog.record_event(conn, event, plan, now)
+                seen[event.event_id] = event.digest
+                outcomes.append(
+                    AcceptOutcome(
+                        event_id=event.event_id,
+                        outcome="accepted",
+                        deliveries=len(plan.deliveries),
+                        detail="; ".join(e for a in plan.artifacts for e in a.errors) or None,
+                    )
+                )
+        return outcomes
+
+    async def reject(self, rejection: Rejection) -> None:
+        """Record a refused input so `status` and `artifacts --rejected` can show it."""
+        event_id = rejection.event_id or f"rejected-{time.time_ns()}"
+        async with self.db.write() as conn:
+            prior = (
+                await conn.execute(sa.select(events.c.state).where(events.c.id == event_id))
+            ).scalar()
+            if prior is not None and prior != "rejected":
+                event_id = f"{event_id}#rejected-{time.time_ns()}"
+            elif prior is not None:
+                await conn.execute(sa.delete(events).where(events.c.id == event_id))
+            await conn.execute(
+                sa.insert(events).values(
+                    id=event_id,
+                    source=rejection.source,
+                    bundle=rejection.bundle,
+                    state="rejected",
+                    record=rejection.model_dump(mode="json"),
+                    error=rejection.summary,
+                    received_at=time.time(),
+                    finished_at=time.time(),
+                    moved=True,
+                )
+            )
+
+    async def known_events(self, ids: Iterable[str]) -> dict[str, str]:
+        """State of each id the journal already holds (to skip re-reading bundles)."""
+        ids = list(ids)
+        if not ids:
+            return {}
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                sa.select(events.c.id, events.c.state).where(events.c.id.in_(ids))
+            )
+            return {r.id: r.state for r in rows}
+
+    async def event_record(self, event_id: str) -> dict[str, Any]:
+        async with self.db.read() as conn:
+            record = (
+                await conn.execute(sa.select(events.c.record).where(events.c.id == event_id))
+            ).scalar_one()
+        return dict(record)
+
+    # --- dispatch -----------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Deliveries this daemon left in flight when it died go back to pending."""
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                sa.update(deliveries)
+                .where(
+                    deliveries.c.state == "in_flight",
+                    sa.or_(deliveries.c.owner == self.owner, deliveries.c.owner.is_(None)),
+                )
+                .values(state="pending", owner=None, lease_until=None)
+            )
+            return int(result.rowcount or 0)
+
+    async def reap_expired_leases(self) -> int:
+        """Another daemon died mid-delivery (shared PostgreSQL): take its work over."""
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                sa.update(deliveries)
+                .where(deliveries.c.state == "in_flight", deliveries.c.lease_until < time.time())
+                .values(state="pending", owner=None, lease_until=None)
+            )
+            return int(result.rowcount or 0)
+
+    async def renew_leases(self, lease_seconds: float) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                sa.update(deliveries)
+                .where(deliveries.c.state == "in_flight", deliveries.c.owner == self.owner)
+                .values(lease_until=time.time() + lease_seconds)
+            )
+
+    async def claim(
+        self,
+        limit: int,
+        *,
+        capacity: Callable[[str, str, str], int] | None = None,
+        exclude_sinks: Iterable[str] = (),
+        lease_seconds: float = 120.0,
+    ) -> list[ClaimedDelivery]:
+        """Take up to `limit` ready deliveries (due, prerequisites done) for this daemon."""
+        if limit <= 0:
+            return []
+        now = time.time()
+        prereq = deliveries.alias("prereq")
+        query = (
+            sa.select(deliveries, prereq.c.result.label("upstream"))
+            .select_from(deliveries.outerjoin(prereq, deliveries.c.after == prereq.c.key))
+            .where(
+                deliveries.c.state == "pending",
+                deliveries.c.next_attempt_at <= now,
+                sa.or_(deliveries.c.after.is_(None), prereq.c.state == "done"),
+            )
+            .order_by(deliveries.c.next_attempt_at)
+            .limit(limit * 4)
+        )
+        excluded = list(exclude_sinks)
+        if excluded:  # saturated sinks: leave the window to the others
+            query = query.where(deliveries.c.sink_id.not_in(excluded))
+        async with self.db.write() as conn:
+            if not self.db.is_sqlite:
+                query = query.with_for_update(of=deliveries, skip_locked=True)
+            rows = (await conn.execute(query)).all()
+            picked = []
+            budget: dict[str, int] = {}
+            for row in rows:
+                if len(picked) >= limit:
+                    break
+                if capacity is not None:
+                    if row.sink_id not in budget:
+                        budget[row.sink_id] = capacity(row.sink_id, row.stack, row.component)
+                    if budget[row.sink_id] <= 0:
+                        continue  # this sink is saturated; others still get their turn
+                    budget[row.sink_id] -= 1
+                picked.append(row)
+            if not picked:
+                return []
+            keys = [r.key for r in picked]
+            claimed = (
+                await conn.execute(
+                    sa.update(deliveries)
+                    .where(deliveries.c.key.in_(keys), deliveries.c.state == "pending")
+                    .values(
+                        state="in_flight",
+                        attempts=deliveries.c.attempts + 1,
+                        owner=self.owner,
+                        lease_until=now + lease_seconds,
+                        updated_at=now,
+                    )
+                    .returning(deliveries.c.key)
+                )
+            ).scalars()
+            claimed_keys = set(claimed)
+        return [
+            ClaimedDelivery(
+                key=r.key,
+                event_id=r.event_id,
+                artifact_index=r.artifact_index,
+                action=r.action,
+                stack=r.stack,
+                component=r.component,
+                sink_id=r.sink_id,
+                target=r.target,
+                params=r.params or {},
+                attempts=r.attempts + 1,
+                created_at=r.created_at,
+                upstream=DeliveryResult.model_validate(r.upstream) if r.upstream else None,
+            )
+            for r in picked
+            if r.key in claimed_keys
+        ]
+
+    async def complete(self, completions: Sequence[Completion]) -> list[FinishedEvent]:
+        """Record a burst of attempt outcomes in one commit; return events now finished."""
+        if not completions:
+            return []
+        now = time.time()
+        touched: set[str] = set()
+        async with self.db.write() as conn:
+            for c in completions:
+                touched.add(c.event_id)
+                values: dict[str, Any] = {
+                    "updated_at": now,
+                    "owner": None,
+                    "lease_until": None,
+                }
+                if c.outcome == "done":
+                    values |= {
+                        "state": "done",
+                        "result": c.result.model_dump(mode="json") if c.result else None,
+                        "last_error": None,
+                    }
+                elif c.outcome == "retry":
+                    values |= {
+                        "state": "pending",
+                        "next_attempt_at": c.next_attempt_at or now,
+                        "last_error": c.error,
+                    }
+                else:
+                    values |= {"state": "dead", "last_error": c.error}
+                await conn.execute(
+                    sa.update(deliveries)
+                    .where(deliveries.c.key == c.key, deliveries.c.state == "in_flight")
+                    .values(**values)
+                )
+                if c.outcome == "done" and c.result is not None:
+                    await catalog.record_locations(
+                        conn,
+                        event_id=c.event_id,
+                        artifact_index=c.artifact_index,
+                        delivery_key=c.key,
+                        sink_id=c.sink_id,
+                        action=c.action,
+                        result=c.result,
+                        now=now,
+                    )
+                if c.outcome == "dead":
+                    await self._kill_dependents(conn, c.key, now)
+            return await self._finish_events(conn, touched, now)
+
+    async def _kill_dependents(self, conn: Any, key: str, now: float) -> None:
+        frontier = [key]
+        while frontier:
+            rows = (
+                await conn.execute(
+                    sa.update(deliveries)
+                    .where(deliveries.c.after.in_(frontier), deliveries.c.state == "pending")
+                    .values(
+                        state="dead",
+                        last_error=f"not attempted: prerequisite {key} is dead",
+                        updated_at=now,
+                    )
+                    .returning(deliveries.c.key)
+                )
+            ).scalars()
+            frontier = list(rows)
+
+    async def _finish_events(self, conn: Any, ids: set[str], now: float) -> list[FinishedEvent]:
+        if not ids:
+            return []
+        counts = (
+            await conn.execute(
+                sa.select(deliveries.c.event_id, deliveries.c.state, sa.func.count())
+                .where(deliveries.c.event_id.in_(ids))
+                .group_by(deliveries.c.event_id, deliveries.c.state)
+            )
+        ).all()
+        states: dict[str, dict[str, int]] = {}
+        for event_id, state, n in counts:
+            states.setdefault(event_id, {})[state] = n
+        finished = []
+        for event_id, by_state in states.items():
+            if any(s not in TERMINAL for s in by_state):
+                continue
+            final = "failed" if by_state.get("dead") else "done"
+            row = (
+                await conn.execute(
+                    sa.update(events)
+                    .where(events.c.id == event_id, events.c.state != final)
+                    .values(state=final, finished_at=now, moved=False)
+                    .returning(events.c.bundle, events.c.source, events.c.record)
+                )
+            ).first()
+            if row is not None:
+                finished.append(
+                    FinishedEvent(
+                        event_id=event_id,
+                        bundle=row.bundle,
+                        source=row.source,
+                        state=final,
+                        reply_to=(row.record or {}).get("reply_to"),
+                    )
+                )
+        return finished
+
+    async def unmoved(self) -> list[FinishedEvent]:
+        """Finished spool events whose bundle has not been moved yet (crash recovery)."""
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                sa.select(events.c.id, events.c.bundle, events.c.source, events.c.state).where(
+                    events.c.moved.is_(False), events.c.state.in_(("done", "failed"))
+                )
+            )
+            return [
+                FinishedEvent(event_id=r.id, bundle=r.bundle, source=r.source, state=r.state)
+                for r in rows
+            ]
+
+    async def mark_moved(self, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        if ids:
+            async with self.db.write() as conn:
+                await conn.execute(
+                    sa.update(events).where(events.c.id.in_(ids)).values(moved=True)
+                )
+
+    # --- operator actions ----------------------------------------------------------
+
+    async def retry_dead(self, key: str | None = None) -> int:
+        """Re-queue dead deliveries: all, one delivery key, or every one of an event id.
+
+        Deliveries that were never attempted because this one died come back with it.
+        """
+        now = time.time()
+        async with self.db.write() as conn:
+            query = sa.update(deliveries).where(deliveries.c.state == "dead")
+            if key is not None:
+                event_of_key = (
+                    sa.select(deliveries.c.event_id).where(deliveries.c.key == key).scalar_subquery()
+                )
+                query = query.where(
+                    sa.or_(
+                        deliveries.c.key == key,
+                        deliveries.c.event_id == key,
+                        sa.and_(
+                            deliveries.c.event_id == event_of_key,
+                            deliveries.c.last_error.like("not attempted:%"),
+                        ),
+                    )
+                )
+            revived = list(
+                (
+                    await conn.execute(
+                        query.values(
+                            state="pending",
+                            attempts=0,
+                            next_attempt_at=now,
+                            created_at=now,
+                            updated_at=now,
+                        ).returning(deliveries.c.event_id)
+                    )
+                ).scalars()
+            )
+            if revived:
+                await conn.execute(
+                    sa.update(events)
+                    .where(events.c.id.in_(set(revived)))
+                    .values(state="accepted", finished_at=None)
+                )
+            return len(revived)
+
+    async def status(self, dead_limit: int = 50) -> StatusReport:
+        report = StatusReport()
+        async with self.db.read() as conn:
+            for state, n in (
+                await conn.execute(
+                    sa.select(events.c.state, sa.func.count()).group_by(events.c.state)
+                )
+            ).all():
+                report.events[state] = n
+            for sink_id, state, n in (
+                await conn.execute(
+                    sa.select(deliveries.c.sink_id, deliveries.c.state, sa.func.count()).group_by(
+                        deliveries.c.sink_id, deliveries.c.state
+                    )
+                )
+            ).all():
+                counts = report.sinks.setdefault(sink_id, SinkCounts())
+                setattr(counts, state, n)
+                setattr(report.deliveries, state, getattr(report.deliveries, state) + n)
+            oldest = (
+                await conn.execute(
+                    sa.select(sa.func.min(deliveries.c.created_at)).where(
+                        deliveries.c.state.in_(("pending", "in_flight"))
+                    )
+                )
+            ).scalar()
+            if oldest is not None:
+                report.oldest_pending_age_seconds = round(max(0.0, time.time() - oldest), 3)
+            for row in (
+                await conn.execute(
+                    sa.select(
+                        deliveries.c.key,
+                        deliveries.c.sink_id,
+                        deliveries.c.attempts,
+                        deliveries.c.last_error,
+                    )
+                    .where(deliveries.c.state == "dead")
+                    .order_by(deliveries.c.updated_at.desc())
+                    .limit(dead_limit)
+                )
+            ).all():
+                report.dead_letters.append(dict(row._mapping))
+            for row in (
+                await conn.execute(
+                    sa.select(events.c.id, events.c.source, events.c.bundle, events.c.error)
+                    .where(events.c.state == "rejected")
+                    .order_by(events.c.received_at.desc())
+                    .limit(dead_limit)
+                )
+            ).all():
+                report.rejected.append(dict(row._mapping))
+        return report

@@ -1,0 +1,315 @@
+"""SpoolSource: the language-neutral intake (DESIGN section 2).
+
+A bundle is a directory under `incoming/` holding `manifest.json` and the files it
+names.  It is complete once `manifest.json` exists in a directory whose name does not
+start with '.'.  The source validates it, journals it (one commit per batch), and only
+then renames it to `accepted/`; finished bundles move to `done/` or `failed/`, invalid
+ones to `rejected/` with an `error.json` saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+import watchfiles
+
+from router.errors import Problem
+from router.intake import AcceptedEvent, Rejection, bundle_path_ok, load_bundle
+from router.journal import DeliveryJournal, FinishedEvent, Planner
+from router.metrics import RouterMetrics
+
+__all__ = ["SpoolPaths", "SpoolSource"]
+
+log = structlog.get_logger("router.spool")
+
+STATES = ("incoming", "accepted", "done", "failed", "rejected")
+
+
+class SpoolPaths:
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser().resolve()
+        self.incoming = self.root / "incoming"
+        self.accepted = self.root / "accepted"
+        self.done = self.root / "done"
+        self.failed = self.root / "failed"
+        self.rejected = self.root / "rejected"
+
+    def ensure(self) -> None:
+        for state in STATES:
+            (self.root / state).mkdir(parents=True, exist_ok=True)
+
+    def locate(self, bundle: str) -> Path | None:
+        """Where a journaled bundle is now (it moves while deliveries run)."""
+        for folder in (self.accepted, self.failed, self.incoming, self.done):
+            candidate = folder / bundle
+            if candidate.is_dir():
+                return candidate
+        return None
+
+
+def _move(src: Path, dest_dir: Path) -> Path:
+    """Rename keeping the directory name; never overwrite an older bundle of that name."""
+    dest = dest_dir / src.name
+    if dest.exists():
+        dest = dest_dir / f"{src.name}-{time.time_ns()}"
+    os.replace(src, dest)
+    with contextlib.suppress(OSError):
+        os.utime(dest)  # retention counts from the move, not from the writer's mtime
+    return dest
+
+
+class SpoolSource:
+    def __init__(
+        self,
+        paths: SpoolPaths,
+        journal: DeliveryJournal,
+        planner: Planner,
+        *,
+        preflight: Callable[[AcceptedEvent], Problem | None],
+        on_accepted: Callable[[], None],
+        metrics: RouterMetrics,
+        batch_size: int = 256,
+        rescan_seconds: float = 5.0,
+        retention_days: float = 7.0,
+    ) -> None:
+        self.paths = paths
+        self.journal = journal
+        self.planner = planner
+        self.preflight = preflight
+        self.on_accepted = on_accepted
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.rescan_seconds = rescan_seconds
+        self.retention_days = retention_days
+        self._pending: set[str] = set()
+        self._kick = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._reader = asyncio.Semaphore(4)
+        self.healthy = True
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.paths.ensure()
+        await self._recover()
+        self._scan()
+        tasks = [
+            asyncio.create_task(self._watch(), name="spool-watch"),
+            asyncio.create_task(self._rescan_loop(), name="spool-rescan"),
+        ]
+        try:
+            while not self._stop.is_set():
+                if not self._pending:
+                    self._kick.clear()
+                    waiter = asyncio.create_task(self._kick.wait())
+                    stopper = asyncio.create_task(self._stop.wait())
+                    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    stopper.cancel()
+                    continue
+                batch = sorted(self._pending)[: self.batch_size]
+                self._pending.difference_update(batch)
+                try:
+                    await self._process(batch)
+                except Exception:
+                    # The journal is unavailable (disk full, database down): keep the
+                    # bundles in incoming/ and try again; nothing was acknowledged.
+                    self.healthy = False
+                    log.exception("intake failed; bundles stay in incoming/", count=len(batch))
+                    self.metrics.errors.labels(
+                        component="spool", error_type="journal", stage="intake"
+                    ).inc()
+                    await asyncio.sleep(1.0)
+                    self._pending.update(batch)
+                else:
+                    self.healthy = True
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _recover(self) -> None:
+        """Finish moves a crash interrupted; re-read bundles accepted/ holds unjournaled."""
+        await self.on_finished(await self.journal.unmoved())
+        names = [p.name for p in self.paths.accepted.iterdir() if p.is_dir()]
+        known = await self.journal.known_events(names)
+        for name in names:
+            if name not in known:
+                # Only a bundle whose manifest has its own 'id' can sit in accepted/
+                # under another id; re-read it through the normal path to be sure.
+                with contextlib.suppress(OSError):
+                    os.replace(self.paths.accepted / name, self.paths.incoming / name)
+
+    def _scan(self) -> None:
+        try:
+            entries = list(os.scandir(self.paths.incoming))
+        except FileNotFoundError:
+            self.paths.ensure()
+            return
+        for entry in entries:
+            if bundle_path_ok(entry.name) and entry.is_dir(follow_symlinks=False):
+                if os.path.exists(os.path.join(entry.path, "manifest.json")):
+                    self._pending.add(entry.name)
+        if self._pending:
+            self._kick.set()
+
+    async def _rescan_loop(self) -> None:
+        # watchfiles can miss events (inotify queue overflow, network filesystems):
+        # a periodic scan is the safety net; it also prunes old done/ bundles.
+        last_prune = 0.0
+        while True:
+            await asyncio.sleep(self.rescan_seconds)
+            self._scan()
+            if time.monotonic() - last_prune > 600:
+                last_prune = time.monotonic()
+                await asyncio.to_thread(self._prune_done)
+
+    async def _watch(self) -> None:
+        incoming = self.paths.incoming
+        async for changes in watchfiles.awatch(
+            incoming,
+            stop_event=self._stop,
+            debounce=200,
+            step=10,
+            recursive=True,
+            ignore_permission_denied=True,
+        ):
+            for _, changed in changes:
+                try:
+                    rel = Path(changed).relative_to(incoming)
+                except ValueError:
+                    continue
+                if not rel.parts or not bundle_path_ok(rel.parts[0]):
+                    continue
+                name = rel.parts[0]
+                if (incoming / name / "manifest.json").exists():
+                    self._pending.add(name)
+            if self._pending:
+                self._kick.set()
+
+    # --- intake -------------------------------------------------------------------
+
+    async def _read(self, name: str) -> AcceptedEvent | Rejection | None:
+        path = self.paths.incoming / name
+        if not path.is_dir() or not (path / "manifest.json").exists():
+            return None
+        async with self._reader:
+            result = await asyncio.to_thread(load_bundle, path, time.time())
+        if isinstance(result, AcceptedEvent):
+            problem = self.preflight(result)
+            if problem is not None:
+                return Rejection(
+                    source="spool", bundle=name, event_id=result.event_id, problems=[problem]
+                )
+        return result
+
+    async def _process(self, names: list[str]) -> None:
+        results = await asyncio.gather(*(self._read(n) for n in names))
+        accepted = [r for r in results if isinstance(r, AcceptedEvent)]
+        rejected = [r for r in results if isinstance(r, Rejection)]
+        self.metrics.received.labels(component="spool").inc(len(accepted) + len(rejected))
+        for rejection in rejected:
+            await self._reject(rejection)
+        if not accepted:
+            return
+        outcomes = await self.journal.accept(accepted, self.planner)
+        by_id = {e.event_id: e for e in accepted}
+        for outcome in outcomes:
+            event = by_id[outcome.event_id]
+            assert event.bundle is not None
+            src = self.paths.incoming / event.bundle
+            if outcome.outcome == "accepted":
+                if outcome.detail:
+                    log.warning("event accepted with plan errors", event=event.event_id,
+                                errors=outcome.detail)
+                if outcome.deliveries == 0:
+                    _move(src, self.paths.done)
+                    await self.journal.mark_moved([event.event_id])
+                else:
+                    _move(src, self.paths.accepted)
+            elif outcome.outcome == "duplicate":
+                await self._settle_duplicate(event)
+            else:
+                await self._reject(
+                    Rejection(
+                        source="spool",
+                        bundle=event.bundle,
+                        event_id=event.event_id,
+                        problems=[Problem(field="id", value=event.event_id,
+                                          message=outcome.detail or "duplicate id")],
+                    )
+                )
+        self.on_accepted()
+
+    async def _settle_duplicate(self, event: AcceptedEvent) -> None:
+        """Same id, same content: a replay (or our own crash between commit and move)."""
+        assert event.bundle is not None
+        state = (await self.journal.known_events([event.event_id])).get(event.event_id)
+        src = self.paths.incoming / event.bundle
+        if state == "accepted" and self.paths.locate(event.bundle) == src:
+            _move(src, self.paths.accepted)
+        elif state == "failed":
+            _move(src, self.paths.failed)
+        else:
+            _move(src, self.paths.done)
+        log.info("duplicate bundle: already journaled", event=event.event_id, state=state)
+
+    async def _reject(self, rejection: Rejection) -> None:
+        assert rejection.bundle is not None
+        log.warning(
+            "bundle rejected", bundle=rejection.bundle, errors=rejection.summary
+        )
+        self.metrics.discarded.labels(component="spool", reason="invalid").inc()
+        self.metrics.errors.labels(component="spool", error_type="invalid", stage="intake").inc()
+        src = self.paths.incoming / rejection.bundle
+        if not src.exists():
+            return
+        dest = _move(src, self.paths.rejected)
+        body = {
+            "bundle": rejection.bundle,
+            "event_id": rejection.event_id,
+            "rejected_at": rejection.rejected_at,
+            "errors": [p.model_dump(mode="json") for p in rejection.problems],
+            "summary": rejection.summary,
+        }
+        (dest / "error.json").write_text(json.dumps(body, indent=2, default=str) + "\n")
+        await self.journal.reject(rejection)
+
+    # --- completion -----------------------------------------------------------------
+
+    async def on_finished(self, finished: list[FinishedEvent]) -> None:
+        moved = []
+        for event in finished:
+            if event.bundle is None or event.source != "spool":
+                moved.append(event.event_id)
+                continue
+            current = self.paths.locate(event.bundle)
+            target = self.paths.done if event.state == "done" else self.paths.failed
+            if current is not None and current.parent != target:
+                try:
+                    _move(current, target)
+                except OSError:
+                    log.exception("could not move bundle", bundle=event.bundle)
+                    continue
+            moved.append(event.event_id)
+        await self.journal.mark_moved(moved)
+
+    def _prune_done(self) -> None:
+        if self.retention_days <= 0:
+            return
+        cutoff = time.time() - self.retention_days * 86400
+        for entry in os.scandir(self.paths.done):
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    shutil.rmtree(entry.path)

@@ -1,0 +1,754 @@
+"""`s3` artifact store: any S3-compatible object store, through aiobotocore.
+
+Idempotency and conflicts follow the `local` store: one object per file at
+`prefix/object_key(target, file)`; an object already there with the same sha256 is a
+no-op; different content fails permanently unless the rule says `on_conflict:
+overwrite` (replace) or `version` (a `.v<version>` suffix per artifact version).
+
+Every object carries the file's sha256 (computed at intake) as user metadata
+`sha256`. Uploads are verified by the server: a single `PutObject` with the file's
+Content-MD5, or a multipart upload with a Content-MD5 per part. Files of at least
+`multipart_threshold` bytes go up in parts of `part_size`, at most `max_concurrency`
+in flight, each read from disk when its turn comes, so memory stays bounded by
+`part_size * max_concurrency` whatever the file size. A multipart upload that fails
+is aborted before the error propagates; one left behind by a crashed process is
+aborted when the same key is next delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import io
+import logging
+import math
+import os
+import re
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import aiohttp
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
+
+from router.rules import object_key
+from sinks.base import (
+    BaseSink,
+    DeliveryItem,
+    DeliveryResult,
+    PermanentError,
+    SinkSettings,
+    StoredObject,
+    TransientError,
+)
+from sinks.stores.local import versioned_key
+
+__all__ = ["S3Store", "S3StoreSettings", "content_md5"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+MIN_PART_SIZE = 5 * MiB  # S3's floor for every part but the last
+MAX_PART_SIZE = 5 * GiB
+MAX_PARTS = 10_000
+MAX_SINGLE_PUT = 5 * GiB
+_HASH_CHUNK = MiB
+
+# Error codes worth retrying: throttling, server trouble, a transfer garbled in transit,
+# and an upload the server gave up on (it is restarted from scratch on the next attempt).
+_THROTTLING = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestThrottledException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "BandwidthLimitExceeded",
+}
+_TRANSIENT_CODES = _THROTTLING | {
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+    "BadDigest",
+    "InvalidDigest",
+    "XAmzContentSHA256Mismatch",
+    "IncompleteBody",
+    "NoSuchUpload",
+    "RequestTimeTooSkewed",
+    "OperationAborted",
+}
+_UNSUPPORTED_CODES = {"NotImplemented", "Unimplemented", "MethodNotAllowed", "501", "405"}
+_MD5_ETAG = re.compile(r"[0-9a-f]{32}")
+_MULTIPART_ETAG = re.compile(r"([0-9a-f]{32})-(\d+)")
+
+
+class S3StoreSettings(SinkSettings):
+    bucket_name: str = Field(min_length=3, max_length=255)
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    sse: Literal["AES256", "aws:kms", "aws:kms:dsse"] | None = Field(
+        default=None, description="server-side encryption"
+    )
+    kms_key_id: str | None = None
+    storage_class: str | None = None
+    multipart_threshold: ByteSize = Field(default=ByteSize(64 * MiB), ge=1, le=MAX_SINGLE_PUT)
+    part_size: ByteSize = Field(default=ByteSize(16 * MiB), ge=MIN_PART_SIZE, le=MAX_PART_SIZE)
+    max_concurrency: int = Field(default=8, ge=1, le=64, description="parts in flight")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        default="auto", description="auto means path style when endpoint_url is set"
+    )
+    connect_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(
+        default=3, ge=1, le=20, description="attempts per request inside one delivery"
+    )
+
+    @field_validator("prefix")
+    @classmethod
+    def _clean_prefix(cls, value: str) -> str:
+        segments = [s for s in value.strip("/").split("/") if s not in ("", ".")]
+        if any(s == ".." for s in segments):
+            raise ValueError("prefix may not contain '..' segments")
+        return "/".join(segments)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> S3StoreSettings:
+        if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
+            raise ValueError(
+                "set both aws_access_key_id and aws_secret_access_key, or neither to use "
+                "the standard AWS credential chain"
+            )
+        if self.kms_key_id is not None and self.sse not in ("aws:kms", "aws:kms:dsse"):
+            raise ValueError("kms_key_id needs sse: aws:kms (or aws:kms:dsse)")
+        return self
+
+
+def content_md5(digest: bytes) -> str:
+    """The Content-MD5 header value for an MD5 digest."""
+    return base64.b64encode(digest).decode("ascii")
+
+
+@dataclass
+class _Digests:
+    md5: bytes
+    sha256: str
+    size: int
+
+
+def _hash_file(path: Path) -> _Digests:
+    md5 = hashlib.md5(usedforsecurity=False)
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            md5.update(chunk)
+            sha.update(chunk)
+            size += len(chunk)
+    return _Digests(md5.digest(), sha.hexdigest(), size)
+
+
+def _multipart_etag(path: Path, part_size: int) -> str:
+    """The ETag S3 gives a multipart upload of `path` in parts of `part_size`."""
+    digests = []
+    with open(path, "rb") as fh:
+        while True:
+            md5 = hashlib.md5(usedforsecurity=False)
+            left = part_size
+            while left and (chunk := fh.read(min(left, _HASH_CHUNK))):
+                md5.update(chunk)
+                left -= len(chunk)
+            if left == part_size:
+                break
+            digests.append(md5.digest())
+    joined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+    return f"{joined}-{len(digests)}"
+
+
+def _read_part(fd: int, offset: int, length: int) -> bytes:
+    """Read one part from disk (runs in a worker thread)."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    chunks = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            raise _FileChanged(f"file ended at byte {offset + got}, expected {offset + length}")
+        chunks.append(more)
+        got += len(more)
+    return b"".join(chunks)
+
+
+class _FileChanged(Exception):
+    pass
+
+
+def _error_code(exc: Exception) -> tuple[str, int | None, str]:
+    response: dict[str, Any] = getattr(exc, "response", None) or {}
+    error = response.get("Error") or {}
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return str(error.get("Code", "")), status, str(error.get("Message", "") or "")
+
+
+class S3Store(BaseSink):
+    Settings = S3StoreSettings
+    settings: S3StoreSettings
+
+    def __init__(self, sink_id: str, settings: S3StoreSettings) -> None:
+        super().__init__(sink_id, settings)
+        self.bucket = settings.bucket_name
+        self._client: Any = None
+        self._client_lock = asyncio.Lock()
+        self._stack = contextlib.AsyncExitStack()
+        self._listing_unsupported = False
+
+    # -- client -------------------------------------------------------------------
+
+    async def _get_client(self) -> Any:
+        if self._client is not None:
+            return self._client
+        async with self._client_lock:
+            if self._client is None:
+                from aiobotocore.config import AioConfig
+                from aiobotocore.session import get_session
+
+                s = self.settings
+                style = s.addressing_style
+                if style == "auto" and s.endpoint_url:
+                    style = "path"
+                config = AioConfig(
+                    connect_timeout=s.connect_timeout,
+                    read_timeout=s.read_timeout,
+                    retries={"max_attempts": s.max_attempts, "mode": "standard"},
+                    s3={"addressing_style": style},
+                    max_pool_connections=max(10, 2 * s.max_concurrency),
+                    # We send Content-MD5 ourselves; no aws-chunked CRC trailers.
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                )
+                kwargs: dict[str, Any] = {"config": config}
+                if s.region:
+                    kwargs["region_name"] = s.region
+                if s.endpoint_url:
+                    kwargs["endpoint_url"] = s.endpoint_url
+                if s.aws_access_key_id and s.aws_secret_access_key:
+                    kwargs["aws_access_key_id"] = s.aws_access_key_id
+                    kwargs["aws_secret_access_key"] = s.aws_secret_access_key.get_secret_value()
+                    if s.aws_session_token:
+                        kwargs["aws_session_token"] = s.aws_session_token.get_secret_value()
+                try:
+                    client_cm = get_session().create_client("s3", **kwargs)
+                    self._client = await self._stack.enter_async_context(client_cm)
+                except Exception as exc:  # bad region / endpoint: nothing a retry fixes
+                    raise PermanentError(
+                        f"s3 sink {self.sink_id}: cannot create an S3 client for bucket "
+                        f"{self.bucket!r}: {exc}"
+                    ) from exc
+        return self._client
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._client = None
+
+    async def health(self) -> bool:
+        try:
+            client = await self._get_client()
+            await client.head_bucket(Bucket=self.bucket)
+        except Exception:
+            return False
+        return True
+
+    # -- errors -------------------------------------------------------------------
+
+    def _uri(self, key: str | None = None) -> str:
+        return f"s3://{self.bucket}/{key}" if key else f"s3://{self.bucket}"
+
+    def _where(self) -> str:
+        return self.settings.endpoint_url or (
+            f"AWS region {self.settings.region}" if self.settings.region else "AWS"
+        )
+
+    def _map_error(self, exc: BaseException, action: str, key: str | None) -> Exception:
+        """A botocore / aiohttp error as TransientError or PermanentError, in plain words."""
+        uri = self._uri(key)
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            NoCredentialsError,
+            ParamValidationError,
+            PartialCredentialsError,
+        )
+
+        if isinstance(exc, ClientError):
+            code, status, message = _error_code(exc)
+            detail = f"{code or status}" + (f": {message}" if message and message != code else "")
+            if code == "NoSuchBucket" or (action == "HeadBucket" and status == 404):
+                return PermanentError(
+                    f"bucket {self.bucket!r} does not exist at {self._where()} (NoSuchBucket) "
+                    f"while trying {action} on {uri}; create it or fix bucket_name"
+                )
+            if code == "InvalidAccessKeyId":
+                return PermanentError(
+                    f"{action} {uri}: the access key id is not known to {self._where()} "
+                    "(InvalidAccessKeyId); check aws_access_key_id / the AWS credential chain"
+                )
+            if code == "SignatureDoesNotMatch":
+                return PermanentError(
+                    f"{action} {uri}: the secret key does not match the access key id "
+                    "(SignatureDoesNotMatch); check aws_secret_access_key"
+                )
+            if code in ("AccessDenied", "AllAccessDisabled", "403") or status == 403:
+                return PermanentError(
+                    f"{action} {uri}: access denied ({detail}); the credentials are wrong or "
+                    f"lack permission for {action} on bucket {self.bucket!r}"
+                )
+            if code in _TRANSIENT_CODES or status == 429 or (status or 0) >= 500:
+                kind = "throttled" if code in _THROTTLING or status == 429 else "failed"
+                return TransientError(f"{action} {uri} {kind} ({detail})")
+            if code in ("InvalidBucketName",):
+                return PermanentError(f"{action} {uri}: invalid bucket name ({detail})")
+            return PermanentError(f"{action} {uri} failed ({detail})")
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            return PermanentError(
+                f"{action} {uri}: no usable AWS credentials ({exc}); set aws_access_key_id and "
+                "aws_secret_access_key or configure the AWS credential chain"
+            )
+        if isinstance(exc, ParamValidationError):
+            return PermanentError(f"{action} {uri}: invalid request ({exc})")
+        if isinstance(exc, BotoCoreError | aiohttp.ClientError | TimeoutError | ConnectionError):
+            # Endpoint unreachable, connection reset, read/connect timeouts.
+            return TransientError(f"{action} {uri}: {type(exc).__name__}: {exc}")
+        return TransientError(f"{action} {uri}: unexpected {type(exc).__name__}: {exc}")
+
+    async def _call(self, action: str, key: str | None, awaitable: Awaitable[_T]) -> _T:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return await awaitable
+        except (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+            raise self._map_error(e, action, key) from e
+
+    # -- delivery -----------------------------------------------------------------
+
+    def _full_key(self, key: str) -> str:
+        return f"{self.settings.prefix}/{key}" if self.settings.prefix else key
+
+    async def deliver(self, item: DeliveryItem) -> DeliveryResult:
+        if item.target is None:
+            raise PermanentError("store delivery without a target key")
+        on_conflict = item.params.get("on_conflict", "fail")
+        if on_conflict not in ("fail", "overwrite", "version"):
+            raise PermanentError(
+                f"on_conflict {on_conflict!r} is not one of fail, overwrite, version"
+            )
+        client = await self._get_client()
+        objects: list[StoredObject] = []
+        unchanged: list[str] = []
+        for staged in item.artifact.files:
+            if staged.path is None:
+                raise PermanentError(f"file {staged.name!r} has no local path to upload from")
+            key = object_key(item.target, staged.name)
+            if on_conflict == "version":
+                key = versioned_key(key, item.artifact.version)
+            key = self._full_key(key)
+            stored, same = await self._deliver_file(client, staged.path, staged, key, on_conflict)
+            objects.append(stored)
+            if same:
+                unchanged.append(staged.name)
+        if len(objects) == 1:
+            uri = objects[0].uri
+        else:
+            uri = self._uri(self._full_key(item.target.replace("{file}", "").rstrip("/")))
+        return DeliveryResult(
+            objects=objects,
+            uri=uri,
+            skipped=bool(objects) and len(unchanged) == len(objects),
+            details={"bucket": self.bucket, "unchanged": unchanged} if unchanged else {},
+        )
+
+    async def _deliver_file(
+        self, client: Any, path: Path, staged: Any, key: str, on_conflict: str
+    ) -> tuple[StoredObject, bool]:
+        uri = self._uri(key)
+        try:
+            size = (await asyncio.to_thread(os.stat, path)).st_size
+        except FileNotFoundError as exc:
+            raise PermanentError(f"{path} no longer exists; it cannot be uploaded to {uri}") from exc
+        except OSError as exc:
+            raise TransientError(f"cannot read {path}: {exc.strerror}") from exc
+        if size != staged.size:
+            raise PermanentError(
+                f"{path} changed after it was accepted (now {size} bytes, journaled "
+                f"{staged.size}); emit a new bundle instead of editing an accepted one"
+            )
+
+        head = await self._head(client, key)
+        if head is not None:
+            same, existing = await self._same_content(client, key, head, path, staged.sha256)
+            if same:
+                version = head.get("VersionId")
+                stored = StoredObject(
+                    file_name=staged.name,
+                    uri=uri,
+                    size=staged.size,
+                    sha256=staged.sha256,
+                    version_id=version if version and version != "null" else "unchanged",
+                )
+                return stored, True
+            if on_conflict != "overwrite":
+                raise PermanentError(
+                    f"conflict: {uri} already holds different content ({existing}, this "
+                    f"artifact sha256 {staged.sha256}); set on_conflict: overwrite or version "
+                    "on the rule, or add {version} or {run_id} to its path"
+                )
+
+        try:
+            if size >= self.settings.multipart_threshold and size > 0:
+                version_id = await self._put_multipart(client, path, key, size, staged.sha256)
+            else:
+                version_id = await self._put_single(client, path, key, size, staged.sha256)
+        except _FileChanged as exc:
+            raise PermanentError(
+                f"{path} changed after it was accepted ({exc}); emit a new bundle instead of "
+                "editing an accepted one"
+            ) from exc
+        except OSError as exc:  # the local file, not the network (those are mapped above)
+            raise TransientError(f"cannot read {path}: {exc}") from exc
+        stored = StoredObject(
+            file_name=staged.name,
+            uri=uri,
+            size=size,
+            sha256=staged.sha256,
+            version_id=version_id if version_id and version_id != "null" else None,
+        )
+        return stored, False
+
+    async def _head(self, client: Any, key: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            head: dict[str, Any] = await client.head_object(Bucket=self.bucket, Key=key)
+            return head
+        except ClientError as exc:
+            code, status, _ = _error_code(exc)
+            if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            if status == 403:
+                # A HEAD answer has no body, so the reason is lost: ask again with a GET.
+                raise await self._explain_forbidden(client, key, exc) from exc
+            raise self._map_error(exc, "HeadObject", key) from exc
+        except Exception as exc:
+            raise self._map_error(exc, "HeadObject", key) from exc
+
+    async def _explain_forbidden(self, client: Any, key: str, exc: Exception) -> Exception:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = await client.get_object(Bucket=self.bucket, Key=key, Range="bytes=0-0")
+            response["Body"].close()
+        except ClientError as probe:
+            code, _, _ = _error_code(probe)
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+                return self._map_error(probe, "HeadObject", key)
+        except Exception:
+            pass
+        return self._map_error(exc, "HeadObject", key)
+
+    async def _same_content(
+        self, client: Any, key: str, head: dict[str, Any], path: Path, sha256: str
+    ) -> tuple[bool, str]:
+        """Whether the object at `key` holds this file, and a description of what it holds."""
+        meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
+        if meta.get("sha256"):
+            return meta["sha256"] == sha256, f"sha256 {meta['sha256']}"
+        # Written by someone else (or by a server that forgot its metadata): decide from
+        # size, then the ETag when it is an MD5, and only then by reading the object back.
+        remote_size = head.get("ContentLength")
+        if remote_size is not None and remote_size != (await asyncio.to_thread(os.stat, path)).st_size:
+            return False, f"{remote_size} bytes"
+        etag = str(head.get("ETag", "")).strip('"')
+        encrypted = head.get("ServerSideEncryption") in ("aws:kms", "aws:kms:dsse") or bool(
+            head.get("SSECustomerAlgorithm")
+        )
+        if not encrypted and _MD5_ETAG.fullmatch(etag):
+            local = await asyncio.to_thread(_hash_file, path)
+            return local.md5.hex() == etag, f"md5 {etag}"
+        if not encrypted and (match := _MULTIPART_ETAG.fullmatch(etag)):
+            part_size = self._part_size_for(int(remote_size or 0))
+            if math.ceil(int(remote_size or 0) / part_size) == int(match.group(2)):
+                local_etag = await asyncio.to_thread(_multipart_etag, path, part_size)
+                if local_etag == etag:
+                    return True, f"etag {etag}"
+        remote = await self._remote_sha256(client, key)
+        return remote == sha256, f"sha256 {remote}"
+
+    async def _remote_sha256(self, client: Any, key: str) -> str:
+        response = await self._call("GetObject", key, client.get_object(Bucket=self.bucket, Key=key))
+        digest = hashlib.sha256()
+        body = response["Body"]
+        try:
+            async for chunk in body.iter_chunks(_HASH_CHUNK):
+                digest.update(chunk)
+        except Exception as exc:
+            raise self._map_error(exc, "GetObject", key) from exc
+        finally:
+            body.close()
+        return digest.hexdigest()
+
+    def _extra_args(self, sha256: str) -> dict[str, Any]:
+        args: dict[str, Any] = {"Metadata": {"sha256": sha256}}
+        if self.settings.sse:
+            args["ServerSideEncryption"] = self.settings.sse
+        if self.settings.kms_key_id:
+            args["SSEKMSKeyId"] = self.settings.kms_key_id
+        if self.settings.storage_class:
+            args["StorageClass"] = self.settings.storage_class
+        return args
+
+    def _etag_is_md5(self) -> bool:
+        return self.settings.sse not in ("aws:kms", "aws:kms:dsse")
+
+    async def _put_single(self, client: Any, path: Path, key: str, size: int, sha256: str) -> Any:
+        digests = await asyncio.to_thread(_hash_file, path)
+        if digests.sha256 != sha256 or digests.size != size:
+            raise _FileChanged(f"sha256 now {digests.sha256[:12]}..., journaled {sha256[:12]}...")
+        fh = await asyncio.to_thread(open, path, "rb")
+        try:
+            response = await self._call(
+                "PutObject",
+                key,
+                client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=fh,
+                    ContentLength=size,
+                    ContentMD5=content_md5(digests.md5),
+                    **self._extra_args(sha256),
+                ),
+            )
+        finally:
+            fh.close()
+        etag = str(response.get("ETag", "")).strip('"')
+        if self._etag_is_md5() and _MD5_ETAG.fullmatch(etag) and etag != digests.md5.hex():
+            await self._discard(client, key)
+            raise TransientError(
+                f"PutObject {self._uri(key)}: the server stored MD5 {etag}, the file has "
+                f"{digests.md5.hex()}; the object was removed, retry"
+            )
+        return response.get("VersionId")
+
+    def _part_size_for(self, size: int) -> int:
+        part = int(self.settings.part_size)
+        if math.ceil(size / part) > MAX_PARTS:
+            # S3 allows 10,000 parts: grow the part size (in whole MiB) to fit.
+            part = math.ceil(size / MAX_PARTS / MiB) * MiB
+        return part
+
+    async def _put_multipart(
+        self, client: Any, path: Path, key: str, size: int, sha256: str
+    ) -> Any:
+        part_size = self._part_size_for(size)
+        await self._abort_stale_uploads(client, key)
+        created = await self._call(
+            "CreateMultipartUpload",
+            key,
+            client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, **self._extra_args(sha256)
+            ),
+        )
+        upload_id: str = created["UploadId"]
+        completed = False
+        try:
+            parts, local_sha = await self._upload_parts(client, path, key, upload_id, size, part_size)
+            if local_sha != sha256:
+                raise _FileChanged(f"sha256 now {local_sha[:12]}..., journaled {sha256[:12]}...")
+            response = await self._call(
+                "CompleteMultipartUpload",
+                key,
+                client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={
+                        "Parts": [{"PartNumber": n, "ETag": etag} for n, etag, _ in parts]
+                    },
+                ),
+            )
+            completed = True
+        finally:
+            if not completed:
+                await asyncio.shield(self._abort(client, key, upload_id))
+        expected = hashlib.md5(b"".join(md5 for _, _, md5 in parts), usedforsecurity=False)
+        expected_etag = f"{expected.hexdigest()}-{len(parts)}"
+        etag = str(response.get("ETag", "")).strip('"')
+        if self._etag_is_md5() and _MULTIPART_ETAG.fullmatch(etag) and etag != expected_etag:
+            await self._discard(client, key)
+            raise TransientError(
+                f"CompleteMultipartUpload {self._uri(key)}: the server assembled ETag {etag}, "
+                f"the parts sent give {expected_etag}; the object was removed, retry"
+            )
+        return response.get("VersionId")
+
+    async def _upload_parts(
+        self, client: Any, path: Path, key: str, upload_id: str, size: int, part_size: int
+    ) -> tuple[list[tuple[int, str, bytes]], str]:
+        """Upload every part, reading each from disk only once a slot is free.
+
+        Parts are read in order (so the file's sha256 is checked in the same pass) and
+        at most `max_concurrency` of them are in memory or in flight at once.
+        """
+        count = max(1, math.ceil(size / part_size))
+        slots = asyncio.Semaphore(self.settings.max_concurrency)
+        done: dict[int, tuple[str, bytes]] = {}
+        whole = hashlib.sha256()
+        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for number in range(1, count + 1):
+                    await slots.acquire()
+                    offset = (number - 1) * part_size
+                    length = min(part_size, size - offset)
+                    data = await asyncio.to_thread(_read_part, fd, offset, length)
+                    md5 = await asyncio.to_thread(_digest_part, data, whole)
+                    group.create_task(
+                        self._send_part(client, key, upload_id, number, data, md5, slots, done)
+                    )
+                    del data
+        except BaseExceptionGroup as group_error:
+            raise _first_error(group_error) from None
+        finally:
+            os.close(fd)
+        parts = [(n, done[n][0], done[n][1]) for n in range(1, count + 1)]
+        return parts, whole.hexdigest()
+
+    async def _send_part(
+        self,
+        client: Any,
+        key: str,
+        upload_id: str,
+        number: int,
+        data: bytes,
+        md5: bytes,
+        slots: asyncio.Semaphore,
+        done: dict[int, tuple[str, bytes]],
+    ) -> None:
+        try:
+            response = await self._call(
+                f"UploadPart {number}",
+                key,
+                client.upload_part(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    # A file object, so the HTTP layer sends it in chunks without copying.
+                    Body=io.BytesIO(data),
+                    ContentLength=len(data),
+                    ContentMD5=content_md5(md5),
+                ),
+            )
+            etag = str(response.get("ETag", "")).strip('"')
+            if self._etag_is_md5() and _MD5_ETAG.fullmatch(etag) and etag != md5.hex():
+                raise TransientError(
+                    f"UploadPart {number} of {self._uri(key)}: the server stored MD5 {etag}, "
+                    f"the part has {md5.hex()}"
+                )
+            done[number] = (response["ETag"], md5)
+        finally:
+            del data
+            slots.release()
+
+    async def _abort(self, client: Any, key: str, upload_id: str) -> None:
+        try:
+            await client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:
+            code, _, _ = _error_code(exc)
+            if code == "NoSuchUpload":  # already failed or expired on the server side
+                return
+            log.warning(
+                "s3 sink %s: could not abort multipart upload %s of %s (%s); it will be "
+                "aborted when this key is next delivered",
+                self.sink_id,
+                upload_id,
+                self._uri(key),
+                exc,
+            )
+
+    async def _abort_stale_uploads(self, client: Any, key: str) -> None:
+        """Abort multipart uploads of `key` left by an earlier attempt that died."""
+        if self._listing_unsupported:
+            return
+        from botocore.exceptions import ClientError
+
+        stale: list[str] = []
+        try:
+            paginator = client.get_paginator("list_multipart_uploads")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=key):
+                stale.extend(
+                    u["UploadId"] for u in page.get("Uploads") or [] if u.get("Key") == key
+                )
+        except ClientError as exc:
+            code, status, _ = _error_code(exc)
+            if code == "NoSuchUpload":  # rclone's answer when there are none
+                return
+            if code in _UNSUPPORTED_CODES or status in (405, 501):
+                self._listing_unsupported = True
+                log.info("s3 sink %s: server cannot list multipart uploads", self.sink_id)
+                return
+            if code in ("AccessDenied", "403") or status == 403:
+                log.warning(
+                    "s3 sink %s: not allowed to list multipart uploads in %s; stale uploads "
+                    "are left to the bucket's lifecycle rules",
+                    self.sink_id,
+                    self._uri(),
+                )
+                return
+            raise self._map_error(exc, "ListMultipartUploads", key) from exc
+        except Exception as exc:
+            raise self._map_error(exc, "ListMultipartUploads", key) from exc
+        for upload_id in stale:
+            log.info("s3 sink %s: aborting stale multipart upload %s", self.sink_id, upload_id)
+            await self._abort(client, key, upload_id)
+
+    async def _discard(self, client: Any, key: str) -> None:
+        with contextlib.suppress(Exception):
+            await client.delete_object(Bucket=self.bucket, Key=key)
+
+
+def _digest_part(data: bytes, whole: Any) -> bytes:
+    whole.update(data)
+    return hashlib.md5(data, usedforsecurity=False).digest()
+
+
+def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The error to report from a failed part group: the sink's own errors first."""
+    flat: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            flat.append(exc)
+
+    walk(group)
+    for wanted in (PermanentError, _FileChanged, TransientError):
+        for exc in flat:
+            if isinstance(exc, wanted):
+                return exc
+    return flat[0] if flat else group

@@ -24,12 +24,14 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from router.errors import ConfigError, Problem, did_you_mean
 from router.manifest import ArtifactKind
@@ -151,6 +153,15 @@ class RetryPolicy(_Strict):
     max_delay: Annotated[float, Field(gt=0)] = 60.0
     max_age: Annotated[float, Field(gt=0)] = 24 * 3600.0
 
+    @model_validator(mode="after")
+    def _base_below_max(self) -> RetryPolicy:
+        if self.base_delay > self.max_delay:
+            raise ValueError(
+                f"base_delay {self.base_delay:g} is above max_delay {self.max_delay:g}; "
+                "raise max_delay or lower base_delay"
+            )
+        return self
+
 
 class ComponentConfig(BaseModel):
     """A stack component: `type` plus the component's own settings.
@@ -172,8 +183,15 @@ class ComponentConfig(BaseModel):
             data = dict(data)
             for short, long in (("bucket", "bucket_name"), ("project", "project_id")):
                 if short in data and long in data:
-                    raise ValueError(
-                        f"give either {short!r} (FlowyML's spelling) or {long!r}, not both"
+                    raise PydanticCustomError(
+                        "located",
+                        "{message}",
+                        {
+                            "message": f"give either {short!r} (FlowyML's spelling) or "
+                            f"{long!r}, not both",
+                            "at": short,
+                            "value": data[short],
+                        },
                     )
                 if short in data:
                     data[long] = data.pop(short)
@@ -302,16 +320,26 @@ class StackConfig(_Strict):
         return value if isinstance(value, ComponentConfig) else None
 
 
+def _int_from_text(value: Any) -> Any:
+    # `qos: ${MQTT_QOS:-1}` interpolates to text.
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
+def _text_from_number(value: Any) -> Any:
+    # `protocol: 5` is a number in YAML.
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
 class MqttSettings(_Strict):
     """MQTT source settings (see the README's broker section)."""
 
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
     client_id: str = "artifact-router"
     topics: list[str] = Field(default_factory=lambda: ["artifacts/#"])
     shared_group: str | None = None
-    qos: Literal[0, 1, 2] = 1
-    protocol: Literal["5", "3.1.1"] = "5"
+    qos: Annotated[Literal[0, 1, 2], BeforeValidator(_int_from_text)] = 1
+    protocol: Annotated[Literal["5", "3.1.1"], BeforeValidator(_text_from_number)] = "5"
     username: str | None = None
     password: str | None = None
     tls: bool = False
@@ -516,6 +544,14 @@ def _validation_problems(prefix: str, exc: ValidationError) -> list[Problem]:
         value = None if err["type"] == "missing" else err.get("input")
         if err["type"] == "literal_error":
             message = f"must be one of {err.get('ctx', {}).get('expected', '')}"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+            if loc and loc[-1] == "type":
+                message += "; every component names its type, e.g. type: local"
+        elif err["type"] == "located":
+            ctx = err.get("ctx") or {}
+            loc = (*loc, ctx["at"]) if ctx.get("at") else loc
+            message, value = str(ctx.get("message", message)), ctx.get("value")
         elif err["type"] == "extra_forbidden":
             key = str(loc[-1]) if loc else ""
             hint = did_you_mean(key, _known_fields(RouterConfig, tuple(err["loc"])[:-1]))
@@ -568,6 +604,15 @@ def _check_template(template: str, path: str, problems: list[Problem]) -> None:
                 )
             )
     segments = template.split("/")
+    if all(seg in ("", ".") for seg in segments):
+        problems.append(
+            Problem(
+                field=path,
+                value=template,
+                message="names no directory or file; write a template such as "
+                "'{pipeline}/{run_id}/{step_name}/{name}'",
+            )
+        )
     if template.startswith("/") or "\\" in template or ".." in segments or "\x00" in template:
         problems.append(
             Problem(
@@ -752,9 +797,8 @@ def _build(raw: Any, source: str) -> tuple[RouterConfig, list[str]]:
     if isinstance(router_raw, dict):
         _check_keys(router_raw, set(RouterSettings.model_fields), set(), "router", problems, {})
         if isinstance(router_raw.get("mqtt"), dict):
-            _check_keys(
-                router_raw["mqtt"], set(MqttSettings.model_fields), set(), "router.mqtt", problems, {}
-            )
+            mqtt_keys = set(MqttSettings.model_fields)
+            _check_keys(router_raw["mqtt"], mqtt_keys, set(), "router.mqtt", problems, {})
     if problems:
         raise ConfigError(source, problems)
 
@@ -850,7 +894,7 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, Hashable):
                 continue
             line = key_node.start_mark.line + 1
@@ -866,7 +910,7 @@ def _read_yaml(file: Path, source: str) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, [Problem(field="(file)", message=str(exc))]) from None
     try:
-        return yaml.load(text, Loader=_StrictLoader) or {}  # noqa: S506 - a SafeLoader
+        return yaml.load(text, Loader=_StrictLoader) or {}  # a SafeLoader: no objects
     except _DuplicateKey as exc:
         raise ConfigError(
             source,
@@ -882,7 +926,8 @@ def _read_yaml(file: Path, source: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
-        raise ConfigError(source, [Problem(field=where, message=f"not valid YAML: {exc}")]) from None
+        problem = Problem(field=where, message=f"not valid YAML: {exc}")
+        raise ConfigError(source, [problem]) from None
 
 
 def load_config(
@@ -927,10 +972,15 @@ def set_active_stack(path: str | os.PathLike[str], name: str) -> None:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, [Problem(field="(file)", message=str(exc))]) from None
+    yaml_rt = YAML(typ="rt")
+    yaml_rt.preserve_quotes = True
+    yaml_rt.width = 4096
     try:
-        doc, indent, block_seq_indent = load_yaml_guess_indent(text)
+        _, indent, block_seq_indent = load_yaml_guess_indent(text)
+        doc = yaml_rt.load(text)
     except RuamelError as exc:
-        raise ConfigError(source, [Problem(field="(file)", message=f"not valid YAML: {exc}")]) from None
+        problem = Problem(field="(file)", message=f"not valid YAML: {exc}")
+        raise ConfigError(source, [problem]) from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -958,9 +1008,6 @@ def set_active_stack(path: str | os.PathLike[str], name: str) -> None:
         return
     doc["active_stack"] = name
 
-    yaml_rt = YAML(typ="rt")
-    yaml_rt.preserve_quotes = True
-    yaml_rt.width = 4096
     yaml_rt.indent(
         mapping=block_seq_indent or 2, sequence=indent or 2, offset=block_seq_indent or 0
     )

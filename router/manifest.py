@@ -134,7 +134,7 @@ def _normalise_kind(value: Any) -> Any:
 
 def _kind_field(kind: ArtifactKind, *spellings: str) -> Any:
     return Annotated[
-        Literal[kind.value],  # type: ignore[valid-type]
+        Literal[kind.value],
         BeforeValidator(_normalise_kind),
         WithJsonSchema(_kind_schema(*(spellings or (kind.value,)))),
     ]
@@ -142,7 +142,8 @@ def _kind_field(kind: ArtifactKind, *spellings: str) -> Any:
 
 def _located(message: str, at: str = "", value: Any = None) -> PydanticCustomError:
     """A validation error that names a field below the model raising it (`files[1].name`)."""
-    return PydanticCustomError("located", "{message}", {"message": message, "at": at, "value": value})
+    context = {"message": message, "at": at, "value": value}
+    return PydanticCustomError("located", "{message}", context)
 
 
 def check_relative_path(value: str) -> str:
@@ -278,8 +279,8 @@ Metadata = Annotated[dict[str, Any], Field(default_factory=dict)]
 
 def _version_input(value: Any) -> Any:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return value
+        value = str(value)
+    return _check_name(value) if isinstance(value, str) else value
 
 
 class _ArtifactBase(BaseModel):
@@ -303,11 +304,6 @@ class _ArtifactBase(BaseModel):
         default_factory=list
     )
     metadata: Metadata
-
-    @field_validator("version")
-    @classmethod
-    def _version_is_safe(cls, value: str | None) -> str | None:
-        return None if value is None else _check_name(value)
 
     @model_validator(mode="after")
     def _unique_file_names(self) -> Any:
@@ -546,11 +542,39 @@ def _type_problem(field: str, value: Any) -> Problem:
     )
 
 
+_TAG_MODELS: dict[str, type[_ArtifactBase]] = {
+    "model": ModelArtifact,
+    "dataset": DatasetArtifact,
+    "metrics": MetricsArtifact,
+    "parameters": ParametersArtifact,
+    "report": ReportArtifact,
+    "artifact": GenericArtifact,
+}
+
+
+def _fields_around(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names of the object an unknown key was found in (for a did-you-mean)."""
+    if len(loc) == 1:
+        return list(Manifest.model_fields)
+    if len(loc) >= 4 and loc[0] == "artifacts" and str(loc[2]) in _TAG_MODELS:
+        model = _TAG_MODELS[str(loc[2])]
+        if len(loc) == 4:
+            return [f.alias or name for name, f in model.model_fields.items()]
+        if len(loc) == 6 and loc[3] == "files":
+            return list(FileEntry.model_fields)
+    return []
+
+
 def _message(err: Any) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
-        return "unknown field; remove it or check its spelling against `artifact-router schema`"
+        loc = tuple(err["loc"])
+        hint = did_you_mean(str(loc[-1]), _fields_around(loc)) if loc else ""
+        return (
+            f"unknown field{hint}; remove it or check its spelling against "
+            "`artifact-router schema`"
+        )
     if kind == "missing":
         return "required field is missing"
     if kind == "too_long" and "max_length" in ctx:

@@ -7,6 +7,7 @@ deploy decision for models, so the journal can persist the whole plan atomically
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -19,13 +20,13 @@ from router.delivery import Action
 from router.manifest import AnyArtifact, ArtifactKind, Manifest, MetricsArtifact
 
 __all__ = [
+    "FILE_SLOT",
     "ArtifactPlan",
     "DeployDecision",
     "MetricShortfall",
     "PlannedDelivery",
     "RoutePlan",
     "delivery_key",
-    "FILE_SLOT",
     "evaluate_deploy",
     "object_key",
     "plan_event",
@@ -33,15 +34,16 @@ __all__ = [
     "sanitise_segment",
 ]
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
 _MAX_SEGMENT = 200
 
 
 def sanitise_segment(value: str) -> str:
     """Make a user-supplied value safe as part of one path segment.
 
-    Slashes, backslashes, NUL and control characters become '_', and values made only
-    of dots become underscores, so no run id, step or name can climb out of a store root.
+    Slashes, backslashes, NUL and control characters become '_', values made only of
+    dots (and the empty value) become underscores, and the result is at most 200
+    characters, so no run id, step or name can climb out of a store root.
     """
     cleaned = _UNSAFE.sub("_", value)[:_MAX_SEGMENT]
     if cleaned.strip(".") == "":
@@ -50,8 +52,18 @@ def sanitise_segment(value: str) -> str:
 
 
 def render_path(template: str, values: Mapping[str, str]) -> str:
-    """Render a (load-time validated) template; the result is always a relative key."""
-    rendered = template.format_map({k: sanitise_segment(v) for k, v in values.items()})
+    """Render a (load-time validated) template; the result is always a relative key.
+
+    Every value is sanitised to one segment; the value FILE_SLOT is kept as the slot
+    `object_key` fills, and FILE_SLOT inside any other value is defused so a run id of
+    "{file}" cannot become a second slot.  Raises ValueError if the template itself
+    would leave the root (config validation rejects such templates at load).
+    """
+    safe = {
+        k: v if v == FILE_SLOT else sanitise_segment(v).replace(FILE_SLOT, "(file)")
+        for k, v in values.items()
+    }
+    rendered = template.format_map(safe)
     segments = [s for s in rendered.split("/") if s not in ("", ".")]
     if not segments or any(s == ".." for s in segments):
         raise ValueError(f"template {template!r} rendered to an unsafe path {rendered!r}")
@@ -165,6 +177,8 @@ def evaluate_deploy(
 
 def _check(name: str, bound: MetricBound, metrics: Mapping[str, float]) -> list[MetricShortfall]:
     actual = metrics.get(name)
+    if actual is not None and not math.isfinite(actual):
+        actual = None  # NaN passes no comparison: treat it as missing, not as passing
     out = []
     if bound.min is not None and (actual is None or actual < bound.min):
         out.append(
@@ -233,8 +247,14 @@ def plan_event(
         if upload and artifact.files:
             for store in rule.stores:
                 resolved = stack.resolve_store(store)
-                if resolved is None:  # config validation makes this unreachable
-                    plan.errors.append(f"store {store!r} is not defined in stack {stack.name!r}")
+                if resolved is None:
+                    # Config validation rejects named stores that do not exist; what is
+                    # left is a rule without `store:` in a stack without artifact_store.
+                    plan.errors.append(
+                        f"upload: true but stack {stack.name!r} has no artifact_store"
+                        if store is None
+                        else f"store {store!r} is not defined in stack {stack.name!r}"
+                    )
                     continue
                 component, _ = resolved
                 sink_id = f"{stack.name}.{component}"
@@ -264,6 +284,12 @@ def plan_event(
                 f"{'register' if rule.register else 'deploy'} but the artifact has "
                 "upload: false, so there is nothing remote to point at; set upload: true "
                 "(or FLOWYML_UPLOAD_ALL_ARTIFACTS=true)"
+            )
+        elif wants_remote and artifact.kind is ArtifactKind.MODEL and first_store is None:
+            plan.errors.append(
+                f"rule for model asks to {'register' if rule.register else 'deploy'} but no "
+                "file of this model was stored (it has no files, or no store took them); "
+                "add the model's files to the manifest"
             )
         elif wants_remote and artifact.kind is ArtifactKind.MODEL:
             register_key: str | None = None
@@ -301,6 +327,11 @@ def plan_event(
                     )
 
         if rule.log_to_tracker and _has_values(artifact):
+            if not stack.trackers:
+                plan.errors.append(
+                    f"rule for {artifact.kind.value} sets log_to_tracker but stack "
+                    f"{stack.name!r} has no experiment_tracker; nothing was logged"
+                )
             for component, _ in stack.trackers:
                 sink_id = f"{stack.name}.{component}"
                 plan.deliveries.append(

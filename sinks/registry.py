@@ -22,20 +22,30 @@ __all__ = ["KNOWN_UNAVAILABLE", "SINK_TYPES", "check_component", "create_sink", 
 SINK_TYPES: dict[str, tuple[frozenset[str], str]] = {
     "local": (frozenset({"artifact_store"}), "sinks.stores.local:LocalStore"),
     "jsonl": (frozenset({"experiment_tracker"}), "sinks.trackers.jsonl:JsonlTracker"),
+    # One class tracks and registers: it dispatches on the delivery's action.
+    "mlflow": (
+        frozenset({"experiment_tracker", "model_registry"}),
+        "sinks.registries.mlflow:MlflowSink",
+    ),
+    "tensorboard": (
+        frozenset({"experiment_tracker"}),
+        "sinks.trackers.tensorboard:TensorBoardTracker",
+    ),
+    "wandb": (frozenset({"experiment_tracker"}), "sinks.trackers.wandb:WandbTracker"),
+    "mlflow_alias": (
+        frozenset({"model_deployer"}),
+        "sinks.deployers.mlflow_alias:MlflowAliasDeployer",
+    ),
+    "s3": (frozenset({"artifact_store"}), "sinks.stores.s3:S3Store"),
+    "gcs": (frozenset({"artifact_store"}), "sinks.stores.gcs:GCSStore"),
 }
 
 # Types FlowyML configs name that this build does not ship yet: the config loads (so a
 # shared flowyml.yaml keeps working), but a daemon refuses to start on a stack using them.
 KNOWN_UNAVAILABLE: dict[str, str] = {
-    "s3": "artifact_store",
-    "gcs": "artifact_store",
     "azure_blob": "artifact_store",
-    "mlflow": "experiment_tracker",
-    "wandb": "experiment_tracker",
-    "tensorboard": "experiment_tracker",
     "vertex_model_registry": "model_registry",
     "sagemaker_model_registry": "model_registry",
-    "mlflow_alias": "model_deployer",
     "vertex_endpoint": "model_deployer",
     "vertex_endpoints": "model_deployer",
     "sagemaker_endpoint": "model_deployer",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import glob
 import hashlib
 import os
 import uuid
@@ -129,6 +130,9 @@ class LocalStore(BaseSink):
 
     def _write(self, source: Path, dest: Path, expected_sha256: str) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        # An attempt killed mid-copy leaves its temp file behind: the retry cleans up.
+        for stale in dest.parent.glob(f".tmp-*-{glob.escape(dest.name)}"):
+            stale.unlink(missing_ok=True)
         tmp = dest.parent / f".tmp-{uuid.uuid4().hex}-{dest.name}"[:255]
         digest = hashlib.sha256()
         try:

@@ -34,6 +34,7 @@ from typing import Any, Literal, TypeVar
 import aiohttp
 from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 
+from router.delivery import StagedFile
 from router.rules import object_key
 from sinks.base import (
     BaseSink,
@@ -340,7 +341,13 @@ class S3Store(BaseSink):
 
         try:
             return await awaitable
-        except (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+        except (
+            ClientError,
+            BotoCoreError,
+            aiohttp.ClientError,
+            TimeoutError,
+            ConnectionError,
+        ) as e:
             raise self._map_error(e, action, key) from e
 
     # -- delivery -----------------------------------------------------------------
@@ -382,13 +389,15 @@ class S3Store(BaseSink):
         )
 
     async def _deliver_file(
-        self, client: Any, path: Path, staged: Any, key: str, on_conflict: str
+        self, client: Any, path: Path, staged: StagedFile, key: str, on_conflict: str
     ) -> tuple[StoredObject, bool]:
         uri = self._uri(key)
         try:
             size = (await asyncio.to_thread(os.stat, path)).st_size
         except FileNotFoundError as exc:
-            raise PermanentError(f"{path} no longer exists; it cannot be uploaded to {uri}") from exc
+            raise PermanentError(
+                f"{path} no longer exists; it cannot be uploaded to {uri}"
+            ) from exc
         except OSError as exc:
             raise TransientError(f"cannot read {path}: {exc.strerror}") from exc
         if size != staged.size:
@@ -479,7 +488,10 @@ class S3Store(BaseSink):
         # Written by someone else (or by a server that forgot its metadata): decide from
         # size, then the ETag when it is an MD5, and only then by reading the object back.
         remote_size = head.get("ContentLength")
-        if remote_size is not None and remote_size != (await asyncio.to_thread(os.stat, path)).st_size:
+        if (
+            remote_size is not None
+            and remote_size != (await asyncio.to_thread(os.stat, path)).st_size
+        ):
             return False, f"{remote_size} bytes"
         etag = str(head.get("ETag", "")).strip('"')
         encrypted = head.get("ServerSideEncryption") in ("aws:kms", "aws:kms:dsse") or bool(
@@ -498,7 +510,9 @@ class S3Store(BaseSink):
         return remote == sha256, f"sha256 {remote}"
 
     async def _remote_sha256(self, client: Any, key: str) -> str:
-        response = await self._call("GetObject", key, client.get_object(Bucket=self.bucket, Key=key))
+        response = await self._call(
+            "GetObject", key, client.get_object(Bucket=self.bucket, Key=key)
+        )
         digest = hashlib.sha256()
         body = response["Body"]
         try:
@@ -567,14 +581,14 @@ class S3Store(BaseSink):
         created = await self._call(
             "CreateMultipartUpload",
             key,
-            client.create_multipart_upload(
-                Bucket=self.bucket, Key=key, **self._extra_args(sha256)
-            ),
+            client.create_multipart_upload(Bucket=self.bucket, Key=key, **self._extra_args(sha256)),
         )
         upload_id: str = created["UploadId"]
         completed = False
         try:
-            parts, local_sha = await self._upload_parts(client, path, key, upload_id, size, part_size)
+            parts, local_sha = await self._upload_parts(
+                client, path, key, upload_id, size, part_size
+            )
             if local_sha != sha256:
                 raise _FileChanged(f"sha256 now {local_sha[:12]}..., journaled {sha256[:12]}...")
             response = await self._call(
@@ -623,8 +637,7 @@ class S3Store(BaseSink):
                     await slots.acquire()
                     offset = (number - 1) * part_size
                     length = min(part_size, size - offset)
-                    data = await asyncio.to_thread(_read_part, fd, offset, length)
-                    md5 = await asyncio.to_thread(_digest_part, data, whole)
+                    data, md5 = await asyncio.to_thread(_load_part, fd, offset, length, whole)
                     group.create_task(
                         self._send_part(client, key, upload_id, number, data, md5, slots, done)
                     )
@@ -730,9 +743,11 @@ class S3Store(BaseSink):
             await client.delete_object(Bucket=self.bucket, Key=key)
 
 
-def _digest_part(data: bytes, whole: Any) -> bytes:
+def _load_part(fd: int, offset: int, length: int, whole: Any) -> tuple[bytes, bytes]:
+    """Read one part and hash it: its MD5, and into the whole file's sha256 (in order)."""
+    data = _read_part(fd, offset, length)
     whole.update(data)
-    return hashlib.md5(data, usedforsecurity=False).digest()
+    return data, hashlib.md5(data, usedforsecurity=False).digest()
 
 
 def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -87,7 +87,7 @@ def upgrade() -> None:
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('received_at', sa.Float(), nullable=False),
     sa.Column('finished_at', sa.Float(), nullable=True),
-    sa.Column('moved', sa.Boolean(), server_default=sa.text('0'), nullable=False),
+    sa.Column('moved', sa.Boolean(), server_default=sa.false(), nullable=False),
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('events', schema=None) as batch_op:

@@ -1,0 +1,1 @@
+"""Model deployers: MLflow alias (and later SageMaker and Vertex AI endpoints)."""

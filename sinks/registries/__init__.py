@@ -1,0 +1,1 @@
+"""Model registries: MLflow (and later SageMaker, Vertex AI)."""

@@ -1,0 +1,178 @@
+"""`tensorboard` tracker: scalars as TensorBoard event files, written with tensorboardX.
+
+Layout: `<log_dir>/<pipeline>/<run_id>/` (both sanitised) is one TensorBoard run, so
+`tensorboard --logdir <log_dir>` shows one run per pipeline run.  Metrics become
+scalars (tag = metric name) at the artifact's step (default 0) and the event's
+`received_at` as wall time; parameters become text summaries tagged
+`parameters/<step_name>.<param>`.
+
+Each delivery is written to its own event file, exactly once:
+
+1. tensorboardX writes the events into a private temporary directory;
+2. the file is copied into the run directory under a hidden name TensorBoard does not
+   read (no `tfevents` in it), fsynced, and renamed to
+   `events.out.tfevents.<received_at>.router.<hash of the delivery key>`;
+3. the delivery key is appended to the run's sidecar record `.router-logged-keys`.
+
+A replay finds its key in the sidecar, or (after a crash between 2 and 3) its event
+file by name, and writes nothing; a crash before the rename leaves only a hidden
+partial file, overwritten by the replay.  A live TensorBoard never sees a partial file.
+tensorboardX is synchronous, so all file work runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from router.delivery import Action
+from router.rules import sanitise_segment
+from sinks.base import (
+    BaseSink,
+    DeliveryItem,
+    DeliveryResult,
+    PermanentError,
+    SinkSettings,
+    TransientError,
+)
+from sinks.mlflow_rest import LruCache, short_hash
+from sinks.trackers.mlflow import param_text, tracked_values
+
+__all__ = ["SIDECAR_NAME", "TensorBoardTracker", "TensorBoardTrackerSettings", "read_sidecar"]
+
+SIDECAR_NAME = ".router-logged-keys"
+_LOCK_STRIPES = 64
+
+
+class TensorBoardTrackerSettings(SinkSettings):
+    log_dir: Path
+
+
+def read_sidecar(path: Path) -> set[str]:
+    """Delivery keys recorded in a sidecar file (a torn last line is ignored)."""
+    if not path.exists():
+        return set()
+    data = path.read_text(encoding="utf-8")
+    lines = data.split("\n")
+    if not data.endswith("\n"):
+        lines = lines[:-1]
+    return {line for line in lines if line}
+
+
+def append_sidecar(path: Path, key: str) -> None:
+    """Append one key durably, starting on a fresh line if a crash tore the last one."""
+    with open(path, "ab") as fh:
+        if fh.tell() > 0:
+            with open(path, "rb") as check:
+                check.seek(-1, os.SEEK_END)
+                if check.read(1) != b"\n":
+                    fh.write(b"\n")
+        fh.write(key.encode("utf-8") + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TensorBoardTracker(BaseSink):
+    Settings = TensorBoardTrackerSettings
+    settings: TensorBoardTrackerSettings
+
+    def __init__(self, sink_id: str, settings: TensorBoardTrackerSettings) -> None:
+        super().__init__(sink_id, settings)
+        self.root = settings.log_dir.expanduser().resolve()
+        self._keys: LruCache[Path, set[str]] = LruCache(256)
+        self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
+
+    def run_dir(self, pipeline: str, run_id: str) -> Path:
+        return self.root / sanitise_segment(pipeline) / sanitise_segment(run_id)
+
+    def event_file(self, item: DeliveryItem) -> Path:
+        stamp = int(item.context.received_at.timestamp())
+        name = f"events.out.tfevents.{stamp:010d}.router.{short_hash(item.key, length=20)}"
+        return self.run_dir(item.context.pipeline, item.context.run_id) / name
+
+    async def deliver(self, item: DeliveryItem) -> DeliveryResult:
+        if item.action is not Action.TRACK:
+            raise PermanentError(
+                f"sink {self.sink_id}: tensorboard handles track deliveries, "
+                f"not {item.action.value}"
+            )
+        run_dir = self.run_dir(item.context.pipeline, item.context.run_id)
+        target = self.event_file(item)
+        async with self._locks[hash(run_dir) % _LOCK_STRIPES]:
+            try:
+                keys = self._keys.get(run_dir)
+                if keys is None:
+                    keys = await asyncio.to_thread(read_sidecar, run_dir / SIDECAR_NAME)
+                    self._keys.put(run_dir, keys)
+                if item.key in keys:
+                    return DeliveryResult(uri=f"file://{target}", skipped=True)
+                written = await asyncio.to_thread(self._write, item, run_dir, target)
+            except OSError as exc:
+                raise TransientError(f"{run_dir}: {exc.strerror or exc}") from exc
+            keys.add(item.key)
+        return DeliveryResult(
+            uri=f"file://{target}", details={"log_dir": str(run_dir)}, skipped=not written
+        )
+
+    def _write(self, item: DeliveryItem, run_dir: Path, target: Path) -> bool:
+        """Write the delivery's event file; False when a previous attempt already did."""
+        sidecar = run_dir / SIDECAR_NAME
+        if target.exists():  # renamed into place, then the process died
+            append_sidecar(sidecar, item.key)
+            return False
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics, params = tracked_values(item.artifact)
+        with tempfile.TemporaryDirectory(prefix="router-tb-") as tmp:
+            produced = _write_events(
+                Path(tmp),
+                metrics,
+                {f"{item.context.step_name}.{k}": v for k, v in params.items()},
+                step=item.artifact.step or 0,
+                walltime=item.context.received_at.timestamp(),
+            )
+            partial = run_dir / f".router-partial-{target.name.rsplit('.', 1)[-1]}"
+            shutil.copyfile(produced, partial)
+            with open(partial, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(partial, target)
+        fsync_dir(run_dir)
+        append_sidecar(sidecar, item.key)
+        return True
+
+
+def _write_events(
+    directory: Path,
+    metrics: dict[str, float],
+    params: dict[str, Any],
+    *,
+    step: int,
+    walltime: float,
+) -> Path:
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(logdir=str(directory), flush_secs=3600)
+    try:
+        for name, value in sorted(metrics.items()):
+            writer.add_scalar(name, value, global_step=step, walltime=walltime)
+        for name, value in sorted(params.items()):
+            writer.add_text(
+                f"parameters/{name}", param_text(value), global_step=step, walltime=walltime
+            )
+    finally:
+        writer.close()
+    files = [p for p in directory.iterdir() if "tfevents" in p.name]
+    if len(files) != 1:
+        raise OSError(f"tensorboardX wrote {len(files)} event files in {directory}, expected 1")
+    return files[0]

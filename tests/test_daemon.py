@@ -1,0 +1,347 @@
+"""Acceptance tests against the real daemon process (`artifact-router run`)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sinks.trackers.jsonl import read_jsonl
+from tests.conftest import (
+    ROOT,
+    DaemonProcess,
+    Workspace,
+    free_port,
+    model_manifest,
+    write_bundle,
+)
+
+EMITTER = ROOT / "examples" / "emit_bundle.sh"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def bash_emit_many(spool: Path, count: int, run_prefix: str, files_dir: Path) -> None:
+    """`count` bundles through the documented bash emitter, from one bash loop."""
+    files_dir.mkdir(parents=True, exist_ok=True)
+    script = f"""
+set -euo pipefail
+for i in $(seq 1 {count}); do
+  f="{files_dir}/model-$i.bin"
+  head -c $((1000 + i)) /dev/urandom > "$f"
+  "{EMITTER}" "{spool}" fraud "{run_prefix}-$i" train clf "$f" 0.9 > /dev/null
+done
+"""
+    subprocess.run(["bash", "-c", script], check=True, timeout=300)
+
+
+def test_500_bash_bundles_land_at_their_templated_paths(workspace: Workspace,
+                                                        start_daemon) -> None:  # type: ignore[no-untyped-def]
+    daemon = start_daemon(workspace)
+    bash_emit_many(workspace.spool, 500, "run", workspace.root / "src")
+    status = workspace.wait_settled(500, timeout=180)
+    assert status["events"] == {"done": 500}
+    assert status["deliveries"]["dead"] == 0
+    for i in range(1, 501):
+        stored = workspace.store / "fraud" / f"run-{i}" / "train" / "clf" / f"model-{i}.bin"
+        assert sha256(stored) == sha256(workspace.root / "src" / f"model-{i}.bin")
+    assert len(list((workspace.spool / "done").iterdir())) == 500
+    assert not list((workspace.spool / "incoming").iterdir())
+    assert daemon.terminate() == 0
+
+
+def test_sigkill_at_random_points_delivers_everything_exactly_once(
+    workspace: Workspace, start_daemon  # type: ignore[no-untyped-def]
+) -> None:
+    rng = random.Random(7)
+    total = 400
+    src = workspace.root / "src"
+    src.mkdir()
+    for i in range(total):
+        (src / f"m{i}.bin").write_bytes(os.urandom(2000 + i))
+
+    daemon = start_daemon(workspace)
+    emitted = 0
+    kills = 0
+    while emitted < total:
+        burst = min(total - emitted, rng.randint(20, 80))
+        for i in range(emitted, emitted + burst):
+            manifest = model_manifest("clf", run_id=f"run-{i}", files=[f"m{i}.bin"])
+            manifest["artifacts"].append(
+                {"type": "metrics", "name": "eval", "values": {"accuracy": i / total}, "step": i}
+            )
+            write_bundle(workspace.spool, f"b{i:04d}", manifest,
+                         {f"m{i}.bin": (src / f"m{i}.bin").read_bytes()})
+        emitted += burst
+        time.sleep(rng.uniform(0.0, 0.4))
+        daemon.kill()  # SIGKILL: no drain, no cleanup
+        kills += 1
+        daemon = start_daemon(workspace)
+    status = workspace.wait_settled(total, timeout=240)
+    assert kills >= 5
+    assert status["events"] == {"done": total}, status
+
+    stored = sorted(p for p in workspace.store.rglob("*") if p.is_file())
+    assert len(stored) == total, "each model stored once, no stray temp files"
+    for i in range(total):
+        path = workspace.store / "fraud" / f"run-{i}" / "train" / "clf" / f"m{i}.bin"
+        assert sha256(path) == sha256(src / f"m{i}.bin")
+    lines = [row for f in workspace.tracking.rglob("*.jsonl") for row in read_jsonl(f)]
+    keys = [row["key"] for row in lines]
+    assert len(keys) == len(set(keys)) == total, "each metric point logged exactly once"
+    catalog = json.loads(workspace.cli("artifacts", "--json").stdout)
+    assert len(catalog) == 2 * total
+    assert daemon.terminate() == 0
+
+
+BAD_BUNDLES: dict[str, tuple[dict[str, bytes] | None, str]] = {
+    # name: (files incl. manifest.json, text error.json must contain)
+    "invalid-json": ({"manifest.json": b'{"manifest_version": 1,'}, "not valid JSON"),
+    "not-utf8": ({"manifest.json": b'{"a": "\xff\xfe"}'}, "not UTF-8"),
+    "wrong-types": (
+        {"manifest.json": json.dumps({**model_manifest("m"), "run_id": ["x"]}).encode()},
+        "run_id",
+    ),
+    "unknown-type": (
+        {"manifest.json": json.dumps({**model_manifest("m"), "artifacts": [
+            {"type": "modle", "name": "m"}]}).encode()},
+        "modle",
+    ),
+    "traversal": (
+        {"manifest.json": json.dumps(model_manifest("m", files=["../../etc/passwd"])).encode()},
+        "..",
+    ),
+    "absolute-path": (
+        {"manifest.json": json.dumps(model_manifest("m", files=["/etc/passwd"])).encode()},
+        "absolute",
+    ),
+    "duplicate-names": (
+        {"manifest.json": json.dumps(model_manifest("m", files=["a/m.pkl", "b/m.pkl"])).encode(),
+         "a/m.pkl": b"1", "b/m.pkl": b"2"},
+        "appears twice",
+    ),
+    "missing-file": (
+        {"manifest.json": json.dumps(model_manifest("m", files=["gone.pkl"])).encode()},
+        "no such file",
+    ),
+    "oversized-value": (
+        {"manifest.json": json.dumps({**model_manifest("m"), "artifacts": [
+            {"type": "parameters", "name": "p", "values": {"blob": "x" * 70000}}]}).encode()},
+        "over the limit",
+    ),
+    "wrong-version": (
+        {"manifest.json": json.dumps({**model_manifest("m"), "manifest_version": 2}).encode()},
+        "manifest_version",
+    ),
+    "unknown-field": (
+        {"manifest.json": json.dumps({**model_manifest("m"), "pipline": "x"}).encode()},
+        "pipline",
+    ),
+    "unknown-stack": (
+        {"manifest.json": json.dumps({**model_manifest("m"), "stack": "prod"}).encode(),
+         "model.pkl": b"x"},
+        "stack",
+    ),
+}
+
+
+def test_malformed_bundles_are_rejected_precisely_while_good_ones_flow(
+    workspace: Workspace, start_daemon  # type: ignore[no-untyped-def]
+) -> None:
+    start_daemon(workspace)
+    outside = workspace.root / "secret.txt"
+    outside.write_text("top secret")
+    good = 0
+    for i, (name, (files, _)) in enumerate(BAD_BUNDLES.items()):
+        write_bundle(workspace.spool, f"good-{i}", model_manifest("clf", run_id=f"g{i}"),
+                     {"model.pkl": f"model {i}".encode()})
+        good += 1
+        incoming = workspace.spool / "incoming"
+        tmp = incoming / f".tmp-{name}"
+        tmp.mkdir(parents=True)
+        for rel, data in (files or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        os.rename(tmp, incoming / f"bad-{name}")
+    # symlink escape and a FIFO need real filesystem objects
+    for name, make in (
+        ("symlink-escape", lambda d: os.symlink(outside, d / "model.pkl")),
+        ("fifo", lambda d: os.mkfifo(d / "model.pkl")),
+    ):
+        tmp = workspace.spool / "incoming" / f".tmp-{name}"
+        tmp.mkdir()
+        make(tmp)
+        (tmp / "manifest.json").write_text(json.dumps(model_manifest("m")))
+        os.rename(tmp, workspace.spool / "incoming" / f"bad-{name}")
+    expected = {**{k: v[1] for k, v in BAD_BUNDLES.items()},
+                "symlink-escape": "outside the bundle", "fifo": "FIFO"}
+
+    status = workspace.wait_settled(good + len(expected))
+    assert status["events"]["done"] == good
+    assert status["events"]["rejected"] == len(expected)
+    for name, needle in expected.items():
+        error_file = workspace.spool / "rejected" / f"bad-{name}" / "error.json"
+        error = json.loads(error_file.read_text())
+        assert needle in error["summary"], (name, error["summary"])
+        assert all(e["field"] and e["message"] for e in error["errors"])
+    assert "top secret" not in json.dumps(
+        [json.loads(p.read_text()) for p in (workspace.spool / "rejected").glob("*/error.json")]
+    )
+    for i in range(good):
+        assert (workspace.store / "fraud" / f"g{i}" / "train" / "clf" / "model.pkl").exists()
+    rejected = json.loads(workspace.cli("artifacts", "--rejected", "--json").stdout)
+    assert len(rejected) == len(expected)
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """Make a directory read-only even for root: a read-only bind mount, else chattr +i."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)],
+                             capture_output=True).returncode == 0
+    immutable = False
+    if not mounted:
+        immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    if not (mounted or immutable):
+        pytest.skip("cannot make a directory read-only here (no bind mount, no chattr)")
+    try:
+        yield
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=True)
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_read_only_store_is_retried_until_writable(workspace: Workspace,
+                                                   start_daemon) -> None:  # type: ignore[no-untyped-def]
+    start_daemon(workspace)
+    with read_only(workspace.store):
+        for i in range(5):
+            write_bundle(workspace.spool, f"b{i}", model_manifest("clf", run_id=f"r{i}"),
+                         {"model.pkl": f"m{i}".encode()})
+        workspace.wait_until(
+            lambda s: s["sinks"].get("local.artifact_store", {}).get("pending", 0) == 5
+            and s["events"].get("accepted") == 5,
+            timeout=60,
+        )
+        time.sleep(1.0)  # several attempts fail meanwhile
+        status = workspace.status()
+        assert status["deliveries"]["dead"] == 0
+        assert status["deliveries"]["done"] == 0
+    status = workspace.wait_settled(5, timeout=60)
+    assert status["events"] == {"done": 5}
+    for i in range(5):
+        stored = workspace.store / "fraud" / f"r{i}" / "train" / "clf" / "model.pkl"
+        assert stored.read_bytes() == f"m{i}".encode()
+
+
+def test_bundles_written_while_down_are_picked_up_at_start(workspace: Workspace,
+                                                           start_daemon) -> None:  # type: ignore[no-untyped-def]
+    for i in range(20):
+        write_bundle(workspace.spool, f"b{i}", model_manifest("clf", run_id=f"r{i}"),
+                     {"model.pkl": b"x"})
+    # a half-written bundle (no manifest yet) and a hidden one are left alone
+    (workspace.spool / "incoming" / "half").mkdir()
+    (workspace.spool / "incoming" / "half" / "model.pkl").write_bytes(b"x")
+    hidden = workspace.spool / "incoming" / ".tmp-building"
+    hidden.mkdir()
+    (hidden / "manifest.json").write_text(json.dumps(model_manifest("m")))
+    start_daemon(workspace)
+    workspace.wait_settled(20)
+    assert sorted(p.name for p in (workspace.spool / "incoming").iterdir()) == [
+        ".tmp-building", "half"]
+    # completing the half-written bundle by renaming its manifest into place
+    (workspace.spool / "incoming" / "half" / "manifest.json.tmp").write_text(
+        json.dumps(model_manifest("late", run_id="late")))
+    os.rename(workspace.spool / "incoming" / "half" / "manifest.json.tmp",
+              workspace.spool / "incoming" / "half" / "manifest.json")
+    workspace.wait_settled(21)
+    assert (workspace.store / "fraud" / "late" / "train" / "late" / "model.pkl").exists()
+
+
+def test_sigterm_drains_and_exits_zero(workspace: Workspace, start_daemon) -> None:  # type: ignore[no-untyped-def]
+    daemon: DaemonProcess = start_daemon(workspace)
+    for i in range(50):
+        write_bundle(workspace.spool, f"b{i}", model_manifest("clf", run_id=f"r{i}"),
+                     {"model.pkl": os.urandom(50_000)})
+    time.sleep(0.5)
+    assert daemon.terminate() == 0
+    assert "stopped" in daemon.log()
+    # whatever was not finished is still journaled and completes on the next start
+    start_daemon(workspace)
+    assert workspace.wait_settled(50)["events"] == {"done": 50}
+
+
+def test_healthz_and_metrics(tmp_path: Path, start_daemon) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    workspace = Workspace(tmp_path, listen=f"127.0.0.1:{port}")
+    start_daemon(workspace)
+    write_bundle(workspace.spool, "b1", model_manifest("clf"), {"model.pkl": b"x"})
+    write_bundle(workspace.spool, "bad", {"manifest_version": 1})
+    workspace.wait_settled(2)
+    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").read())
+    assert health["status"] == "ok" and health["checks"]["journal"] is True
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    assert 'router_component_received_events_total{component="spool"} 2.0' in metrics
+    assert 'router_component_sent_events_total{component="dispatcher",sink="local.artifact_store"} 1.0' in metrics
+    assert 'router_component_discarded_events_total{component="spool",reason="invalid"} 1.0' in metrics
+    assert "router_delivery_duration_seconds_bucket" in metrics
+
+
+def test_emit_cli_builds_a_bundle_the_daemon_routes(workspace: Workspace,
+                                                    start_daemon) -> None:  # type: ignore[no-untyped-def]
+    start_daemon(workspace)
+    model = workspace.root / "model.pkl"
+    model.write_bytes(b"\x80\x04sklearn model bytes")
+    out = workspace.cli("emit", "--pipeline", "fraud", "--run-id", "run-9", "--step", "train",
+                        "--type", "model", "--name", "clf", "--upload", "--metric",
+                        "accuracy=0.95", "--param", "lr=0.01", "--input",
+                        "fraud/run-9/prep/train_data", "--json", str(model))
+    event_id = json.loads(out.stdout)["event_id"]
+    workspace.wait_settled(1)
+    stored = workspace.store / "fraud" / "run-9" / "train" / "clf" / "model.pkl"
+    assert stored.read_bytes() == model.read_bytes()
+    catalog = {a["kind"]: a for a in json.loads(workspace.cli("artifacts", "--json").stdout)}
+    assert catalog["model"]["event_id"] == event_id
+    assert catalog["model"]["framework"] == "sklearn"
+    assert catalog["model"]["inputs"] == ["fraud/run-9/prep/train_data"]
+    assert catalog["metrics"]["values"] == {"accuracy": 0.95}
+    assert catalog["parameters"]["values"] == {"lr": 0.01}
+    rows = read_jsonl(workspace.tracking / "fraud" / "run-9.jsonl")
+    assert sorted(r["kind"] for r in rows) == ["metrics", "parameters"]
+    runs = json.loads(workspace.cli("runs", "--json").stdout)
+    assert runs[0]["run_id"] == "run-9" and runs[0]["artifacts"] == 3
+
+
+def test_dead_letter_and_retry_through_the_cli(workspace: Workspace,
+                                               start_daemon) -> None:  # type: ignore[no-untyped-def]
+    start_daemon(workspace)
+    # the same key with different content: a conflict is permanent, not retried
+    write_bundle(workspace.spool, "a", model_manifest("clf"), {"model.pkl": b"one"})
+    workspace.wait_settled(1)
+    write_bundle(workspace.spool, "b", model_manifest("clf"), {"model.pkl": b"two"})
+    status = workspace.wait_settled(2)
+    assert status["events"] == {"done": 1, "failed": 1}
+    dead = status["dead_letters"][0]
+    assert "conflict" in dead["last_error"] and dead["attempts"] == 1
+    assert (workspace.spool / "failed" / "b").is_dir()
+    # the operator moves the old object aside and replays the dead letter; the running
+    # daemon picks the re-queued delivery up from the journal
+    stored = workspace.store / "fraud" / "run-1" / "train" / "clf" / "model.pkl"
+    stored.rename(stored.with_name("model.pkl.old"))
+    assert json.loads(workspace.cli("retry", "--all", "--json").stdout) == {"requeued": 1}
+    status = workspace.wait_until(lambda s: s["events"] == {"done": 2})
+    assert stored.read_bytes() == b"two"
+    assert (workspace.spool / "done" / "b").is_dir()

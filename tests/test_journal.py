@@ -1,0 +1,194 @@
+"""DeliveryJournal and catalog on both backends: SQLite (WAL) and the local PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from router.catalog import list_artifacts, list_runs
+from router.config import load_config
+from router.db import Database
+from router.delivery import DeliveryResult, StagedFile, StoredObject
+from router.intake import AcceptedEvent
+from router.journal import Completion, DeliveryJournal
+from router.manifest import parse_manifest
+from router.rules import plan_event
+
+CONFIG = load_config(discover=False).config
+
+
+def event(event_id: str, *, name: str = "clf", version: str | None = None,
+          upload: bool = True, inputs: list[str] | None = None) -> AcceptedEvent:
+    artifact: dict[str, object] = {"type": "model", "name": name, "upload": upload,
+                                   "files": [{"path": "model.pkl"}]}
+    if version:
+        artifact["version"] = version
+    manifest = parse_manifest({
+        "manifest_version": 1, "pipeline": "fraud", "run_id": "run-1", "step_name": "train",
+        "inputs": inputs or [],
+        "artifacts": [artifact, {"type": "metrics", "name": "eval", "values": {"acc": 0.9}}],
+    })
+    return AcceptedEvent(
+        event_id=event_id, source="spool", bundle=event_id, manifest=manifest,
+        files=[[StagedFile(name="model.pkl", type="pkl", path=Path("model.pkl"),
+                           sha256="ab" * 32, size=10)], []],
+        digest=f"digest-{event_id}", received_at=time.time(),
+    )
+
+
+def planner(ev: AcceptedEvent, versions: list[str]):  # type: ignore[no-untyped-def]
+    return plan_event(ev.manifest, event_id=ev.event_id, stack=CONFIG.stacks["local"],
+                      versions=versions, received_at=datetime.now(UTC))
+
+
+@pytest.fixture
+async def journal(db_url: str):  # type: ignore[no-untyped-def]
+    db = Database(db_url)
+    await db.migrate()
+    yield DeliveryJournal(db, owner="test")
+    await db.dispose()
+
+
+async def test_accept_journals_plan_and_catalog_in_one_batch(journal: DeliveryJournal) -> None:
+    outcomes = await journal.accept([event("e1"), event("e2")], planner)
+    assert [o.outcome for o in outcomes] == ["accepted", "accepted"]
+    assert outcomes[0].deliveries == 2  # store the model, log the metrics
+    status = await journal.status()
+    assert status.events == {"accepted": 2}
+    assert status.deliveries.pending == 4
+    async with journal.db.read() as conn:
+        rows = await list_artifacts(conn, pipeline="fraud")
+        runs = await list_runs(conn)
+    # versions: next integer per (pipeline, name), assigned in acceptance order
+    assert sorted(r.version for r in rows if r.name == "clf") == ["1", "2"]
+    assert runs[0].run_id == "run-1" and runs[0].artifacts == 4
+
+
+async def test_replayed_event_is_a_duplicate_and_changed_one_a_conflict(
+    journal: DeliveryJournal,
+) -> None:
+    await journal.accept([event("e1")], planner)
+    again = await journal.accept([event("e1")], planner)
+    assert again[0].outcome == "duplicate"
+    changed = event("e1")
+    changed.digest = "something else"
+    conflict = await journal.accept([changed], planner)
+    assert conflict[0].outcome == "conflict"
+    assert "different manifest" in (conflict[0].detail or "")
+    assert (await journal.status()).deliveries.pending == 2  # nothing planned twice
+
+
+async def test_explicit_versions_are_kept(journal: DeliveryJournal) -> None:
+    await journal.accept([event("e1", version="1.0.0")], planner)
+    async with journal.db.read() as conn:
+        rows = await list_artifacts(conn, name="clf")
+    assert rows[0].version == "1.0.0"
+
+
+async def test_claim_respects_prerequisites_and_sink_capacity(journal: DeliveryJournal) -> None:
+    await journal.accept([event(f"e{i}") for i in range(5)], planner)
+    claimed = await journal.claim(
+        100, capacity=lambda sink, _s, _c: 2 if sink == "local.artifact_store" else 100
+    )
+    by_sink: dict[str, int] = {}
+    for c in claimed:
+        by_sink[c.sink_id] = by_sink.get(c.sink_id, 0) + 1
+    assert by_sink == {"local.artifact_store": 2, "local.experiment_tracker": 5}
+    assert all(c.attempts == 1 for c in claimed)
+    # claimed rows are not handed out twice
+    again = await journal.claim(100, capacity=lambda *_: 100)
+    assert {c.key for c in again}.isdisjoint({c.key for c in claimed})
+    assert len(again) == 3
+
+
+async def test_completion_records_locations_and_finishes_the_event(
+    journal: DeliveryJournal,
+) -> None:
+    await journal.accept([event("e1", inputs=["fraud/run-0/prep/train_data"])], planner)
+    claimed = await journal.claim(10)
+    completions = []
+    for c in claimed:
+        result = DeliveryResult(
+            objects=[StoredObject(file_name="model.pkl", uri="file:///x/model.pkl", size=10,
+                                  sha256="ab" * 32)]
+        ) if c.action == "store" else DeliveryResult(uri="file:///t.jsonl")
+        completions.append(Completion(key=c.key, event_id=c.event_id,
+                                      artifact_index=c.artifact_index, sink_id=c.sink_id,
+                                      action=c.action, outcome="done", result=result))
+    finished = await journal.complete(completions[:1])
+    assert finished == []  # one delivery still open
+    finished = await journal.complete(completions[1:])
+    assert [(f.event_id, f.state, f.bundle) for f in finished] == [("e1", "done", "e1")]
+    async with journal.db.read() as conn:
+        rows = await list_artifacts(conn, run_id="run-1")
+    model = next(r for r in rows if r.kind == "model")
+    assert [loc.uri for loc in model.locations] == ["file:///x/model.pkl"]
+    assert model.inputs == ["fraud/run-0/prep/train_data"]
+    assert model.checksum == "ab" * 32
+
+
+async def test_retry_then_dead_letter_then_operator_retry(journal: DeliveryJournal) -> None:
+    await journal.accept([event("e1")], planner)
+    store = next(c for c in await journal.claim(10) if c.action == "store")
+    await journal.complete([Completion(
+        key=store.key, event_id="e1", artifact_index=0, sink_id=store.sink_id, action="store",
+        outcome="retry", error="disk full", next_attempt_at=time.time() + 3600)])
+    status = await journal.status()
+    assert status.sinks["local.artifact_store"].pending == 1
+    # not due yet: a backing-off delivery is not claimed
+    assert all(c.key != store.key for c in await journal.claim(10))
+
+    async with journal.db.write() as conn:
+        from sqlalchemy import update
+
+        from router.db import deliveries
+        await conn.execute(update(deliveries).where(deliveries.c.key == store.key)
+                           .values(next_attempt_at=0))
+    again = await journal.claim(10)
+    assert [c.key for c in again] == [store.key] and again[0].attempts == 2
+    finished = await journal.complete([Completion(
+        key=store.key, event_id="e1", artifact_index=0, sink_id=store.sink_id, action="store",
+        outcome="dead", error="permanent: access denied")])
+    status = await journal.status()
+    assert status.dead_letters[0]["last_error"] == "permanent: access denied"
+    assert finished == [] or finished[0].state == "failed"
+
+    assert await journal.retry_dead(store.key) == 1
+    status = await journal.status()
+    assert status.sinks["local.artifact_store"].pending == 1
+    assert status.sinks["local.artifact_store"].dead == 0
+
+
+async def test_in_flight_deliveries_are_recovered_after_a_crash(journal: DeliveryJournal) -> None:
+    await journal.accept([event("e1")], planner)
+    claimed = await journal.claim(10)
+    assert (await journal.status()).deliveries.in_flight == len(claimed) == 2
+    # a new daemon with the same owner id starts: its in-flight work goes back to pending
+    restarted = DeliveryJournal(journal.db, owner="test")
+    assert await restarted.recover() == 2
+    assert (await journal.status()).deliveries.pending == 2
+
+
+async def test_expired_leases_of_a_dead_peer_are_taken_over(journal: DeliveryJournal) -> None:
+    await journal.accept([event("e1")], planner)
+    await journal.claim(10, lease_seconds=-1)  # a peer that died holding work
+    peer = DeliveryJournal(journal.db, owner="other-daemon")
+    assert await peer.recover() == 0  # not its own work
+    assert await peer.reap_expired_leases() == 2
+    assert len(await peer.claim(10)) == 2
+
+
+async def test_rejections_are_visible_in_status(journal: DeliveryJournal) -> None:
+    from router.errors import Problem
+    from router.intake import Rejection
+
+    await journal.reject(Rejection(source="mqtt", event_id="bad-1", problems=[
+        Problem(field="artifacts[0].type", value="modle", message="unknown artifact type")]))
+    status = await journal.status()
+    assert status.events == {"rejected": 1}
+    assert "artifacts[0].type = 'modle'" in status.rejected[0]["error"]
+    # a fixed event with the same id is accepted over the rejection
+    assert (await journal.accept([event("bad-1")], planner))[0].outcome == "accepted"

@@ -1,0 +1,622 @@
+"""The `s3` store against a real S3 server: `rclone serve s3` (tests/servers_storage.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import resource
+import time
+import tracemalloc
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+
+import sinks.stores.s3 as s3mod
+from router.config import ComponentConfig
+from router.delivery import (
+    Action,
+    ArtifactView,
+    DeliveryContext,
+    DeliveryItem,
+    PermanentError,
+    StagedFile,
+    TransientError,
+)
+from router.manifest import ArtifactKind
+from sinks.registry import KNOWN_UNAVAILABLE, check_component, create_sink
+from sinks.stores.s3 import MiB, S3Store, S3StoreSettings
+from tests.servers_storage import RcloneS3, rclone_s3, rclone_s3_private
+
+__all__ = ["rclone_s3", "rclone_s3_private"]  # fixtures used by this module
+
+PART = 5 * MiB
+
+
+def write_file(path: Path, size: int, seed: int = 0) -> StagedFile:
+    """A file of pseudo-random bytes, written and hashed in chunks."""
+    rng = random.Random(seed)
+    digest = hashlib.sha256()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            chunk = rng.randbytes(min(left, 8 * MiB))
+            fh.write(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+    return StagedFile(name=path.name, type="bin", path=path, sha256=digest.hexdigest(), size=size)
+
+
+def flip_last_byte(path: Path) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(b"\x00" if last != b"\x00" else b"\x01")
+
+
+def make_item(
+    *files: StagedFile,
+    target: str = "fraud/run-1/train/model",
+    version: str = "1",
+    on_conflict: str | None = None,
+) -> DeliveryItem:
+    return DeliveryItem(
+        key=f"ev-1/0/store/s3-{target}",
+        action=Action.STORE,
+        sink_id="test.artifact_store",
+        context=DeliveryContext(
+            event_id="ev-1",
+            pipeline="fraud",
+            run_id="run-1",
+            step_name="train",
+            received_at=datetime.now(UTC),
+        ),
+        artifact=ArtifactView(
+            index=0, kind=ArtifactKind.MODEL, name="model", version=version, files=list(files)
+        ),
+        target=target,
+        params={"on_conflict": on_conflict} if on_conflict else {},
+    )
+
+
+def store_for(server: RcloneS3, **overrides: Any) -> S3Store:
+    defaults: dict[str, Any] = {
+        "multipart_threshold": PART,
+        "part_size": PART,
+        "max_concurrency": 4,
+    }
+    defaults.update(overrides)
+    return S3Store("test.artifact_store", S3StoreSettings(**server.settings(**defaults)))
+
+
+@pytest.fixture
+async def s3_client(rclone_s3: RcloneS3) -> AsyncIterator[Any]:
+    """A plain aiobotocore client, to look at what the sink stored."""
+    async with client_for(rclone_s3) as client:
+        yield client
+
+
+def client_for(server: RcloneS3) -> Any:
+    return get_session().create_client(
+        "s3",
+        endpoint_url=server.url,
+        region_name="us-east-1",
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        config=AioConfig(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 1},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+
+
+@pytest.fixture
+async def store(rclone_s3: RcloneS3) -> AsyncIterator[S3Store]:
+    sink = store_for(rclone_s3)
+    yield sink
+    await sink.close()
+
+
+async def remote_sha256(client: Any, bucket: str, key: str) -> str:
+    response = await client.get_object(Bucket=bucket, Key=key)
+    digest = hashlib.sha256()
+    async with response["Body"] as body:
+        async for chunk in body.iter_chunks(MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def pending_uploads(client: Any, bucket: str) -> list[dict[str, Any]]:
+    """In-progress multipart uploads (rclone answers NoSuchUpload when it has none)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        page = await client.list_multipart_uploads(Bucket=bucket)
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] == "NoSuchUpload":
+            return []
+        raise
+    uploads: list[dict[str, Any]] = page.get("Uploads") or []
+    return uploads
+
+
+def spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Count calls of one of S3Store's upload paths (the real method still runs)."""
+    calls: list[int] = []
+    original = getattr(S3Store, name)
+
+    async def wrapper(self: S3Store, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(S3Store, name, wrapper)
+    return calls
+
+
+# -- round trips --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "multipart"),
+    [
+        (0, False),
+        (1234, False),
+        (PART - 1, False),
+        (PART, True),
+        (PART + 1, True),
+        (3 * PART + 12345, True),
+    ],
+    ids=["empty", "small", "just-under", "at-threshold", "just-over", "four-parts"],
+)
+async def test_round_trip_single_and_multipart(
+    size: int,
+    multipart: bool,
+    tmp_path: Path,
+    store: S3Store,
+    s3_client: Any,
+    rclone_s3: RcloneS3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    singles, multis = spy(monkeypatch, "_put_single"), spy(monkeypatch, "_put_multipart")
+    staged = write_file(tmp_path / "model.bin", size, seed=size)
+    target = f"sizes/{size}"
+
+    result = await store.deliver(make_item(staged, target=target))
+
+    key = f"{target}/model.bin"
+    assert result.uri == f"s3://{rclone_s3.bucket}/{key}"
+    assert not result.skipped
+    [obj] = result.objects
+    assert (obj.size, obj.sha256) == (size, staged.sha256)
+    assert (len(singles), len(multis)) == ((0, 1) if multipart else (1, 0))
+    head = await s3_client.head_object(Bucket=rclone_s3.bucket, Key=key)
+    assert head["ContentLength"] == size
+    assert head["Metadata"]["sha256"] == staged.sha256
+    assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
+    assert await pending_uploads(s3_client, rclone_s3.bucket) == []
+
+
+async def test_prefix_and_several_files(
+    tmp_path: Path, rclone_s3: RcloneS3, s3_client: Any
+) -> None:
+    sink = store_for(rclone_s3, prefix="/team-a/")
+    a = write_file(tmp_path / "model.pkl", 100, seed=1)
+    b = write_file(tmp_path / "config.json", 200, seed=2)
+    try:
+        result = await sink.deliver(make_item(a, b, target="multi/run-1/{file}"))
+    finally:
+        await sink.close()
+    assert [o.uri for o in result.objects] == [
+        f"s3://{rclone_s3.bucket}/team-a/multi/run-1/model.pkl",
+        f"s3://{rclone_s3.bucket}/team-a/multi/run-1/config.json",
+    ]
+    assert result.uri == f"s3://{rclone_s3.bucket}/team-a/multi/run-1"
+    for staged in (a, b):
+        key = f"team-a/multi/run-1/{staged.name}"
+        assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
+
+
+async def test_sse_and_storage_class_are_sent(tmp_path: Path, rclone_s3: RcloneS3) -> None:
+    sink = store_for(rclone_s3, sse="AES256", storage_class="STANDARD")
+    staged = write_file(tmp_path / "m.bin", 2 * PART, seed=7)
+    try:
+        result = await sink.deliver(make_item(staged, target="sse"))
+    finally:
+        await sink.close()
+    assert result.objects[0].sha256 == staged.sha256
+
+
+# -- idempotency and conflicts ------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1000, 2 * PART + 1], ids=["single", "multipart"])
+async def test_replay_is_a_no_op(
+    size: int, tmp_path: Path, store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    staged = write_file(tmp_path / "model.bin", size, seed=3)
+    item = make_item(staged, target=f"replay/{size}")
+    first = await store.deliver(item)
+    puts = spy(monkeypatch, "_put_single"), spy(monkeypatch, "_put_multipart")
+
+    again = await store.deliver(item)
+
+    assert again.skipped
+    assert again.objects[0].uri == first.objects[0].uri
+    assert again.objects[0].version_id == "unchanged"
+    assert puts == ([], [])
+
+
+async def test_conflict_fails_permanently_naming_both_checksums(
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+) -> None:
+    old = write_file(tmp_path / "a" / "model.bin", 1000, seed=1)
+    new = write_file(tmp_path / "b" / "model.bin", 1000, seed=2)
+    await store.deliver(make_item(old, target="conflict"))
+
+    with pytest.raises(PermanentError) as err:
+        await store.deliver(make_item(new, target="conflict"))
+
+    message = str(err.value)
+    assert f"s3://{rclone_s3.bucket}/conflict/model.bin" in message
+    assert old.sha256 in message and new.sha256 in message
+    assert "on_conflict" in message
+    key = "conflict/model.bin"
+    assert await remote_sha256(s3_client, rclone_s3.bucket, key) == old.sha256
+
+
+@pytest.mark.parametrize("size", [1000, PART + 10], ids=["single", "multipart"])
+async def test_conflict_overwrite_replaces(
+    size: int, tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+) -> None:
+    old = write_file(tmp_path / "a" / "model.bin", size, seed=1)
+    new = write_file(tmp_path / "b" / "model.bin", size, seed=2)
+    target = f"overwrite/{size}"
+    await store.deliver(make_item(old, target=target, on_conflict="overwrite"))
+
+    result = await store.deliver(make_item(new, target=target, on_conflict="overwrite"))
+
+    assert not result.skipped
+    key = f"{target}/model.bin"
+    assert await remote_sha256(s3_client, rclone_s3.bucket, key) == new.sha256
+    head = await s3_client.head_object(Bucket=rclone_s3.bucket, Key=key)
+    assert head["Metadata"]["sha256"] == new.sha256
+
+
+async def test_conflict_version_keeps_both(
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+) -> None:
+    v1 = write_file(tmp_path / "a" / "model.pkl", 1000, seed=1)
+    v2 = write_file(tmp_path / "b" / "model.pkl", 1000, seed=2)
+    r1 = await store.deliver(make_item(v1, target="ver", version="1", on_conflict="version"))
+    r2 = await store.deliver(make_item(v2, target="ver", version="2", on_conflict="version"))
+    replay = await store.deliver(make_item(v2, target="ver", version="2", on_conflict="version"))
+
+    assert r1.uri == f"s3://{rclone_s3.bucket}/ver/model.v1.pkl"
+    assert r2.uri == f"s3://{rclone_s3.bucket}/ver/model.v2.pkl"
+    assert replay.skipped
+    assert await remote_sha256(s3_client, rclone_s3.bucket, "ver/model.v1.pkl") == v1.sha256
+    assert await remote_sha256(s3_client, rclone_s3.bucket, "ver/model.v2.pkl") == v2.sha256
+
+
+async def test_object_without_sha256_metadata_is_compared_by_md5(
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+) -> None:
+    """Objects written by others (no sha256 metadata): same bytes is still a no-op."""
+    staged = write_file(tmp_path / "model.bin", 3000, seed=9)
+    other = write_file(tmp_path / "other.bin", 3000, seed=10)
+    await s3_client.put_object(
+        Bucket=rclone_s3.bucket, Key="foreign/model.bin", Body=staged.path.read_bytes()
+    )
+    await s3_client.put_object(
+        Bucket=rclone_s3.bucket, Key="foreign2/model.bin", Body=other.path.read_bytes()
+    )
+
+    result = await store.deliver(make_item(staged, target="foreign"))
+    assert result.skipped
+    with pytest.raises(PermanentError, match="conflict"):
+        await store.deliver(make_item(staged, target="foreign2"))
+
+
+# -- verification -------------------------------------------------------------------
+
+
+def corrupt_md5_on_call(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """Send a wrong Content-MD5 on the n-th header the sink computes (a part or a put)."""
+    original = s3mod.content_md5
+    count = {"n": 0}
+
+    def wrong(digest: bytes) -> str:
+        count["n"] += 1
+        if count["n"] == call:
+            digest = hashlib.md5(b"not the bytes sent").digest()
+        return original(digest)
+
+    monkeypatch.setattr(s3mod, "content_md5", wrong)
+
+
+async def test_corrupted_part_is_rejected_and_the_upload_aborted(
+    tmp_path: Path,
+    store: S3Store,
+    s3_client: Any,
+    rclone_s3: RcloneS3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    staged = write_file(tmp_path / "model.bin", 3 * PART + 5, seed=11)
+    item = make_item(staged, target="corrupt-part")
+    corrupt_md5_on_call(monkeypatch, call=2)
+
+    with pytest.raises(TransientError) as err:
+        await store.deliver(item)
+
+    assert "s3://artifacts/corrupt-part/model.bin" in str(err.value)
+    assert "UploadPart" in str(err.value)
+    missing = await s3_client.list_objects_v2(Bucket=rclone_s3.bucket, Prefix="corrupt-part/")
+    assert missing.get("KeyCount", 0) == 0
+    assert await pending_uploads(s3_client, rclone_s3.bucket) == []
+    assert rclone_s3.temp_objects() == []
+
+    monkeypatch.undo()
+    result = await store.deliver(item)  # the retry goes through
+    assert result.objects[0].sha256 == staged.sha256
+    key = "corrupt-part/model.bin"
+    assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
+
+
+async def test_corrupted_single_put_is_rejected(
+    tmp_path: Path,
+    store: S3Store,
+    s3_client: Any,
+    rclone_s3: RcloneS3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    staged = write_file(tmp_path / "model.bin", 4000, seed=12)
+    corrupt_md5_on_call(monkeypatch, call=1)
+
+    with pytest.raises(TransientError, match="BadDigest"):
+        await store.deliver(make_item(staged, target="corrupt-put"))
+
+    listing = await s3_client.list_objects_v2(Bucket=rclone_s3.bucket, Prefix="corrupt-put/")
+    assert listing.get("KeyCount", 0) == 0
+
+
+@pytest.mark.parametrize("size", [1000, 2 * PART + 3], ids=["single", "multipart"])
+async def test_file_changed_after_intake_fails_permanently(
+    size: int, tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+) -> None:
+    staged = write_file(tmp_path / "model.bin", size, seed=13)
+    assert staged.path is not None
+    flip_last_byte(staged.path)  # same size, different bytes
+    target = f"changed/{size}"
+
+    with pytest.raises(PermanentError, match="changed after it was accepted"):
+        await store.deliver(make_item(staged, target=target))
+
+    listing = await s3_client.list_objects_v2(Bucket=rclone_s3.bucket, Prefix=f"{target}/")
+    assert listing.get("KeyCount", 0) == 0
+    assert await pending_uploads(s3_client, rclone_s3.bucket) == []
+
+
+async def test_stale_multipart_upload_of_the_key_is_aborted(
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+) -> None:
+    """An upload a crashed process left behind is aborted by the next delivery."""
+    key = "stale/model.bin"
+    created = await s3_client.create_multipart_upload(Bucket=rclone_s3.bucket, Key=key)
+    await s3_client.upload_part(
+        Bucket=rclone_s3.bucket,
+        Key=key,
+        UploadId=created["UploadId"],
+        PartNumber=1,
+        Body=b"x" * PART,
+    )
+    assert [u["Key"] for u in await pending_uploads(s3_client, rclone_s3.bucket)] == [key]
+    staged = write_file(tmp_path / "model.bin", 2 * PART, seed=14)
+
+    await store.deliver(make_item(staged, target="stale"))
+
+    assert await pending_uploads(s3_client, rclone_s3.bucket) == []
+    assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
+
+
+# -- failures -------------------------------------------------------------------------
+
+
+async def test_server_down_mid_upload_then_back(
+    tmp_path: Path, rclone_s3_private: RcloneS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = rclone_s3_private
+    sink = store_for(server, max_attempts=1, max_concurrency=2, connect_timeout=2)
+    staged = write_file(tmp_path / "model.bin", 6 * PART + 77, seed=15)
+    item = make_item(staged, target="restart")
+
+    original = s3mod._load_part
+    reads = {"n": 0}
+
+    def load_and_crash(*args: Any) -> Any:
+        reads["n"] += 1
+        if reads["n"] == 3:
+            server.kill()  # SIGKILL the server while parts are in flight
+        return original(*args)
+
+    monkeypatch.setattr(s3mod, "_load_part", load_and_crash)
+    try:
+        with pytest.raises(TransientError) as err:
+            await sink.deliver(item)
+        assert "s3://artifacts/restart/model.bin" in str(err.value)
+        monkeypatch.undo()
+
+        # Still down: every attempt is transient, so the dispatcher keeps retrying.
+        with pytest.raises(TransientError):
+            await sink.deliver(item)
+        assert not await sink.health()
+
+        server.start()
+        result = await sink.deliver(item)
+        assert result.objects[0].sha256 == staged.sha256
+        assert await sink.health()
+
+        async with client_for(server) as client:
+            key = "restart/model.bin"
+            assert await remote_sha256(client, server.bucket, key) == staged.sha256
+            assert await pending_uploads(client, server.bucket) == []
+
+        # rclone keeps object metadata in memory only: after another restart the
+        # replay is still recognised (by the MD5 ETag) as the same content.
+        server.restart()
+        replay = await sink.deliver(item)
+        assert replay.skipped
+    finally:
+        await sink.close()
+
+
+async def test_wrong_secret_is_permanent(tmp_path: Path, rclone_s3: RcloneS3) -> None:
+    sink = store_for(rclone_s3, aws_secret_access_key="not-the-secret")
+    staged = write_file(tmp_path / "model.bin", 100)
+    try:
+        with pytest.raises(PermanentError) as err:
+            await sink.deliver(make_item(staged, target="creds"))
+        assert not await sink.health()
+    finally:
+        await sink.close()
+    assert "SignatureDoesNotMatch" in str(err.value)
+    assert "aws_secret_access_key" in str(err.value)
+    assert "s3://artifacts/creds/model.bin" in str(err.value)
+
+
+async def test_unknown_access_key_is_permanent(tmp_path: Path, rclone_s3: RcloneS3) -> None:
+    sink = store_for(rclone_s3, aws_access_key_id="nobody9")
+    staged = write_file(tmp_path / "model.bin", 100)
+    try:
+        with pytest.raises(PermanentError, match="InvalidAccessKeyId"):
+            await sink.deliver(make_item(staged, target="creds"))
+    finally:
+        await sink.close()
+
+
+@pytest.mark.parametrize("size", [100, PART], ids=["single", "multipart"])
+async def test_missing_bucket_is_permanent(size: int, tmp_path: Path, rclone_s3: RcloneS3) -> None:
+    sink = store_for(rclone_s3, bucket_name="no-such-bucket")
+    staged = write_file(tmp_path / "model.bin", size)
+    try:
+        with pytest.raises(PermanentError) as err:
+            await sink.deliver(make_item(staged, target="x"))
+        assert not await sink.health()
+    finally:
+        await sink.close()
+    assert "'no-such-bucket' does not exist" in str(err.value)
+
+
+async def test_unreachable_endpoint_is_transient(tmp_path: Path) -> None:
+    from tests.servers_storage import free_port
+
+    settings = S3StoreSettings(
+        bucket_name="artifacts",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        region="us-east-1",
+        aws_access_key_id="abc123",
+        aws_secret_access_key="secret123",
+        max_attempts=1,
+    )
+    sink = S3Store("test.s3", settings)
+    staged = write_file(tmp_path / "model.bin", 100)
+    try:
+        with pytest.raises(TransientError):
+            await sink.deliver(make_item(staged))
+    finally:
+        await sink.close()
+
+
+# -- bounded memory --------------------------------------------------------------------
+
+
+async def test_memory_stays_bounded_on_a_200_mib_upload(
+    tmp_path: Path, rclone_s3: RcloneS3, s3_client: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    size = 200 * MiB
+    part, concurrency = 8 * MiB, 4
+    staged = write_file(tmp_path / "big.bin", size, seed=16)
+    sink = store_for(rclone_s3, part_size=part, max_concurrency=concurrency)
+    try:
+        await sink._get_client()  # client set-up is not part of the upload
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        tracemalloc.start()
+        try:
+            started = time.perf_counter()
+            await sink.deliver(make_item(staged, target="big"))
+            elapsed = time.perf_counter() - started
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    finally:
+        await sink.close()
+
+    with capsys.disabled():
+        print(
+            f"\n[s3 200 MiB multipart, parts {part // MiB} MiB x {concurrency}] "
+            f"{size / MiB / elapsed:.0f} MiB/s ({elapsed:.2f} s, under tracemalloc); "
+            f"traced peak {peak / MiB:.1f} MiB; peak RSS growth {rss_growth / MiB:.1f} MiB"
+        )
+    bound = part * (concurrency + 1)
+    assert peak < bound + 8 * MiB, f"traced peak {peak / MiB:.1f} MiB over the part buffers"
+    assert peak < size / 4
+    head = await s3_client.head_object(Bucket=rclone_s3.bucket, Key="big/big.bin")
+    assert head["ContentLength"] == size
+    assert head["Metadata"]["sha256"] == staged.sha256
+    on_disk = rclone_s3.root / rclone_s3.bucket / "big" / "big.bin"
+    assert _sha256_file(on_disk) == staged.sha256
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- settings and registry ---------------------------------------------------------
+
+
+def test_registered_and_configurable_with_flowyml_keys() -> None:
+    assert "s3" not in KNOWN_UNAVAILABLE
+    component = ComponentConfig.model_validate(
+        {
+            "type": "s3",
+            "bucket": "ml-artifacts",
+            "prefix": "prod",
+            "region": "eu-west-1",
+            "multipart_threshold": "32MiB",
+            "part_size": "8MiB",
+        }
+    )
+    assert check_component("artifact_store", "stacks.prod.artifact_store", component) == []
+    sink = create_sink("prod.artifact_store", component)
+    assert isinstance(sink, S3Store)
+    assert sink.settings.bucket_name == "ml-artifacts"
+    assert sink.settings.multipart_threshold == 32 * MiB
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"part_size": "1MiB"}, "part_size"),
+        ({"aws_access_key_id": "only-the-id"}, ""),
+        ({"kms_key_id": "k"}, ""),
+        ({"prefix": "a/../b"}, "prefix"),
+        ({"bucket_nam": "typo"}, "bucket_nam"),
+    ],
+)
+def test_bad_settings_are_config_errors(settings: dict[str, Any], field: str) -> None:
+    component = ComponentConfig.model_validate({"type": "s3", "bucket": "abc", **settings})
+    problems = check_component("artifact_store", "stacks.p.artifact_store", component)
+    assert problems, settings
+    assert any(field in p.field for p in problems)

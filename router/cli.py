@@ -151,7 +151,7 @@ def schema() -> None:
 def stack_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Stacks in the config; the active one is marked."""
     cfg = _load(config).config
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"name": name, "active": name == cfg.active_stack,
          "artifact_store": s.artifact_store.type if s.artifact_store else None,
          "stores": sorted(s.artifact_stores),
@@ -328,7 +328,7 @@ def emit(
     if as_json:
         _emit_json({"event_id": bundle_name, "bundle": str(incoming / bundle_name)})
     else:
-        console.print(f"emitted {bundle_name} -> {incoming / bundle_name}", highlight=False)
+        print(f"emitted {bundle_name} -> {incoming / bundle_name}")
 
 
 # --- status / retry / runs / artifacts --------------------------------------------------

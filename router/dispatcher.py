@@ -38,10 +38,10 @@ __all__ = ["Dispatcher", "SinkPool", "backoff_delay"]
 log = structlog.get_logger("router.dispatcher")
 
 
-def backoff_delay(policy: RetryPolicy, attempt: int, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+def backoff_delay(policy: RetryPolicy, attempt: int, rng: random.Random | None = None) -> float:
     """Exponential backoff with full jitter (AWS architecture blog's recommendation)."""
     ceiling = min(policy.max_delay, policy.base_delay * (2 ** max(0, attempt - 1)))
-    return rng.uniform(0, ceiling)
+    return (rng or random).uniform(0, ceiling)
 
 
 class SinkPool:
@@ -159,7 +159,7 @@ class Dispatcher:
                         await asyncio.wait_for(self._wake.wait(), timeout=0.5)
         finally:
             leases.cancel()
-            await self._completions.put(_STOP)  # type: ignore[arg-type]
+            await self._completions.put(_STOP)
             await writer
 
     def _capacity(self, sink_id: str, stack: str, component: str) -> int:

@@ -154,7 +154,9 @@ def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
             assert resolved is not None and entry.name is not None and entry.type is not None
             sha, size = sha256_file(resolved)
             staged.append(
-                StagedFile(name=entry.name, type=entry.type, path=Path(entry.path), sha256=sha, size=size)
+                StagedFile(
+                    name=entry.name, type=entry.type, path=Path(entry.path), sha256=sha, size=size
+                )
             )
         files.append(staged)
         detected.append(_detect(artifact, bundle, staged))

@@ -239,7 +239,7 @@ class DeliveryJournal:
 
     async def event_record(self, event_id: str) -> dict[str, Any]:
         async with self.db.read() as conn:
-            record = (
+            record: dict[str, Any] = (
                 await conn.execute(sa.select(events.c.record).where(events.c.id == event_id))
             ).scalar_one()
         return dict(record)
@@ -308,7 +308,7 @@ class DeliveryJournal:
             if not self.db.is_sqlite:
                 query = query.with_for_update(of=deliveries, skip_locked=True)
             rows = (await conn.execute(query)).all()
-            picked = []
+            picked: list[Any] = []
             budget: dict[str, int] = {}
             for row in rows:
                 if len(picked) >= limit:
@@ -493,7 +493,9 @@ class DeliveryJournal:
             query = sa.update(deliveries).where(deliveries.c.state == "dead")
             if key is not None:
                 event_of_key = (
-                    sa.select(deliveries.c.event_id).where(deliveries.c.key == key).scalar_subquery()
+                    sa.select(deliveries.c.event_id)
+                    .where(deliveries.c.key == key)
+                    .scalar_subquery()
                 )
                 query = query.where(
                     sa.or_(
@@ -533,7 +535,7 @@ class DeliveryJournal:
                 await conn.execute(
                     sa.select(events.c.state, sa.func.count()).group_by(events.c.state)
                 )
-            ).all():
+            ).tuples():
                 report.events[state] = n
             for sink_id, state, n in (
                 await conn.execute(
@@ -541,7 +543,7 @@ class DeliveryJournal:
                         deliveries.c.sink_id, deliveries.c.state
                     )
                 )
-            ).all():
+            ).tuples():
                 counts = report.sinks.setdefault(sink_id, SinkCounts())
                 setattr(counts, state, n)
                 setattr(report.deliveries, state, getattr(report.deliveries, state) + n)

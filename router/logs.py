@@ -49,7 +49,9 @@ def _redactor(secrets: Iterable[str]) -> Any:
     return processor
 
 
-def configure_logging(level: str = "INFO", secrets: Iterable[str] = (), json: bool | None = None) -> None:
+def configure_logging(
+    level: str = "INFO", secrets: Iterable[str] = (), json: bool | None = None
+) -> None:
     as_json = not sys.stderr.isatty() if json is None else json
     renderer: Any = (
         structlog.processors.JSONRenderer()

@@ -119,6 +119,7 @@ class Workspace:
         self.store = root / "artifacts"
         self.tracking = root / "tracking"
         self.config_path = root / "router.yaml"
+        self.env: dict[str, str] = {}  # for ${VAR} in the config, given to every process
         self.journal_url = journal_url or f"sqlite+aiosqlite:///{root / 'state' / 'router.db'}"
         self.router = {
             "spool": str(self.spool),
@@ -157,6 +158,7 @@ class Workspace:
             check=check,
             cwd=self.root,
             timeout=120,
+            env={**os.environ, **self.env},
         )
 
     def status(self) -> dict[str, Any]:
@@ -199,7 +201,7 @@ class DaemonProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=workspace.root,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **workspace.env, **(env or {})},
         )
 
     def wait_started(self, timeout: float = 30.0) -> None:

@@ -295,8 +295,10 @@ def test_healthz_and_metrics(tmp_path: Path, start_daemon) -> None:  # type: ign
     assert health["status"] == "ok" and health["checks"]["journal"] is True
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     assert 'router_component_received_events_total{component="spool"} 2.0' in metrics
-    assert 'router_component_sent_events_total{component="dispatcher",sink="local.artifact_store"} 1.0' in metrics
-    assert 'router_component_discarded_events_total{component="spool",reason="invalid"} 1.0' in metrics
+    sent = 'router_component_sent_events_total{component="dispatcher",sink="local.artifact_store"}'
+    assert f"{sent} 1.0" in metrics
+    discarded = 'router_component_discarded_events_total{component="spool",reason="invalid"}'
+    assert f"{discarded} 1.0" in metrics
     assert "router_delivery_duration_seconds_bucket" in metrics
 
 
@@ -345,3 +347,51 @@ def test_dead_letter_and_retry_through_the_cli(workspace: Workspace,
     status = workspace.wait_until(lambda s: s["events"] == {"done": 2})
     assert stored.read_bytes() == b"two"
     assert (workspace.spool / "done" / "b").is_dir()
+
+
+def test_a_broken_sink_does_not_hold_up_the_others(tmp_path: Path,
+                                                   start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """Fan-out to two stores: one read-only for the whole run, one healthy."""
+    workspace = Workspace(tmp_path, sink_concurrency=2)
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    workspace.stack["artifact_stores"] = {
+        "good": {"type": "local", "path": str(good)},
+        "bad": {"type": "local", "path": str(bad)},
+    }
+    workspace.stack["artifact_routing"]["Model"] = {
+        "store": ["bad", "good"], "path": "{run_id}/{name}"}
+    workspace.write()
+    start_daemon(workspace)
+    with read_only(bad):
+        for i in range(60):
+            write_bundle(workspace.spool, f"b{i}", model_manifest("clf", run_id=f"r{i}"),
+                         {"model.pkl": f"m{i}".encode()})
+        status = workspace.wait_until(
+            lambda s: s["sinks"].get("local.artifact_stores.good", {}).get("done") == 60,
+            timeout=60,
+        )
+        assert status["sinks"]["local.artifact_stores.bad"]["done"] == 0
+        assert status["sinks"]["local.artifact_stores.bad"]["dead"] == 0
+        assert len(list(good.rglob("model.pkl"))) == 60
+    status = workspace.wait_settled(60)
+    assert status["events"] == {"done": 60}
+    assert len(list(bad.rglob("model.pkl"))) == 60
+
+
+def test_secrets_never_reach_the_logs(tmp_path: Path, pg_url: str,
+                                      start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """A journal URL with a password (PostgreSQL here trusts any password)."""
+    secret = "s3cr3t-value-123"
+    url = pg_url.replace("postgres@", f"postgres:{secret}@")
+    workspace = Workspace(tmp_path, journal_url="${JOURNAL_URL}")
+    workspace.env["JOURNAL_URL"] = url
+    daemon = start_daemon(workspace)
+    with read_only(workspace.store):
+        write_bundle(workspace.spool, "b1", model_manifest("clf"), {"model.pkl": b"x"})
+        workspace.wait_until(lambda s: s["deliveries"]["pending"] == 1)
+        time.sleep(0.5)
+    workspace.wait_settled(1)
+    assert daemon.terminate() == 0
+    log = daemon.log()
+    assert "delivery will be retried" in log and "postgres:***@" in log
+    assert secret not in log

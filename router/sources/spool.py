@@ -158,9 +158,12 @@ class SpoolSource:
             self.paths.ensure()
             return
         for entry in entries:
-            if bundle_path_ok(entry.name) and entry.is_dir(follow_symlinks=False):
-                if os.path.exists(os.path.join(entry.path, "manifest.json")):
-                    self._pending.add(entry.name)
+            if (
+                bundle_path_ok(entry.name)
+                and entry.is_dir(follow_symlinks=False)
+                and os.path.exists(os.path.join(entry.path, "manifest.json"))
+            ):
+                self._pending.add(entry.name)
         if self._pending:
             self._kick.set()
 

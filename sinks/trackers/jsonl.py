@@ -27,7 +27,7 @@ class JsonlTrackerSettings(SinkSettings):
 
 def read_jsonl(path: Path) -> list[dict[str, object]]:
     """Complete lines of a tracker file (a torn last line from a crash is skipped)."""
-    rows = []
+    rows: list[dict[str, object]] = []
     if not path.exists():
         return rows
     for line in path.read_bytes().splitlines():

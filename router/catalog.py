@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from router.approvals import record_decision
 from router.db import artifacts, lineage, locations, runs, version_counters
 from router.delivery import DeliveryResult
 from router.intake import AcceptedEvent
@@ -155,6 +156,11 @@ async def record_event(
         artifact_id = (
             await conn.execute(sa.insert(artifacts).values(**row).returning(artifacts.c.id))
         ).scalar_one()
+        if art_plan.decision is not None:
+            await record_decision(
+                conn, artifact_id=artifact_id, event_id=event.event_id, pipeline=m.pipeline,
+                stack=plan.stack, plan=art_plan, now=now,
+            )
         if m.inputs:
             await conn.execute(
                 sa.insert(lineage),

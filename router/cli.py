@@ -30,6 +30,8 @@ app = typer.Typer(
 )
 stack_app = typer.Typer(help="List, show and select stacks.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+model_app = typer.Typer(help="Model versions and their deploy decisions.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 
 EX_CONFIG = 78  # sysexits.h, as `vector validate` uses
 console = Console()
@@ -436,6 +438,98 @@ def artifacts(
         table.add_row(r.pipeline, r.run_id, r.step_name, r.kind, r.name, r.version,
                       (r.checksum or "")[:12], "\n".join(loc.uri for loc in r.locations) or "-")
     console.print(table)
+
+
+# --- models ---------------------------------------------------------------------------
+
+VersionOpt = Annotated[str, typer.Option("--version", "-v", help="model version")]
+PipelineOpt = Annotated[str | None, typer.Option(help="pipeline, when the name is ambiguous")]
+
+
+@model_app.command("list")
+def model_list(
+    pending: Annotated[bool, typer.Option("--pending", help="only those awaiting a "
+                                          "decision")] = False,
+    pipeline: PipelineOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every model version under a deploy rule: metrics, state, decision, who decided."""
+    loaded = _load(config)
+    rows = asyncio.run(_with_journal(
+        loaded, lambda j: j.decisions(pipeline=pipeline, pending=pending)))
+    if as_json:
+        _emit_json([r.model_dump(mode="json") for r in rows])
+        return
+    table = Table("pipeline", "model", "version", "condition", "state", "metrics", "reason",
+                  "decided by")
+    for r in rows:
+        table.add_row(r.pipeline, r.name, r.version, r.condition, r.state,
+                      ", ".join(f"{k}={v:g}" for k, v in r.metrics.items()), r.reason or "",
+                      r.decided_by or "")
+    console.print(table)
+
+
+def _decide(action: str, name: str, version: str, pipeline: str | None, by: str | None,
+            comment: str | None, force: bool, config: Path | None, as_json: bool) -> None:
+    from router.approvals import DecisionError
+    from router.manifest import ArtifactKind
+
+    loaded = _load(config)
+
+    def endpoint(stack: str) -> str | None:
+        found = loaded.config.stacks.get(stack)
+        rule = found.rule_for(ArtifactKind.MODEL) if found else None
+        return rule.endpoint_name if rule else None
+
+    try:
+        row = asyncio.run(_with_journal(loaded, lambda j: j.decide(
+            action=action, name=name, version=version, pipeline=pipeline,
+            by=by or os.environ.get("USER"), comment=comment, force=force,
+            endpoint_name=endpoint)))
+    except DecisionError as exc:
+        err_console.print(str(exc), highlight=False, markup=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        _emit_json(row.model_dump(mode="json"))
+    else:
+        console.print(f"{row.name} {row.version}: {row.state}", highlight=False)
+
+
+@model_app.command("deploy")
+def model_deploy(
+    name: str, version: VersionOpt, pipeline: PipelineOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="replace a newer deployed "
+                                        "version (roll back)")] = False,
+    by: Annotated[str | None, typer.Option(help="who asks (default $USER)")] = None,
+    config: ConfigOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Deploy a registered version (manual condition, or overriding a blocked auto)."""
+    _decide("deploy", name, version, pipeline, by, None, force, config, as_json)
+
+
+@model_app.command("approve")
+def model_approve(
+    name: str, version: VersionOpt, pipeline: PipelineOpt = None,
+    by: Annotated[str | None, typer.Option(help="approver (default $USER)")] = None,
+    comment: Annotated[str | None, typer.Option(help="why")] = None,
+    force: Annotated[bool, typer.Option("--force", help="even if a newer version is "
+                                        "deployed")] = False,
+    config: ConfigOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Approve a version pending approval: it is deployed through the journal."""
+    _decide("approve", name, version, pipeline, by, comment, force, config, as_json)
+
+
+@model_app.command("reject")
+def model_reject(
+    name: str, version: VersionOpt, pipeline: PipelineOpt = None,
+    by: Annotated[str | None, typer.Option(help="who rejects (default $USER)")] = None,
+    comment: Annotated[str | None, typer.Option(help="why")] = None,
+    config: ConfigOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Reject a version pending approval: it is closed and never deployed."""
+    _decide("reject", name, version, pipeline, by, comment, False, config, as_json)
 
 
 def main() -> None:

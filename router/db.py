@@ -134,6 +134,32 @@ version_counters = sa.Table(
     sa.Column("last", sa.Integer, nullable=False),
 )
 
+# One row per model artifact whose rule has `deploy: true`: the deploy condition's state,
+# persisted so that approvals survive restarts and act through the journal.
+model_decisions = sa.Table(
+    "model_decisions",
+    metadata,
+    sa.Column("artifact_id", sa.Integer, primary_key=True),
+    sa.Column("event_id", sa.String(300), nullable=False),
+    sa.Column("artifact_index", sa.Integer, nullable=False),
+    sa.Column("pipeline", sa.String(300), nullable=False),
+    sa.Column("name", sa.String(300), nullable=False),
+    sa.Column("version", sa.String(128), nullable=False),
+    sa.Column("stack", sa.String(200), nullable=False),
+    sa.Column("condition", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(24), nullable=False, index=True),
+    sa.Column("reason", sa.Text),
+    sa.Column("metrics", sa.JSON),
+    sa.Column("params", sa.JSON),
+    sa.Column("deploy_key", sa.String(800)),
+    sa.Column("decided_by", sa.String(200)),
+    sa.Column("comment", sa.Text),
+    sa.Column("forced", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Index("ix_model_decisions_model", "pipeline", "name"),
+)
+
 
 class Database:
     """An async engine with the settings each backend needs to be a durable journal."""

@@ -212,7 +212,11 @@ class Dispatcher:
         files = []
         for raw in record["files"][d.artifact_index]:
             staged = StagedFile.model_validate(raw)
-            if staged.path is not None and not staged.path.is_absolute():
+            if (
+                staged.path is not None
+                and not staged.path.is_absolute()
+                and d.action in (Action.STORE.value, Action.TRACK.value)
+            ):
                 if bundle_dir is None:
                     raise TransientError(
                         f"bundle {record.get('bundle')!r} is not in accepted/ or failed/"
@@ -255,6 +259,10 @@ class Dispatcher:
         started = time.monotonic()
         completion: Completion
         try:
+            if d.action == Action.DEPLOY.value:
+                superseded = await self.journal.deploy_superseded(d.key)
+                if superseded:
+                    raise PermanentError(superseded)
             item = await self._build_item(d)
             sink = self.pool.get(d.stack, d.component)
             result = await sink.deliver(item)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
 
-from router import catalog
+from router import approvals, catalog
 from router.db import Database, deliveries, events
 from router.delivery import DeliveryResult
 from router.intake import AcceptedEvent, Rejection
@@ -403,6 +403,10 @@ class DeliveryJournal:
                     )
                 if c.outcome == "dead":
                     await self._kill_dependents(conn, c.key, now)
+                if c.action == "deploy" and c.outcome != "retry":
+                    await approvals.record_deploy_outcome(
+                        conn, c.key, c.outcome == "done", c.error, now
+                    )
             return await self._finish_events(conn, touched, now)
 
     async def _kill_dependents(self, conn: Any, key: str, now: float) -> None:
@@ -527,6 +531,19 @@ class DeliveryJournal:
                     .values(state="accepted", finished_at=None)
                 )
             return len(revived)
+
+    async def decide(self, **kwargs: Any) -> approvals.DecisionRow:
+        """`model deploy|approve|reject`: one transaction, acting through deliveries."""
+        async with self.db.write() as conn:
+            return await approvals.decide(conn, **kwargs)
+
+    async def decisions(self, **kwargs: Any) -> list[approvals.DecisionRow]:
+        async with self.db.read() as conn:
+            return await approvals.list_decisions(conn, **kwargs)
+
+    async def deploy_superseded(self, key: str) -> str | None:
+        async with self.db.read() as conn:
+            return await approvals.deploy_superseded(conn, key)
 
     async def status(self, dead_limit: int = 50) -> StatusReport:
         report = StatusReport()

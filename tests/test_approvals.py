@@ -1,0 +1,178 @@
+"""Deploy conditions persisted in the catalog, acting through the journal (both backends)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router.approvals import DecisionError
+from router.config import StackConfig
+from router.db import Database
+from router.delivery import DeliveryResult, StagedFile
+from router.intake import AcceptedEvent
+from router.journal import Completion, DeliveryJournal
+from router.manifest import parse_manifest
+from router.rules import plan_event
+
+
+def stack(condition: str, **rule: Any) -> StackConfig:
+    return StackConfig.model_validate({
+        "name": "prod",
+        "artifact_store": {"type": "local", "path": "/tmp/unused"},
+        "model_registry": {"type": "mlflow", "tracking_uri": "http://127.0.0.1:1"},
+        "model_deployer": {"type": "mlflow_alias", "tracking_uri": "http://127.0.0.1:1"},
+        "artifact_routing": {"Model": {"store": "local", "register": True, "deploy": True,
+                                       "deploy_condition": condition, **rule}},
+    })
+
+
+def model_event(event_id: str, version: str, metrics: dict[str, float]) -> AcceptedEvent:
+    manifest = parse_manifest({
+        "manifest_version": 1, "pipeline": "fraud", "run_id": event_id, "step_name": "train",
+        "artifacts": [{"type": "model", "name": "clf", "version": version, "upload": True,
+                       "files": [{"path": "m.pkl"}], "metadata": {"metrics": metrics}}],
+    })
+    return AcceptedEvent(event_id=event_id, source="spool", bundle=event_id, manifest=manifest,
+                         files=[[StagedFile(name="m.pkl", type="pkl", path=Path("m.pkl"),
+                                            sha256="0" * 64, size=1)]],
+                         digest=event_id, received_at=time.time())
+
+
+@pytest.fixture
+async def journal(db_url: str):  # type: ignore[no-untyped-def]
+    db = Database(db_url)
+    await db.migrate()
+    yield DeliveryJournal(db, owner="test")
+    await db.dispose()
+
+
+async def accept(journal: DeliveryJournal, st: StackConfig, *events: AcceptedEvent) -> None:
+    def planner(ev: AcceptedEvent, versions: list[str]):  # type: ignore[no-untyped-def]
+        return plan_event(ev.manifest, event_id=ev.event_id, stack=st, versions=versions,
+                          received_at=datetime.now(UTC))
+
+    outcomes = await journal.accept(list(events), planner)
+    assert all(o.outcome == "accepted" for o in outcomes)
+
+
+async def run_all(journal: DeliveryJournal, ok: bool = True) -> list[str]:
+    """Play the dispatcher: complete every claimable delivery, until none is left."""
+    done = []
+    while claimed := await journal.claim(100):
+        await journal.complete([
+            Completion(key=c.key, event_id=c.event_id, artifact_index=c.artifact_index,
+                       sink_id=c.sink_id, action=c.action,
+                       outcome="done" if ok or c.action != "deploy" else "dead",
+                       result=DeliveryResult(uri=f"x://{c.key}"),
+                       error=None if ok else "deployer down for good")
+            for c in claimed])
+        done += [c.action for c in claimed]
+    return done
+
+
+async def state(journal: DeliveryJournal, version: str) -> Any:
+    return next(r for r in await journal.decisions(name="clf") if r.version == version)
+
+
+async def test_auto_deploys_when_every_bound_holds(journal: DeliveryJournal) -> None:
+    await accept(journal, stack("auto", deploy_min_metrics={"accuracy": 0.9, "loss": {"max": 0.2}}),
+                 model_event("e1", "1", {"accuracy": 0.95, "loss": 0.1}))
+    assert (await state(journal, "1")).state == "deploying"
+    assert await run_all(journal) == ["store", "register", "deploy"]
+    assert (await state(journal, "1")).state == "deployed"
+
+
+async def test_auto_below_the_bound_is_blocked_with_the_shortfall(
+    journal: DeliveryJournal,
+) -> None:
+    await accept(journal, stack("auto", deploy_min_metrics={"accuracy": 0.9, "loss": {"max": 0.2}}),
+                 model_event("e1", "1", {"accuracy": 0.85, "loss": 0.5}))
+    row = await state(journal, "1")
+    assert row.state == "blocked"
+    assert "accuracy=0.85" in (row.reason or "") and "0.05" in (row.reason or "")
+    assert "loss=0.5" in (row.reason or "") and "above the maximum" in (row.reason or "")
+    assert await run_all(journal) == ["store", "register"]  # no deploy planned
+    # an operator may still deploy it by hand
+    await journal.decide(action="deploy", name="clf", version="1", by="ops")
+    assert await run_all(journal) == ["deploy"]
+    assert (await state(journal, "1")).state == "deployed"
+
+
+async def test_manual_waits_for_model_deploy(journal: DeliveryJournal) -> None:
+    await accept(journal, stack("manual"), model_event("e1", "1", {}))
+    assert (await state(journal, "1")).state == "awaiting_manual"
+    assert await run_all(journal) == ["store", "register"]
+    pending = await journal.decisions(pending=True)
+    assert [r.version for r in pending] == ["1"]
+    row = await journal.decide(action="deploy", name="clf", version="1", by="alice",
+                               endpoint_name=lambda _s: "blue")
+    assert row.state == "deploying" and row.decided_by == "alice"
+    claimed = await journal.claim(10)
+    assert [c.action for c in claimed] == ["deploy"]
+    assert claimed[0].params["endpoint_name"] == "blue"
+    assert claimed[0].upstream is not None  # the register result, for the deployer
+
+
+async def test_on_approval_approve_and_reject(journal: DeliveryJournal) -> None:
+    st = stack("on_approval")
+    await accept(journal, st, model_event("e1", "1", {}), model_event("e2", "2", {}))
+    await run_all(journal)
+    assert {r.state for r in await journal.decisions()} == {"pending_approval"}
+    with pytest.raises(DecisionError, match="known versions: 1, 2"):
+        await journal.decide(action="deploy", name="clf", version="9")
+    await journal.decide(action="reject", name="clf", version="1", by="bob", comment="drift")
+    row = await state(journal, "1")
+    assert (row.state, row.decided_by, row.comment) == ("rejected", "bob", "drift")
+    with pytest.raises(DecisionError, match="not pending approval"):
+        await journal.decide(action="approve", name="clf", version="1")
+    await journal.decide(action="approve", name="clf", version="2", by="carol")
+    assert await run_all(journal) == ["deploy"]
+    assert (await state(journal, "2")).state == "deployed"
+
+
+async def test_a_late_approval_never_replaces_a_newer_deployed_version(
+    journal: DeliveryJournal,
+) -> None:
+    await accept(journal, stack("on_approval"), model_event("e1", "1", {}),
+                 model_event("e2", "2", {}))
+    await run_all(journal)
+    await journal.decide(action="approve", name="clf", version="2")
+    await run_all(journal)
+    with pytest.raises(DecisionError, match="newer"):
+        await journal.decide(action="approve", name="clf", version="1")
+    assert (await state(journal, "1")).state == "pending_approval"
+    await journal.decide(action="approve", name="clf", version="1", force=True)
+    await run_all(journal)
+    assert (await state(journal, "1")).state == "deployed"
+    assert (await state(journal, "2")).state == "superseded"
+
+
+async def test_an_older_deploy_queued_behind_a_newer_one_is_superseded(
+    journal: DeliveryJournal,
+) -> None:
+    await accept(journal, stack("on_approval"), model_event("e1", "1", {}),
+                 model_event("e2", "2", {}))
+    await run_all(journal)
+    await journal.decide(action="approve", name="clf", version="1")  # queued, not yet run
+    v1_key = (await state(journal, "1")).deploy_key
+    await journal.decide(action="approve", name="clf", version="2")
+    # version 2's deploy finishes first
+    claimed = await journal.claim(10)
+    v2 = next(c for c in claimed if c.key != v1_key)
+    await journal.complete([Completion(key=v2.key, event_id=v2.event_id, artifact_index=0,
+                                       sink_id=v2.sink_id, action="deploy", outcome="done",
+                                       result=DeliveryResult())])
+    assert v1_key is not None
+    reason = await journal.deploy_superseded(v1_key)
+    assert reason is not None and "version 2" in reason
+
+
+async def test_a_dead_deploy_is_recorded_as_failed(journal: DeliveryJournal) -> None:
+    await accept(journal, stack("auto"), model_event("e1", "1", {}))
+    await run_all(journal, ok=False)
+    row = await state(journal, "1")
+    assert row.state == "failed" and row.reason == "deployer down for good"

@@ -8,6 +8,8 @@ typo in a routing rule would otherwise silently drop routing.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
 import string
@@ -314,9 +316,11 @@ class StackConfig(_Strict):
             return self.artifact_stores.get(path.split(".", 1)[1])
         if path.startswith("experiment_tracker"):
             return dict(self.trackers).get(path)
-        value = getattr(self, path, None) if path in (
-            "artifact_store", "model_registry", "model_deployer"
-        ) else None
+        value = (
+            getattr(self, path, None)
+            if path in ("artifact_store", "model_registry", "model_deployer")
+            else None
+        )
         return value if isinstance(value, ComponentConfig) else None
 
 
@@ -365,8 +369,8 @@ class RouterSettings(_Strict):
         default=None, description="SQLAlchemy URL; default SQLite under state_dir"
     )
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
-    concurrency: Annotated[int, Field(ge=1, le=4096)] = 64
-    sink_concurrency: Annotated[int, Field(ge=1, le=1024)] = 8
+    concurrency: Annotated[int, Field(ge=1, le=4096)] = 256
+    sink_concurrency: Annotated[int, Field(ge=1, le=1024)] = 32
     intake_batch: Annotated[int, Field(ge=1, le=10_000)] = 256
     rescan_seconds: Annotated[float, Field(gt=0)] = 5.0
     retention_days: Annotated[float, Field(ge=0)] = 7.0
@@ -956,15 +960,68 @@ def load_config(
     return LoadedConfig(config=config, source=source, path=file, warnings=warnings, raw=raw)
 
 
+def _yaml_scalar(name: str) -> str:
+    """`name` as a YAML scalar that both PyYAML and ruamel read back as that string."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name) and yaml.safe_load(name) == name:
+        return name
+    return json.dumps(name)  # a JSON string is a YAML double-quoted scalar
+
+
+def _edit_active_stack_line(text: str, name: str) -> str | None:
+    """The file with its one top-level `active_stack:` line changed (or one appended)."""
+    lines = text.splitlines(keepends=True)
+    hits = [i for i, line in enumerate(lines) if re.match(r"active_stack[ \t]*:", line)]
+    if not hits:
+        sep = "" if not text or text.endswith("\n") else "\n"
+        return f"{text}{sep}active_stack: {_yaml_scalar(name)}\n"
+    if len(hits) > 1:
+        return None
+    match = re.fullmatch(
+        r"active_stack[ \t]*:[ \t]*[^#\r\n]*?(?P<comment>[ \t]+#[^\r\n]*)?(?P<eol>\r?\n)?",
+        lines[hits[0]],
+    )
+    if match is None:
+        return None
+    tail = (match.group("comment") or "") + (match.group("eol") or "")
+    lines[hits[0]] = f"active_stack: {_yaml_scalar(name)}{tail}"
+    return "".join(lines)
+
+
+def _parsed(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except (yaml.YAMLError, _DuplicateKey):
+        return None
+
+
+def _ruamel_rewrite(text: str, name: str) -> str:
+    """Round-trip the whole document through ruamel.yaml (comments kept, layout guessed)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.util import load_yaml_guess_indent
+
+    yaml_rt = YAML(typ="rt")
+    yaml_rt.preserve_quotes = True
+    yaml_rt.width = 4096
+    _, indent, block_seq_indent = load_yaml_guess_indent(text)
+    doc = yaml_rt.load(text)
+    doc["active_stack"] = name
+    yaml_rt.indent(mapping=indent or 2, sequence=indent or 2, offset=block_seq_indent or 0)
+    out = io.StringIO()
+    yaml_rt.dump(doc, out)
+    return out.getvalue()
+
+
 def set_active_stack(path: str | os.PathLike[str], name: str) -> None:
-    """`stack set NAME`: rewrite `active_stack:` in place, keeping comments and layout.
+    """`stack set NAME`: rewrite `active_stack:` in place, keeping the rest of the file.
 
     The name must be a stack of the file (the legacy `plugins:` layout has one stack,
-    `default`).  The file is replaced atomically and keeps its permissions.
+    `default`; a file without stacks has the embedded ones).  Only the `active_stack:`
+    line changes (or one is appended), so comments, quoting and layout stay as written;
+    a file where that is not possible (a flow-style document) is round-tripped through
+    ruamel.yaml, which keeps comments.  `${VAR}` references are not expanded.  The file
+    is replaced atomically and keeps its permissions.
     """
-    from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError as RuamelError
-    from ruamel.yaml.util import load_yaml_guess_indent
 
     file = Path(path)
     source = str(file)
@@ -972,23 +1029,13 @@ def set_active_stack(path: str | os.PathLike[str], name: str) -> None:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, [Problem(field="(file)", message=str(exc))]) from None
-    yaml_rt = YAML(typ="rt")
-    yaml_rt.preserve_quotes = True
-    yaml_rt.width = 4096
-    try:
-        _, indent, block_seq_indent = load_yaml_guess_indent(text)
-        doc = yaml_rt.load(text)
-    except RuamelError as exc:
-        problem = Problem(field="(file)", message=f"not valid YAML: {exc}")
-        raise ConfigError(source, [problem]) from None
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
+    data = _read_yaml(file, source)
+    if not isinstance(data, dict):
         raise ConfigError(source, [Problem(field="(file)", message="must be a YAML mapping")])
-    stacks = doc.get("stacks")
+    stacks = data.get("stacks")
     if isinstance(stacks, dict):
         names = [str(k) for k in stacks]
-    elif isinstance(doc.get("plugins"), dict):
+    elif isinstance(data.get("plugins"), dict):
         names = ["default"]
     else:
         names = [str(k) for k in _embedded_defaults()["stacks"]]
@@ -1004,18 +1051,34 @@ def set_active_stack(path: str | os.PathLike[str], name: str) -> None:
                 )
             ],
         )
-    if doc.get("active_stack") == name:
+    if data.get("active_stack") == name:
         return
-    doc["active_stack"] = name
 
-    yaml_rt.indent(
-        mapping=block_seq_indent or 2, sequence=indent or 2, offset=block_seq_indent or 0
-    )
+    expected = {**data, "active_stack": name}
+    new_text = _edit_active_stack_line(text, name)
+    if new_text is None or _parsed(new_text) != expected:
+        try:
+            new_text = _ruamel_rewrite(text, name)
+        except RuamelError as exc:
+            problem = Problem(field="(file)", message=f"cannot rewrite: {exc}")
+            raise ConfigError(source, [problem]) from None
+        if _parsed(new_text) != expected:
+            raise ConfigError(
+                source,
+                [
+                    Problem(
+                        field="active_stack",
+                        value=name,
+                        message="the file could not be rewritten safely; edit active_stack by hand",
+                    )
+                ],
+            )
+
     mode = file.stat().st_mode & 0o7777
     fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml_rt.dump(doc, fh)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(new_text)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)

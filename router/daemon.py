@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -147,8 +148,13 @@ class Daemon:
             log.info("http listening", address=f"{host}:{port}")
 
     async def run(self) -> int:
-        await self.start()
         loop = asyncio.get_running_loop()
+        # Sinks and intake do blocking file I/O (copy, fsync, hash) in threads; the
+        # default pool (cores + 4) would cap deliveries in flight far below the limits.
+        loop.set_default_executor(
+            ThreadPoolExecutor(max_workers=32, thread_name_prefix="router-io")
+        )
+        await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
@@ -177,6 +183,8 @@ class Daemon:
         await asyncio.gather(*sources, return_exceptions=True)
         await self.dispatcher.stop(self.config.router.drain_seconds)
         await asyncio.gather(dispatcher, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.journal.flush_moved()
         await self.close()
         log.info("stopped")
         return 1 if crashed else 0

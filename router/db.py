@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -161,6 +162,13 @@ model_decisions = sa.Table(
 )
 
 
+# orjson: JSON columns (event records, plans, results) are on the hot path.
+_JSON: dict[str, Any] = {
+    "json_serializer": lambda value: orjson.dumps(value).decode(),
+    "json_deserializer": orjson.loads,
+}
+
+
 class Database:
     """An async engine with the settings each backend needs to be a durable journal."""
 
@@ -172,11 +180,13 @@ class Database:
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: AsyncEngine = create_async_engine(
-                url, connect_args={"timeout": 60}, pool_size=4, max_overflow=4
+                url, connect_args={"timeout": 60}, pool_size=4, max_overflow=4, **_JSON
             )
             _sqlite_pragmas(self.engine)
         else:
-            self.engine = create_async_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+            self.engine = create_async_engine(
+                url, pool_size=8, max_overflow=8, pool_pre_ping=True, **_JSON
+            )
         # SQLite allows one writer: serialise our own writers instead of spinning on BUSY.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -61,24 +62,31 @@ def detect_dataset_format(file_name: str) -> str | None:
     return _DATASET_FORMATS.get(parts[-1]) if parts else None
 
 
-# Pickles name the modules of the classes they hold, in clear text near the start.
-_PICKLE_MODULES = (
-    (b"sklearn", "sklearn"),
-    (b"xgboost", "xgboost"),
-    (b"lightgbm", "lightgbm"),
-    (b"catboost", "catboost"),
-    (b"torch", "pytorch"),
-    (b"keras", "keras"),
-    (b"tensorflow", "tensorflow"),
-    (b"statsmodels", "statsmodels"),
+# Pickles name the modules of the classes they hold, in clear text near the start.  A
+# module counts where it is a top-level package ("xgboost.sklearn" is xgboost, not
+# sklearn; "pytorch_lightning" is not torch); the first one named wins, so a sklearn
+# Pipeline around an XGBClassifier is sklearn.
+_PICKLE_MODULES = {
+    b"sklearn": "sklearn",
+    b"xgboost": "xgboost",
+    b"lightgbm": "lightgbm",
+    b"catboost": "catboost",
+    b"torch": "pytorch",
+    b"keras": "keras",
+    b"tf_keras": "keras",
+    b"tensorflow": "tensorflow",
+    b"statsmodels": "statsmodels",
+}
+# Before the name: a length byte or opcode (protocol 4's STACK_GLOBAL strings), or the
+# GLOBAL opcode `c` of protocols 0-3 (`csklearn.tree._classes\nDecisionTreeClassifier\n`).
+_PICKLE_MODULE = re.compile(
+    rb"(?:(?<![A-Za-z0-9_.])|(?<=c))(" + b"|".join(_PICKLE_MODULES) + rb")(?![A-Za-z0-9_])"
 )
 
 
 def _pickle_framework(head: bytes) -> str:
-    for needle, framework in _PICKLE_MODULES:
-        if needle in head:
-            return framework
-    return "pickle"
+    found = _PICKLE_MODULE.search(head)
+    return _PICKLE_MODULES[found.group(1)] if found else "pickle"
 
 
 def _is_pickle(head: bytes) -> bool:

@@ -56,6 +56,7 @@ class ClaimedDelivery(BaseModel):
     attempts: int
     created_at: float
     upstream: DeliveryResult | None = None
+    record: dict[str, Any] | None = Field(default=None, repr=False)
 
 
 class Completion(BaseModel):
@@ -100,17 +101,23 @@ class DeliveryJournal:
     def __init__(self, db: Database, owner: str = "router") -> None:
         self.db = db
         self.owner = owner
+        # Bundles already moved whose `moved` flag is not written yet: it rides along
+        # with the next write transaction instead of costing one of its own.  Losing it
+        # in a crash only means the move is checked again at start (a no-op).
+        self._moved_backlog: list[str] = []
 
     # --- intake -------------------------------------------------------------------
 
     async def accept(
         self, batch: Sequence[AcceptedEvent], planner: Planner
     ) -> list[AcceptOutcome]:
-        """Journal a batch of events with their plans and catalog rows: one commit."""
-        outcomes: list[AcceptOutcome] = []
+        """Journal a batch of events with their plans and catalog rows: one commit,
+        and a fixed number of multi-row statements whatever the batch size."""
+        outcomes: dict[str, AcceptOutcome] = {}
+        order: list[tuple[str, AcceptOutcome | None]] = []
         now = time.time()
         async with self.db.write() as conn:
-            ids = [e.event_id for e in batch]
+            ids = list({e.event_id for e in batch})
             existing = {
                 row.id: row
                 for row in (
@@ -121,85 +128,92 @@ class DeliveryJournal:
                     )
                 ).all()
             }
+            fresh: list[AcceptedEvent] = []
             seen: dict[str, str] = {}
+            replaced: list[str] = []
             for event in batch:
                 prior = existing.get(event.event_id)
                 if event.event_id in seen or (prior is not None and prior.state != "rejected"):
                     digest = seen.get(event.event_id) or (prior.digest if prior else None)
                     same = digest == event.digest
-                    outcomes.append(
-                        AcceptOutcome(
-                            event_id=event.event_id,
-                            outcome="duplicate" if same else "conflict",
-                            detail=None
-                            if same
-                            else f"event id {event.event_id!r} was already accepted with a "
-                            "different manifest; give the new bundle its own 'id'",
-                        )
-                    )
+                    order.append((event.event_id, AcceptOutcome(
+                        event_id=event.event_id,
+                        outcome="duplicate" if same else "conflict",
+                        detail=None if same
+                        else f"event id {event.event_id!r} was already accepted with a "
+                        "different manifest; give the new bundle its own 'id'",
+                    )))
                     continue
                 if prior is not None:  # a rejected attempt, now fixed: replace it
-                    await conn.execute(sa.delete(events).where(events.c.id == event.event_id))
-                m = event.manifest
-                versions = [
-                    a.version or await catalog.next_version(conn, m.pipeline, a.name)
-                    for a in m.artifacts
-                ]
-                plan = planner(event, versions)
-                record = event.model_dump(mode="json")
-                record["versions"] = versions
-                await conn.execute(
-                    sa.insert(events).values(
-                        id=event.event_id,
-                        source=event.source,
-                        bundle=event.bundle,
-                        state="accepted" if plan.deliveries else "done",
-                        stack=plan.stack,
-                        pipeline=m.pipeline,
-                        run_id=m.run_id,
-                        step_name=m.step_name,
-                        digest=event.digest,
-                        record=record,
-                        received_at=event.received_at,
-                        finished_at=None if plan.deliveries else now,
-                        moved=False,
-                    )
-                )
-                if plan.deliveries:
-                    await conn.execute(
-                        sa.insert(deliveries),
-                        [
-                            {
-                                "key": d.key,
-                                "event_id": event.event_id,
-                                "artifact_index": d.artifact_index,
-                                "action": d.action.value,
-                                "stack": d.stack,
-                                "component": d.component,
-                                "sink_id": d.sink_id,
-                                "target": d.target,
-                                "params": d.params,
-                                "after": d.after,
-                                "state": "pending",
-                                "attempts": 0,
-                                "next_attempt_at": now,
-                                "created_at": now,
-                                "updated_at": now,
-                            }
-                            for d in plan.deliveries
-                        ],
-                    )
-                await catalog.record_event(conn, event, plan, now)
+                    replaced.append(event.event_id)
                 seen[event.event_id] = event.digest
-                outcomes.append(
-                    AcceptOutcome(
-                        event_id=event.event_id,
-                        outcome="accepted",
-                        deliveries=len(plan.deliveries),
-                        detail="; ".join(e for a in plan.artifacts for e in a.errors) or None,
-                    )
+                fresh.append(event)
+                order.append((event.event_id, None))
+            if replaced:
+                await conn.execute(sa.delete(events).where(events.c.id.in_(replaced)))
+
+            versions = await self._versions(conn, fresh)
+            planned: list[tuple[AcceptedEvent, RoutePlan]] = []
+            event_rows, delivery_rows = [], []
+            for event in fresh:
+                m = event.manifest
+                plan = planner(event, versions[event.event_id])
+                planned.append((event, plan))
+                record = event.model_dump(mode="json")
+                record["versions"] = versions[event.event_id]
+                event_rows.append({
+                    "id": event.event_id, "source": event.source, "bundle": event.bundle,
+                    "state": "accepted" if plan.deliveries else "done", "stack": plan.stack,
+                    "pipeline": m.pipeline, "run_id": m.run_id, "step_name": m.step_name,
+                    "digest": event.digest, "record": record, "error": None,
+                    "received_at": event.received_at,
+                    "finished_at": None if plan.deliveries else now, "moved": False,
+                })
+                delivery_rows += [
+                    {
+                        "key": d.key, "event_id": event.event_id,
+                        "artifact_index": d.artifact_index, "action": d.action.value,
+                        "stack": d.stack, "component": d.component, "sink_id": d.sink_id,
+                        "target": d.target, "params": d.params, "after": d.after,
+                        "state": "pending", "attempts": 0, "next_attempt_at": now,
+                        "created_at": now, "updated_at": now,
+                    }
+                    for d in plan.deliveries
+                ]
+                outcomes[event.event_id] = AcceptOutcome(
+                    event_id=event.event_id,
+                    outcome="accepted",
+                    deliveries=len(plan.deliveries),
+                    detail="; ".join(e for a in plan.artifacts for e in a.errors) or None,
                 )
-        return outcomes
+            if event_rows:
+                await conn.execute(sa.insert(events), event_rows)
+            if delivery_rows:
+                await conn.execute(sa.insert(deliveries), delivery_rows)
+            await catalog.record_events(conn, planned, now)
+        return [o if o is not None else outcomes[i] for i, o in order]
+
+    async def _versions(
+        self, conn: Any, fresh: Sequence[AcceptedEvent]
+    ) -> dict[str, list[str]]:
+        """Explicit versions as given; the rest reserved per (pipeline, name) in one go."""
+        wanted: dict[tuple[str, str], int] = {}
+        for event in fresh:
+            for artifact in event.manifest.artifacts:
+                if not artifact.version:
+                    key = (event.manifest.pipeline, artifact.name)
+                    wanted[key] = wanted.get(key, 0) + 1
+        pools = {
+            key: iter(await catalog.reserve_versions(conn, key[0], key[1], count))
+            for key, count in sorted(wanted.items())
+        }
+        return {
+            event.event_id: [
+                a.version or next(pools[(event.manifest.pipeline, a.name)])
+                for a in event.manifest.artifacts
+            ]
+            for event in fresh
+        }
 
     async def reject(self, rejection: Rejection) -> None:
         """Record a refused input so `status` and `artifacts --rejected` can show it."""
@@ -291,7 +305,10 @@ class DeliveryJournal:
         now = time.time()
         prereq = deliveries.alias("prereq")
         query = (
-            sa.select(deliveries, prereq.c.result.label("upstream"))
+            sa.select(
+                deliveries.c.key, deliveries.c.sink_id, deliveries.c.stack,
+                deliveries.c.component,
+            )
             .select_from(deliveries.outerjoin(prereq, deliveries.c.after == prereq.c.key))
             .where(
                 deliveries.c.state == "pending",
@@ -299,7 +316,7 @@ class DeliveryJournal:
                 sa.or_(deliveries.c.after.is_(None), prereq.c.state == "done"),
             )
             .order_by(deliveries.c.next_attempt_at)
-            .limit(limit * 4)
+            .limit(limit + 64)
         )
         excluded = list(exclude_sinks)
         if excluded:  # saturated sinks: leave the window to the others
@@ -337,7 +354,21 @@ class DeliveryJournal:
                     .returning(deliveries.c.key)
                 )
             ).scalars()
-            claimed_keys = set(claimed)
+            claimed_keys = list(claimed)
+            if not claimed_keys:
+                return []
+            full = (
+                await conn.execute(
+                    sa.select(deliveries, prereq.c.result.label("upstream"),
+                              events.c.record.label("record"))
+                    .select_from(
+                        deliveries.outerjoin(prereq, deliveries.c.after == prereq.c.key).join(
+                            events, events.c.id == deliveries.c.event_id
+                        )
+                    )
+                    .where(deliveries.c.key.in_(claimed_keys))
+                )
+            ).all()
         return [
             ClaimedDelivery(
                 key=r.key,
@@ -349,12 +380,12 @@ class DeliveryJournal:
                 sink_id=r.sink_id,
                 target=r.target,
                 params=r.params or {},
-                attempts=r.attempts + 1,
+                attempts=r.attempts,
                 created_at=r.created_at,
                 upstream=DeliveryResult.model_validate(r.upstream) if r.upstream else None,
+                record=r.record,
             )
-            for r in picked
-            if r.key in claimed_keys
+            for r in full
         ]
 
     async def complete(self, completions: Sequence[Completion]) -> list[FinishedEvent]:
@@ -362,47 +393,44 @@ class DeliveryJournal:
         if not completions:
             return []
         now = time.time()
-        touched: set[str] = set()
+        touched = {c.event_id for c in completions}
+        in_flight = deliveries.c.state == "in_flight"
+        by_key = deliveries.c.key == sa.bindparam("k")
+        cleared = {"updated_at": now, "owner": None, "lease_until": None}
+        done = [c for c in completions if c.outcome == "done"]
+        retry = [c for c in completions if c.outcome == "retry"]
+        dead = [c for c in completions if c.outcome == "dead"]
         async with self.db.write() as conn:
-            for c in completions:
-                touched.add(c.event_id)
-                values: dict[str, Any] = {
-                    "updated_at": now,
-                    "owner": None,
-                    "lease_until": None,
-                }
-                if c.outcome == "done":
-                    values |= {
-                        "state": "done",
-                        "result": c.result.model_dump(mode="json") if c.result else None,
-                        "last_error": None,
-                    }
-                elif c.outcome == "retry":
-                    values |= {
-                        "state": "pending",
-                        "next_attempt_at": c.next_attempt_at or now,
-                        "last_error": c.error,
-                    }
-                else:
-                    values |= {"state": "dead", "last_error": c.error}
+            await self._write_moved(conn)
+            if done:
                 await conn.execute(
-                    sa.update(deliveries)
-                    .where(deliveries.c.key == c.key, deliveries.c.state == "in_flight")
-                    .values(**values)
+                    sa.update(deliveries).where(by_key, in_flight).values(
+                        state="done", result=sa.bindparam("r"), last_error=None, **cleared),
+                    [{"k": c.key, "r": c.result.model_dump(mode="json") if c.result else None}
+                     for c in done],
                 )
-                if c.outcome == "done" and c.result is not None:
-                    await catalog.record_locations(
-                        conn,
-                        event_id=c.event_id,
-                        artifact_index=c.artifact_index,
-                        delivery_key=c.key,
-                        sink_id=c.sink_id,
-                        action=c.action,
-                        result=c.result,
-                        now=now,
-                    )
-                if c.outcome == "dead":
+                await catalog.record_locations_batch(
+                    conn,
+                    [(c.event_id, c.artifact_index, c.key, c.sink_id, c.action, c.result)
+                     for c in done if c.result is not None],
+                    now,
+                )
+            if retry:
+                await conn.execute(
+                    sa.update(deliveries).where(by_key, in_flight).values(
+                        state="pending", next_attempt_at=sa.bindparam("n"),
+                        last_error=sa.bindparam("e"), **cleared),
+                    [{"k": c.key, "n": c.next_attempt_at or now, "e": c.error} for c in retry],
+                )
+            if dead:
+                await conn.execute(
+                    sa.update(deliveries).where(by_key, in_flight).values(
+                        state="dead", last_error=sa.bindparam("e"), **cleared),
+                    [{"k": c.key, "e": c.error} for c in dead],
+                )
+                for c in dead:
                     await self._kill_dependents(conn, c.key, now)
+            for c in completions:
                 if c.action == "deploy" and c.outcome != "retry":
                     await approvals.record_deploy_outcome(
                         conn, c.key, c.outcome == "done", c.error, now
@@ -429,43 +457,49 @@ class DeliveryJournal:
     async def _finish_events(self, conn: Any, ids: set[str], now: float) -> list[FinishedEvent]:
         if not ids:
             return []
-        counts = (
-            await conn.execute(
-                sa.select(deliveries.c.event_id, deliveries.c.state, sa.func.count())
-                .where(deliveries.c.event_id.in_(ids))
-                .group_by(deliveries.c.event_id, deliveries.c.state)
-            )
-        ).all()
-        states: dict[str, dict[str, int]] = {}
-        for event_id, state, n in counts:
-            states.setdefault(event_id, {})[state] = n
-        finished = []
-        for event_id, by_state in states.items():
-            if any(s not in TERMINAL for s in by_state):
-                continue
-            final = "failed" if by_state.get("dead") else "done"
-            row = (
+        open_ids = set(
+            (
                 await conn.execute(
-                    sa.update(events)
-                    .where(events.c.id == event_id, events.c.state != final)
-                    .values(state=final, finished_at=now, moved=False)
-                    .returning(events.c.bundle, events.c.source, events.c.record)
+                    sa.select(deliveries.c.event_id)
+                    .where(deliveries.c.event_id.in_(ids), deliveries.c.state.not_in(TERMINAL))
+                    .distinct()
                 )
-            ).first()
-            if row is not None:
-                finished.append(
-                    FinishedEvent(
-                        event_id=event_id,
-                        bundle=row.bundle,
-                        source=row.source,
-                        state=final,
-                        reply_to=(row.record or {}).get("reply_to"),
-                    )
+            ).scalars()
+        )
+        closing = ids - open_ids
+        if not closing:
+            return []
+        failed = set(
+            (
+                await conn.execute(
+                    sa.select(deliveries.c.event_id)
+                    .where(deliveries.c.event_id.in_(closing), deliveries.c.state == "dead")
+                    .distinct()
                 )
+            ).scalars()
+        )
+        finished = []
+        for final, group in (("failed", closing & failed), ("done", closing - failed)):
+            if not group:
+                continue
+            rows = await conn.execute(
+                sa.update(events)
+                .where(events.c.id.in_(group), events.c.state != final)
+                .values(state=final, finished_at=now, moved=False)
+                .returning(events.c.id, events.c.bundle, events.c.source, events.c.record)
+            )
+            finished += [
+                FinishedEvent(
+                    event_id=r.id, bundle=r.bundle, source=r.source, state=final,
+                    reply_to=(r.record or {}).get("reply_to"),
+                )
+                for r in rows
+            ]
         return finished
 
     async def unmoved(self) -> list[FinishedEvent]:
         """Finished spool events whose bundle has not been moved yet (crash recovery)."""
+        await self.flush_moved()
         async with self.db.read() as conn:
             rows = await conn.execute(
                 sa.select(events.c.id, events.c.bundle, events.c.source, events.c.state).where(
@@ -478,12 +512,20 @@ class DeliveryJournal:
             ]
 
     async def mark_moved(self, ids: Iterable[str]) -> None:
-        ids = list(ids)
-        if ids:
+        """Note bundles as moved; written with the next transaction (or flush_moved)."""
+        self._moved_backlog.extend(ids)
+
+    async def flush_moved(self) -> None:
+        if self._moved_backlog:
             async with self.db.write() as conn:
-                await conn.execute(
-                    sa.update(events).where(events.c.id.in_(ids)).values(moved=True)
-                )
+                await self._write_moved(conn)
+
+    async def _write_moved(self, conn: Any) -> None:
+        ids, self._moved_backlog = self._moved_backlog, []
+        for start in range(0, len(ids), 500):
+            await conn.execute(
+                sa.update(events).where(events.c.id.in_(ids[start:start + 500])).values(moved=True)
+            )
 
     # --- operator actions ----------------------------------------------------------
 
@@ -552,18 +594,20 @@ class DeliveryJournal:
                 await conn.execute(
                     sa.select(events.c.state, sa.func.count()).group_by(events.c.state)
                 )
-            ).tuples():
-                report.events[state] = n
+            ).all():
+                report.events[str(state)] = int(n)
             for sink_id, state, n in (
                 await conn.execute(
                     sa.select(deliveries.c.sink_id, deliveries.c.state, sa.func.count()).group_by(
                         deliveries.c.sink_id, deliveries.c.state
                     )
                 )
-            ).tuples():
-                counts = report.sinks.setdefault(sink_id, SinkCounts())
-                setattr(counts, state, n)
-                setattr(report.deliveries, state, getattr(report.deliveries, state) + n)
+            ).all():
+                state_name = str(state)
+                counts = report.sinks.setdefault(str(sink_id), SinkCounts())
+                setattr(counts, state_name, int(n))
+                setattr(report.deliveries, state_name,
+                        getattr(report.deliveries, state_name) + int(n))
             oldest = (
                 await conn.execute(
                     sa.select(sa.func.min(deliveries.c.created_at)).where(

@@ -166,6 +166,15 @@ def check_relative_path(value: str) -> str:
 _FILE_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
+def _check_file_type(value: Any) -> Any:
+    if isinstance(value, str) and not _FILE_TYPE.match(value):
+        raise ValueError(
+            "must be a file type such as 'pdf' or 'csv': letters, digits, '.', '_', "
+            "'+' and '-' only"
+        )
+    return value
+
+
 class FileEntry(BaseModel):
     """One file of an artifact: by bundle path, by URI (MQTT) or inline (MQTT, small).
 
@@ -193,7 +202,14 @@ class FileEntry(BaseModel):
         default=None, description="the file's bytes, base64; small files only (MQTT)"
     )
     name: SafeName | None = Field(default=None, description="defaults to the basename")
-    type: Annotated[str, Field(max_length=LIMITS.file_type_length)] | None = Field(
+    type: (
+        Annotated[
+            str,
+            Field(max_length=LIMITS.file_type_length, pattern=_FILE_TYPE.pattern),
+            BeforeValidator(_check_file_type),
+        ]
+        | None
+    ) = Field(
         default=None, description="defaults to the extension; required when the name has none"
     )
 
@@ -222,16 +238,6 @@ class FileEntry(BaseModel):
             binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
         except (binascii.Error, UnicodeEncodeError) as exc:
             raise ValueError(f"is not valid base64 ({exc})") from None
-        return value
-
-    @field_validator("type")
-    @classmethod
-    def _type_is_an_extension(cls, value: str | None) -> str | None:
-        if value is not None and not _FILE_TYPE.match(value):
-            raise ValueError(
-                "must be a file type such as 'pdf' or 'csv': letters, digits, '.', '_', "
-                "'+' and '-' only"
-            )
         return value
 
     @model_validator(mode="after")
@@ -472,8 +478,8 @@ class Manifest(BaseModel):
         list[
             Annotated[
                 str,
-                BeforeValidator(_check_lineage),
                 Field(pattern=_LINEAGE_REF.pattern, max_length=4 * LIMITS.name_length + 3),
+                BeforeValidator(_check_lineage),
             ]
         ],
         Field(max_length=LIMITS.inputs_per_manifest),
@@ -572,8 +578,7 @@ def _message(err: Any) -> str:
         loc = tuple(err["loc"])
         hint = did_you_mean(str(loc[-1]), _fields_around(loc)) if loc else ""
         return (
-            f"unknown field{hint}; remove it or check its spelling against "
-            "`artifact-router schema`"
+            f"unknown field{hint}; remove it or check its spelling against `artifact-router schema`"
         )
     if kind == "missing":
         return "required field is missing"

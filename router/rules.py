@@ -60,7 +60,7 @@ def render_path(template: str, values: Mapping[str, str]) -> str:
     would leave the root (config validation rejects such templates at load).
     """
     safe = {
-        k: v if v == FILE_SLOT else sanitise_segment(v).replace(FILE_SLOT, "(file)")
+        k: v if k == "file" and v == FILE_SLOT else sanitise_segment(v).replace(FILE_SLOT, "(file)")
         for k, v in values.items()
     }
     rendered = template.format_map(safe)
@@ -153,9 +153,7 @@ class RoutePlan(BaseModel):
         return [d for a in self.artifacts for d in a.deliveries]
 
 
-def evaluate_deploy(
-    rule: RoutingRule, metrics: Mapping[str, float]
-) -> DeployDecision:
+def evaluate_deploy(rule: RoutingRule, metrics: Mapping[str, float]) -> DeployDecision:
     """FlowyML's should_auto_deploy, recording which bound failed and by how much."""
     condition = rule.deploy_condition
     if condition == "manual":

@@ -13,6 +13,7 @@ username/password) never appear in a message, a repr or a log line.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 from collections import OrderedDict
@@ -20,6 +21,7 @@ from typing import Any, Generic, TypeVar
 
 import aiohttp
 from pydantic import Field, SecretStr, field_validator, model_validator
+from yarl import URL
 
 from sinks.base import PermanentError, SinkSettings, TransientError
 
@@ -130,26 +132,31 @@ class MlflowRest:
 
     def __init__(self, settings: MlflowConnectionSettings) -> None:
         self.settings = settings
-        self.base = f"{settings.tracking_uri}/api/2.0/mlflow"
+        url = URL(settings.tracking_uri)
+        # Credentials in the URL (http://user:pass@host) become Basic auth, and are never
+        # part of a message: `display` is the URL without them.
+        self._url_credentials = (url.user, url.password or "") if url.user is not None else None
+        self.display = str(url.with_user(None)).rstrip("/")
+        self.base = f"{self.display}/api/2.0/mlflow"
         self._session: aiohttp.ClientSession | None = None
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": "artifact-router"}
+        credentials = self._url_credentials
+        if self.settings.username is not None:
+            password = self.settings.password
+            credentials = (self.settings.username, password.get_secret_value() if password else "")
         if self.settings.token is not None:
             headers["Authorization"] = f"Bearer {self.settings.token.get_secret_value()}"
+        elif credentials is not None:
+            pair = f"{credentials[0]}:{credentials[1]}".encode()
+            headers["Authorization"] = f"Basic {base64.b64encode(pair).decode('ascii')}"
         return headers
-
-    def _auth(self) -> aiohttp.BasicAuth | None:
-        if self.settings.username is None:
-            return None
-        password = self.settings.password.get_secret_value() if self.settings.password else ""
-        return aiohttp.BasicAuth(self.settings.username, password)
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 headers=self._headers(),
-                auth=self._auth(),
                 timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout),
             )
         return self._session
@@ -169,7 +176,7 @@ class MlflowRest:
         params: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         url = f"{self.base}/{endpoint}"
-        where = f"{self.settings.tracking_uri} {endpoint}"
+        where = f"{self.display} {endpoint}"
         query = {k: str(v) for k, v in (params or {}).items() if v is not None}
         try:
             async with self._get_session().request(

@@ -6,10 +6,19 @@ Import the fixtures into a test module:
 
 The server uses a sqlite backend and a temporary artifact root, listens on a free port
 of 127.0.0.1 with one worker, and is stopped by its own process id (its process group,
-which holds the uvicorn worker) when the session ends.  MLflow's default security
-middleware accepts Host 127.0.0.1, so no --allowed-hosts is needed.  Starting takes
-about 7 to 13 s, so the process is shared by every module that imports the fixture
-(pytest would otherwise make one session fixture per importing module).
+which holds the uvicorn worker) when the session ends.  Notes for MLflow 3.x:
+
+- `--workers 1`: the default is 4 uvicorn workers, slower to start and not needed;
+  `--dev` is not needed (it only adds auto-reload and debug logging);
+- MLflow's security middleware (allowed hosts, CORS) accepts Host 127.0.0.1 by
+  default, so no `--allowed-hosts` is needed for requests to 127.0.0.1;
+- `MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false` keeps the server from starting its job
+  runner and a handful of Huey consumer processes nothing here uses;
+- a model version's `source` must not be a local path outside the run's artifact
+  directory, so the tests register `s3://` URIs.
+
+Starting takes about 5 to 10 s, so the process is shared by every module that imports
+the fixture (pytest makes one session fixture per importing module; they share it).
 """
 
 from __future__ import annotations
@@ -60,8 +69,9 @@ class MlflowServer:
     log_path: Path
     _stopped: bool = field(default=False)
 
-    def api(self, method: str, endpoint: str, body: dict[str, Any] | None = None,
-            **query: Any) -> dict[str, Any]:
+    def api(
+        self, method: str, endpoint: str, body: dict[str, Any] | None = None, **query: Any
+    ) -> dict[str, Any]:
         """Synchronous read-back through MLflow's REST API (for assertions)."""
         import json
         import urllib.parse
@@ -124,6 +134,8 @@ def start_mlflow_server(root: Path) -> MlflowServer:
         **os.environ,
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
+        # No job runner and Huey consumers: nothing here uses MLflow's background jobs.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "PYTHONUNBUFFERED": "1",
     }
     with open(log_path, "wb") as log:
@@ -155,7 +167,9 @@ def start_mlflow_server(root: Path) -> MlflowServer:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             server.stop()
-            raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{server.log_tail()}")
+            raise RuntimeError(
+                f"mlflow server exited with {process.returncode}:\n{server.log_tail()}"
+            )
         try:
             with urllib.request.urlopen(f"{server.url}/health", timeout=2) as resp:
                 if resp.status == 200:
@@ -164,7 +178,9 @@ def start_mlflow_server(root: Path) -> MlflowServer:
             pass
         time.sleep(0.25)
     server.stop()
-    raise RuntimeError(f"mlflow server did not answer /health in {START_TIMEOUT}s:\n{server.log_tail()}")
+    raise RuntimeError(
+        f"mlflow server did not answer /health in {START_TIMEOUT}s:\n{server.log_tail()}"
+    )
 
 
 _SHARED: MlflowServer | None = None

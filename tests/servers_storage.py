@@ -4,6 +4,8 @@
   subdirectory of the root is a bucket.
 - `gcp-storage-emulator` from PyPI, started as a subprocess; clients find it through
   STORAGE_EMULATOR_HOST or an explicit api_root.
+- `moto_server` (PyPI moto[server]) only for what rclone does not implement: bucket
+  versioning (VersionId). moto does not check Content-MD5, so checksum tests use rclone.
 
 Each server gets a free port, is waited for until it answers, and is stopped by its
 own process id. Import the fixtures into a test module to use them.
@@ -12,7 +14,9 @@ own process id. Import the fixtures into a test module to use them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,9 +27,19 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+
+from router.delivery import (
+    Action,
+    ArtifactView,
+    DeliveryContext,
+    DeliveryItem,
+    StagedFile,
+)
+from router.manifest import ArtifactKind
 
 __all__ = [
     "GCS_BUCKET",
@@ -33,14 +47,20 @@ __all__ = [
     "S3_BUCKET",
     "S3_SECRET_KEY",
     "GcsEmulator",
+    "MotoS3",
     "RcloneS3",
+    "flip_last_byte",
     "free_port",
     "gcs_emulator",
     "gcs_emulator_private",
+    "make_item",
+    "moto_s3",
     "rclone_s3",
     "rclone_s3_private",
+    "write_file",
 ]
 
+MiB = 1024 * 1024
 S3_ACCESS_KEY = "abc123"
 S3_SECRET_KEY = "secret123"
 S3_BUCKET = "artifacts"
@@ -71,6 +91,7 @@ def _find_rclone() -> str:
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
     """Until the server answers HTTP at all (any status counts)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -78,7 +99,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
                 f"server exited with {proc.returncode} before answering: {log.read_text()[-2000:]}"
             )
         try:
-            with urllib.request.urlopen(url, timeout=1):
+            with opener.open(url, timeout=1):
                 return
         except urllib.error.HTTPError:
             return
@@ -192,6 +213,33 @@ class RcloneS3(_Server):
         return sorted(p for p in self.root.rglob(".rclone_*") if p.is_file())
 
 
+class MotoS3(_Server):
+    """moto's S3 in a `moto_server` process: used where rclone lacks a feature."""
+
+    name = "moto-s3"
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(workdir)
+        binary = Path(sysconfig.get_path("scripts")) / "moto_server"
+        self.binary = str(binary) if binary.exists() else (shutil.which("moto_server") or "")
+        if not self.binary:
+            pytest.skip("moto_server not found: pip install 'moto[server]'")
+
+    def _command(self) -> list[str]:
+        return [self.binary, "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def settings(self, **overrides: object) -> dict[str, object]:
+        values: dict[str, object] = {
+            "endpoint_url": self.url,
+            "region": "us-east-1",
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+        }
+        values.update(overrides)
+        return values
+
+
 class GcsEmulator(_Server):
     """gcp-storage-emulator storing on disk under `workdir`, with a default bucket."""
 
@@ -253,6 +301,16 @@ def rclone_s3_private(tmp_path: Path) -> Iterator[RcloneS3]:
 
 
 @pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    server = MotoS3(tmp_path_factory.mktemp("moto-s3"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
     server = GcsEmulator(tmp_path_factory.mktemp("gcs-emulator"))
     server.start()
@@ -271,3 +329,54 @@ def gcs_emulator_private(tmp_path: Path) -> Iterator[GcsEmulator]:
         yield server
     finally:
         server.stop()
+
+
+# -- delivery items over temp files ------------------------------------------------------
+
+
+def write_file(path: Path, size: int, seed: int = 0) -> StagedFile:
+    """A file of pseudo-random bytes, written and hashed in chunks."""
+    rng = random.Random(seed)
+    digest = hashlib.sha256()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            chunk = rng.randbytes(min(left, 8 * MiB))
+            fh.write(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+    return StagedFile(name=path.name, type="bin", path=path, sha256=digest.hexdigest(), size=size)
+
+
+def flip_last_byte(path: Path) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(b"\x00" if last != b"\x00" else b"\x01")
+
+
+def make_item(
+    *files: StagedFile,
+    target: str = "fraud/run-1/train/model",
+    version: str = "1",
+    on_conflict: str | None = None,
+) -> DeliveryItem:
+    return DeliveryItem(
+        key=f"ev-1/0/store/test.artifact_store/{target}",
+        action=Action.STORE,
+        sink_id="test.artifact_store",
+        context=DeliveryContext(
+            event_id="ev-1",
+            pipeline="fraud",
+            run_id="run-1",
+            step_name="train",
+            received_at=datetime.now(UTC),
+        ),
+        artifact=ArtifactView(
+            index=0, kind=ArtifactKind.MODEL, name="model", version=version, files=list(files)
+        ),
+        target=target,
+        params={"on_conflict": on_conflict} if on_conflict else {},
+    )

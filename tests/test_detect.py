@@ -68,7 +68,7 @@ CASES = [
     ("model.pkl", PICKLE_HEADER + b"\x00csklearn.linear_model\nLogisticRegression\n", "sklearn"),
     ("model.pkl", pickle_naming("sklearn.ensemble._forest"), "sklearn"),
     ("model.joblib", pickle_naming("sklearn.svm._classes"), "sklearn"),
-    ("booster.pkl", pickle_naming("xgboost.sklearn"), "xgboost"),
+    ("booster.pkl", pickle_naming("xgboost.core"), "xgboost"),
     ("booster.pkl", pickle_naming("lightgbm.sklearn"), "lightgbm"),
     ("cat.pkl", pickle_naming("catboost.core"), "catboost"),
     ("model.pkl", pickle_naming("statsmodels.regression"), "statsmodels"),
@@ -188,3 +188,30 @@ def test_truncated_safetensors_header_is_not_trusted(tmp_path: Path) -> None:
 )
 def test_dataset_format_from_extension(name: str, expected: str | None) -> None:
     assert detect_dataset_format(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("modules", "expected"),
+    [
+        (["xgboost.sklearn"], "xgboost"),  # XGBClassifier lives in xgboost.sklearn
+        (["lightgbm.sklearn"], "lightgbm"),
+        (["sklearn.pipeline", "xgboost.sklearn"], "sklearn"),  # the outer object wins
+        (["pytorch_lightning.core"], "pickle"),
+        (["torch._utils"], "pytorch"),
+        (["tf_keras.src.engine"], "keras"),
+        (["mylib.sklearn_helpers"], "pickle"),
+    ],
+)
+def test_pickle_modules_count_as_top_level_packages(modules: list[str], expected: str) -> None:
+    data = pickle.dumps([{"__module__": m} for m in modules], protocol=4)
+    assert detect_framework_bytes(data, "model.pkl") == expected
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+def test_pickled_class_references_in_every_protocol(protocol: int) -> None:
+    # A pickled *class* is written with GLOBAL (protocols 0-3) or STACK_GLOBAL (4-5).
+    data = pickle.dumps(zipfile.ZipInfo, protocol=protocol).replace(b"zipfile", b"sklearn")
+    assert b"sklearn" in data
+    assert detect_framework_bytes(data, "model.pkl") == "sklearn"
+    if protocol >= 2:
+        assert detect_framework_bytes(data, "model.bin") == "sklearn"  # by the bytes alone

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import random
-import resource
+import json
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,71 +18,23 @@ from aiobotocore.session import get_session
 
 import sinks.stores.s3 as s3mod
 from router.config import ComponentConfig
-from router.delivery import (
-    Action,
-    ArtifactView,
-    DeliveryContext,
-    DeliveryItem,
-    PermanentError,
-    StagedFile,
-    TransientError,
-)
-from router.manifest import ArtifactKind
+from router.delivery import PermanentError, TransientError
 from sinks.registry import KNOWN_UNAVAILABLE, check_component, create_sink
 from sinks.stores.s3 import MiB, S3Store, S3StoreSettings
-from tests.servers_storage import RcloneS3, rclone_s3, rclone_s3_private
+from tests.servers_storage import (
+    MotoS3,
+    RcloneS3,
+    flip_last_byte,
+    make_item,
+    moto_s3,
+    rclone_s3,
+    rclone_s3_private,
+    write_file,
+)
 
-__all__ = ["rclone_s3", "rclone_s3_private"]  # fixtures used by this module
+__all__ = ["moto_s3", "rclone_s3", "rclone_s3_private"]  # fixtures used by this module
 
 PART = 5 * MiB
-
-
-def write_file(path: Path, size: int, seed: int = 0) -> StagedFile:
-    """A file of pseudo-random bytes, written and hashed in chunks."""
-    rng = random.Random(seed)
-    digest = hashlib.sha256()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:
-        left = size
-        while left:
-            chunk = rng.randbytes(min(left, 8 * MiB))
-            fh.write(chunk)
-            digest.update(chunk)
-            left -= len(chunk)
-    return StagedFile(name=path.name, type="bin", path=path, sha256=digest.hexdigest(), size=size)
-
-
-def flip_last_byte(path: Path) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(-1, 2)
-        last = fh.read(1)
-        fh.seek(-1, 2)
-        fh.write(b"\x00" if last != b"\x00" else b"\x01")
-
-
-def make_item(
-    *files: StagedFile,
-    target: str = "fraud/run-1/train/model",
-    version: str = "1",
-    on_conflict: str | None = None,
-) -> DeliveryItem:
-    return DeliveryItem(
-        key=f"ev-1/0/store/s3-{target}",
-        action=Action.STORE,
-        sink_id="test.artifact_store",
-        context=DeliveryContext(
-            event_id="ev-1",
-            pipeline="fraud",
-            run_id="run-1",
-            step_name="train",
-            received_at=datetime.now(UTC),
-        ),
-        artifact=ArtifactView(
-            index=0, kind=ArtifactKind.MODEL, name="model", version=version, files=list(files)
-        ),
-        target=target,
-        params={"on_conflict": on_conflict} if on_conflict else {},
-    )
 
 
 def store_for(server: RcloneS3, **overrides: Any) -> S3Store:
@@ -325,6 +277,38 @@ async def test_object_without_sha256_metadata_is_compared_by_md5(
         await store.deliver(make_item(staged, target="foreign2"))
 
 
+@pytest.mark.parametrize("size", [1000, 2 * PART + 1], ids=["single", "multipart"])
+async def test_version_id_recorded_on_a_versioned_bucket(
+    size: int, tmp_path: Path, moto_s3: MotoS3
+) -> None:
+    """rclone has no versioning, so this one runs against moto's S3."""
+    bucket = f"versioned-{size}"
+    sink = S3Store(
+        "test.s3",
+        S3StoreSettings(
+            **moto_s3.settings(bucket_name=bucket, multipart_threshold=PART, part_size=PART)
+        ),
+    )
+    v1 = write_file(tmp_path / "a" / "model.bin", size, seed=1)
+    v2 = write_file(tmp_path / "b" / "model.bin", size, seed=2)
+    try:
+        client = await sink._get_client()
+        await client.create_bucket(Bucket=bucket)
+        await client.put_bucket_versioning(
+            Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
+        )
+        first = await sink.deliver(make_item(v1, target="m"))
+        replay = await sink.deliver(make_item(v1, target="m"))
+        second = await sink.deliver(make_item(v2, target="m", on_conflict="overwrite"))
+        versions = await client.list_object_versions(Bucket=bucket, Prefix="m/model.bin")
+    finally:
+        await sink.close()
+    first_id, second_id = first.objects[0].version_id, second.objects[0].version_id
+    assert first_id and second_id and first_id != second_id
+    assert replay.skipped and replay.objects[0].version_id == first_id
+    assert {v["VersionId"] for v in versions["Versions"]} == {first_id, second_id}
+
+
 # -- verification -------------------------------------------------------------------
 
 
@@ -452,6 +436,10 @@ async def test_server_down_mid_upload_then_back(
             await sink.deliver(item)
         assert "s3://artifacts/restart/model.bin" in str(err.value)
         monkeypatch.undo()
+        # The killed server's own spool file for the upload it lost (rclone documents
+        # that a SIGKILL can leave one; no S3 call can see or remove it).
+        left_by_kill = server.temp_objects()
+        assert len(left_by_kill) <= 1
 
         # Still down: every attempt is transient, so the dispatcher keeps retrying.
         with pytest.raises(TransientError):
@@ -467,6 +455,7 @@ async def test_server_down_mid_upload_then_back(
             key = "restart/model.bin"
             assert await remote_sha256(client, server.bucket, key) == staged.sha256
             assert await pending_uploads(client, server.bucket) == []
+        assert server.temp_objects() == left_by_kill  # the retry left nothing behind
 
         # rclone keeps object metadata in memory only: after another restart the
         # replay is still recognised (by the MD5 ETag) as the same content.
@@ -546,7 +535,6 @@ async def test_memory_stays_bounded_on_a_200_mib_upload(
     sink = store_for(rclone_s3, part_size=part, max_concurrency=concurrency)
     try:
         await sink._get_client()  # client set-up is not part of the upload
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         tracemalloc.start()
         try:
             started = time.perf_counter()
@@ -555,7 +543,6 @@ async def test_memory_stays_bounded_on_a_200_mib_upload(
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-        rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
     finally:
         await sink.close()
 
@@ -563,7 +550,7 @@ async def test_memory_stays_bounded_on_a_200_mib_upload(
         print(
             f"\n[s3 200 MiB multipart, parts {part // MiB} MiB x {concurrency}] "
             f"{size / MiB / elapsed:.0f} MiB/s ({elapsed:.2f} s, under tracemalloc); "
-            f"traced peak {peak / MiB:.1f} MiB; peak RSS growth {rss_growth / MiB:.1f} MiB"
+            f"traced peak {peak / MiB:.1f} MiB of Python allocations"
         )
     bound = part * (concurrency + 1)
     assert peak < bound + 8 * MiB, f"traced peak {peak / MiB:.1f} MiB over the part buffers"
@@ -573,6 +560,74 @@ async def test_memory_stays_bounded_on_a_200_mib_upload(
     assert head["Metadata"]["sha256"] == staged.sha256
     on_disk = rclone_s3.root / rclone_s3.bucket / "big" / "big.bin"
     assert _sha256_file(on_disk) == staged.sha256
+
+
+_RSS_PROBE = """
+import asyncio, json, sys, time
+from pathlib import Path
+from sinks.stores.s3 import S3Store, S3StoreSettings
+from tests.servers_storage import make_item, write_file
+
+def status(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+async def main(settings, path, size):
+    staged = write_file(Path(path), size, seed=17)
+    sink = S3Store("bench.s3", S3StoreSettings(**settings))
+    await sink._get_client()
+    with open("/proc/self/clear_refs", "w") as fh:  # restart the peak-RSS counter (VmHWM)
+        fh.write("5")
+    before = status("VmRSS")
+    started = time.perf_counter()
+    await sink.deliver(make_item(staged, target="rss-probe", on_conflict="overwrite"))
+    elapsed = time.perf_counter() - started
+    peak = status("VmHWM")
+    await sink.close()
+    print(json.dumps({"seconds": elapsed, "rss_growth": peak - before, "rss_before": before}))
+
+asyncio.run(main(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def test_rss_growth_and_throughput_in_a_fresh_process(
+    tmp_path: Path, rclone_s3: RcloneS3, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Peak RSS growth of a process uploading 200 MiB, measured from a reset VmHWM (Linux)."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    size, part, concurrency = 200 * MiB, 8 * MiB, 4
+    settings = rclone_s3.settings(
+        multipart_threshold=PART, part_size=part, max_concurrency=concurrency
+    )
+    # The file is written before the baseline is taken (write_file works in 8 MiB chunks).
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _RSS_PROBE,
+            json.dumps(settings),
+            str(tmp_path / "big.bin"),
+            str(size),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    numbers = json.loads(done.stdout.strip().splitlines()[-1])
+    growth, seconds = numbers["rss_growth"], numbers["seconds"]
+    with capsys.disabled():
+        print(
+            f"\n[s3 200 MiB multipart, fresh process, parts {part // MiB} MiB x {concurrency}] "
+            f"{size / MiB / seconds:.0f} MiB/s ({seconds:.2f} s); peak RSS growth "
+            f"{growth / MiB:.1f} MiB (baseline {numbers['rss_before'] / MiB:.0f} MiB)"
+        )
+    assert growth < 3 * part * concurrency, f"peak RSS grew {growth / MiB:.1f} MiB"
+    assert growth < size / 2
 
 
 def _sha256_file(path: Path) -> str:

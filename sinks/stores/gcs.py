@@ -49,6 +49,7 @@ from sinks.base import (
     TransientError,
 )
 from sinks.stores.local import versioned_key
+from sinks.stores.s3 import BufferReader, FileChanged, read_into
 
 __all__ = ["GCSStore", "GCSStoreSettings"]
 
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 CHUNK_UNIT = 256 * 1024  # resumable chunks must be multiples of 256 KiB (but the last)
 _HASH_CHUNK = MiB
+_MAX_SESSIONS = 1000  # unfinished resumable sessions remembered for resuming
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 _CHECKSUM_REFUSAL = re.compile(r"md5|crc32c|hash|checksum", re.IGNORECASE)
 
@@ -133,21 +135,9 @@ def _hash_file(path: Path) -> _Digests:
     return _Digests(md5.digest(), sha.hexdigest(), size)
 
 
-def _read_chunk(fd: int, offset: int, length: int) -> bytes:
-    """Read one resumable chunk from disk (runs in a worker thread)."""
-    chunks = []
-    got = 0
-    while got < length:
-        data = os.pread(fd, length - got, offset + got)
-        if not data:
-            raise _FileChanged(f"file ended at byte {offset + got}, expected {offset + length}")
-        chunks.append(data)
-        got += len(data)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-class _FileChanged(Exception):
-    pass
+def _read_chunk(fd: int, offset: int, view: memoryview) -> None:
+    """Fill `view` with the next resumable chunk from disk (runs in a worker thread)."""
+    read_into(fd, offset, view)
 
 
 class GCSStore(BaseSink):
@@ -371,14 +361,14 @@ class GCSStore(BaseSink):
         try:
             digests = await asyncio.to_thread(_hash_file, path)
             if digests.sha256 != staged.sha256 or digests.size != size:
-                raise _FileChanged(
+                raise FileChanged(
                     f"sha256 now {digests.sha256[:12]}..., journaled {staged.sha256[:12]}..."
                 )
             if size >= self.settings.resumable_threshold:
                 resource = await self._upload_resumable(path, key, digests)
             else:
                 resource = await self._upload_simple(path, key, digests)
-        except _FileChanged as exc:
+        except FileChanged as exc:
             self._forget_session(key)
             raise PermanentError(
                 f"{path} changed after it was accepted ({exc}); emit a new bundle instead of "
@@ -481,7 +471,10 @@ class GCSStore(BaseSink):
         assert self._http is not None
         headers = {**kwargs.pop("headers", {}), **await self._auth_headers()}
         try:
-            async with self._http.request(method, url, headers=headers, **kwargs) as resp:
+            # 308 means "resume incomplete" in this protocol, never a redirect to follow.
+            async with self._http.request(
+                method, url, headers=headers, allow_redirects=False, **kwargs
+            ) as resp:
                 body = await resp.read()
                 return resp.status, resp.headers, body
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
@@ -512,12 +505,14 @@ class GCSStore(BaseSink):
             session = None
         if session is None:
             session = await self._start_session(key, digests)
+            while len(self._sessions) >= _MAX_SESSIONS:  # forget the oldest unfinished one
+                self._sessions.pop(next(iter(self._sessions)))
             self._sessions[key] = session
 
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         try:
             return await self._send_chunks(fd, key, session, offset)
-        except (PermanentError, _FileChanged):
+        except (PermanentError, FileChanged):
             self._forget_session(key)
             await self._cancel_session(key, session)
             raise
@@ -574,23 +569,31 @@ class GCSStore(BaseSink):
     ) -> dict[str, Any]:
         size = session.size
         chunk_size = int(self.settings.chunk_size)
+        buffer = bytearray(min(chunk_size, size))  # one chunk in memory, reused
         action = "upload"
         while True:
             length = min(chunk_size, size - offset)
-            data = await asyncio.to_thread(_read_chunk, fd, offset, length)
+            view = memoryview(buffer)[:length]
+            await asyncio.to_thread(_read_chunk, fd, offset, view)
             last = offset + length - 1
-            status, headers, body = await self._request(
-                "PUT",
-                session.uri,
-                action,
-                key,
-                data=data,
-                headers={
-                    "Content-Range": f"bytes {offset}-{last}/{size}",
-                    "Content-Length": str(length),
-                },
-            )
-            del data
+            reader = BufferReader(view)  # sent in small pieces, never copied whole
+            try:
+                status, headers, body = await self._request(
+                    "PUT",
+                    session.uri,
+                    action,
+                    key,
+                    data=reader,
+                    headers={
+                        "Content-Range": f"bytes {offset}-{last}/{size}",
+                        "Content-Length": str(length),
+                        "Content-Type": "application/octet-stream",
+                    },
+                )
+            finally:
+                reader.close()
+                with contextlib.suppress(BufferError):
+                    view.release()
             if status in (200, 201):
                 self._forget_session(key)
                 result: dict[str, Any] = json.loads(body)

@@ -21,12 +21,11 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import io
 import logging
 import math
 import os
 import re
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -47,7 +46,14 @@ from sinks.base import (
 )
 from sinks.stores.local import versioned_key
 
-__all__ = ["S3Store", "S3StoreSettings", "content_md5"]
+__all__ = [
+    "BufferReader",
+    "FileChanged",
+    "S3Store",
+    "S3StoreSettings",
+    "content_md5",
+    "read_into",
+]
 
 log = logging.getLogger(__name__)
 
@@ -179,24 +185,69 @@ def _multipart_etag(path: Path, part_size: int) -> str:
     return f"{joined}-{len(digests)}"
 
 
-def _read_part(fd: int, offset: int, length: int) -> bytes:
-    """Read one part from disk (runs in a worker thread)."""
-    data = os.pread(fd, length, offset)
-    if len(data) == length:
-        return data
-    chunks = [data]
-    got = len(data)
-    while got < length:
-        more = os.pread(fd, length - got, offset + got)
-        if not more:
-            raise _FileChanged(f"file ended at byte {offset + got}, expected {offset + length}")
-        chunks.append(more)
-        got += len(more)
-    return b"".join(chunks)
+def read_into(fd: int, offset: int, view: memoryview) -> None:
+    """Fill `view` with the file's bytes from `offset` (in a worker thread)."""
+    got = 0
+    while got < len(view):
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [view[got:]], offset + got)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, min(len(view) - got, _HASH_CHUNK), offset + got)
+            n = len(data)
+            view[got : got + n] = data
+        if n == 0:
+            raise FileChanged(f"file ended at byte {offset + got}, expected {offset + len(view)}")
+        got += n
 
 
-class _FileChanged(Exception):
-    pass
+class FileChanged(Exception):
+    """The file on disk no longer matches what intake journaled (size or sha256)."""
+
+
+class BufferReader:
+    """A read-only, seekable file over bytes already in memory (a part, a chunk).
+
+    It is also an async iterable, which aiohttp sends as is: 1 MiB slices written
+    straight from the buffer, with no worker-thread hop per 64 KiB as for a file
+    object and no copy of the whole part (a BytesIO is copied when aiohttp takes its
+    buffer; a bytes body is copied into the transport's buffer). botocore uses the
+    file methods to hash the payload for signing and to rewind it for a retry.
+    """
+
+    piece = MiB
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, min(len(self._view), base + offset))
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        total = len(self._view)
+        end = total if size is None or size < 0 else min(total, self._pos + size)
+        chunk = bytes(self._view[self._pos : end])
+        self._pos = end
+        return chunk
+
+    async def __aiter__(self) -> AsyncIterator[memoryview]:
+        while self._pos < len(self._view):
+            end = min(len(self._view), self._pos + self.piece)
+            piece = self._view[self._pos : end]
+            self._pos = end
+            yield piece
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self._view.release()
 
 
 def _error_code(exc: Exception) -> tuple[str, int | None, str]:
@@ -318,6 +369,17 @@ class S3Store(BaseSink):
                     f"{action} {uri}: access denied ({detail}); the credentials are wrong or "
                     f"lack permission for {action} on bucket {self.bucket!r}"
                 )
+            if code == "NoSuchUpload":
+                return TransientError(
+                    f"{action} {uri}: the server dropped the multipart upload (NoSuchUpload): "
+                    "it refused a part (e.g. its Content-MD5 did not match) or the upload "
+                    "expired; the next attempt starts a new upload"
+                )
+            if code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"):
+                return TransientError(
+                    f"{action} {uri}: the server refused the data as corrupted in transit "
+                    f"({detail})"
+                )
             if code in _TRANSIENT_CODES or status == 429 or (status or 0) >= 500:
                 kind = "throttled" if code in _THROTTLING or status == 429 else "failed"
                 return TransientError(f"{action} {uri} {kind} ({detail})")
@@ -431,7 +493,7 @@ class S3Store(BaseSink):
                 version_id = await self._put_multipart(client, path, key, size, staged.sha256)
             else:
                 version_id = await self._put_single(client, path, key, size, staged.sha256)
-        except _FileChanged as exc:
+        except FileChanged as exc:
             raise PermanentError(
                 f"{path} changed after it was accepted ({exc}); emit a new bundle instead of "
                 "editing an accepted one"
@@ -540,7 +602,7 @@ class S3Store(BaseSink):
     async def _put_single(self, client: Any, path: Path, key: str, size: int, sha256: str) -> Any:
         digests = await asyncio.to_thread(_hash_file, path)
         if digests.sha256 != sha256 or digests.size != size:
-            raise _FileChanged(f"sha256 now {digests.sha256[:12]}..., journaled {sha256[:12]}...")
+            raise FileChanged(f"sha256 now {digests.sha256[:12]}..., journaled {sha256[:12]}...")
         fh = await asyncio.to_thread(open, path, "rb")
         try:
             response = await self._call(
@@ -590,7 +652,7 @@ class S3Store(BaseSink):
                 client, path, key, upload_id, size, part_size
             )
             if local_sha != sha256:
-                raise _FileChanged(f"sha256 now {local_sha[:12]}..., journaled {sha256[:12]}...")
+                raise FileChanged(f"sha256 now {local_sha[:12]}..., journaled {sha256[:12]}...")
             response = await self._call(
                 "CompleteMultipartUpload",
                 key,
@@ -621,27 +683,38 @@ class S3Store(BaseSink):
     async def _upload_parts(
         self, client: Any, path: Path, key: str, upload_id: str, size: int, part_size: int
     ) -> tuple[list[tuple[int, str, bytes]], str]:
-        """Upload every part, reading each from disk only once a slot is free.
+        """Upload every part, reading each from disk only once a buffer is free.
 
-        Parts are read in order (so the file's sha256 is checked in the same pass) and
-        at most `max_concurrency` of them are in memory or in flight at once.
+        Parts are read in order (so the file's sha256 is checked in the same pass) into
+        a pool of at most `max_concurrency` part buffers, allocated once per upload and
+        reused: memory is `part_size * max_concurrency` and does not churn the allocator.
         """
         count = max(1, math.ceil(size / part_size))
-        slots = asyncio.Semaphore(self.settings.max_concurrency)
+        limit = min(self.settings.max_concurrency, count)
+        free: asyncio.Queue[bytearray] = asyncio.Queue()
+        allocated = 0
         done: dict[int, tuple[str, bytes]] = {}
         whole = hashlib.sha256()
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         try:
             async with asyncio.TaskGroup() as group:
                 for number in range(1, count + 1):
-                    await slots.acquire()
+                    if free.empty() and allocated < limit:
+                        buffer = bytearray(min(part_size, size))
+                        allocated += 1
+                    else:
+                        buffer = await free.get()
                     offset = (number - 1) * part_size
                     length = min(part_size, size - offset)
-                    data, md5 = await asyncio.to_thread(_load_part, fd, offset, length, whole)
-                    group.create_task(
-                        self._send_part(client, key, upload_id, number, data, md5, slots, done)
+                    md5 = await asyncio.to_thread(
+                        _load_part, fd, offset, memoryview(buffer)[:length], whole
                     )
-                    del data
+                    group.create_task(
+                        self._send_part(
+                            client, key, upload_id, number, buffer, length, md5, free, done
+                        )
+                    )
+                    del buffer
         except BaseExceptionGroup as group_error:
             raise _first_error(group_error) from None
         finally:
@@ -655,11 +728,13 @@ class S3Store(BaseSink):
         key: str,
         upload_id: str,
         number: int,
-        data: bytes,
+        buffer: bytearray,
+        length: int,
         md5: bytes,
-        slots: asyncio.Semaphore,
+        free: asyncio.Queue[bytearray],
         done: dict[int, tuple[str, bytes]],
     ) -> None:
+        body = BufferReader(memoryview(buffer)[:length])
         try:
             response = await self._call(
                 f"UploadPart {number}",
@@ -669,9 +744,8 @@ class S3Store(BaseSink):
                     Key=key,
                     UploadId=upload_id,
                     PartNumber=number,
-                    # A file object, so the HTTP layer sends it in chunks without copying.
-                    Body=io.BytesIO(data),
-                    ContentLength=len(data),
+                    Body=body,
+                    ContentLength=length,
                     ContentMD5=content_md5(md5),
                 ),
             )
@@ -683,8 +757,8 @@ class S3Store(BaseSink):
                 )
             done[number] = (response["ETag"], md5)
         finally:
-            del data
-            slots.release()
+            body.close()
+            free.put_nowait(buffer)  # the next part reuses it
 
     async def _abort(self, client: Any, key: str, upload_id: str) -> None:
         try:
@@ -743,11 +817,11 @@ class S3Store(BaseSink):
             await client.delete_object(Bucket=self.bucket, Key=key)
 
 
-def _load_part(fd: int, offset: int, length: int, whole: Any) -> tuple[bytes, bytes]:
-    """Read one part and hash it: its MD5, and into the whole file's sha256 (in order)."""
-    data = _read_part(fd, offset, length)
-    whole.update(data)
-    return data, hashlib.md5(data, usedforsecurity=False).digest()
+def _load_part(fd: int, offset: int, view: memoryview, whole: Any) -> bytes:
+    """Read one part into its buffer; return its MD5 and add it to the file's sha256."""
+    read_into(fd, offset, view)
+    whole.update(view)
+    return hashlib.md5(view, usedforsecurity=False).digest()
 
 
 def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -762,7 +836,7 @@ def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
             flat.append(exc)
 
     walk(group)
-    for wanted in (PermanentError, _FileChanged, TransientError):
+    for wanted in (PermanentError, FileChanged, TransientError):
         for exc in flat:
             if isinstance(exc, wanted):
                 return exc

@@ -27,8 +27,15 @@ replay produces byte-identical points.  The last log-batch of a delivery carries
 tag `router.logged.<hash of the delivery key>`; a delivery that finds the tag on the
 run is skipped with one `runs/get`.  A crash between the metrics and that tag (the
 batches are separate requests, and MLflow does not make even one batch atomic)
-leaves no tag, so the replay fetches the history of the metric keys the run already
-has and drops the points that are already there before logging the rest and the tag.
+leaves no tag, so the replay drops the points that are already there before logging
+the rest and the tag: a point equal to the run's latest value of its key is there, one
+greater than it is not, and only otherwise is that key's history fetched.
+
+Run ids are cached, and creation is serialised, per process (the tracker and the
+registry of a stack share them).  Two daemons creating the run of the same pipeline
+run at the same instant both search again after creating and keep the earliest
+(start_time, run id), deleting their own otherwise; only clock skew between them
+within that instant could leave two runs.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import asyncio
 import json
 import math
 import time
+import weakref
 from typing import Any
 
 from pydantic import Field
@@ -59,6 +67,7 @@ __all__ = [
     "MAX_PARAMS_PER_BATCH",
     "MlflowTracker",
     "MlflowTrackerSettings",
+    "clear_run_cache",
     "logged_tag",
     "param_text",
     "tracked_values",
@@ -72,6 +81,27 @@ RUN_ID_TAG = "router.run_id"
 RUN_KEY_TAG = "router.run_key"
 LOGGED_TAG_PREFIX = "router.logged."
 _LOCK_STRIPES = 64
+
+# Shared by every MLflow sink of the process: a stack's tracker and registry are two
+# sinks that both need the run of a pipeline run, often at the same moment.
+_RUNS: LruCache[tuple[str, str, str], str] = LruCache(4096)
+_LOOP_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def clear_run_cache() -> None:
+    """Forget every cached MLflow run id, as a restarted daemon would (for tests)."""
+    global _RUNS
+    _RUNS = LruCache(4096)
+
+
+def _run_lock(key: tuple[str, str, str]) -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    locks = _LOOP_LOCKS.get(loop)
+    if locks is None:
+        locks = _LOOP_LOCKS[loop] = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
+    return locks[hash(key) % _LOCK_STRIPES]
 
 
 def tracked_values(artifact: ArtifactView) -> tuple[dict[str, float], dict[str, Any]]:
@@ -121,11 +151,9 @@ class MlflowTracker(BaseSink):
         super().__init__(sink_id, settings)
         self.api = MlflowRest(settings)
         self._experiments: LruCache[str, str] = LruCache()
-        self._runs: LruCache[tuple[str, str], str] = LruCache()
-        self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
 
-    def _lock(self, *key: str) -> asyncio.Lock:
-        return self._locks[hash(key) % _LOCK_STRIPES]
+    def _run_key(self, pipeline: str, run_id: str) -> tuple[str, str, str]:
+        return (self.settings.tracking_uri, self.experiment_name(pipeline), run_id)
 
     async def deliver(self, item: DeliveryItem) -> DeliveryResult:
         if item.action is not Action.TRACK:
@@ -193,12 +221,12 @@ class MlflowTracker(BaseSink):
 
     async def mlflow_run_id(self, pipeline: str, run_id: str) -> str:
         """The MLflow run of (pipeline, run_id), created on first use."""
-        key = (pipeline, run_id)
-        cached = self._runs.get(key)
+        key = self._run_key(pipeline, run_id)
+        cached = _RUNS.get(key)
         if cached is not None:
             return cached
-        async with self._lock(pipeline, run_id):
-            cached = self._runs.get(key)
+        async with _run_lock(key):
+            cached = _RUNS.get(key)
             if cached is not None:
                 return cached
             experiment_id = await self.experiment_id(pipeline)
@@ -218,25 +246,25 @@ class MlflowTracker(BaseSink):
                     },
                 )
                 mine = created["run"]["info"]["run_id"]
-                # Another daemon (or the registry sink) may have created one at the same
-                # time: everyone keeps the earliest and the others delete their own.
+                # Another daemon may have created one at the same time: everyone keeps
+                # the earliest (start_time, run id) and the others delete their own.
                 runs = await self._search_runs(experiment_id, pipeline, run_id)
                 if runs and runs[0]["info"]["run_id"] != mine:
                     await self.api.post("runs/delete", {"run_id": mine})
                 elif not runs:
                     runs = [created["run"]]
             chosen = str(runs[0]["info"]["run_id"])
-            self._runs.put(key, chosen)
+            _RUNS.put(key, chosen)
             return chosen
 
     def forget_run(self, pipeline: str, run_id: str) -> None:
-        self._runs.pop((pipeline, run_id))
+        _RUNS.pop(self._run_key(pipeline, run_id))
 
     # -- tracking -----------------------------------------------------------------------
 
     async def track(self, item: DeliveryItem) -> DeliveryResult:
         pipeline, run_id = item.context.pipeline, item.context.run_id
-        was_cached = self._runs.get((pipeline, run_id)) is not None
+        was_cached = _RUNS.get(self._run_key(pipeline, run_id)) is not None
         mlflow_run = await self.mlflow_run_id(pipeline, run_id)
         try:
             return await self._log(mlflow_run, item)
@@ -263,7 +291,7 @@ class MlflowTracker(BaseSink):
             details={
                 "experiment_id": run["info"]["experiment_id"],
                 "mlflow_run_id": mlflow_run,
-                "run_url": f"{self.settings.tracking_uri}/#/experiments/"
+                "run_url": f"{self.api.display}/#/experiments/"
                 f"{run['info']['experiment_id']}/runs/{mlflow_run}",
             },
         )

@@ -1,9 +1,9 @@
 """`wandb` tracker: metrics and parameters to Weights & Biases, offline by default.
 
-Settings: `dir` (where W&B files go), `project` (default: the pipeline name),
-`entity`, `mode` (`offline` unless an `api_key` is given, then `online`), `api_key`
-(passed to W&B in its settings, never logged, never written to ~/.netrc) and
-`base_url` for a self-hosted server.  Offline runs are uploaded later with
+Settings: `dir` (where W&B files go, default `./wandb-runs`), `project` (default: the
+pipeline name), `entity`, `mode` (`offline` unless an `api_key` is given, then
+`online`), `api_key` (passed to W&B in its settings, never logged, never written to
+~/.netrc) and `base_url` for a self-hosted server.  Offline runs are uploaded later with
 `wandb sync <dir>/wandb`.
 
 Each (pipeline, run_id) is one W&B run with a stable id derived from both, opened
@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 
 from router.delivery import Action
 from router.rules import sanitise_segment
@@ -56,8 +56,15 @@ _WANDB_LOCK = threading.Lock()
 
 
 class WandbTrackerSettings(SinkSettings):
-    dir: Path
-    project: str | None = Field(default=None, description="default: the pipeline name")
+    dir: Path = Field(
+        default=Path("wandb-runs"), description="W&B files; relative to the daemon's cwd"
+    )
+    # The config loader renames FlowyML's `project` to `project_id` (a GCP setting).
+    project: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("project", "project_id"),
+        description="default: the pipeline name",
+    )
     entity: str | None = None
     mode: Literal["offline", "online"] | None = Field(
         default=None, description="default: offline, or online when api_key is set"
@@ -189,6 +196,9 @@ class WandbTracker(BaseSink):
             options["base_url"] = self.settings.base_url
         context = item.context
         try:
+            # Process-wide settings first: W&B's analytics read the global mode, not the
+            # run's, and would reach out to the network from an offline run otherwise.
+            wandb.setup(settings=wandb.Settings(**options))
             run = wandb.init(
                 project=self.settings.project or context.pipeline,
                 entity=self.settings.entity,
@@ -197,7 +207,6 @@ class WandbTracker(BaseSink):
                 name=context.run_id,
                 group=context.pipeline,
                 resume="allow",
-                reinit="create_new",
                 settings=wandb.Settings(**options),
             )
         except Exception as exc:  # W&B raises its own errors for auth, network, settings

@@ -1,0 +1,128 @@
+"""The scenarios of `python -m bench`, each run side by side with its peer tool."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.harness import DaemonUnderTest, ScenarioResult, median, p99, run_peer
+
+__all__ = ["SCENARIOS"]
+
+
+def _rclone() -> str:
+    from tests.servers_storage import _find_rclone
+
+    return _find_rclone()
+
+
+def _stage_bundles(staging: Path, n: int, size: int, prefix: str = "b") -> list[Path]:
+    """Complete bundles outside the spool, ready to be renamed into incoming/ at once."""
+    staging.mkdir(parents=True, exist_ok=True)
+    bundles = []
+    for i in range(n):
+        bundle = staging / f"{prefix}{i:06d}"
+        bundle.mkdir()
+        (bundle / f"f{i:06d}.bin").write_bytes(os.urandom(size))
+        (bundle / "manifest.json").write_text(json.dumps({
+            "manifest_version": 1, "pipeline": "bench", "run_id": f"r{i}", "step_name": "s",
+            "artifacts": [{"type": "dataset", "name": "d", "upload": True,
+                           "files": [{"path": f"f{i:06d}.bin"}]}],
+        }))
+        bundles.append(bundle)
+    return bundles
+
+
+def _flat_copy(bundles: list[Path], dest: Path) -> Path:
+    """The same payload files in one flat directory, for the peer tools."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for bundle in bundles:
+        for f in bundle.glob("*.bin"):
+            os.link(f, dest / f.name)
+    return dest
+
+
+def _route(daemon: DaemonUnderTest, bundles: list[Path]) -> float:
+    """Rename every bundle into incoming/ and return the seconds until all are done."""
+    incoming = daemon.spool / "incoming"
+    t0 = time.perf_counter()
+    for bundle in bundles:
+        os.rename(bundle, incoming / bundle.name)
+    t1 = daemon.wait_done(len(bundles))
+    return t1 - t0
+
+
+LOCAL_STACK: Callable[[Path], dict[str, Any]] = lambda store: {  # noqa: E731
+    "artifact_store": {"type": "local", "path": str(store)},
+    "artifact_routing": {"default": {"store": "local", "path": "{run_id}/{name}"}},
+}
+
+
+def small_to_local(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
+    n = 1000 if quick else 5000
+    router_rates, peer_rates, router_rss, peer_rss = [], [], [], []
+    for rep in range(reps):
+        # alternate who goes first, so that page-cache warmth favours neither
+        order = ["router", "peer"] if rep % 2 == 0 else ["peer", "router"]
+        for who in order:
+            root = work / f"small-local-{rep}-{who}"
+            bundles = _stage_bundles(root / "staging", n, 4096)
+            if who == "router":
+                daemon = DaemonUnderTest(root / "router", LOCAL_STACK(root / "store"))
+                daemon.start()
+                seconds = _route(daemon, bundles)
+                router_rss.append(daemon.stop())
+                router_rates.append(n / seconds)
+            else:
+                flat = _flat_copy(bundles, root / "flat")
+                seconds, rss = run_peer([_rclone(), "copy", str(flat), str(root / "dest")])
+                peer_rates.append(n / seconds)
+                peer_rss.append(rss)
+            shutil.rmtree(root, ignore_errors=True)
+
+    latency = _local_latency(work / "small-local-latency", rate=200.0,
+                             seconds=5.0 if quick else 15.0)
+    r, p = median(router_rates), median(peer_rates)
+    return [ScenarioResult(
+        scenario="small-to-local", peer="rclone copy", unit="bundles/s", router=r,
+        peer_value=p, ratio=r / p, router_peak_rss_mib=max(router_rss),
+        peer_peak_rss_mib=max(peer_rss), target="ratio >= 1.0; p99 < 100 ms at 200/s",
+        met=r / p >= 1.0 and latency["p99_ms"] < 100, repetitions=reps,
+        details={"bundles": n, "file_bytes": 4096, **latency,
+                 "router_runs": router_rates, "peer_runs": peer_rates},
+    )]
+
+
+def _local_latency(root: Path, rate: float, seconds: float) -> dict[str, float]:
+    """Offered load at a fixed rate; latency from rename to done (journal finished_at)."""
+    n = int(rate * seconds)
+    bundles = _stage_bundles(root / "staging", n, 4096, prefix="lat")
+    daemon = DaemonUnderTest(root / "router", LOCAL_STACK(root / "store"))
+    daemon.start()
+    renamed: dict[str, float] = {}
+    incoming = daemon.spool / "incoming"
+    start = time.time()
+    for i, bundle in enumerate(bundles):
+        due = start + i / rate
+        delay = due - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        os.rename(bundle, incoming / bundle.name)
+        renamed[bundle.name] = time.time()
+    daemon.wait_done(n)
+    finished = daemon.finished_at()
+    daemon.stop()
+    latencies = [(finished[name] - t) * 1000 for name, t in renamed.items()]
+    shutil.rmtree(root, ignore_errors=True)
+    return {"offered_per_s": rate, "p50_ms": median(latencies), "p99_ms": p99(latencies),
+            "max_ms": max(latencies)}
+
+
+SCENARIOS: dict[str, Callable[[Path, bool, int], list[ScenarioResult]]] = {
+    "small-to-local": small_to_local,
+}

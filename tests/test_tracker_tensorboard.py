@@ -1,0 +1,140 @@
+"""The `tensorboard` tracker: real event files, read back with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from router.config import ComponentConfig
+from router.delivery import Action
+from router.manifest import ArtifactKind
+from sinks.base import PermanentError, TransientError
+from sinks.registry import check_component, create_sink
+from sinks.trackers.tensorboard import (
+    SIDECAR_NAME,
+    TensorBoardTracker,
+    TensorBoardTrackerSettings,
+    read_sidecar,
+)
+from tests.servers_mlflow import make_item
+
+
+def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    if tag not in accumulator.Tags()["scalars"]:
+        return []
+    return [(e.step, round(e.value, 6)) for e in accumulator.Scalars(tag)]
+
+
+def _items():
+    return [
+        make_item(
+            key="ev-1/0/track/prod.tb",
+            values={"accuracy": 0.91, "loss": 0.4},
+            step=3,
+            received_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        ),
+        make_item(
+            key="ev-2/0/track/prod.tb",
+            step_name="evaluate",
+            values={"accuracy": 0.95},
+            step=5,
+            received_at=datetime(2026, 1, 2, 3, 5, 0, tzinfo=UTC),
+        ),
+        make_item(
+            key="ev-2/1/track/prod.tb",
+            step_name="evaluate",
+            kind=ArtifactKind.MODEL,
+            name="fraud_detector",
+            metadata={"metrics": {"f1_score": 0.88}},
+            received_at=datetime(2026, 1, 2, 3, 5, 0, tzinfo=UTC),
+        ),
+        make_item(
+            key="ev-1/1/track/prod.tb",
+            kind=ArtifactKind.PARAMETERS,
+            name="hparams",
+            values={"lr": 0.001},
+        ),
+    ]
+
+
+async def test_scalars_at_their_steps_and_replays_write_nothing(tmp_path: Path):
+    sink = TensorBoardTracker("prod.tb", TensorBoardTrackerSettings(log_dir=tmp_path))
+    items = _items()
+    results = [await sink.deliver(item) for item in items]
+    assert not any(r.skipped for r in results)
+    replays = [await sink.deliver(item) for item in items]
+    assert all(r.skipped for r in replays)
+    # A restarted daemon (no cache) replays everything again.
+    restarted = TensorBoardTracker("prod.tb", TensorBoardTrackerSettings(log_dir=tmp_path))
+    assert all([(await restarted.deliver(item)).skipped for item in items])
+
+    run_dir = tmp_path / "fraud_training" / "run-1"
+    assert _scalars(run_dir, "accuracy") == [(3, 0.91), (5, 0.95)]
+    assert _scalars(run_dir, "loss") == [(3, 0.4)]
+    assert _scalars(run_dir, "f1_score") == [(0, 0.88)]
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    assert "parameters/train.lr/text_summary" in accumulator.Tags()["tensors"]
+    assert len(list(run_dir.glob("*tfevents*"))) == len(items)
+    assert read_sidecar(run_dir / SIDECAR_NAME) == {item.key for item in items}
+
+
+async def test_crash_after_the_event_file_before_the_sidecar(tmp_path: Path):
+    item = _items()[0]
+    sink = TensorBoardTracker("prod.tb", TensorBoardTrackerSettings(log_dir=tmp_path))
+    await sink.deliver(item)
+    run_dir = tmp_path / "fraud_training" / "run-1"
+    # The process died after the rename: the sidecar never got the key.
+    (run_dir / SIDECAR_NAME).write_text("")
+    # And an earlier attempt left a partial file behind.
+    (run_dir / ".router-partial-junk").write_bytes(b"\x00garbage")
+
+    restarted = TensorBoardTracker("prod.tb", TensorBoardTrackerSettings(log_dir=tmp_path))
+    replay = await restarted.deliver(item)
+    assert replay.skipped
+    assert read_sidecar(run_dir / SIDECAR_NAME) == {item.key}
+    assert _scalars(run_dir, "accuracy") == [(3, 0.91)]
+
+
+async def test_crash_before_the_rename_is_written_once(tmp_path: Path):
+    item = _items()[1]
+    sink = TensorBoardTracker("prod.tb", TensorBoardTrackerSettings(log_dir=tmp_path))
+    target = sink.event_file(item)
+    target.parent.mkdir(parents=True)
+    partial = target.parent / f".router-partial-{target.name.rsplit('.', 1)[-1]}"
+    partial.write_bytes(b"torn")
+    result = await sink.deliver(item)
+    assert not result.skipped
+    assert not partial.exists()
+    assert _scalars(target.parent, "accuracy") == [(5, 0.95)]
+
+
+async def test_run_directories_are_sanitised(tmp_path: Path):
+    sink = TensorBoardTracker("prod.tb", TensorBoardTrackerSettings(log_dir=tmp_path))
+    item = make_item(key="ev/0/track/tb", pipeline="..", run_id="a/../b", values={"x": 1.0})
+    result = await sink.deliver(item)
+    assert result.uri is not None
+    written = Path(result.uri.removeprefix("file://"))
+    assert written.is_relative_to(tmp_path)
+    assert written.parent == tmp_path / "__" / "a_.._b"
+
+
+async def test_errors(tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    sink = TensorBoardTracker("prod.tb", TensorBoardTrackerSettings(log_dir=blocker))
+    with pytest.raises(TransientError):
+        await sink.deliver(make_item(key="ev/0/track/tb", values={"x": 1.0}))
+    with pytest.raises(PermanentError):
+        await sink.deliver(make_item(key="ev/0/register/tb", action=Action.REGISTER))
+
+
+def test_component_type(tmp_path: Path):
+    component = ComponentConfig.model_validate({"type": "tensorboard", "log_dir": str(tmp_path)})
+    assert check_component("experiment_tracker", "stacks.x.experiment_tracker", component) == []
+    assert isinstance(create_sink("x.experiment_tracker", component), TensorBoardTracker)

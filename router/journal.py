@@ -592,10 +592,10 @@ class DeliveryJournal:
         async with self.db.read() as conn:
             for state, n in (
                 await conn.execute(
-                    sa.select(events.c.state, sa.func.count()).group_by(events.c.state)
+                    sa.select(events.c.state, sa.func.count().label("n")).group_by(events.c.state)
                 )
             ).all():
-                report.events[str(state)] = int(n)
+                report.events[str(state)] = int(str(n))
             for sink_id, state, n in (
                 await conn.execute(
                     sa.select(deliveries.c.sink_id, deliveries.c.state, sa.func.count()).group_by(
@@ -605,9 +605,10 @@ class DeliveryJournal:
             ).all():
                 state_name = str(state)
                 counts = report.sinks.setdefault(str(sink_id), SinkCounts())
-                setattr(counts, state_name, int(n))
+                count = int(str(n))
+                setattr(counts, state_name, count)
                 setattr(report.deliveries, state_name,
-                        getattr(report.deliveries, state_name) + int(n))
+                        getattr(report.deliveries, state_name) + count)
             oldest = (
                 await conn.execute(
                     sa.select(sa.func.min(deliveries.c.created_at)).where(

@@ -126,3 +126,143 @@ def _local_latency(root: Path, rate: float, seconds: float) -> dict[str, float]:
 SCENARIOS: dict[str, Callable[[Path, bool, int], list[ScenarioResult]]] = {
     "small-to-local": small_to_local,
 }
+
+
+# --- S3 (rclone serve s3) -----------------------------------------------------------------
+
+
+def _s3_server(work: Path) -> Any:
+    from tests.servers_storage import RcloneS3
+
+    server = RcloneS3(work / "rclone")
+    server.start()
+    return server
+
+
+def _s3_env(server: Any) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+            "S3_ENDPOINT_URL": server.url}
+
+
+def _bin(name: str) -> str:
+    import sys
+
+    found = Path(sys.executable).parent / name
+    if found.exists():
+        return str(found)
+    which = shutil.which(name)
+    if which is None:
+        raise RuntimeError(f"{name} is not installed: pip install -e '.[bench]'")
+    return which
+
+
+def _s3_stack(server: Any, prefix: str) -> dict[str, Any]:
+    return {
+        "artifact_store": {"type": "s3", **server.settings(prefix=prefix)},
+        "artifact_routing": {"default": {"store": "s3", "path": "{run_id}/{name}"}},
+    }
+
+
+def _peer_s3(tool: str, server: Any, src: Path, prefix: str) -> tuple[float, float]:
+    env = _s3_env(server)
+    dest = f"s3://{server.bucket}/{prefix}/"
+    if tool == "s5cmd":
+        cmd = [_bin("s5cmd"), "--endpoint-url", server.url, "cp", f"{src}/*", dest]
+    else:
+        cmd = [_bin("aws"), "--endpoint-url", server.url, "s3", "cp", "--recursive",
+               "--only-show-errors", str(src), dest]
+    return run_peer(cmd, env)
+
+
+def small_to_s3(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
+    n = 500 if quick else 2000
+    server = _s3_server(work)
+    runs: dict[str, list[float]] = {"router": [], "s5cmd": [], "aws": []}
+    rss: dict[str, list[float]] = {"router": [], "s5cmd": [], "aws": []}
+    try:
+        for rep in range(reps):
+            order = ["router", "s5cmd", "aws"][rep % 3:] + ["router", "s5cmd", "aws"][:rep % 3]
+            for who in order:
+                root = work / f"small-s3-{rep}-{who}"
+                bundles = _stage_bundles(root / "staging", n, 16 * 1024)
+                prefix = f"{who}-{rep}"
+                if who == "router":
+                    daemon = DaemonUnderTest(root / "router", _s3_stack(server, prefix))
+                    daemon.start()
+                    seconds = _route(daemon, bundles)
+                    rss[who].append(daemon.stop())
+                else:
+                    flat = _flat_copy(bundles, root / "flat")
+                    seconds, peak = _peer_s3(who, server, flat, prefix)
+                    rss[who].append(peak)
+                runs[who].append(n / seconds)
+                shutil.rmtree(root, ignore_errors=True)
+    finally:
+        server.stop()
+    r = median(runs["router"])
+    out = []
+    for peer, label, target in (("aws", "aws s3 cp --recursive", 1.0), ("s5cmd", "s5cmd cp", 0.7)):
+        p = median(runs[peer])
+        out.append(ScenarioResult(
+            scenario="small-to-s3", peer=label, unit="files/s", router=r, peer_value=p,
+            ratio=r / p, router_peak_rss_mib=max(rss["router"]),
+            peer_peak_rss_mib=max(rss[peer]), target=f"ratio >= {target}",
+            met=r / p >= target, repetitions=reps,
+            details={"files": n, "file_bytes": 16 * 1024, "router_runs": runs["router"],
+                     "peer_runs": runs[peer]},
+        ))
+    return out
+
+
+def large_to_s3(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
+    size = (256 if quick else 1024) * 1024 * 1024
+    server = _s3_server(work)
+    src = work / "large"
+    src.mkdir(parents=True, exist_ok=True)
+    model = src / "model.bin"
+    with open(model, "wb") as fh:  # incompressible, written in chunks (never whole in memory)
+        for _ in range(size // (8 * 1024 * 1024)):
+            fh.write(os.urandom(8 * 1024 * 1024))
+    runs: dict[str, list[float]] = {"router": [], "s5cmd": []}
+    rss: dict[str, list[float]] = {"router": [], "s5cmd": []}
+    mib = size / (1024 * 1024)
+    try:
+        for rep in range(reps):
+            for who in (["router", "s5cmd"] if rep % 2 == 0 else ["s5cmd", "router"]):
+                prefix = f"{who}-{rep}"
+                if who == "router":
+                    root = work / f"large-{rep}"
+                    staging = root / "staging" / "big"
+                    staging.mkdir(parents=True)
+                    os.link(model, staging / "model.bin")
+                    (staging / "manifest.json").write_text(json.dumps({
+                        "manifest_version": 1, "pipeline": "bench", "run_id": prefix,
+                        "step_name": "train", "artifacts": [{
+                            "type": "model", "name": "big", "upload": True,
+                            "files": [{"path": "model.bin"}]}]}))
+                    daemon = DaemonUnderTest(root / "router", _s3_stack(server, prefix))
+                    daemon.start()
+                    seconds = _route(daemon, [staging])
+                    rss[who].append(daemon.stop())
+                    shutil.rmtree(root, ignore_errors=True)
+                else:
+                    seconds, peak = _peer_s3("s5cmd", server, src, prefix)
+                    rss[who].append(peak)
+                runs[who].append(mib / seconds)
+                for leftover in (server.root / server.bucket).glob(f"{prefix}*"):
+                    shutil.rmtree(leftover, ignore_errors=True)  # keep the disk from filling
+    finally:
+        server.stop()
+    r, p = median(runs["router"]), median(runs["s5cmd"])
+    router_rss = max(rss["router"])
+    return [ScenarioResult(
+        scenario="large-to-s3", peer="s5cmd cp", unit="MiB/s", router=r, peer_value=p,
+        ratio=r / p, router_peak_rss_mib=router_rss, peer_peak_rss_mib=max(rss["s5cmd"]),
+        target="ratio >= 0.9; router RSS < 200 MiB", met=r / p >= 0.9 and router_rss < 200,
+        repetitions=reps,
+        details={"file_mib": mib, "router_runs": runs["router"], "peer_runs": runs["s5cmd"]},
+    )]
+
+
+SCENARIOS.update({"small-to-s3": small_to_s3, "large-to-s3": large_to_s3})

@@ -142,6 +142,9 @@ class Daemon:
             app = web.Application()
             app.router.add_get("/healthz", self._healthz)
             app.router.add_get("/metrics", self._metrics)
+            from router.http_api import add_routes
+
+            add_routes(app, self.db, spool=self.config.router.spool)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
             await web.TCPSite(self._runner, host, port).start()

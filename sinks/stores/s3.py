@@ -113,7 +113,7 @@ class S3StoreSettings(SinkSettings):
     kms_key_id: str | None = None
     storage_class: str | None = None
     multipart_threshold: ByteSize = Field(default=ByteSize(64 * MiB), ge=1, le=MAX_SINGLE_PUT)
-    part_size: ByteSize = Field(default=ByteSize(16 * MiB), ge=MIN_PART_SIZE, le=MAX_PART_SIZE)
+    part_size: ByteSize = Field(default=ByteSize(8 * MiB), ge=MIN_PART_SIZE, le=MAX_PART_SIZE)
     max_concurrency: int = Field(default=8, ge=1, le=64, description="parts in flight")
     addressing_style: Literal["auto", "path", "virtual"] = Field(
         default="auto", description="auto means path style when endpoint_url is set"

@@ -1,0 +1,197 @@
+"""Read-only JSON API over the catalog, for `router.client` with ROUTER_URL and for people.
+
+    GET /api/v1/runs?pipeline=&limit=                         {"runs": [...]}
+    GET /api/v1/runs/{pipeline}/{run_id}                       {"run": {...}, "artifacts": [...]}
+    GET /api/v1/artifacts?pipeline=&run_id=&step_name=&name=&kind=&cache_key=&limit=
+                                                               {"artifacts": [...]}
+    GET /api/v1/artifacts/{id}                                 {"artifact": {...}}
+    GET /api/v1/artifacts/{id}/lineage                         {"artifact", "inputs",
+                                                                "unresolved_inputs", "consumers"}
+    GET /api/v1/artifacts/{id}/files/{file_name}               the file's bytes
+
+Artifacts carry metadata, checksum, version, files, locations and lineage inputs, as
+`artifact-router artifacts --json` prints them.  The file endpoint serves only what the
+catalog says the router itself wrote: a `file://` store location, or (when `spool` is
+given) the file in the artifact's spool bundle.  Errors are JSON: {"error": "..."}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from aiohttp import web
+
+from router.catalog import ArtifactRow, list_runs
+from router.catalog_read import (
+    artifact_by_id,
+    bundles_of,
+    consumers_of,
+    get_run,
+    query_artifacts,
+    resolve_refs,
+)
+from router.db import Database
+
+__all__ = ["API_PREFIX", "add_routes"]
+
+API_PREFIX = "/api/v1"
+_MAX_LIMIT = 100_000
+_SPOOL_STATES = ("done", "accepted", "failed", "incoming")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _limit(request: web.Request, default: int) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=f'{{"error": "limit={raw!r} is not an integer"}}',
+            content_type="application/json",
+        ) from None
+    if not 1 <= value <= _MAX_LIMIT:
+        raise web.HTTPBadRequest(
+            text=f'{{"error": "limit must be between 1 and {_MAX_LIMIT}"}}',
+            content_type="application/json",
+        )
+    return value
+
+
+def _artifact_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    try:
+        return int(raw)
+    except ValueError:
+        raise web.HTTPNotFound(
+            text='{"error": "artifact ids are integers"}', content_type="application/json"
+        ) from None
+
+
+def _dump(rows: list[Any]) -> list[dict[str, Any]]:
+    return [r.model_dump(mode="json") for r in rows]
+
+
+def _local_file(
+    row: ArtifactRow, name: str, bundles: dict[str, str], spool_root: Path | None
+) -> Path | None:
+    """The file on this machine: a file:// store location, else its spool bundle's copy."""
+    for loc in row.locations:
+        if loc.action != "store" or loc.file_name != name:
+            continue
+        parsed = urlparse(loc.uri)
+        if parsed.scheme == "file":
+            path = Path(unquote(parsed.path))
+            if path.is_file():
+                return path
+    staged = next((f for f in row.files if f.get("name") == name), None)
+    bundle = bundles.get(row.event_id)
+    if spool_root is not None and staged and staged.get("path") and bundle:
+        for state in _SPOOL_STATES:
+            base = (spool_root / state / bundle).resolve()
+            path = (base / str(staged["path"])).resolve()
+            if base in path.parents and path.is_file():
+                return path
+    return None
+
+
+def add_routes(
+    app: web.Application, db: Database, *, spool: str | Path | None = None
+) -> None:
+    """Register the read-only catalog endpoints on `app` (GET only).
+
+    `spool` (the daemon's spool root) lets the file endpoint serve files of artifacts
+    that were not uploaded to a store, from their bundle in the spool.
+    """
+    spool_root = Path(spool).resolve() if spool is not None else None
+
+    async def runs(request: web.Request) -> web.StreamResponse:
+        async with db.read() as conn:
+            rows = await list_runs(
+                conn, pipeline=request.query.get("pipeline") or None,
+                limit=_limit(request, 200),
+            )
+        return web.json_response({"runs": _dump(rows)})
+
+    async def run(request: web.Request) -> web.StreamResponse:
+        pipeline, run_id = request.match_info["pipeline"], request.match_info["run_id"]
+        async with db.read() as conn:
+            row = await get_run(conn, pipeline, run_id)
+            if row is None:
+                return _error(404, f"no run {run_id!r} of pipeline {pipeline!r} in the catalog")
+            rows = await query_artifacts(conn, pipeline=pipeline, run_id=run_id)
+        return web.json_response({"run": row.model_dump(mode="json"), "artifacts": _dump(rows)})
+
+    async def artifacts(request: web.Request) -> web.StreamResponse:
+        q = request.query
+        async with db.read() as conn:
+            rows = await query_artifacts(
+                conn,
+                pipeline=q.get("pipeline") or None,
+                run_id=q.get("run_id") or None,
+                step_name=q.get("step_name") or None,
+                name=q.get("name") or None,
+                kind=q.get("kind") or None,
+                cache_key=q.get("cache_key") or None,
+                limit=_limit(request, 1000),
+            )
+        return web.json_response({"artifacts": _dump(rows)})
+
+    async def artifact(request: web.Request) -> web.StreamResponse:
+        async with db.read() as conn:
+            row = await artifact_by_id(conn, _artifact_id(request))
+        if row is None:
+            return _error(404, f"no artifact {request.match_info['id']} in the catalog")
+        return web.json_response({"artifact": row.model_dump(mode="json")})
+
+    async def lineage(request: web.Request) -> web.StreamResponse:
+        async with db.read() as conn:
+            row = await artifact_by_id(conn, _artifact_id(request))
+            if row is None:
+                return _error(404, f"no artifact {request.match_info['id']} in the catalog")
+            resolved = await resolve_refs(conn, row.inputs)
+            ref = f"{row.pipeline}/{row.run_id}/{row.step_name}/{row.name}"
+            consumers = await consumers_of(conn, [ref])
+        return web.json_response(
+            {
+                "artifact": row.model_dump(mode="json"),
+                "inputs": _dump([resolved[r] for r in row.inputs if r in resolved]),
+                "unresolved_inputs": [r for r in row.inputs if r not in resolved],
+                "consumers": _dump(consumers),
+            }
+        )
+
+    async def file(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["file_name"]
+        async with db.read() as conn:
+            row = await artifact_by_id(conn, _artifact_id(request))
+            bundles = await bundles_of(conn, [row.event_id]) if row is not None else {}
+        if row is None:
+            return _error(404, f"no artifact {request.match_info['id']} in the catalog")
+        path = await asyncio.to_thread(_local_file, row, name, bundles, spool_root)
+        if path is not None:
+            return web.FileResponse(path)
+        remote = [loc.uri for loc in row.locations if loc.file_name == name]
+        return _error(
+            404,
+            f"file {name!r} of artifact {row.id} is not on this server's disk"
+            + (f"; read it from {', '.join(remote)}" if remote else ""),
+        )
+
+    prefix = API_PREFIX
+    app.router.add_get(f"{prefix}/runs", runs)
+    app.router.add_get(f"{prefix}/runs/{{pipeline}}/{{run_id}}", run)
+    app.router.add_get(f"{prefix}/artifacts", artifacts)
+    app.router.add_get(f"{prefix}/artifacts/{{id}}", artifact)
+    app.router.add_get(f"{prefix}/artifacts/{{id}}/lineage", lineage)
+    app.router.add_get(f"{prefix}/artifacts/{{id}}/files/{{file_name}}", file)

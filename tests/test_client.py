@@ -1,0 +1,351 @@
+"""The read API (router.client: Flow, Run, merge_artifacts, cached) and the HTTP API
+(router.http_api), against catalogs filled by the real daemon: SQLite and PostgreSQL,
+the local store and S3 (rclone serve s3), direct and through ROUTER_URL."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+import router
+from router import Artifact, Dataset, Flow, Metrics, Model, Run, emit, merge_artifacts
+from router.client import Client, NotFound
+from router.db import Database
+from router.http_api import add_routes
+from tests.conftest import DaemonProcess, Workspace, free_port
+from tests.servers_storage import GcsEmulator, RcloneS3, gcs_emulator, rclone_s3
+
+__all__ = ["gcs_emulator", "rclone_s3"]  # fixtures used here
+
+StartDaemon = Callable[..., DaemonProcess]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("ROUTER_RUN_ID", "ROUTER_STEP_NAME", "ROUTER_PIPELINE", "ROUTER_SPOOL",
+                "ROUTER_URL", "ROUTER_CONFIG", "ROUTER_TRANSPORT", "ROUTER_STACK",
+                "FLOWYML_STACK", "AIRFLOW_CTX_DAG_ID", "AIRFLOW_CTX_DAG_RUN_ID",
+                "AIRFLOW_CTX_TASK_ID", "ARGO_WORKFLOW_NAME", "ARGO_TEMPLATE",
+                "FLOWYML_UPLOAD_ALL_ARTIFACTS"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def client_for(workspace: Workspace, **kwargs: Any) -> Client:
+    return Client(config=workspace.config_path, cache_dir=workspace.root / "cache", **kwargs)
+
+
+def fitted(offset: float = 0.0) -> LogisticRegression:
+    x = np.array([[0.0], [1.0], [2.0], [3.0]]) + offset
+    return LogisticRegression().fit(x, [0, 0, 1, 1])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- Flow, Run, artifacts ---------------------------------------------------------------
+
+
+def test_flow_runs_artifacts_versions_and_not_found(
+    workspace: Workspace, start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start_daemon(workspace)
+    for run_id in ("run-a", "run-b"):
+        emit(Model(fitted(), name="clf", upload=True, metadata={"owner": "risk"}),
+             Metrics(accuracy=0.9 if run_id == "run-a" else 0.95, name="eval"),
+             pipeline="fraud", run_id=run_id, step_name="train", spool=workspace.spool)
+        workspace.wait_settled(1 if run_id == "run-a" else 2)
+    monkeypatch.setenv("ROUTER_CONFIG", str(workspace.config_path))
+
+    flow = Flow("fraud")  # the default client: ROUTER_CONFIG names the catalog
+    assert [r.id for r in flow.runs()] == ["run-b", "run-a"]
+    assert [r.id for r in flow] == ["run-b", "run-a"]
+    latest = flow.latest_run
+    assert latest is not None and latest.pathspec == "fraud/run-b"
+    assert Run("fraud/run-a").data.eval == {"accuracy": 0.9}
+    assert latest.data.eval == {"accuracy": 0.95}
+    assert "train" in latest and "nope" not in latest
+
+    art = latest["train"]["clf"]
+    assert art.pathspec == "fraud/run-b/train/clf" and art.type == "model"
+    assert art.version == "2" and [v.version for v in art.versions()] == ["2", "1"]
+    assert [v.run_id for v in art.versions()] == ["run-b", "run-a"]
+    assert art.metadata["owner"] == "risk" and art.metadata["router.serializer"] == "joblib"
+    assert art.framework == "sklearn"
+    (location,) = art.locations
+    assert location.sink_id == "local.artifact_store" and location.action == "store"
+    stored = Path(location.uri.removeprefix("file://"))
+    assert stored.is_relative_to(workspace.store) and stored.name == "model.joblib"
+    assert art.checksum == location.sha256 == sha256(stored)
+    assert art.size == stored.stat().st_size
+    assert art.data.predict(np.array([[3.0]])).tolist() == [1]
+    assert [a.name for a in latest.artifacts] == ["clf", "eval"]
+    assert sorted(latest.data) == ["clf", "eval"]
+
+    with pytest.raises(NotFound, match="no run 'fraud/run-zz'"):
+        Run("fraud/run-zz")
+    with pytest.raises(NotFound, match="has no step 'nope'; it has train"):
+        latest["nope"]
+    with pytest.raises(NotFound, match="has no artifact 'x'"):
+        latest["train"]["x"]
+    with pytest.raises(AttributeError, match="no artifact 'x'"):
+        _ = latest.data.x
+    with pytest.raises(ValueError, match="pipeline/run_id"):
+        Run("fraud")
+    assert Flow("no-such-pipeline").latest_run is None
+
+
+def test_merge_artifacts_gathers_three_parallel_branches(
+    workspace: Workspace, start_daemon: StartDaemon
+) -> None:
+    start_daemon(workspace)
+    branches = {"branch_a": 0.0, "branch_b": 1.0, "branch_c": 2.0}
+    for name, offset in branches.items():
+        emit(Model(fitted(offset), name="model", upload=True),
+             Metrics(score=offset / 10, name="score"),
+             Artifact(name=f"only_{name}", data=name, upload=True),
+             pipeline="join", run_id="r1", step_name=name, spool=workspace.spool)
+    emit(Dataset(np.zeros(3), name="shared", upload=True), pipeline="join", run_id="r1",
+         step_name="start", spool=workspace.spool)
+    workspace.wait_settled(4)
+
+    with client_for(workspace) as client:
+        run = Run("join/r1", client=client)
+        inputs = [run[name] for name in branches]
+        merged = merge_artifacts(inputs)
+        assert merged.keys() == ["model", "score", "only_branch_a", "only_branch_b",
+                                 "only_branch_c"]
+        assert merged.score == [{"score": 0.0}, {"score": 0.1}, {"score": 0.2}]
+        assert len(merged.model) == 3
+        predictions = [m.predict(np.array([[1.6]])).tolist() for m in merged.model]
+        assert predictions == [[1], [0], [0]]  # each branch's own model, in branch order
+        assert merged["only_branch_b"] == ["branch_b"]
+        only_scores = merge_artifacts(inputs, include=["score"])
+        assert only_scores.keys() == ["score"]
+        assert "model" not in merge_artifacts(inputs, exclude=["model"])
+        with pytest.raises(NotFound, match="missing_name"):
+            merge_artifacts(inputs, include=["missing_name"])
+        # One run's data merges with others' too (Runs and DataArtifacts are branches).
+        assert merge_artifacts([run["start"]["shared"], run["start"]]).shared[0].tolist() == [
+            0.0, 0.0, 0.0]
+
+
+def test_the_client_works_inside_a_running_event_loop(
+    workspace: Workspace, start_daemon: StartDaemon
+) -> None:
+    start_daemon(workspace)
+    emit(Artifact(name="config", data={"a": 1}, upload=True), pipeline="loop", run_id="r",
+         step_name="s", spool=workspace.spool)
+    workspace.wait_settled(1)
+
+    async def inside() -> Any:
+        with client_for(workspace) as client:  # sync API, called from a coroutine
+            return Flow("loop", client=client).latest_run["s"].data.config  # type: ignore[index]
+
+    assert asyncio.run(inside()) == {"a": 1}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_catalog_queries_on_sqlite_and_postgresql(
+    backend: str, tmp_path: Path, start_daemon: StartDaemon, request: pytest.FixtureRequest
+) -> None:
+    url = (request.getfixturevalue("pg_url") if backend == "postgresql"
+           else f"sqlite+aiosqlite:///{tmp_path / 'state' / 'router.db'}")
+    workspace = Workspace(tmp_path, journal_url=url)
+    start_daemon(workspace)
+    prep = emit(Dataset(np.arange(4), name="features", upload=True), pipeline="pg",
+                run_id="r1", step_name="prep", spool=workspace.spool, cache_key="key-1")
+    emit(Model(fitted(), name="clf", upload=True), pipeline="pg", run_id="r1",
+         step_name="train", inputs=[prep.refs[0]], spool=workspace.spool)
+    emit(Dataset(np.arange(4) * 2, name="features", upload=True), pipeline="pg",
+         run_id="r2", step_name="prep", spool=workspace.spool, cache_key="key-2")
+    workspace.wait_settled(3)
+    with client_for(workspace) as client:
+        hit = router.cached("pg", "prep", "key-1", client=client)
+        assert hit is not None and hit.run_id == "r1"
+        assert hit.data.features.tolist() == [0, 1, 2, 3]
+        assert router.cached("pg", "prep", "key-2", client=client).run_id == "r2"  # type: ignore[union-attr]
+        assert router.cached("pg", "prep", "key-3", client=client) is None
+        features = Run("pg/r1", client=client)["prep"]["features"]
+        assert [c.pathspec for c in features.consumers] == ["pg/r1/train/clf"]
+        assert [i.pathspec for i in features.consumers[0].inputs] == ["pg/r1/prep/features"]
+
+
+# --- the HTTP API -----------------------------------------------------------------------
+
+
+class ApiServer:
+    """`add_routes` on an aiohttp app of our own, in a thread with its own loop."""
+
+    def __init__(self, database_url: str, spool: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._database_url, self._spool = database_url, spool
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(20), "the API server did not start"
+
+    def _serve(self) -> None:
+        from aiohttp import web
+
+        asyncio.set_event_loop(self._loop)
+        db = Database(self._database_url)
+        app = web.Application()
+        add_routes(app, db, spool=self._spool)
+        runner = web.AppRunner(app)
+        self._loop.run_until_complete(runner.setup())
+        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(runner.cleanup())
+        self._loop.run_until_complete(db.dispose())
+        self._loop.close()
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(20)
+
+
+def get_json(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def emit_lineage_run(workspace: Workspace) -> None:
+    prep = emit(Dataset(np.arange(6), name="train data", upload=True),
+                Artifact(name="notes", data="not uploaded: served from the spool"),
+                pipeline="http", run_id="r1", step_name="prep", spool=workspace.spool)
+    emit(Model(fitted(), name="clf", upload=True), inputs=[prep.refs[0]], pipeline="http",
+         run_id="r1", step_name="train", spool=workspace.spool)
+    workspace.wait_settled(2)
+
+
+def check_read_path(api_url: str, workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = f"{api_url}/api/v1"
+    status, body = get_json(f"{base}/runs?pipeline=http")
+    assert status == 200 and [r["run_id"] for r in body["runs"]] == ["r1"]
+    assert body["runs"][0]["artifacts"] == 3
+    status, body = get_json(f"{base}/runs/http/r1")
+    assert status == 200 and body["run"]["pipeline"] == "http"
+    assert sorted(a["name"] for a in body["artifacts"]) == ["clf", "notes", "train data"]
+    status, body = get_json(f"{base}/artifacts?pipeline=http&run_id=r1&name=clf")
+    (clf,) = body["artifacts"]
+    assert clf["locations"][0]["uri"].startswith("file://") and len(clf["checksum"]) == 64
+    assert clf["inputs"] == ["http/r1/prep/train data"]
+    status, body = get_json(f"{base}/artifacts/{clf['id']}/lineage")
+    assert [a["name"] for a in body["inputs"]] == ["train data"] and body["consumers"] == []
+    data_id = body["inputs"][0]["id"]
+    status, body = get_json(f"{base}/artifacts/{data_id}/lineage")
+    assert [a["name"] for a in body["consumers"]] == ["clf"]
+    assert get_json(f"{base}/artifacts/999999")[0] == 404
+    assert get_json(f"{base}/runs/http/nope") == (
+        404, {"error": "no run 'nope' of pipeline 'http' in the catalog"})
+    assert get_json(f"{base}/runs?limit=x")[0] == 400
+
+    # The Python client through ROUTER_URL: the catalog over HTTP, files where they are.
+    monkeypatch.setenv("ROUTER_URL", api_url)
+    monkeypatch.setenv("ROUTER_CACHE_DIR", str(workspace.root / "http-cache"))
+    run = Flow("http").latest_run
+    assert run is not None and [s.name for s in run.steps()] == ["prep", "train"]
+    assert run.data["train data"].tolist() == list(range(6))
+    assert run.data.train_data.tolist() == list(range(6))
+    assert run["train"].data.clf.predict(np.array([[3.0]])).tolist() == [1]
+    clf_art = run["train"]["clf"]
+    assert [a.name for a in clf_art.inputs] == ["train data"]
+    assert [a.name for a in run["prep"]["train data"].consumers] == ["clf"]
+    assert clf_art.versions()[0].version == clf_art.version
+    # Not uploaded: no store location; the server sends the file from its spool.
+    assert run.data.notes == "not uploaded: served from the spool"
+    assert run["prep"]["notes"].path().is_relative_to(workspace.root / "http-cache")
+    assert router.cached("http", "prep", "none") is None
+
+
+def test_http_api_read_path_with_router_url(
+    workspace: Workspace, start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start_daemon(workspace)
+    emit_lineage_run(workspace)
+    server = ApiServer(workspace.journal_url, workspace.spool)
+    try:
+        check_read_path(server.url, workspace, monkeypatch)
+    finally:
+        server.stop()
+
+
+def test_http_api_served_by_the_daemon(
+    tmp_path: Path, start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workspace = Workspace(tmp_path, listen=f"127.0.0.1:{free_port()}")
+    start_daemon(workspace)
+    url = f"http://{workspace.router['listen']}"
+    try:
+        urllib.request.urlopen(f"{url}/api/v1/runs", timeout=10).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            pytest.skip("router/daemon.py does not call router.http_api.add_routes yet")
+        raise
+    emit_lineage_run(workspace)
+    check_read_path(url, workspace, monkeypatch)
+
+
+# --- S3 -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["s3", "gcs"])
+def test_object_store_round_trip(
+    store: str, tmp_path: Path, start_daemon: StartDaemon, request: pytest.FixtureRequest
+) -> None:
+    """Uploaded to `rclone serve s3` / gcp-storage-emulator, read back by the client with
+    the store's own settings from the config, cached by checksum."""
+    server: RcloneS3 | GcsEmulator = request.getfixturevalue(
+        "rclone_s3" if store == "s3" else "gcs_emulator")
+    workspace = Workspace(tmp_path)
+    prefix = f"client-{tmp_path.name}"
+    workspace.stack["artifact_store"] = {"type": store, **server.settings(prefix=prefix)}
+    for rule in workspace.stack["artifact_routing"].values():
+        if "store" in rule:
+            rule["store"] = store
+    workspace.write()
+    start_daemon(workspace)
+    matrix = np.arange(20, dtype=np.int64).reshape(4, 5)
+    emit(Model(fitted(), name="clf", upload=True), Dataset(matrix, name="matrix", upload=True),
+         pipeline="objflow", run_id="r1", step_name="train", spool=workspace.spool)
+    status = workspace.wait_settled(1)
+    assert status["events"] == {"done": 1}, status
+
+    scheme = "s3" if store == "s3" else "gs"
+    key = f"{prefix}/objflow/r1/train/clf/model.joblib"
+    with client_for(workspace) as client:
+        step = Run("objflow/r1", client=client)["train"]
+        clf = step["clf"]
+        assert clf.uri == f"{scheme}://{server.bucket}/{key}"
+        assert step.data.clf.predict(np.array([[3.0]])).tolist() == [1]
+        assert step.data.matrix.tolist() == matrix.tolist()
+        local = clf.path()
+        assert local.is_relative_to(workspace.root / "cache") and sha256(local) == clf.checksum
+        # A second read comes from the cache (keyed by checksum), not the server.
+        fresh_client = client_for(workspace)
+        try:
+            again = Run("objflow/r1", client=fresh_client)["train"]["clf"]
+            assert again.path() == local
+        finally:
+            fresh_client.close()
+        assert client.read(clf.uri or "", sha256=clf.checksum) == local
+        with pytest.raises(OSError, match="sha256"):
+            client.read(clf.uri or "", sha256="0" * 64)

@@ -1,0 +1,76 @@
+"""Remote stores through the real daemon: fan-out to S3 and GCS, permanent errors visible."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from pathlib import Path
+
+from tests.conftest import Workspace, model_manifest, write_bundle
+from tests.servers_storage import (  # noqa: F401 - fixtures
+    GcsEmulator,
+    RcloneS3,
+    gcs_emulator,
+    rclone_s3,
+)
+
+
+def test_fan_out_to_s3_and_gcs_each_with_its_own_delivery(
+    tmp_path: Path, rclone_s3: RcloneS3, gcs_emulator: GcsEmulator,  # noqa: F811
+    start_daemon,  # type: ignore[no-untyped-def]
+) -> None:
+    prefix = uuid.uuid4().hex
+    workspace = Workspace(tmp_path)
+    workspace.stack["artifact_stores"] = {
+        "lake": {"type": "s3", **rclone_s3.settings(prefix=prefix)},
+        "archive": {"type": "gcs", **gcs_emulator.settings(prefix=prefix)},
+    }
+    workspace.stack["artifact_routing"]["Model"] = {
+        "store": ["lake", "archive"], "path": "{pipeline}/{run_id}/{name}"}
+    workspace.write()
+    start_daemon(workspace)
+    payloads = {i: f"model {i} ".encode() * (100 + i) for i in range(10)}
+    for i, data in payloads.items():
+        write_bundle(workspace.spool, f"b{i}", model_manifest("clf", run_id=f"r{i}"),
+                     {"model.pkl": data})
+    status = workspace.wait_settled(10)
+    assert status["events"] == {"done": 10}
+    assert status["sinks"]["local.artifact_stores.lake"]["done"] == 10
+    assert status["sinks"]["local.artifact_stores.archive"]["done"] == 10
+
+    catalog = json.loads(workspace.cli("artifacts", "--json").stdout)
+    for artifact in catalog:
+        i = int(artifact["run_id"][1:])
+        digest = hashlib.sha256(payloads[i]).hexdigest()
+        uris = sorted(loc["uri"] for loc in artifact["locations"])
+        assert uris == [
+            f"gs://{gcs_emulator.bucket}/{prefix}/fraud/r{i}/clf/model.pkl",
+            f"s3://{rclone_s3.bucket}/{prefix}/fraud/r{i}/clf/model.pkl",
+        ]
+        assert {loc["sha256"] for loc in artifact["locations"]} == {digest}
+        stored = rclone_s3.root / rclone_s3.bucket / prefix / "fraud" / f"r{i}" / "clf"
+        assert hashlib.sha256((stored / "model.pkl").read_bytes()).hexdigest() == digest
+
+
+def test_a_missing_bucket_is_dead_lettered_with_its_reason_while_others_deliver(
+    tmp_path: Path, rclone_s3: RcloneS3, start_daemon,  # type: ignore[no-untyped-def]  # noqa: F811
+) -> None:
+    workspace = Workspace(tmp_path)
+    workspace.stack["artifact_stores"] = {
+        "typo": {"type": "s3", **rclone_s3.settings(bucket_name="no-such-bucket")},
+        "local": {"type": "local", "path": str(workspace.store)},
+    }
+    workspace.stack["artifact_routing"]["Model"] = {"store": ["typo", "local"],
+                                                    "path": "{run_id}/{name}"}
+    workspace.write()
+    start_daemon(workspace)
+    write_bundle(workspace.spool, "b1", model_manifest("clf"), {"model.pkl": b"x"})
+    status = workspace.wait_settled(1)
+    assert status["events"] == {"failed": 1}
+    assert status["sinks"]["local.artifact_stores.local"]["done"] == 1
+    dead = status["dead_letters"][0]
+    assert dead["key"].endswith("local.artifact_stores.typo")
+    assert dead["attempts"] == 1  # permanent: not retried
+    assert "no-such-bucket" in dead["last_error"]
+    assert (workspace.spool / "failed" / "b1").is_dir()

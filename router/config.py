@@ -243,8 +243,17 @@ class MetricBound(_Strict):
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
+class DatasetExport(_Strict):
+    """`export_to_dataset:` a completed dataset becomes the next numbered snapshot of a
+    named dataset in a store (Domino Flows' export), recorded in the catalog."""
+
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    store: str | None = None
+    path: str = "datasets/{dataset}/{snapshot}"
+
+
 class RoutingRule(_Strict):
-    """FlowyML's ArtifactRoutingRule, plus `on_conflict` and lists of stores."""
+    """FlowyML's ArtifactRoutingRule, plus `on_conflict`, lists of stores and exports."""
 
     store: str | list[str] | None = None
     path: str = "{run_id}/{step_name}/{artifact_name}"
@@ -256,6 +265,7 @@ class RoutingRule(_Strict):
     log_to_tracker: bool = False
     metadata: dict[str, Any] = Field(default_factory=dict)
     on_conflict: Literal["fail", "overwrite", "version"] = "fail"
+    export_to_dataset: DatasetExport | None = None
 
     @field_validator("store")
     @classmethod
@@ -564,7 +574,10 @@ def _validation_problems(prefix: str, exc: ValidationError) -> list[Problem]:
     return problems
 
 
-def _check_template(template: str, path: str, problems: list[Problem]) -> None:
+def _check_template(
+    template: str, path: str, problems: list[Problem], extra: tuple[str, ...] = ()
+) -> None:
+    known_placeholders = (*PLACEHOLDERS, *extra)
     if not template.strip():
         problems.append(
             Problem(
@@ -589,14 +602,14 @@ def _check_template(template: str, path: str, problems: list[Problem]) -> None:
     for _, field_name, spec, conversion in fields:
         if field_name is None:
             continue
-        if field_name not in PLACEHOLDERS:
+        if field_name not in known_placeholders:
             problems.append(
                 Problem(
                     field=path,
                     value=template,
                     message=f"unknown placeholder {{{field_name}}}"
-                    f"{did_you_mean(field_name, PLACEHOLDERS)}; "
-                    f"known: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}",
+                    f"{did_you_mean(field_name, known_placeholders)}; "
+                    f"known: {', '.join('{' + p + '}' for p in known_placeholders)}",
                 )
             )
         elif spec or conversion:
@@ -670,6 +683,22 @@ def _validate_stack_semantics(stack: StackConfig, problems: list[Problem]) -> No
         else:
             seen_kinds[canonical] = key
         _check_template(rule.path, f"{rpath}.path", problems)
+        export = rule.export_to_dataset
+        if export is not None:
+            epath = f"{rpath}.export_to_dataset"
+            kind = _ROUTING_KEYS.get(key.lower())
+            if kind is not ArtifactKind.DATASET and key.lower() != "default":
+                problems.append(Problem(field=epath, message="only dataset rules (Dataset, "
+                                        "DATA or default) can export to a dataset"))
+            _check_template(export.path, f"{epath}.path", problems, extra=("dataset", "snapshot"))
+            if "{snapshot}" not in export.path:
+                problems.append(Problem(field=f"{epath}.path", value=export.path,
+                                        message="must contain {snapshot}, or every export "
+                                        "would overwrite the last"))
+            if export.store is not None and stack.resolve_store(export.store) is None:
+                problems.append(Problem(field=f"{epath}.store", value=export.store,
+                                        message="names no store of this stack"
+                                        + did_you_mean(export.store, list(stack.artifact_stores))))
         for store in rule.stores:
             if store is None:
                 continue  # the stack's artifact_store, if any; planning reports its absence

@@ -33,6 +33,7 @@ class Action(StrEnum):
     REGISTER = "register"
     DEPLOY = "deploy"
     TRACK = "track"
+    EXPORT = "export"  # a store put of a dataset snapshot (`export_to_dataset:`)
 
 
 class TransientError(Exception):

@@ -220,7 +220,7 @@ class Dispatcher:
             if (
                 staged.path is not None
                 and not staged.path.is_absolute()
-                and d.action in (Action.STORE.value, Action.TRACK.value)
+                and d.action in (Action.STORE.value, Action.TRACK.value, Action.EXPORT.value)
             ):
                 if bundle_dir is None:
                     raise TransientError(

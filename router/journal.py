@@ -18,9 +18,9 @@ from pydantic import BaseModel, Field
 
 from router import approvals, catalog
 from router.db import Database, deliveries, events
-from router.delivery import DeliveryResult
+from router.delivery import Action, DeliveryResult
 from router.intake import AcceptedEvent, Rejection
-from router.rules import RoutePlan
+from router.rules import SNAPSHOT_SLOT, RoutePlan
 
 __all__ = [
     "AcceptOutcome",
@@ -30,6 +30,9 @@ __all__ = [
     "FinishedEvent",
     "StatusReport",
 ]
+
+# Snapshot counters share the version counters table under this reserved pipeline name.
+DATASET_SNAPSHOTS = "(dataset snapshots)"
 
 Planner = Callable[[AcceptedEvent, list[str]], RoutePlan]
 
@@ -188,10 +191,21 @@ class DeliveryJournal:
                 )
             if event_rows:
                 await conn.execute(sa.insert(events), event_rows)
+            for row in delivery_rows:
+                if row["action"] == Action.EXPORT.value:
+                    await self._number_snapshot(conn, row)
             if delivery_rows:
                 await conn.execute(sa.insert(deliveries), delivery_rows)
             await catalog.record_events(conn, planned, now)
         return [o if o is not None else outcomes[i] for i, o in order]
+
+    async def _number_snapshot(self, conn: Any, row: dict[str, Any]) -> None:
+        """The next snapshot number of the named dataset, fixed when the event is journaled."""
+        export = dict(row["params"]["export"])
+        (snapshot,) = await catalog.reserve_versions(conn, DATASET_SNAPSHOTS, export["dataset"], 1)
+        export["snapshot"] = snapshot
+        row["params"] = {**row["params"], "export": export}
+        row["target"] = str(row["target"]).replace(SNAPSHOT_SLOT, snapshot)
 
     async def _versions(
         self, conn: Any, fresh: Sequence[AcceptedEvent]

@@ -70,6 +70,9 @@ def render_path(template: str, values: Mapping[str, str]) -> str:
     return "/".join(segments)
 
 
+# Left in an export's target and numbered by the journal (next snapshot of the dataset).
+SNAPSHOT_SLOT = "{snapshot}"
+
 # Left in a rendered target and filled per file by `object_key`.
 FILE_SLOT = "{file}"
 
@@ -274,6 +277,36 @@ def plan_event(
                     )
                 )
                 first_store = first_store or key
+
+        export = rule.export_to_dataset
+        if export is not None and artifact.kind is ArtifactKind.DATASET and artifact.files:
+            resolved = stack.resolve_store(export.store) if upload else None
+            if not upload:
+                plan.errors.append(
+                    f"export_to_dataset {export.name!r} needs upload: true (nothing is stored)"
+                )
+            elif resolved is None:
+                plan.errors.append(f"export_to_dataset: no store {export.store!r} in the stack")
+            else:
+                component, _ = resolved
+                sink_id = f"{stack.name}.{component}"
+                plan.deliveries.append(
+                    PlannedDelivery(
+                        key=delivery_key(event_id, index, Action.EXPORT, sink_id),
+                        artifact_index=index,
+                        action=Action.EXPORT,
+                        stack=stack.name,
+                        component=component,
+                        # {snapshot} is numbered by the journal when the event is accepted
+                        target=render_path(
+                            export.path,
+                            {**values, "dataset": export.name, "snapshot": SNAPSHOT_SLOT,
+                             "file": FILE_SLOT},
+                        ),
+                        params={"on_conflict": "fail", "export": {"dataset": export.name}},
+                        after=first_store,
+                    )
+                )
 
         wants_remote = rule.register or rule.deploy
         if wants_remote and artifact.kind is ArtifactKind.MODEL and not upload:

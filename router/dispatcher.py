@@ -112,7 +112,7 @@ class Dispatcher:
         self.on_finished = on_finished
         self.metrics = metrics
         self._wake = asyncio.Event()
-        self._completions: asyncio.Queue[Completion] = asyncio.Queue()
+        self._done: list[Completion] = []  # outcomes waiting for the next tick
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[str, int] = {}
         self._limits: dict[str, int] = {}
@@ -128,44 +128,64 @@ class Dispatcher:
         return len(self._tasks)
 
     async def run(self) -> None:
-        """Claim and run deliveries until stop() is called."""
+        """Run deliveries until stop(): one loop, one transaction per tick.
+
+        Each tick records the outcomes that came in since the last one and claims new
+        work in the same journal transaction (`DeliveryJournal.cycle`).
+        """
         recovered = await self.journal.recover()
         if recovered:
             log.info("resumed deliveries left in flight", count=recovered)
-        writer = asyncio.create_task(self._write_completions(), name="completion-writer")
         leases = asyncio.create_task(self._maintain_leases(), name="leases")
         try:
-            while not self._stopping:
-                # Clear before claiming: a wake-up that arrives while the claim runs
-                # must not be lost (or we would sleep with work waiting).
+            while True:
+                # Clear before the tick: a wake-up that arrives during it must not be
+                # lost (or we would sleep with work waiting).
                 self._wake.clear()
-                free = self.settings.concurrency - len(self._tasks)
+                batch, self._done = self._done[:500], self._done[500:]
+                free = 0 if self._stopping else self.settings.concurrency - len(self._tasks)
                 claimed: list[ClaimedDelivery] = []
-                if free > 0:
-                    saturated = [
-                        sink_id
-                        for sink_id, n in self._in_flight.items()
-                        if n >= self._limits.get(sink_id, self.settings.sink_concurrency)
-                    ]
-                    claimed = await self.journal.claim(
-                        free,
-                        capacity=self._capacity,
-                        exclude_sinks=saturated,
-                        lease_seconds=self.lease_seconds,
-                    )
-                for delivery in claimed:
-                    self._start(delivery)
+                if batch or free > 0:
+                    claimed = await self._tick(batch, free)
+                if self._stopping and not self._tasks and not self._done:
+                    break
                 self.metrics.buffer.labels(component="dispatcher").set(len(self._tasks))
-                if len(claimed) < max(free, 1):
+                if len(claimed) < max(free, 1) and not self._done:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=0.5)
-                    # Let a burst of completions land before the next claim: one claim
-                    # transaction for many deliveries instead of one each.
+                    # Let a burst of completions land: one transaction for many.
                     await asyncio.sleep(0.002)
         finally:
             leases.cancel()
-            await self._completions.put(_STOP)
-            await writer
+
+    async def _tick(self, batch: list[Completion], free: int) -> list[ClaimedDelivery]:
+        saturated = [
+            sink_id
+            for sink_id, n in self._in_flight.items()
+            if n >= self._limits.get(sink_id, self.settings.sink_concurrency)
+        ]
+        try:
+            finished, claimed = await self.journal.cycle(
+                batch,
+                free,
+                capacity=self._capacity,
+                exclude_sinks=saturated,
+                lease_seconds=self.lease_seconds,
+            )
+        except Exception:
+            # Nothing was written: the outcomes are kept for the next tick, and the
+            # rows stay in_flight (resumed by lease expiry or restart if we die).
+            log.exception("journal tick failed", outcomes=len(batch))
+            self._done[:0] = batch
+            await asyncio.sleep(0.5)
+            return []
+        for delivery in claimed:
+            self._start(delivery)
+        if finished:
+            for event in finished:
+                self._records.pop(event.event_id, None)
+            await self.on_finished(finished)
+        return claimed
 
     def _capacity(self, sink_id: str, stack: str, component: str) -> int:
         _, limit = self.pool.policy(stack, component)
@@ -292,7 +312,8 @@ class Dispatcher:
                 result=result,
             )
         self.metrics.duration.labels(sink=d.sink_id).observe(time.monotonic() - started)
-        await self._completions.put(completion)
+        self._done.append(completion)
+        self._wake.set()
 
     def _dead(self, d: ClaimedDelivery, reason: str) -> Completion:
         log.warning("delivery dead-lettered", key=d.key, sink=d.sink_id, error=reason)
@@ -338,32 +359,6 @@ class Dispatcher:
             next_attempt_at=time.time() + delay,
         )
 
-    async def _write_completions(self) -> None:
-        stop = False
-        while not stop:
-            first = await self._completions.get()
-            batch = [] if first is _STOP else [first]
-            stop = first is _STOP
-            while not self._completions.empty() and len(batch) < 500:
-                nxt = self._completions.get_nowait()
-                if nxt is _STOP:
-                    stop = True
-                    continue
-                batch.append(nxt)
-            if not batch:
-                continue
-            try:
-                finished = await self.journal.complete(batch)
-            except Exception:
-                # The rows stay in_flight and are resumed by lease expiry or restart.
-                log.exception("could not record delivery outcomes", count=len(batch))
-                continue
-            self.wake()
-            if finished:
-                for event in finished:
-                    self._records.pop(event.event_id, None)
-                await self.on_finished(finished)
-
     async def _maintain_leases(self) -> None:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
@@ -377,4 +372,3 @@ class Dispatcher:
                 log.exception("lease maintenance failed")
 
 
-_STOP: Any = object()

@@ -38,17 +38,33 @@ SINK_TYPES: dict[str, tuple[frozenset[str], str]] = {
     ),
     "s3": (frozenset({"artifact_store"}), "sinks.stores.s3:S3Store"),
     "gcs": (frozenset({"artifact_store"}), "sinks.stores.gcs:GCSStore"),
+    "sagemaker_model_registry": (
+        frozenset({"model_registry"}),
+        "sinks.registries.sagemaker:SageMakerRegistry",
+    ),
+    "sagemaker_endpoint": (
+        frozenset({"model_deployer"}),
+        "sinks.deployers.sagemaker:SageMakerEndpointDeployer",
+    ),
+    "vertex_model_registry": (
+        frozenset({"model_registry"}),
+        "sinks.registries.vertex:VertexModelRegistry",
+    ),
+    "vertex_endpoint": (
+        frozenset({"model_deployer"}),
+        "sinks.deployers.vertex:VertexEndpointDeployer",
+    ),
+    # FlowyML's spelling of the same deployer.
+    "vertex_endpoints": (
+        frozenset({"model_deployer"}),
+        "sinks.deployers.vertex:VertexEndpointDeployer",
+    ),
 }
 
 # Types FlowyML configs name that this build does not ship yet: the config loads (so a
 # shared flowyml.yaml keeps working), but a daemon refuses to start on a stack using them.
 KNOWN_UNAVAILABLE: dict[str, str] = {
     "azure_blob": "artifact_store",
-    "vertex_model_registry": "model_registry",
-    "sagemaker_model_registry": "model_registry",
-    "vertex_endpoint": "model_deployer",
-    "vertex_endpoints": "model_deployer",
-    "sagemaker_endpoint": "model_deployer",
 }
 
 

@@ -349,6 +349,20 @@ def test_dead_letter_and_retry_through_the_cli(workspace: Workspace,
     assert (workspace.spool / "done" / "b").is_dir()
 
 
+def test_a_replayed_bundle_is_a_quiet_no_op(workspace: Workspace,
+                                            start_daemon) -> None:  # type: ignore[no-untyped-def]
+    daemon = start_daemon(workspace)
+    manifest = {**model_manifest("clf"), "id": "same-id"}
+    write_bundle(workspace.spool, "first", manifest, {"model.pkl": b"x"})
+    workspace.wait_settled(1)
+    write_bundle(workspace.spool, "again", manifest, {"model.pkl": b"x"})
+    workspace.wait_until(lambda s: not list((workspace.spool / "incoming").iterdir()))
+    assert (workspace.spool / "done" / "again").is_dir()
+    assert workspace.status()["events"] == {"done": 1}
+    log = daemon.log()
+    assert "duplicate bundle: already journaled" in log and "Traceback" not in log
+
+
 def test_a_broken_sink_does_not_hold_up_the_others(tmp_path: Path,
                                                    start_daemon) -> None:  # type: ignore[no-untyped-def]
     """Fan-out to two stores: one read-only for the whole run, one healthy."""

@@ -242,4 +242,6 @@ def test_register_without_upload_is_a_plan_error(
     workspace.wait_settled(1)
     artifact = json.loads(workspace.cli("artifacts", "--json").stdout)[0]
     assert any("upload: false" in e for e in artifact["plan_errors"])
-    assert "plan errors" in daemon.log()
+    log = daemon.log()
+    assert '"event": "event accepted with plan errors"' in log
+    assert "Traceback" not in log

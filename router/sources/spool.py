@@ -234,7 +234,7 @@ class SpoolSource:
             src = self.paths.incoming / event.bundle
             if outcome.outcome == "accepted":
                 if outcome.detail:
-                    log.warning("event accepted with plan errors", event=event.event_id,
+                    log.warning("event accepted with plan errors", event_id=event.event_id,
                                 errors=outcome.detail)
                 if outcome.deliveries == 0:
                     _move(src, self.paths.done)
@@ -266,7 +266,7 @@ class SpoolSource:
             _move(src, self.paths.failed)
         else:
             _move(src, self.paths.done)
-        log.info("duplicate bundle: already journaled", event=event.event_id, state=state)
+        log.info("duplicate bundle: already journaled", event_id=event.event_id, state=state)
 
     async def _reject(self, rejection: Rejection) -> None:
         assert rejection.bundle is not None

@@ -1,0 +1,1265 @@
+"""MqttSource: manifests published to an MQTT broker (DESIGN sections 3, 6 and 7).
+
+A message's payload is a manifest v1 JSON document whose file entries carry `uri`
+(`file://` under `router.mqtt.allowed_roots`, `s3://`, `gs://`) or `content_base64`
+(at most `router.mqtt.inline_max_bytes` decoded bytes) instead of `path`.
+
+At-least-once without loss: the client runs with paho's manual acknowledgement, and a
+message's PUBACK goes out only after its event (or its rejection) is committed to the
+journal.  A crash between receipt and commit leaves the message unacknowledged in the
+broker's persistent session (clean_start false, a session expiry, a stable client id),
+so the broker delivers it again; the event id (the manifest's `id`, else a hash of
+topic and payload) makes the redelivery a journal "duplicate", which is acknowledged
+and otherwise ignored.
+
+Messages are read in batches (whatever the client has queued, up to
+`router.intake_batch`), journaled in one commit, then acknowledged in receipt order.
+The broker connection is re-established with exponential backoff and jitter; a broker
+that refuses the very first connection for a reason retrying cannot fix (bad
+credentials, not authorised, an untrusted certificate) stops the source with an error
+that says so, and the daemon exits non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import ssl
+import stat
+import string
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+import paho.mqtt.client as paho
+import sqlalchemy as sa
+import structlog
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from router import catalog
+from router.config import MqttSettings
+from router.db import deliveries
+from router.delivery import StagedFile
+from router.detect import detect_dataset_format, detect_framework, detect_framework_bytes
+from router.errors import Problem
+from router.intake import AcceptedEvent, Rejection, sha256_file
+from router.journal import DeliveryJournal, FinishedEvent, Planner
+from router.manifest import (
+    DatasetArtifact,
+    Manifest,
+    ManifestError,
+    ModelArtifact,
+    parse_manifest,
+)
+from router.metrics import RouterMetrics
+
+if TYPE_CHECKING:
+    from router.daemon import Daemon
+
+__all__ = [
+    "MqttPublishError",
+    "MqttSource",
+    "MqttStartupError",
+    "build_publication",
+    "derive_event_id",
+    "publish_manifest",
+    "subscription_filters",
+]
+
+log = structlog.get_logger("router.mqtt")
+
+# Marks the messages the router publishes itself (receipts, dead letters), so a
+# subscription that happens to match their topics does not read them as manifests.
+MARKER = "artifact-router"
+_RECEIPT_QUEUE_MAX = 100_000
+_STOP_GRACE = 15.0
+_STABLE_SESSION = 10.0
+_INFLIGHT_BYTES = 256 * 1024 * 1024
+_PARSE_IN_THREAD = 64 * 1024
+
+# CONNACK refusals that no amount of retrying fixes: a configuration error.
+_FATAL_CONNACK = {
+    "Bad user name or password",
+    "Not authorized",
+    "Client identifier not valid",
+    "Unsupported protocol version",
+    "Bad authentication method",
+    "Banned",
+}
+
+
+class MqttStartupError(RuntimeError):
+    """The broker refused the first connection for a reason retrying cannot fix."""
+
+
+class MqttPublishError(aiomqtt.MqttError):
+    """The broker did not take a published manifest (refused, or no subscriber)."""
+
+
+def derive_event_id(topic: str, payload: bytes) -> str:
+    """A stable event id for a message whose manifest has no `id` of its own.
+
+    The same message redelivered (or published again byte for byte on the same topic)
+    maps to the same id, so the journal treats it as a duplicate.
+    """
+    digest = hashlib.sha256(topic.encode("utf-8", "surrogateescape") + b"\0" + payload)
+    return f"mqtt-{digest.hexdigest()[:40]}"
+
+
+def subscription_filters(settings: MqttSettings) -> list[str]:
+    """The topic filters to subscribe to: `$share/<group>/<filter>` in a pool."""
+    if not settings.shared_group:
+        return list(settings.topics)
+    return [
+        t if t.startswith("$share/") else f"$share/{settings.shared_group}/{t}"
+        for t in settings.topics
+    ]
+
+
+# --- connection ---------------------------------------------------------------------
+
+
+def _use_tls(settings: MqttSettings) -> bool:
+    return settings.tls or bool(settings.ca_file or settings.cert_file)
+
+
+def _tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
+    if not _use_tls(settings):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=settings.ca_file or None)
+        if settings.cert_file:
+            context.load_cert_chain(settings.cert_file, settings.key_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise MqttStartupError(
+            f"MQTT TLS settings are unusable: {exc}; check router.mqtt.ca_file, cert_file "
+            "and key_file"
+        ) from None
+    if settings.tls_insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _make_client(
+    settings: MqttSettings,
+    *,
+    client_id: str,
+    persistent: bool,
+    receive_maximum: int = 0,
+) -> aiomqtt.Client:
+    v5 = settings.protocol == "5"
+    kwargs: dict[str, Any] = {}
+    if v5:
+        props = Properties(PacketTypes.CONNECT)
+        if persistent and settings.session_expiry > 0:
+            props.SessionExpiryInterval = settings.session_expiry
+        if receive_maximum > 0:
+            # Without it mosquitto keeps only 20 unacknowledged messages in flight to
+            # us, which caps a batch at 20.
+            props.ReceiveMaximum = min(receive_maximum, 65535)
+        kwargs["properties"] = props
+        kwargs["clean_start"] = not persistent
+    else:
+        kwargs["clean_session"] = not persistent
+    client = aiomqtt.Client(
+        settings.host,
+        settings.port,
+        username=settings.username,
+        password=settings.password,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        keepalive=settings.keepalive,
+        tls_context=_tls_context(settings),
+        timeout=30,
+        **kwargs,
+    )
+    # aiomqtt 2.x has no manual-ack option of its own: switch paho's on, so a QoS 1
+    # message is acknowledged only when we call ack() for it.
+    client._client.manual_ack_set(True)
+    return client
+
+
+def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> bool:
+    if message.qos == 0:
+        return True
+    rc = client._client.ack(message.mid, message.qos)
+    return bool(rc == paho.MQTT_ERR_SUCCESS)
+
+
+def _describe_connect_error(exc: BaseException, settings: MqttSettings) -> tuple[str, bool]:
+    """(what went wrong in words, whether retrying could help)."""
+    where = f"{settings.host}:{settings.port}"
+    if isinstance(exc, MqttConnectError):
+        rc = exc.rc
+        name = rc.getName() if isinstance(rc, ReasonCode) else str(exc)
+        if name in _FATAL_CONNACK:
+            hint = (
+                "check router.mqtt.username and router.mqtt.password"
+                if name in ("Bad user name or password", "Not authorized",
+                            "Bad authentication method")
+                else "check router.mqtt.client_id and router.mqtt.protocol"
+            )
+            wording = "not authorised" if name != "Bad user name or password" else (
+                "not authorised: bad user name or password"
+            )
+            return (
+                f"MQTT broker {where} refused the connection ({name}): {wording}; {hint}",
+                False,
+            )
+        return f"MQTT broker {where} refused the connection ({name})", True
+    if _taken_over(exc):
+        return (
+            f"MQTT broker {where} handed our session to another client with the same "
+            f"client id {settings.client_id!r}; give every daemon its own "
+            "router.mqtt.client_id (they share work through router.mqtt.shared_group)",
+            True,
+        )
+    context = exc.__context__ or exc.__cause__
+    if isinstance(context, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(
+        exc
+    ):
+        return (
+            f"MQTT broker {where}: TLS certificate verification failed ({context or exc}); "
+            "check router.mqtt.ca_file (tls_insecure: true skips the check, for tests only)",
+            False,
+        )
+    if isinstance(context, ssl.SSLError):
+        return f"MQTT broker {where}: TLS error ({context})", True
+    return f"MQTT broker {where}: {exc or type(exc).__name__}", True
+
+
+def _taken_over(exc: BaseException) -> bool:
+    cause: BaseException | None = exc
+    while cause is not None:
+        rc = getattr(cause, "rc", None)
+        if isinstance(rc, ReasonCode) and rc.getName() == "Session taken over":
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying for ever: the journal's database or the state disk is unavailable."""
+    return isinstance(exc, OSError | sa.exc.SQLAlchemyError | TimeoutError | ConnectionError)
+
+
+def _payload_bytes(message: aiomqtt.Message) -> bytes:
+    payload = message.payload
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    return str(payload).encode() if payload is not None else b""
+
+
+def _backoff(attempt: int, base: float = 0.2, cap: float = 30.0) -> float:
+    """Exponential backoff with jitter: between half and all of base * 2**attempt."""
+    ceiling: float = min(cap, base * 2 ** min(attempt, 20))
+    return ceiling * random.uniform(0.5, 1.0)
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """`artifacts/receipts/{event_id}` -> a regex matching the topics it renders to."""
+    parts = []
+    for literal, field_name, _spec, _conv in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if field_name is not None:
+            if field_name != "event_id":
+                raise ValueError(
+                    f"router.mqtt.receipt_topic {template!r}: unknown placeholder "
+                    f"{{{field_name}}}; only {{event_id}} is available"
+                )
+            parts.append(r"[^/]+")
+    return re.compile("^" + "".join(parts) + "$")
+
+
+# --- payload ------------------------------------------------------------------------
+
+
+def _segment(value: str) -> str:
+    """A safe, short directory or file name for a (validated) manifest id or name."""
+    if len(value.encode("utf-8")) <= 200 and value not in (".", ".."):
+        return value
+    ext = os.path.splitext(value)[1][:20]
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:32] + ext
+
+
+def _inline_size(content: str) -> int:
+    stripped = content.rstrip("=")
+    return len(stripped) * 3 // 4
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}"[:250])
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _declared_sha256(metadata: dict[str, Any], name: str, files: int) -> str | None:
+    """An object store file's checksum, when the artifact's metadata gives one.
+
+    `metadata.sha256` is either the hex digest (artifacts with one file) or a mapping
+    from file name to hex digest.
+    """
+    value = metadata.get("sha256")
+    if isinstance(value, str) and files == 1:
+        return value
+    if isinstance(value, dict) and isinstance(value.get(name), str):
+        return str(value[name])
+    return None
+
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclass
+class _Item:
+    """One received message on its way to the journal."""
+
+    message: aiomqtt.Message
+    topic: str
+    event_id: str | None = None
+    event: AcceptedEvent | None = None
+    rejection: Rejection | None = None
+    ignored: bool = False
+    outcome: str | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+
+class MqttSource:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        journal: DeliveryJournal,
+        planner: Planner,
+        *,
+        preflight: Callable[[AcceptedEvent], Problem | None],
+        on_accepted: Callable[[], None],
+        metrics: RouterMetrics,
+        state_dir: Path,
+        batch_size: int = 256,
+    ) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.planner = planner
+        self.preflight = preflight
+        self.on_accepted = on_accepted
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.inline_root = state_dir.expanduser().resolve() / "mqtt"
+        self.allowed_roots = [Path(r).expanduser().resolve() for r in settings.allowed_roots]
+        self.filters = subscription_filters(settings)
+        self.qos = settings.qos
+        if self.qos == 2:
+            # paho answers PUBREC before the application sees a QoS 2 message, so the
+            # broker would not redeliver it after a crash: QoS 1 is the safe level.
+            log.warning("router.mqtt.qos 2 is read as 1: manual acknowledgement needs QoS 1")
+            self.qos = 1
+        elif self.qos == 0:
+            log.warning("router.mqtt.qos 0: messages are never acknowledged and may be lost")
+        self._receipt_pattern = _template_pattern(settings.receipt_topic)
+        self.healthy = False
+        self._stop = asyncio.Event()
+        self._receipts: deque[FinishedEvent] = deque()
+        self._receipt_kick = asyncio.Event()
+        self._ever_connected = False
+        self._attempt = 0
+        self._connected_at = 0.0
+        # Unacknowledged messages the broker may send us at once: two batches, within a
+        # memory budget for inline content.
+        self.receive_maximum = max(
+            16, min(2 * batch_size, 65535, _INFLIGHT_BYTES // max(settings.inline_max_bytes, 1))
+        )
+        self.batch_size = min(batch_size, self.receive_maximum)
+        if settings.session_expiry <= 0 and settings.protocol == "5":
+            log.warning("router.mqtt.session_expiry is 0: the broker forgets the session when "
+                        "the router disconnects, and what is published meanwhile is lost")
+        self._hashers = asyncio.Semaphore(4)
+        self.stats = {"received": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "ignored": 0}
+        self._last_report = 0.0
+        self._reported: dict[str, int] = {}
+
+    @classmethod
+    def from_daemon(cls, daemon: Daemon) -> MqttSource:
+        settings = daemon.config.router.mqtt
+        if settings is None:
+            raise ValueError("router.mqtt is not configured")
+        return cls(
+            settings,
+            daemon.journal,
+            daemon.plan,
+            preflight=daemon.preflight,
+            on_accepted=daemon.dispatcher.wake,
+            metrics=daemon.metrics,
+            state_dir=daemon.config.router.state_dir,
+            batch_size=daemon.config.router.intake_batch,
+        )
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Connect, consume, reconnect with backoff; return only after stop()."""
+        try:
+            while not self._stop.is_set():
+                connection = asyncio.create_task(self._connection(), name="mqtt-connection")
+                stopper = asyncio.create_task(self._stop.wait())
+                try:
+                    await asyncio.wait({connection, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopper.cancel()
+                if not connection.done():
+                    # Stopping: the consumer finishes the batch in hand and disconnects
+                    # cleanly; a connect or a journal commit that hangs is cut short
+                    # (nothing unjournaled was acknowledged, so nothing is lost).
+                    await asyncio.wait({connection}, timeout=_STOP_GRACE)
+                    if not connection.done():
+                        connection.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await connection
+                        return
+                try:
+                    connection.result()
+                except MqttStartupError:
+                    raise
+                except aiomqtt.MqttError as exc:
+                    await self._connection_failed(exc)
+                except Exception as exc:
+                    # Not the broker's doing: log it whole, and keep the source alive (a
+                    # dead source would stop the daemon); nothing unjournaled was acked.
+                    log.exception("mqtt session failed; reconnecting")
+                    await self._connection_failed(exc)
+        finally:
+            self.healthy = False
+            log.info("mqtt source stopped", **self.stats)
+
+    async def _connection(self) -> None:
+        client = _make_client(
+            self.settings,
+            client_id=self.settings.client_id,
+            persistent=True,
+            receive_maximum=self.receive_maximum,
+        )
+        async with client:
+            await self._session(client)
+
+    async def _connection_failed(self, exc: Exception) -> None:
+        self.healthy = False
+        message, retryable = _describe_connect_error(exc, self.settings)
+        if not retryable and not self._ever_connected:
+            log.error(message)
+            raise MqttStartupError(message) from None
+        self.metrics.errors.labels(
+            component="mqtt", error_type="connection", stage="receive"
+        ).inc()
+        if self._connected_at and time.monotonic() - self._connected_at > _STABLE_SESSION:
+            self._attempt = 0  # a session that lasted: start the backoff over
+        self._connected_at = 0.0
+        delay = _backoff(self._attempt)
+        self._attempt += 1
+        log_method = log.error if _taken_over(exc) else log.warning
+        log_method(
+            "mqtt connection lost; reconnecting" if self._ever_connected
+            else "mqtt broker not reachable; retrying",
+            error=message,
+            retry_in=round(delay, 2),
+            attempt=self._attempt,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=delay)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        for topic_filter in self.filters:
+            granted = await client.subscribe(topic_filter, qos=self.qos)
+            for code in granted:
+                value = code.value if isinstance(code, ReasonCode) else int(code)
+                if value >= 0x80:
+                    reason = code.getName() if isinstance(code, ReasonCode) else str(code)
+                    message = (
+                        f"MQTT broker {self.settings.host}:{self.settings.port} refused the "
+                        f"subscription to {topic_filter!r} ({reason}); check the broker's "
+                        "ACL for this user and router.mqtt.topics"
+                    )
+                    if not self._ever_connected:
+                        log.error(message)
+                        raise MqttStartupError(message)
+                    raise aiomqtt.MqttError(message)
+        self._ever_connected = True
+        self._connected_at = time.monotonic()
+        self.healthy = True
+        log.info(
+            "mqtt connected",
+            broker=f"{self.settings.host}:{self.settings.port}",
+            client_id=self.settings.client_id,
+            topics=self.filters,
+            protocol=self.settings.protocol,
+            tls=_use_tls(self.settings),
+        )
+        receipts = asyncio.create_task(self._receipt_loop(client), name="mqtt-receipts")
+        try:
+            await self._consume(client)
+        finally:
+            self.healthy = False
+            receipts.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await receipts
+
+    async def _next(self, messages: aiomqtt.client.MessagesIterator) -> aiomqtt.Message | None:
+        getter = asyncio.ensure_future(messages.__anext__())
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if getter.done():
+            return getter.result()  # raises MqttError when the connection broke
+        getter.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await getter
+        return None
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        messages = client.messages
+        while not self._stop.is_set():
+            first = await self._next(messages)
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.batch_size and len(messages) > 0:
+                batch.append(await messages.__anext__())
+            await self._handle(client, batch)
+            self._report()
+
+    async def _handle(self, client: aiomqtt.Client, batch: list[aiomqtt.Message]) -> None:
+        """Journal a batch, then acknowledge it in receipt order."""
+        items = await self._journal(client, batch)
+        if items is None:
+            return  # stopping: unacknowledged, the broker keeps them for the next start
+        ignored = sum(1 for i in items if i.ignored)
+        self.stats["received"] += len(items)
+        self.stats["ignored"] += ignored
+        self.metrics.received.labels(component="mqtt").inc(len(items) - ignored)
+        unacked = 0
+        for item in items:
+            if not _ack(client, item.message):
+                unacked += 1
+        if unacked:
+            log.warning("mqtt acknowledgements not sent (connection lost); the broker will "
+                        "redeliver and the journal will skip them", count=unacked)
+
+    async def _journal(
+        self, client: aiomqtt.Client, batch: list[aiomqtt.Message]
+    ) -> list[_Item] | None:
+        """Process until committed; None when asked to stop first.
+
+        While the journal (or the state directory) is unavailable the batch is retried
+        with backoff and nothing is acknowledged.  A batch that keeps failing while the
+        journal answers is split, and a single message that still fails is set aside as
+        rejected with the error, so one poisonous message never stops the consumer.
+        """
+        failures = 0
+        while True:
+            try:
+                return await self._process(client, batch)
+            except aiomqtt.MqttError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self.metrics.errors.labels(
+                    component="mqtt", error_type=type(exc).__name__, stage="intake"
+                ).inc()
+                log.exception("mqtt intake failed; messages stay unacknowledged",
+                              count=len(batch), attempt=failures)
+                if failures >= 3 and not _transient(exc) and await self._journal_answers():
+                    if len(batch) > 1:
+                        out: list[_Item] = []
+                        for message in batch:
+                            one = await self._journal(client, [message])
+                            if one is None:
+                                return None
+                            out += one
+                        return out
+                    try:
+                        return await self._set_aside(client, batch[0], exc)
+                    except aiomqtt.MqttError:
+                        raise
+                    except Exception:
+                        log.exception("could not set the failing message aside")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._stop.wait(), timeout=_backoff(failures - 1, 0.5, 30.0)
+                    )
+                if self._stop.is_set():
+                    return None
+
+    async def _journal_answers(self) -> bool:
+        try:
+            await self.journal.known_events(["-mqtt-probe-"])
+        except Exception:
+            return False
+        return True
+
+    async def _set_aside(
+        self, client: aiomqtt.Client, message: aiomqtt.Message, exc: BaseException
+    ) -> list[_Item]:
+        topic = message.topic.value
+        raw = _payload_bytes(message)
+        item = _Item(message=message, topic=topic, event_id=derive_event_id(topic, raw))
+        item.rejection = Rejection(
+            source="mqtt",
+            event_id=item.event_id,
+            problems=[Problem(
+                field="(message)",
+                message=f"the router failed on this message ({exc!r}) and set it aside so "
+                "the stream goes on; please report it as a bug",
+            )],
+        )
+        await self._reject(item)
+        if self.settings.dead_letter_topic:
+            await self._dead_letter(client, item)
+        return [item]
+
+    # --- intake -------------------------------------------------------------------
+
+    def _is_own(self, message: aiomqtt.Message, topic: str) -> bool:
+        if topic == self.settings.dead_letter_topic:
+            return True
+        if self.settings.receipts and self._receipt_pattern.match(topic):
+            return True
+        props = message.properties
+        users = getattr(props, "UserProperty", None) if props is not None else None
+        if not users:
+            return False
+        return any(k == MARKER for k, _ in users)
+
+    def _reply_to(self, message: aiomqtt.Message, event_id: str) -> dict[str, str] | None:
+        if not self.settings.receipts:
+            return None
+        props = message.properties
+        response = getattr(props, "ResponseTopic", None) if props is not None else None
+        if response:
+            reply = {"topic": str(response)}
+            correlation = getattr(props, "CorrelationData", None)
+            if correlation:
+                reply["correlation_data"] = base64.b64encode(bytes(correlation)).decode()
+            return reply
+        return {"topic": self.settings.receipt_topic.format(event_id=event_id)}
+
+    def _parse(self, message: aiomqtt.Message, received_at: float) -> _Item:
+        topic = message.topic.value
+        item = _Item(message=message, topic=topic)
+        if self._is_own(message, topic):
+            item.ignored = True
+            return item
+        raw = _payload_bytes(message)
+        fallback_id = derive_event_id(topic, raw)
+        try:
+            if not raw.strip():
+                raise ManifestError(
+                    [Problem(field="(manifest)", message="empty payload; publish a manifest "
+                             "v1 JSON document")]
+                )
+            manifest = parse_manifest(raw)
+        except ManifestError as exc:
+            item.event_id = fallback_id
+            item.rejection = Rejection(source="mqtt", event_id=fallback_id, problems=exc.problems)
+            return item
+        event_id = manifest.id or fallback_id
+        item.event_id = event_id
+        problems = self._check_entries(manifest)
+        event = AcceptedEvent(
+            event_id=event_id,
+            source="mqtt",
+            manifest=manifest,
+            files=[[] for _ in manifest.artifacts],
+            digest=hashlib.sha256(raw).hexdigest(),
+            received_at=received_at,
+            reply_to=self._reply_to(message, event_id),
+        )
+        if not problems:
+            problem = self.preflight(event)
+            if problem is not None:
+                problems.append(problem)
+        if problems:
+            item.rejection = Rejection(source="mqtt", event_id=event_id, problems=problems)
+            return item
+        item.event = event
+        return item
+
+    def _check_entries(self, manifest: Manifest) -> list[Problem]:
+        """Cheap checks of every file entry, before anything is written."""
+        problems: list[Problem] = []
+        cap = self.settings.inline_max_bytes
+        for a_index, artifact in enumerate(manifest.artifacts):
+            for f_index, entry in enumerate(artifact.files):
+                where = f"artifacts[{a_index}].files[{f_index}]"
+                if entry.path is not None:
+                    problems.append(
+                        Problem(
+                            field=f"{where}.path",
+                            value=entry.path,
+                            message="MQTT manifests carry files by 'uri' (file://, s3://, "
+                            "gs://) or 'content_base64'; 'path' is for spool bundles",
+                        )
+                    )
+                elif entry.content_base64 is not None:
+                    size = _inline_size(entry.content_base64)
+                    if size > cap:
+                        problems.append(
+                            Problem(
+                                field=f"{where}.content_base64",
+                                value=f"{size} bytes",
+                                message=f"inline content is over router.mqtt.inline_max_bytes "
+                                f"({cap} bytes); reference the file by uri instead",
+                            )
+                        )
+                elif entry.uri is not None and entry.uri.startswith("file://"):
+                    _, problem = self._resolve_file_uri(entry.uri, f"{where}.uri")
+                    if problem is not None:
+                        problems.append(problem)
+                elif entry.uri is not None:
+                    assert entry.name is not None
+                    declared = _declared_sha256(artifact.metadata, entry.name, len(artifact.files))
+                    if declared is not None and not _HEX64.match(declared):
+                        problems.append(
+                            Problem(
+                                field=f"artifacts[{a_index}].metadata.sha256",
+                                value=declared,
+                                message="must be the file's SHA-256 as 64 hex digits",
+                            )
+                        )
+        return problems
+
+    def _resolve_file_uri(self, uri: str, where: str) -> tuple[Path | None, Problem | None]:
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            return None, Problem(
+                field=where,
+                value=uri,
+                message=f"names host {parts.netloc!r}; only local files (file:///path) can "
+                "be read",
+            )
+        if parts.query or parts.fragment:
+            return None, Problem(field=where, value=uri,
+                                 message="must not carry a query or fragment")
+        path = unquote(parts.path)
+        if "\x00" in path or not path.startswith("/"):
+            return None, Problem(field=where, value=uri,
+                                 message="must be an absolute path: file:///dir/file")
+        if not self.allowed_roots:
+            return None, Problem(
+                field=where,
+                value=uri,
+                message="file:// URIs are refused: no router.mqtt.allowed_roots configured",
+            )
+        try:
+            resolved = Path(path).resolve(strict=True)
+        except FileNotFoundError:
+            return None, Problem(field=where, value=uri, message="no such file")
+        except (OSError, RuntimeError) as exc:
+            return None, Problem(field=where, value=uri, message=f"cannot be resolved: {exc}")
+        if not any(resolved == root or root in resolved.parents for root in self.allowed_roots):
+            return None, Problem(
+                field=where,
+                value=uri,
+                message="resolves (after symlinks) outside router.mqtt.allowed_roots "
+                f"({', '.join(str(r) for r in self.allowed_roots)})",
+            )
+        try:
+            st = resolved.stat()
+        except OSError as exc:
+            return None, Problem(field=where, value=uri, message=f"cannot read: {exc.strerror}")
+        if not stat.S_ISREG(st.st_mode):
+            return None, Problem(field=where, value=uri,
+                                 message="is not a regular file; only regular files can be routed")
+        if not os.access(resolved, os.R_OK):
+            return None, Problem(field=where, value=uri, message="is not readable by the router")
+        return resolved, None
+
+    def _stage(self, event: AcceptedEvent) -> AcceptedEvent | list[Problem]:
+        """Write inline content (fsynced) and hash local files: runs in a thread."""
+        manifest = event.manifest
+        base = self.inline_root / _segment(event.event_id)
+        problems: list[Problem] = []
+        files: list[list[StagedFile]] = []
+        detected: list[dict[str, str]] = []
+        written_dirs: set[Path] = set()
+        for a_index, artifact in enumerate(manifest.artifacts):
+            staged: list[StagedFile] = []
+            for f_index, entry in enumerate(artifact.files):
+                where = f"artifacts[{a_index}].files[{f_index}]"
+                assert entry.name is not None and entry.type is not None
+                if entry.content_base64 is not None:
+                    data = binascii.a2b_base64(entry.content_base64.encode("ascii"))
+                    if len(data) > self.settings.inline_max_bytes:
+                        problems.append(Problem(
+                            field=f"{where}.content_base64", value=f"{len(data)} bytes",
+                            message="inline content is over router.mqtt.inline_max_bytes "
+                            f"({self.settings.inline_max_bytes} bytes)"))
+                        continue
+                    # One directory per artifact: two artifacts may hold the same name.
+                    path = base / str(a_index) / _segment(entry.name)
+                    _write_durably(path, data)
+                    written_dirs.add(path.parent)
+                    staged.append(StagedFile(
+                        name=entry.name, type=entry.type, path=path,
+                        sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
+                elif entry.uri is not None and entry.uri.startswith("file://"):
+                    resolved, problem = self._resolve_file_uri(entry.uri, f"{where}.uri")
+                    if problem is not None or resolved is None:
+                        problems.append(problem or Problem(field=where, message="unreadable"))
+                        continue
+                    try:
+                        sha, size = sha256_file(resolved)
+                    except OSError as exc:
+                        problems.append(Problem(field=f"{where}.uri", value=entry.uri,
+                                                message=f"cannot read: {exc.strerror}"))
+                        continue
+                    staged.append(StagedFile(
+                        name=entry.name, type=entry.type, path=resolved, sha256=sha, size=size))
+                elif entry.uri is not None:
+                    declared = _declared_sha256(artifact.metadata, entry.name, len(artifact.files))
+                    staged.append(StagedFile(
+                        name=entry.name, type=entry.type, path=None, uri=entry.uri,
+                        sha256=(declared or "").lower(), size=0))
+            files.append(staged)
+            detected.append(_detect(artifact, staged))
+        if problems:
+            return problems
+        for directory in sorted(written_dirs):
+            _fsync_dir(directory)
+            _fsync_dir(directory.parent)
+        if written_dirs:
+            _fsync_dir(base.parent)
+        return event.model_copy(update={"files": files, "detected": detected})
+
+    async def _process(self, client: aiomqtt.Client, batch: list[aiomqtt.Message]) -> list[_Item]:
+        received_at = time.time()
+        items: list[_Item] = []
+        for message in batch:
+            size = len(message.payload) if isinstance(message.payload, bytes | bytearray) else 0
+            if size > _PARSE_IN_THREAD:
+                items.append(await asyncio.to_thread(self._parse, message, received_at))
+            else:
+                items.append(self._parse(message, received_at))
+        # The same event id twice in one batch: the later one goes into a later round,
+        # so its files are never written over the first one's before the journal
+        # has said which is which.
+        pending = [i for i in items if not i.ignored]
+        accepted_any = False
+        while pending:
+            round_items: list[_Item] = []
+            later: list[_Item] = []
+            seen: set[str] = set()
+            for item in pending:
+                assert item.event_id is not None
+                (later if item.event_id in seen else round_items).append(item)
+                seen.add(item.event_id)
+            accepted_any |= await self._round(client, round_items)
+            pending = later
+        if accepted_any:
+            self.on_accepted()
+        return items
+
+    async def _round(self, client: aiomqtt.Client, items: list[_Item]) -> bool:
+        candidates = [i for i in items if i.event is not None]
+        known = await self.journal.known_events(i.event_id for i in candidates if i.event_id)
+        to_stage = [i for i in candidates if known.get(i.event_id or "") in (None, "rejected")]
+
+        async def stage(item: _Item) -> None:
+            assert item.event is not None
+            async with self._hashers:
+                result = await asyncio.to_thread(self._stage, item.event)
+            if isinstance(result, list):
+                item.rejection = Rejection(source="mqtt", event_id=item.event_id, problems=result)
+                item.event = None
+            else:
+                item.event = result
+
+        await asyncio.gather(*(stage(i) for i in to_stage))
+        events = [i.event for i in items if i.event is not None]
+        by_id = {i.event_id: i for i in items if i.event is not None}
+        outcomes = await self.journal.accept(events, self.planner) if events else []
+        accepted = False
+        for outcome in outcomes:
+            item = by_id[outcome.event_id]
+            item.outcome = outcome.outcome
+            if outcome.outcome == "accepted":
+                accepted = True
+                self.stats["accepted"] += 1
+                if outcome.detail:
+                    log.warning("event accepted with plan errors", event_id=outcome.event_id,
+                                errors=outcome.detail)
+            elif outcome.outcome == "duplicate":
+                self.stats["duplicate"] += 1
+                log.debug("duplicate message: already journaled", event_id=outcome.event_id)
+            else:
+                item.rejection = Rejection(
+                    source="mqtt",
+                    event_id=outcome.event_id,
+                    problems=[Problem(
+                        field="id", value=outcome.event_id,
+                        message="this event id was already accepted with a different "
+                        "manifest; give the new manifest its own 'id'")],
+                )
+        duplicates = [i.event_id for i in items if i.outcome == "duplicate" and i.event_id]
+        if duplicates and self.settings.receipts:
+            await self._resend_receipts(duplicates, by_id)
+        rejected = [i for i in items if i.rejection is not None]
+        for item in rejected:
+            assert item.rejection is not None
+            await self._reject(item)
+        if rejected and self.settings.dead_letter_topic:
+            await asyncio.gather(*(self._dead_letter(client, i) for i in rejected))
+        return accepted
+
+    async def _resend_receipts(self, ids: list[str], by_id: dict[str | None, _Item]) -> None:
+        """A redelivered message whose event already finished: the receipt may be lost."""
+        states = await self.journal.known_events(ids)
+        for event_id in ids:
+            state = states.get(event_id)
+            item = by_id.get(event_id)
+            if state in ("done", "failed") and item is not None and item.event is not None:
+                self._queue_receipts([FinishedEvent(
+                    event_id=event_id, bundle=None, source="mqtt", state=state,
+                    reply_to=item.event.reply_to)])
+
+    async def _reject(self, item: _Item) -> None:
+        assert item.rejection is not None
+        self.stats["rejected"] += 1
+        log.warning("mqtt message rejected", topic=item.topic, event_id=item.event_id,
+                    errors=item.rejection.summary)
+        self.metrics.discarded.labels(component="mqtt", reason="invalid").inc()
+        self.metrics.errors.labels(component="mqtt", error_type="invalid", stage="intake").inc()
+        await self.journal.reject(item.rejection)
+
+    async def _dead_letter(self, client: aiomqtt.Client, item: _Item) -> None:
+        assert item.rejection is not None and self.settings.dead_letter_topic
+        raw = _payload_bytes(item.message)
+        body = {
+            "reason": item.rejection.summary,
+            "errors": [p.model_dump(mode="json") for p in item.rejection.problems],
+            "event_id": item.event_id,
+            "topic": item.topic,
+            "rejected_at": item.rejection.rejected_at,
+            "payload_base64": base64.b64encode(raw).decode(),
+        }
+        await client.publish(
+            self.settings.dead_letter_topic,
+            json.dumps(body, default=str).encode(),
+            qos=1,
+            properties=self._properties("dead-letter"),
+        )
+
+    def _properties(self, kind: str, correlation: bytes | None = None) -> Properties | None:
+        if self.settings.protocol != "5":
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = "application/json"
+        props.PayloadFormatIndicator = 1
+        props.UserProperty = [(MARKER, kind)]
+        if correlation:
+            props.CorrelationData = correlation
+        return props
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        if now - self._last_report >= 10 and self.stats != self._reported:
+            self._last_report = now
+            self._reported = dict(self.stats)
+            log.info("mqtt intake", **self.stats)
+
+    # --- receipts -------------------------------------------------------------------
+
+    async def on_finished(self, finished: list[FinishedEvent]) -> None:
+        """Called by the daemon when events finish; receipts go out from the session."""
+        if not self.settings.receipts:
+            return
+        self._queue_receipts([e for e in finished if e.source == "mqtt" and e.reply_to])
+
+    def _queue_receipts(self, events: Sequence[FinishedEvent]) -> None:
+        for event in events:
+            if len(self._receipts) >= _RECEIPT_QUEUE_MAX:
+                dropped = self._receipts.popleft()
+                log.warning("receipt queue full; oldest receipt dropped",
+                            event_id=dropped.event_id)
+            self._receipts.append(event)
+        if events:
+            self._receipt_kick.set()
+
+    async def _receipt_loop(self, client: aiomqtt.Client) -> None:
+        while True:
+            if not self._receipts:
+                self._receipt_kick.clear()
+                await self._receipt_kick.wait()
+                continue
+            event = self._receipts[0]
+            built = None
+            for attempt in range(5):
+                try:
+                    built = await self._receipt(event)
+                    break
+                except Exception:
+                    log.exception("could not build receipt", event_id=event.event_id,
+                                  attempt=attempt + 1)
+                    await asyncio.sleep(_backoff(attempt, 0.5, 5.0))
+            if built is None:
+                self._receipts.popleft()
+                continue
+            topic, body, props = built
+            try:
+                await client.publish(topic, body, qos=1, properties=props)
+            except aiomqtt.MqttError as exc:
+                log.warning("receipt not published; will retry after reconnect",
+                            event_id=event.event_id, error=str(exc))
+                return  # the session is ending; the receipt stays queued
+            self._receipts.popleft()
+            with contextlib.suppress(Exception):
+                await self.journal.mark_moved([event.event_id])
+
+    async def _receipt(self, event: FinishedEvent) -> tuple[str, bytes, Properties | None]:
+        assert event.reply_to is not None
+        record = await self.journal.event_record(event.event_id)
+        manifest = record["manifest"]
+        async with self.journal.db.read() as conn:
+            rows = await catalog.list_artifacts(
+                conn,
+                pipeline=manifest["pipeline"],
+                run_id=manifest["run_id"],
+                step_name=manifest["step_name"],
+                limit=100_000,
+            )
+            dead = (
+                await conn.execute(
+                    sa.select(deliveries.c.sink_id, deliveries.c.action, deliveries.c.last_error)
+                    .where(deliveries.c.event_id == event.event_id, deliveries.c.state == "dead")
+                )
+            ).all()
+        rows = sorted((r for r in rows if r.event_id == event.event_id), key=lambda r: r.id)
+        body = {
+            "event_id": event.event_id,
+            "state": event.state,
+            "pipeline": manifest["pipeline"],
+            "run_id": manifest["run_id"],
+            "step_name": manifest["step_name"],
+            "versions": record.get("versions", []),
+            "artifacts": [
+                {
+                    "name": r.name,
+                    "type": r.kind,
+                    "version": r.version,
+                    "checksum": r.checksum,
+                    "size": r.size,
+                    "locations": [
+                        loc.model_dump(mode="json", exclude_none=True) for loc in r.locations
+                    ],
+                    "decision": r.decision,
+                    "plan_errors": r.plan_errors,
+                }
+                for r in rows
+            ],
+            "errors": [
+                {"sink": d.sink_id, "action": d.action, "error": d.last_error} for d in dead
+            ],
+        }
+        correlation = event.reply_to.get("correlation_data")
+        props = self._properties(
+            "receipt", base64.b64decode(correlation) if correlation else None
+        )
+        return event.reply_to["topic"], json.dumps(body, default=str).encode(), props
+
+
+def _detect(artifact: object, staged: list[StagedFile]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(artifact, ModelArtifact) and not artifact.framework and staged:
+        fallback: str | None = None
+        for f in staged:
+            found = (
+                detect_framework(f.path, f.name) if f.path is not None
+                else detect_framework_bytes(b"", f.name)
+            )
+            if found and found != "pickle":
+                out["framework"] = found
+                break
+            fallback = fallback or found
+        else:
+            if fallback:
+                out["framework"] = fallback
+    if isinstance(artifact, DatasetArtifact) and not artifact.format and staged:
+        found = detect_dataset_format(staged[0].name)
+        if found:
+            out["format"] = found
+    return out
+
+
+# --- publishing (the emit side) ---------------------------------------------------------
+
+
+def _topic_segment(value: str) -> str:
+    cleaned = re.sub(r"[+#/\x00]", "_", value)
+    return cleaned or "_"
+
+
+def default_topic(settings: MqttSettings, manifest: dict[str, Any]) -> str:
+    """A topic the router subscribes to: the first filter with its wildcards filled.
+
+    `+` takes the pipeline, then the run id, then the step; `#` takes what is left of
+    pipeline/run_id/step_name.
+    """
+    if not settings.topics:
+        raise ValueError("router.mqtt.topics is empty; give a topic")
+    filt = settings.topics[0]
+    values = [
+        _topic_segment(str(manifest.get(k, "_")))
+        for k in ("pipeline", "run_id", "step_name")
+    ]
+    out = []
+    for level in filt.split("/"):
+        if level == "+":
+            out.append(values.pop(0) if values else "_")
+        elif level == "#":
+            out.extend(values or ["_"])
+            values = []
+        else:
+            out.append(level)
+    return "/".join(out)
+
+
+def build_publication(
+    settings: MqttSettings,
+    manifest: dict[str, Any],
+    files: Sequence[Path],
+    topic: str | None = None,
+) -> tuple[str, bytes]:
+    """The topic and payload `publish_manifest` sends (validated against the schema).
+
+    File entries given by `path` are matched to `files` by relative path or base name;
+    a file of at most `inline_max_bytes` is inlined as `content_base64`, a larger one
+    is referenced by its absolute `file://` URI (the router must be able to read it
+    under one of its `allowed_roots`).
+    """
+    doc = json.loads(json.dumps(manifest))
+    paths = [Path(f) for f in files]
+    used: set[int] = set()
+    for a_index, artifact in enumerate(doc.get("artifacts") or []):
+        if not isinstance(artifact, dict):
+            continue
+        for f_index, entry in enumerate(artifact.get("files") or []):
+            if not isinstance(entry, dict) or "path" not in entry:
+                continue
+            rel = str(entry["path"])
+            match = next(
+                (i for i, p in enumerate(paths) if p.as_posix().endswith("/" + rel)
+                 or p.as_posix() == rel),
+                None,
+            )
+            if match is None:
+                match = next(
+                    (i for i, p in enumerate(paths) if p.name == os.path.basename(rel)), None
+                )
+            if match is None:
+                raise ValueError(
+                    f"artifacts[{a_index}].files[{f_index}].path {rel!r} matches none of the "
+                    f"files given ({', '.join(str(p) for p in paths) or 'none'})"
+                )
+            used.add(match)
+            local = paths[match]
+            if not local.is_file():
+                raise ValueError(f"{local}: no such file")
+            entry.pop("path")
+            entry.setdefault("name", os.path.basename(rel))
+            if local.stat().st_size <= settings.inline_max_bytes:
+                entry["content_base64"] = base64.b64encode(local.read_bytes()).decode()
+            else:
+                entry["uri"] = local.resolve().as_uri()
+    unused = [str(p) for i, p in enumerate(paths) if i not in used]
+    if unused:
+        raise ValueError(
+            f"files not named by any artifact's 'files' entry: {', '.join(unused)}; add "
+            '{"path": "<name>"} entries for them'
+        )
+    payload = json.dumps(doc, separators=(",", ":")).encode()
+    parse_manifest(payload)  # raises ManifestError naming every bad field
+    return topic or default_topic(settings, doc), payload
+
+
+async def publish_manifest(
+    settings: MqttSettings,
+    manifest: dict[str, Any],
+    files: list[Path],
+    topic: str | None = None,
+) -> None:
+    """Publish one manifest at QoS 1 and wait for the broker's PUBACK.
+
+    Raises ManifestError for an invalid manifest, ValueError for files that do not
+    match it, MqttStartupError when the broker refuses the connection for good (credentials,
+    certificate), aiomqtt.MqttError when it cannot be reached, and MqttPublishError
+    when it refuses the message or has no subscriber for the topic.
+    """
+    target, payload = build_publication(settings, manifest, files, topic)
+    client = _make_client(
+        settings, client_id=f"{settings.client_id}-emit-{uuid.uuid4().hex[:12]}",
+        persistent=False,
+    )
+    codes: list[ReasonCode] = []
+    original: Any = client._client.on_publish
+
+    def on_publish(c: Any, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
+        codes.append(reason)
+        if original is not None:
+            original(c, userdata, mid, reason, props)
+
+    client._client.on_publish = on_publish
+    props: Properties | None = None
+    if settings.protocol == "5":
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = "application/json"
+        props.PayloadFormatIndicator = 1
+    try:
+        async with client:
+            await client.publish(target, payload, qos=1, properties=props)
+    except aiomqtt.MqttError as exc:
+        message, retryable = _describe_connect_error(exc, settings)
+        if not retryable:
+            raise MqttStartupError(message) from None
+        raise
+    for code in codes:
+        if code.is_failure:
+            raise MqttPublishError(
+                f"the broker refused the manifest on {target!r} ({code.getName()})"
+            )
+        if code.getName() == "No matching subscribers":
+            raise MqttPublishError(
+                f"the broker accepted the manifest but no one subscribes to {target!r}: it was "
+                "dropped; start the router (its persistent session keeps the subscription) "
+                "or publish to a topic it subscribes to",
+            )

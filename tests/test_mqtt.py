@@ -1,0 +1,708 @@
+"""The MQTT source against a real broker (tests/servers_mqtt.py) and real daemon processes.
+
+Which broker ran is in every test id (`[mosquitto]` or `[amqtt]`) and printed with -s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from router.config import MqttSettings
+from router.db import Database, artifacts
+from router.manifest import ManifestError, parse_manifest
+from router.sources.mqtt import (
+    MqttPublishError,
+    build_publication,
+    derive_event_id,
+    publish_manifest,
+)
+from sinks.trackers.jsonl import read_jsonl
+from tests.conftest import DaemonProcess, Workspace, free_port
+from tests.servers_mqtt import (
+    BROKER_KIND,
+    Broker,
+    Collector,
+    StreamPublisher,
+    make_ca,
+    mqtt_broker,
+    mqtt_broker_factory,
+    publish_all,
+    v5_properties,
+)
+
+__all__ = ["mqtt_broker", "mqtt_broker_factory"]  # fixtures, imported for pytest
+
+StartDaemon = Callable[..., DaemonProcess]
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def metrics_manifest(i: int, *, pipeline: str = "stream", runs: int = 5) -> dict[str, Any]:
+    return {
+        "manifest_version": 1,
+        "id": f"evt-{i:05d}",
+        "pipeline": pipeline,
+        "run_id": f"run-{i % runs}",
+        "step_name": "train",
+        "artifacts": [
+            {"type": "metrics", "name": "eval", "values": {"i": i, "accuracy": 0.5}, "step": i}
+        ],
+    }
+
+
+def stream(n: int, **kw: Any) -> list[tuple[str, bytes]]:
+    return [
+        (f"artifacts/{kw.get('pipeline', 'stream')}/train", json.dumps(metrics_manifest(i, **kw))
+         .encode())
+        for i in range(n)
+    ]
+
+
+def mqtt_workspace(root: Path, broker: Broker, *, journal_url: str | None = None,
+                   mqtt: dict[str, Any] | None = None, **router: Any) -> Workspace:
+    root.mkdir(parents=True, exist_ok=True)
+    return Workspace(root, journal_url=journal_url,
+                     mqtt=broker.mqtt_settings(**(mqtt or {})), **router)
+
+
+def catalog_event_ids(url: str) -> Counter[str]:
+    """Event id of every catalogued artifact row (read straight from the catalog)."""
+
+    async def query() -> Counter[str]:
+        db = Database(url)
+        try:
+            async with db.read() as conn:
+                rows = await conn.execute(sa.select(artifacts.c.event_id))
+                return Counter(r[0] for r in rows)
+        finally:
+            await db.dispose()
+
+    return asyncio.run(query())
+
+
+def wait_catalogued(url: str, count: int, timeout: float = 180.0) -> Counter[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = catalog_event_ids(url)
+        if len(ids) >= count:
+            return ids
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(ids)} of {count} events catalogued after {timeout}s")
+        time.sleep(0.5)
+
+
+def tracker_points(tracking: Path) -> Counter[int]:
+    """How many times each metric point (values.i) was logged to the jsonl tracker."""
+    seen: Counter[int] = Counter()
+    for path in tracking.rglob("*.jsonl"):
+        for row in read_jsonl(path):
+            values = row.get("values")
+            assert isinstance(values, dict)
+            seen[int(values["i"])] += 1
+    return seen
+
+
+def assert_exactly_once(url: str, tracking: Path, n: int) -> None:
+    ids = catalog_event_ids(url)
+    assert set(ids) == {f"evt-{i:05d}" for i in range(n)}, "events missing from the catalog"
+    assert max(ids.values()) == 1, f"catalogued twice: {[k for k, v in ids.items() if v > 1]}"
+    points = tracker_points(tracking)
+    assert set(points) == set(range(n)), f"missing metric points: {set(range(n)) - set(points)}"
+    twice = sorted(k for k, v in points.items() if v > 1)
+    assert not twice, f"metric points logged more than once: {twice[:20]}"
+
+
+def healthz(port: int) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def wait_health(port: int, healthy: bool, timeout: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            _status, body = healthz(port)
+        except (OSError, ValueError):
+            time.sleep(0.2)
+            continue
+        if body.get("checks", {}).get("MqttSource") is healthy:
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"MqttSource never became healthy={healthy}: {body}")
+
+
+def log_events(daemon: DaemonProcess, event: str) -> list[dict[str, Any]]:
+    out = []
+    for line in daemon.log().splitlines():
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("event") == event:
+                out.append(row)
+    return out
+
+
+def start_subscribed(start_daemon: StartDaemon, ws: Workspace) -> DaemonProcess:
+    """Start a daemon and wait until its subscription exists: on a fresh broker, what is
+    published before the router's first subscription has no subscriber and is dropped."""
+    daemon = start_daemon(ws)
+    deadline = time.monotonic() + 30
+    while not log_events(daemon, "mqtt connected"):
+        assert daemon.proc.poll() is None, daemon.log()
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.05)
+    return daemon
+
+
+def wait_exit(daemon: DaemonProcess, timeout: float = 60.0) -> int:
+    code = daemon.proc.wait(timeout=timeout)
+    return code
+
+
+# amqtt (the fallback) speaks MQTT 3.1.1 only, keeps sessions in memory, has no shared
+# subscriptions and does not redeliver unacknowledged messages to a returning session.
+needs_v5 = pytest.mark.skipif(
+    BROKER_KIND != "mosquitto",
+    reason="needs MQTT v5, persistent sessions that redeliver and $share (mosquitto)",
+)
+
+
+# --- volume, restarts, crashes ------------------------------------------------------------------
+
+
+def test_two_thousand_manifests_reach_the_catalog(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    listen = free_port()
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, listen=f"127.0.0.1:{listen}")
+    start_daemon(ws)
+    assert wait_health(listen, True)["status"] == "ok"
+    publish_all(mqtt_broker, stream(2000))
+    ids = wait_catalogued(ws.journal_url, 2000)
+    status = ws.wait_settled(2000, timeout=180)
+    assert status["events"].get("done") == 2000, status
+    assert len(ids) == 2000
+    assert_exactly_once(ws.journal_url, ws.tracking, 2000)
+
+
+@needs_v5
+def test_broker_restart_mid_stream_loses_nothing(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    listen = free_port()
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, listen=f"127.0.0.1:{listen}")
+    start_daemon(ws)
+    wait_health(listen, True)
+    n = 1200
+    publisher = StreamPublisher(mqtt_broker, stream(n), window=50, pause=0.01, hold_at=600)
+    publisher.start()
+    publisher.wait_held()
+    mqtt_broker.stop()  # SIGTERM: mosquitto writes its persistence file
+    print("catalogued when the broker stopped:", len(catalog_event_ids(ws.journal_url)))
+    body = wait_health(listen, False)
+    assert body["status"] == "degraded"
+    time.sleep(1.0)  # the daemon and the publisher retry against a closed port
+    mqtt_broker.start()
+    publisher.release()
+    wait_health(listen, True)
+    publisher.join_checked()
+    assert publisher.reconnects >= 1
+    wait_catalogued(ws.journal_url, n)
+    ws.wait_settled(n, timeout=180)
+    assert_exactly_once(ws.journal_url, ws.tracking, n)
+
+
+@needs_v5
+def test_sigkill_mid_stream_loses_and_duplicates_nothing(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker)
+    daemon = start_subscribed(start_daemon, ws)
+    n = 1200
+    publisher = StreamPublisher(mqtt_broker, stream(n), window=20, pause=0.01)
+    publisher.start()
+    wait_catalogued(ws.journal_url, 300)
+    daemon.kill()  # between receipt, commit, PUBACK and delivery: wherever it was
+    killed_at = len(catalog_event_ids(ws.journal_url))
+    time.sleep(0.5)  # messages keep arriving in the broker's session for us
+    restarted = start_subscribed(start_daemon, ws)
+    publisher.join_checked()
+    wait_catalogued(ws.journal_url, n)
+    ws.wait_settled(n, timeout=180)
+    assert_exactly_once(ws.journal_url, ws.tracking, n)
+    assert killed_at < n
+    assert restarted.terminate() == 0
+    (stats,) = log_events(restarted, "mqtt source stopped")
+    assert stats["received"] > 0
+    print(f"killed with {killed_at} of {n} catalogued; after the restart: {stats}")
+
+
+@needs_v5
+@pytest.mark.postgres
+def test_shared_subscription_splits_work_across_three_daemons(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon, pg_url: str
+) -> None:
+    tracking = tmp_path / "tracking"
+    store = tmp_path / "store"
+    workspaces = []
+    for k in range(3):
+        ws = mqtt_workspace(
+            tmp_path / f"node{k}", mqtt_broker, journal_url=pg_url,
+            mqtt={"client_id": f"router-node-{k}", "shared_group": "routers"},
+        )
+        ws.stack["experiment_tracker"]["path"] = str(tracking)
+        ws.stack["artifact_store"]["path"] = str(store)
+        ws.write()
+        workspaces.append(ws)
+    daemons = [start_subscribed(start_daemon, ws) for ws in workspaces]
+    n = 3000
+    publisher = StreamPublisher(mqtt_broker, stream(n), window=50, pause=0.01)
+    publisher.start()
+    wait_catalogued(pg_url, 900)
+    daemons[2].kill()
+    time.sleep(1.0)
+    # mosquitto keeps a dead member's in-flight messages, and its share of what arrives
+    # meanwhile, in that member's persistent session: it gets them when it returns
+    # under the same client id (a StatefulSet pod, a systemd unit).
+    daemons.append(start_subscribed(start_daemon, workspaces[2]))
+    publisher.join_checked()
+    wait_catalogued(pg_url, n)
+    workspaces[0].wait_settled(n, timeout=180)
+    for d in (daemons[0], daemons[1], daemons[3]):
+        assert d.terminate() == 0
+    # Each event was processed by exactly one member: catalogued once, and no member
+    # that stayed up ever saw a message another one had (it would count a duplicate).
+    ids = catalog_event_ids(pg_url)
+    assert set(ids) == {f"evt-{i:05d}" for i in range(n)}
+    assert max(ids.values()) == 1
+    final = [log_events(d, "mqtt source stopped")[-1] for d in (daemons[0], daemons[1])]
+    assert [f["duplicate"] for f in final] == [0, 0], final
+    first_batch = log_events(daemons[2], "mqtt intake")
+    assert first_batch and first_batch[0]["accepted"] > 0, "node2 got nothing before the kill"
+    assert all(f["accepted"] > 0 for f in final), final
+    print("accepted: node0", final[0]["accepted"], "node1", final[1]["accepted"],
+          "node2 after restart", log_events(daemons[3], "mqtt source stopped")[-1]["accepted"])
+    # Nothing left behind: every metric point reached the tracker.  (The jsonl tracker
+    # shared by three processes can log a point twice when a delivery the killed member
+    # had in flight is retried by another member: its duplicate check is per process.)
+    points = tracker_points(tracking)
+    assert set(points) == set(range(n))
+    print("metric points logged twice by the shared jsonl tracker:",
+          sum(1 for v in points.values() if v > 1))
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def _valid(name: str, **extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "manifest_version": 1,
+        "id": f"ok-{name}",
+        "pipeline": "corpus",
+        "run_id": "run-1",
+        "step_name": "check",
+        "artifacts": [{"type": "metrics", "name": f"m-{name}", "values": {"x": 1.0}}],
+    }
+    doc.update(extra)
+    return doc
+
+
+def _bad(name: str, artifacts: list[dict[str, Any]] | None = None, **extra: Any) -> bytes:
+    doc = _valid(name, **extra)
+    doc["id"] = f"bad-{name}"
+    if artifacts is not None:
+        doc["artifacts"] = artifacts
+    return json.dumps(doc).encode()
+
+
+def malformed_corpus(allowed: Path, outside: Path) -> dict[str, tuple[bytes, str]]:
+    """name -> (payload, words the rejection reason must contain)."""
+    big = base64.b64encode(b"x" * 2048).decode()
+    def report(entry: dict[str, Any], **meta: Any) -> list[dict[str, Any]]:
+        art: dict[str, Any] = {"type": "report", "name": "r", "upload": True, "files": [entry]}
+        if meta:
+            art["metadata"] = meta
+        return [art]
+
+    missing_pipeline = _valid("x")
+    del missing_pipeline["pipeline"]
+    return {
+        "not_utf8": (b'{"manifest_version": 1, "pipeline": "\xff\xfe"}', "not UTF-8"),
+        "not_json": (b'{"manifest_version": 1, "pipeline": ', "not valid JSON"),
+        "empty_payload": (b"", "empty payload"),
+        "json_array": (b"[1, 2, 3]", "must be a JSON object"),
+        "json_number": (b"42", "must be a JSON object"),
+        "missing_pipeline": (json.dumps(missing_pipeline).encode(), "required field is missing"),
+        "wrong_manifest_version": (_bad("v", manifest_version=2), "reads manifest_version 1"),
+        "no_artifacts": (_bad("n", artifacts=[]), "at least one item"),
+        "unknown_artifact_type": (
+            _bad("t", artifacts=[{"type": "blob", "name": "b"}]), "unknown artifact type"),
+        "unknown_field": (_bad("f", colour="red"), "unknown field"),
+        "metric_not_a_number": (
+            _bad("m", artifacts=[{"type": "metrics", "name": "m", "values": {"acc": "high"}}]),
+            "number"),
+        "negative_metric_step": (
+            _bad("s", artifacts=[{"type": "metrics", "name": "m", "values": {"a": 1},
+                                  "step": -1}]), "greater than or equal to 0"),
+        "name_with_slash": (
+            _bad("sl", artifacts=[{"type": "metrics", "name": "a/b", "values": {"a": 1}}]),
+            "must not contain '/'"),
+        "path_entry_over_mqtt": (
+            _bad("path_entry_over_mqtt", artifacts=report({"path": "model.pkl"})),
+            "'path' is for spool bundles"),
+        "bad_base64": (_bad("b64", artifacts=report({"content_base64": "!!!not base64",
+                                                     "name": "a.txt"})), "not valid base64"),
+        "inline_over_cap": (
+            _bad("inline_over_cap", artifacts=report({"content_base64": big, "name": "a.bin"})),
+            "inline_max_bytes"),
+        "file_without_extension": (
+            _bad("ext", artifacts=report({"content_base64": "aGk=", "name": "README"})),
+            "'type' is required"),
+        "two_sources_in_entry": (
+            _bad("two", artifacts=report({"uri": "s3://bucket/k.bin", "content_base64": "aGk="})),
+            "exactly one of"),
+        "duplicate_file_names": (
+            _bad("dup", artifacts=[{"type": "report", "name": "r", "files": [
+                {"content_base64": "aGk=", "name": "a.txt"},
+                {"content_base64": "aGk=", "name": "a.txt"}]}]), "appears twice"),
+        "uri_http_scheme": (
+            _bad("http", artifacts=report({"uri": "http://example.com/m.bin"})),
+            "must start with file://, s3:// or gs://"),
+        "uri_outside_roots": (
+            _bad("uri_outside_roots", artifacts=report({"uri": (outside / "secret.txt").as_uri()})),
+            "outside router.mqtt.allowed_roots"),
+        "uri_symlink_escape": (
+            _bad("uri_symlink_escape",
+                 artifacts=report({"uri": (allowed / "escape.txt").as_uri()})),
+            "outside router.mqtt.allowed_roots"),
+        "uri_encoded_dotdot": (
+            _bad("uri_encoded_dotdot", artifacts=report(
+                {"uri": f"file://{allowed}/%2e%2e/{outside.name}/secret.txt", "name": "s.txt"})),
+            "outside router.mqtt.allowed_roots"),
+        "uri_missing_file": (
+            _bad("uri_missing_file", artifacts=report({"uri": (allowed / "nope.bin").as_uri()})),
+            "no such file"),
+        "uri_directory": (
+            _bad("uri_directory", artifacts=report({"uri": (allowed / "subdir").as_uri(),
+                                                    "type": "bin"})),
+            "not a regular file"),
+        "uri_remote_host": (
+            _bad("uri_remote_host", artifacts=report({"uri": "file://otherhost/data/x.bin"})),
+            "names host"),
+        "bad_declared_sha256": (
+            _bad("bad_declared_sha256", artifacts=report({"uri": "gs://bucket/k.bin"},
+                                                         sha256="xyz")),
+            "64 hex digits"),
+        "unknown_stack": (_bad("unknown_stack", stack="nope"), "names no configured stack"),
+        "id_conflict": (json.dumps(_valid("conflict", run_id="other-run")).encode(),
+                        "already accepted with a different manifest"),
+    }
+
+
+def expected_rejection_id(topic: str, payload: bytes) -> str:
+    try:
+        manifest = parse_manifest(payload)
+    except ManifestError:
+        return derive_event_id(topic, payload)
+    return manifest.id or derive_event_id(topic, payload)
+
+
+def test_malformed_corpus_is_rejected_with_reasons_and_valid_messages_flow(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    allowed = tmp_path / "allowed"
+    outside = tmp_path / "outside"
+    (allowed / "subdir").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not for the router")
+    (allowed / "escape.txt").symlink_to(outside / "secret.txt")
+    model_bytes = os.urandom(3000)
+    (allowed / "model.bin").write_bytes(model_bytes)
+    (allowed / "alias.bin").symlink_to(allowed / "model.bin")  # a link that stays inside
+    dead_topic = "artifacts/dead-letters"  # inside our own subscription, on purpose
+    ws = mqtt_workspace(
+        tmp_path / "ws", mqtt_broker,
+        mqtt={"allowed_roots": [str(allowed)], "inline_max_bytes": 1024,
+              "dead_letter_topic": dead_topic},
+    )
+    dead = Collector(mqtt_broker, dead_topic)
+    start_subscribed(start_daemon, ws)
+
+    inline = b"%PDF-1.4 tiny report"
+    sha = hashlib.sha256(b"object bytes").hexdigest()
+    valid: dict[str, bytes] = {
+        f"metrics-{i}": json.dumps(_valid(f"metrics-{i}")).encode() for i in range(5)
+    }
+    valid["conflict"] = json.dumps(_valid("conflict")).encode()
+    valid["inline-report"] = json.dumps(_valid("inline-report", artifacts=[
+        {"type": "report", "name": "summary", "upload": True,
+         "files": [{"content_base64": base64.b64encode(inline).decode(), "name": "s.pdf"}]},
+        {"type": "report", "name": "again", "upload": True,  # the same file name, another
+         "files": [{"content_base64": base64.b64encode(b"other").decode(), "name": "s.pdf"}]},
+    ])).encode()
+    valid["file-uri-model"] = json.dumps(_valid("file-uri-model", artifacts=[
+        {"type": "model", "name": "clf", "upload": True,
+         "files": [{"uri": (allowed / "alias.bin").as_uri(), "name": "model.bin"}]},
+    ])).encode()
+    valid["s3-dataset"] = json.dumps(_valid("s3-dataset", artifacts=[
+        {"type": "dataset", "name": "train", "upload": True, "metadata": {"sha256": sha},
+         "files": [{"uri": "s3://bucket/data/train.parquet"}]},
+    ])).encode()
+    no_id = _valid("no-id")
+    del no_id["id"]
+    valid["no-id"] = json.dumps(no_id).encode()
+
+    corpus = malformed_corpus(allowed, outside)
+    assert len(corpus) >= 20
+    messages: list[tuple[str, bytes]] = []
+    bad_items = list(corpus.items())
+    for i, (name, payload) in enumerate(valid.items()):
+        messages.append((f"artifacts/ok/{name}", payload))
+        for bad_name, (bad_payload, _) in bad_items[i * 3:(i + 1) * 3]:
+            messages.append((f"artifacts/bad/{bad_name}", bad_payload))
+    for bad_name, (bad_payload, _) in bad_items[len(valid) * 3:]:
+        messages.append((f"artifacts/bad/{bad_name}", bad_payload))
+    messages.append(("artifacts/ok/metrics-0", valid["metrics-0"]))  # an exact repeat: no-op
+    # the conflict must come after the original it conflicts with
+    messages = [m for m in messages if m[0] != "artifacts/bad/id_conflict"]
+    messages.append(("artifacts/bad/id_conflict", corpus["id_conflict"][0]))
+    publish_all(mqtt_broker, messages)
+
+    status = ws.wait_settled(len(valid) + len(corpus), timeout=120)
+    assert status["events"].get("rejected") == len(corpus), status
+    assert status["events"].get("done") == len(valid), status
+
+    rejected = json.loads(ws.cli("artifacts", "--rejected", "--json").stdout)
+    by_id = {row["id"]: row for row in rejected}
+    for name, (payload, words) in corpus.items():
+        topic = f"artifacts/bad/{name}"
+        if name == "id_conflict":
+            rows = [r for i, r in by_id.items() if i.startswith("ok-conflict#rejected-")]
+            assert len(rows) == 1, (name, sorted(by_id))
+            row = rows[0]
+        else:
+            row = by_id.get(expected_rejection_id(topic, payload))
+            assert row is not None, f"{name}: no rejection recorded; have {sorted(by_id)}"
+        assert row["source"] == "mqtt", (name, row)
+        assert words in row["error"], f"{name}: {row['error']!r} lacks {words!r}"
+
+    letters = dead.wait_for(len(corpus))
+    dead.close()
+    by_topic = {json.loads(m.payload)["topic"]: json.loads(m.payload) for m in letters}
+    for name, (payload, words) in corpus.items():
+        letter = by_topic[f"artifacts/bad/{name}"]
+        assert words in letter["reason"], (name, letter["reason"])
+        assert base64.b64decode(letter["payload_base64"]) == payload
+
+    ids = catalog_event_ids(ws.journal_url)
+    assert ids["ok-metrics-0"] == 1
+    assert derive_event_id("artifacts/ok/no-id", valid["no-id"]) in ids
+    rows = {r["name"]: r for r in json.loads(ws.cli("artifacts", "--json").stdout)}
+    summary, again = rows["summary"], rows["again"]
+    stored = [loc["uri"] for loc in summary["locations"] if loc["uri"].startswith("file://")]
+    assert stored and Path(stored[0].removeprefix("file://")).read_bytes() == inline
+    assert summary["files"][0]["path"].startswith(str(tmp_path / "ws" / "state" / "mqtt"))
+    assert summary["files"][0]["path"] != again["files"][0]["path"]
+    model = rows["clf"]
+    assert model["checksum"] == hashlib.sha256(model_bytes).hexdigest()
+    assert model["files"][0]["path"] == str(allowed / "model.bin")  # symlink resolved
+    dataset = rows["train"]
+    assert dataset["files"][0]["uri"] == "s3://bucket/data/train.parquet"
+    assert dataset["files"][0]["sha256"] == sha
+
+
+# --- security ----------------------------------------------------------------------------------
+
+
+@needs_v5
+def test_tls_and_password_and_a_wrong_password_fails_at_start(
+    tmp_path: Path, mqtt_broker_factory: Callable[..., Broker], start_daemon: StartDaemon
+) -> None:
+    ca = make_ca(tmp_path / "pki")
+    broker = mqtt_broker_factory(users={"router": "correct horse"}, ca=ca,
+                                 require_certificate=True)
+    ws = mqtt_workspace(tmp_path / "ws", broker)
+    assert ws.router["mqtt"]["tls"] and ws.router["mqtt"]["cert_file"]
+    start_subscribed(start_daemon, ws)
+    settings = MqttSettings(**ws.router["mqtt"])
+    report = tmp_path / "report.txt"
+    report.write_text("over TLS, with a password")
+    manifest = {"manifest_version": 1, "id": "tls-1", "pipeline": "secure", "run_id": "r1",
+                "step_name": "s", "artifacts": [{"type": "report", "name": "rep", "upload": True,
+                                                 "files": [{"path": "report.txt"}]}]}
+    asyncio.run(publish_manifest(settings, manifest, [report]))
+    ws.wait_settled(1, timeout=60)
+    assert catalog_event_ids(ws.journal_url) == Counter({"tls-1": 1})
+
+    # A sidecar with a wrong password must fail loudly at start, not retry in silence:
+    # the daemon exits non-zero and says why.
+    bad = mqtt_workspace(tmp_path / "bad-pass", broker, mqtt={"password": "wrong"})
+    failing = start_daemon(bad)
+    assert wait_exit(failing) != 0
+    assert "not authorised" in failing.log(), failing.log()
+    assert "router.mqtt.password" in failing.log()
+
+    # A broker certificate from a CA we do not trust: the same, with its own words.
+    other = make_ca(tmp_path / "other-pki", common_name="someone else")
+    untrusted = mqtt_workspace(tmp_path / "bad-ca", broker, mqtt={"ca_file": str(other.ca_file)})
+    failing = start_daemon(untrusted)
+    assert wait_exit(failing) != 0
+    assert "certificate verification failed" in failing.log(), failing.log()
+
+
+# --- publishing and receipts -------------------------------------------------------------------
+
+
+def test_publish_manifest_inlines_small_files_and_references_large_ones_v311(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    files_dir = tmp_path / "job-output"
+    files_dir.mkdir()
+    small = files_dir / "metrics.csv"
+    small.write_bytes(b"a,b\n1,2\n")
+    large = files_dir / "model.pkl"
+    large_bytes = os.urandom(200_000)
+    large.write_bytes(large_bytes)
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, mqtt={
+        "protocol": "3.1.1", "allowed_roots": [str(files_dir)], "inline_max_bytes": 4096})
+    settings = MqttSettings(**ws.router["mqtt"])
+    manifest = {"manifest_version": 1, "id": "emit-1", "pipeline": "emit", "run_id": "r1",
+                "step_name": "train", "artifacts": [
+                    {"type": "model", "name": "clf", "upload": True,
+                     "files": [{"path": "model.pkl"}]},
+                    {"type": "dataset", "name": "m", "upload": True,
+                     "files": [{"path": "metrics.csv"}]}]}
+    topic, payload = build_publication(settings, manifest, [large, small])
+    assert topic == "artifacts/emit/r1/train"
+    doc = json.loads(payload)
+    assert doc["artifacts"][0]["files"][0] == {"name": "model.pkl", "uri": large.as_uri()}
+    assert base64.b64decode(doc["artifacts"][1]["files"][0]["content_base64"]) == small.read_bytes()
+    with pytest.raises(ValueError, match="matches none"):
+        build_publication(settings, manifest, [small])
+
+    start_subscribed(start_daemon, ws)
+    asyncio.run(publish_manifest(settings, manifest, [large, small]))
+    ws.wait_settled(1, timeout=60)
+    rows = {r["name"]: r for r in json.loads(ws.cli("artifacts", "--json").stdout)}
+    for name, data in (("clf", large_bytes), ("m", small.read_bytes())):
+        uris = [loc["uri"] for loc in rows[name]["locations"] if loc["uri"].startswith("file:")]
+        assert uris and Path(uris[0].removeprefix("file://")).read_bytes() == data, rows[name]
+
+
+@needs_v5
+def test_publish_to_a_topic_nobody_reads_is_an_error(mqtt_broker: Broker) -> None:
+    settings = MqttSettings(**mqtt_broker.mqtt_settings(topics=["nobody-listens/#"]))
+    manifest = metrics_manifest(1)
+    with pytest.raises(MqttPublishError, match="no one subscribes"):
+        asyncio.run(publish_manifest(settings, manifest, []))
+
+
+@needs_v5
+def test_receipts_go_to_the_response_topic_or_the_receipt_topic(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, mqtt={"receipts": True})
+    replies = Collector(mqtt_broker, "replies/#", "artifacts/receipts/#")
+    start_subscribed(start_daemon, ws)
+    with_reply = _valid("with-reply", artifacts=[
+        {"type": "report", "name": "summary", "upload": True,
+         "files": [{"content_base64": base64.b64encode(b"hello").decode(), "name": "s.txt"}]}])
+    plain = metrics_manifest(7)
+    publish_all(
+        mqtt_broker,
+        [("artifacts/jobs/a", json.dumps(with_reply).encode()),
+         ("artifacts/jobs/b", json.dumps(plain).encode())],
+        properties=lambda i: v5_properties(ResponseTopic="replies/job-7",
+                                           CorrelationData=b"\x00corr-7") if i == 0 else None,
+    )
+    received = replies.wait_for(2, timeout=60)
+    replies.close()
+    by_topic = {m.topic: m for m in received}
+    reply = by_topic["replies/job-7"]
+    assert reply.properties.CorrelationData == b"\x00corr-7"
+    body = json.loads(reply.payload)
+    assert body["event_id"] == "ok-with-reply" and body["state"] == "done"
+    assert body["versions"] == ["1"]
+    (art,) = body["artifacts"]
+    assert art["name"] == "summary" and art["version"] == "1"
+    assert any(loc["uri"].startswith("file://") for loc in art["locations"])
+    other = json.loads(by_topic["artifacts/receipts/evt-00007"].payload)
+    assert other["event_id"] == "evt-00007" and other["state"] == "done"
+    assert other["artifacts"][0]["type"] == "metrics"
+    status = ws.wait_settled(2)
+    assert status["events"].get("rejected", 0) == 0, "a receipt was read as a manifest"
+
+
+# --- the crash window between commit and PUBACK, deterministically ------------------------------
+
+
+@needs_v5
+async def test_redelivery_after_commit_without_ack_is_a_journal_no_op(
+    tmp_path: Path, mqtt_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commit, then 'crash' before the PUBACK: the broker redelivers, the journal says
+    duplicate, and the redelivered messages are acknowledged without new work."""
+    from router import config as router_config
+    from router.daemon import Daemon
+    from router.sources import mqtt as mqtt_source
+
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker)
+    daemon = Daemon(router_config.load_config(ws.config_path))
+    await daemon.db.migrate()
+    n = 40
+
+    async def run_until(source: mqtt_source.MqttSource, done: Callable[[], bool]) -> None:
+        task = asyncio.create_task(source.run())
+        deadline = time.monotonic() + 60
+        while not done():
+            assert not task.done(), task
+            assert time.monotonic() < deadline, source.stats
+            await asyncio.sleep(0.05)
+        source.stop()
+        await asyncio.wait_for(task, 30)
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(mqtt_source, "_ack", lambda _client, _message: True)  # never sent
+            first = mqtt_source.MqttSource.from_daemon(daemon)
+            subscribed = asyncio.create_task(run_until(first, lambda: first.healthy))
+            await subscribed
+            first = mqtt_source.MqttSource.from_daemon(daemon)
+            await asyncio.to_thread(publish_all, mqtt_broker, stream(n))
+            await run_until(first, lambda: first.stats["accepted"] == n)
+        assert len(await asyncio.to_thread(catalog_event_ids, ws.journal_url)) == n
+
+        second = mqtt_source.MqttSource.from_daemon(daemon)
+        await run_until(second, lambda: second.stats["duplicate"] == n)
+        assert second.stats["accepted"] == 0 and second.stats["received"] == n
+
+        # They are acknowledged now: a third session gets only what is new.
+        await asyncio.to_thread(publish_all, mqtt_broker, stream(n + 1)[n:])
+        third = mqtt_source.MqttSource.from_daemon(daemon)
+        await run_until(third, lambda: third.stats["received"] >= 1)
+        assert third.stats["received"] == 1 and third.stats["accepted"] == 1, third.stats
+        ids = await asyncio.to_thread(catalog_event_ids, ws.journal_url)
+        assert Counter(ids.values()) == Counter({1: n + 1})
+    finally:
+        await daemon.close()

@@ -169,6 +169,11 @@ class Daemon:
             stack=select_stack(self.config, flag=self.stack_flag),
             pid=os.getpid(),
         )
+        for source in self.extra_sources:
+            # Events that finished while we were down (or whose receipt was cut off).
+            name = getattr(source, "source_name", None)
+            if name and hasattr(source, "on_finished"):
+                await source.on_finished(await self.journal.unmoved(name))
         dispatcher = asyncio.create_task(self.dispatcher.run(), name="dispatcher")
         sources = [asyncio.create_task(self.spool.run(), name="spool")]
         sources += [asyncio.create_task(s.run(), name=type(s).__name__) for s in self.extra_sources]

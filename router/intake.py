@@ -19,6 +19,7 @@ from router.delivery import StagedFile
 from router.detect import detect_dataset_format, detect_framework
 from router.errors import Problem
 from router.manifest import (
+    LIMITS,
     DatasetArtifact,
     Manifest,
     ManifestError,
@@ -84,7 +85,14 @@ def _resolve_in_bundle(bundle: Path, rel: str, field: str) -> tuple[Path | None,
         )
     except OSError as exc:
         return None, Problem(field=field, value=rel, message=f"cannot read: {exc.strerror}")
-    resolved = candidate.resolve()
+    try:
+        resolved = candidate.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        return None, Problem(
+            field=field, value=rel,
+            message=f"cannot be resolved ({getattr(exc, 'strerror', None) or exc}); a "
+            "dangling symlink or a symlink loop: put the real file in the bundle",
+        )
     if resolved != root and root not in resolved.parents:
         return None, Problem(
             field=field,
@@ -114,11 +122,20 @@ def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
     name = bundle.name
     manifest_path = bundle / "manifest.json"
     try:
-        if manifest_path.is_symlink():
+        st = manifest_path.lstat()
+        if not stat.S_ISREG(st.st_mode):
+            # A FIFO would block the reader forever, a symlink could point anywhere.
             raise ManifestError(
-                [Problem(field="manifest.json", message="must be a regular file, not a symlink")]
+                [Problem(field="manifest.json", message="must be a regular file (not a "
+                         "symlink, FIFO, socket or directory)")]
             )
-        raw = manifest_path.read_bytes()
+        if st.st_size > LIMITS.manifest_bytes:
+            raise ManifestError([Problem(
+                field="manifest.json", value=f"{st.st_size} bytes",
+                message=f"is over the {LIMITS.manifest_bytes} byte limit; put large values "
+                "in files")])
+        with open(manifest_path, "rb") as fh:  # bounded even if it grows meanwhile
+            raw = fh.read(LIMITS.manifest_bytes + 1)
         manifest = parse_manifest(raw)
     except ManifestError as exc:
         return Rejection(source="spool", bundle=name, event_id=name, problems=exc.problems)

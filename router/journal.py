@@ -550,19 +550,42 @@ class DeliveryJournal:
             ]
         return finished
 
-    async def unmoved(self) -> list[FinishedEvent]:
-        """Finished spool events whose bundle has not been moved yet (crash recovery)."""
+    async def unmoved(self, source: str) -> list[FinishedEvent]:
+        """Finished events of `source` whose follow-up (a receipt) was not confirmed."""
         await self.flush_moved()
         async with self.db.read() as conn:
             rows = await conn.execute(
-                sa.select(events.c.id, events.c.bundle, events.c.source, events.c.state).where(
-                    events.c.moved.is_(False), events.c.state.in_(("done", "failed"))
+                sa.select(
+                    events.c.id, events.c.bundle, events.c.source, events.c.state,
+                    events.c.record,
+                ).where(
+                    events.c.moved.is_(False),
+                    events.c.state.in_(("done", "failed")),
+                    events.c.source == source,
                 )
             )
             return [
-                FinishedEvent(event_id=r.id, bundle=r.bundle, source=r.source, state=r.state)
+                FinishedEvent(
+                    event_id=r.id, bundle=r.bundle, source=r.source, state=r.state,
+                    reply_to=(r.record or {}).get("reply_to"),
+                )
                 for r in rows
             ]
+
+    async def bundle_states(self, bundles: Sequence[str]) -> dict[str, str]:
+        """State of the spool event each bundle directory belongs to (crash recovery)."""
+        found: dict[str, str] = {}
+        async with self.db.read() as conn:
+            for start in range(0, len(bundles), 500):
+                rows = await conn.execute(
+                    sa.select(events.c.bundle, events.c.state).where(
+                        events.c.source == "spool",
+                        events.c.bundle.in_(bundles[start:start + 500]),
+                        events.c.state != "rejected",
+                    )
+                )
+                found.update({r.bundle: r.state for r in rows})
+        return found
 
     async def mark_moved(self, ids: Iterable[str]) -> None:
         """Note bundles as moved; written with the next transaction (or flush_moved)."""

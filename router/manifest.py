@@ -88,8 +88,8 @@ class Limits(BaseModel):
 LIMITS = Limits()
 
 # Names end up in object keys and file paths: no control characters, no slashes.
-_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\]")
-_NAME_PATTERN = r"^[^\x00-\x1f\x7f/\\]+$"
+_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")  # C0, DEL and C1 controls
+_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f/\\]+$"
 
 
 def _check_name(value: str) -> str:
@@ -517,6 +517,8 @@ def _loc(parts: tuple[int | str, ...]) -> str:
             and isinstance(parts[i - 1], int)
         ):
             continue  # the discriminator tag adds noise to the path a person reads
+        elif not str(part).isidentifier():
+            out += f"[{str(part)!r}]"  # an odd key (spaces, control characters) stays visible
         else:
             out += f".{part}" if out else str(part)
     return out or "(manifest)"

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
-_MAX_SEGMENT = 200
+_MAX_SEGMENT = 200  # bytes: leaves room for suffixes such as .v12 under 255
 
 
 def sanitise_segment(value: str) -> str:
@@ -45,7 +45,10 @@ def sanitise_segment(value: str) -> str:
     dots (and the empty value) become underscores, and the result is at most 200
     characters, so no run id, step or name can climb out of a store root.
     """
-    cleaned = _UNSAFE.sub("_", value)[:_MAX_SEGMENT]
+    cleaned = _UNSAFE.sub("_", value)
+    if len(cleaned.encode()) > _MAX_SEGMENT:
+        # File systems cap a name at 255 *bytes*: cut on a character boundary.
+        cleaned = cleaned.encode()[:_MAX_SEGMENT].decode("utf-8", "ignore")
     if cleaned.strip(".") == "":
         cleaned = "_" * max(len(cleaned), 1)
     return cleaned

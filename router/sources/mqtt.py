@@ -354,6 +354,8 @@ class _Item:
 
 
 class MqttSource:
+    source_name = "mqtt"  # events it journals carry this source; receipts follow them
+
     def __init__(
         self,
         settings: MqttSettings,

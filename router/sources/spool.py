@@ -140,16 +140,23 @@ class SpoolSource:
         self._stop.set()
 
     async def _recover(self) -> None:
-        """Finish moves a crash interrupted; re-read bundles accepted/ holds unjournaled."""
-        await self.on_finished(await self.journal.unmoved())
-        names = [p.name for p in self.paths.accepted.iterdir() if p.is_dir()]
-        known = await self.journal.known_events(names)
-        for name in names:
-            if name not in known:
-                # Only a bundle whose manifest has its own 'id' can sit in accepted/
-                # under another id; re-read it through the normal path to be sure.
+        """Finish the moves a crash interrupted, from the journal's word on each bundle.
+
+        accepted/ and failed/ are small (only unfinished work), so a directory scan at
+        start replaces a per-event `moved` flag written on every completion.
+        """
+        for folder in (self.paths.accepted, self.paths.failed):
+            names = [p.name for p in folder.iterdir() if p.is_dir()]
+            states = await self.journal.bundle_states(names)
+            for name in names:
+                state = states.get(name)
+                target = {"done": self.paths.done, "failed": self.paths.failed}.get(state or "")
                 with contextlib.suppress(OSError):
-                    os.replace(self.paths.accepted / name, self.paths.incoming / name)
+                    if state is None and folder == self.paths.accepted:
+                        # Not journaled (cannot happen by rename order): read it again.
+                        os.replace(folder / name, self.paths.incoming / name)
+                    elif target is not None and target != folder:
+                        _move(folder / name, target)
 
     def _scan(self) -> None:
         try:
@@ -238,7 +245,6 @@ class SpoolSource:
                                 errors=outcome.detail)
                 if outcome.deliveries == 0:
                     _move(src, self.paths.done)
-                    await self.journal.mark_moved([event.event_id])
                 else:
                     _move(src, self.paths.accepted)
             elif outcome.outcome == "duplicate":
@@ -292,10 +298,9 @@ class SpoolSource:
     # --- completion -----------------------------------------------------------------
 
     async def on_finished(self, finished: list[FinishedEvent]) -> None:
-        moved = []
+        """Move finished bundles to done/ or failed/ (a crash in between: see _recover)."""
         for event in finished:
             if event.bundle is None or event.source != "spool":
-                moved.append(event.event_id)
                 continue
             current = self.paths.locate(event.bundle)
             target = self.paths.done if event.state == "done" else self.paths.failed
@@ -304,9 +309,6 @@ class SpoolSource:
                     _move(current, target)
                 except OSError:
                     log.exception("could not move bundle", bundle=event.bundle)
-                    continue
-            moved.append(event.event_id)
-        await self.journal.mark_moved(moved)
 
     def _prune_done(self) -> None:
         if self.retention_days <= 0:

@@ -8,10 +8,11 @@ SIGKILL leaves at worst a `.tmp-*` file that the next attempt replaces.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
-import glob
 import hashlib
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from sinks.base import (
 __all__ = ["LocalStore", "LocalStoreSettings"]
 
 _CHUNK = 1024 * 1024
+TMP_DIR = ".router-tmp"  # in-progress copies; reserved: no key may start with it
 # A full disk or a read-only mount can be fixed by an operator: keep retrying.
 _TRANSIENT_ERRNOS = {errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EPERM, errno.EIO}
 
@@ -63,6 +65,8 @@ class LocalStore(BaseSink):
         self.root = settings.path.expanduser().resolve()
 
     def _path_for(self, key: str) -> Path:
+        if key.split("/", 1)[0] == TMP_DIR:
+            raise PermanentError(f"key {key!r} is inside the store's own {TMP_DIR}/ folder")
         dest = (self.root / key).resolve()
         if dest != self.root and self.root not in dest.parents:
             raise PermanentError(f"key {key!r} resolves outside the store root {self.root}")
@@ -131,10 +135,12 @@ class LocalStore(BaseSink):
 
     def _write(self, source: Path, dest: Path, expected_sha256: str) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        # An attempt killed mid-copy leaves its temp file behind: the retry cleans up.
-        for stale in dest.parent.glob(f".tmp-*-{glob.escape(dest.name)}"):
-            stale.unlink(missing_ok=True)
-        tmp = dest.parent / f".tmp-{uuid.uuid4().hex}-{dest.name}"[:255]
+        # Temp files live in the store's own folder (same file system, so the rename is
+        # atomic), never next to user files: cleaning up can't touch a stored artifact.
+        tmp_dir = self.root / TMP_DIR
+        tmp_dir.mkdir(exist_ok=True)
+        self._clean_stale_temps(tmp_dir)
+        tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
         digest = hashlib.sha256()
         try:
             with open(source, "rb") as src, open(tmp, "wb") as out:
@@ -159,6 +165,15 @@ class LocalStore(BaseSink):
                     os.close(fd)
         finally:
             tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _clean_stale_temps(tmp_dir: Path) -> None:
+        """Remove temp files an attempt killed mid-copy left behind (older than an hour)."""
+        cutoff = time.time() - 3600
+        for entry in os.scandir(tmp_dir):
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
 
     async def health(self) -> bool:
         return os.access(self.root if self.root.exists() else self.root.parent, os.W_OK)

@@ -409,6 +409,7 @@ def artifacts(
     run: Annotated[str | None, typer.Option("--run", help="only this run id")] = None,
     rejected: Annotated[bool, typer.Option("--rejected", help="show rejected inputs "
                                            "instead")] = False,
+    limit: Annotated[int, typer.Option(help="at most this many rows, newest first")] = 1000,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -417,7 +418,7 @@ def artifacts(
 
     loaded = _load(config)
     if rejected:
-        report = asyncio.run(_with_journal(loaded, lambda j: j.status(dead_limit=1000)))
+        report = asyncio.run(_with_journal(loaded, lambda j: j.status(dead_limit=limit)))
         if as_json:
             _emit_json(report.rejected)
         else:
@@ -427,7 +428,7 @@ def artifacts(
 
     async def fetch(journal: Any) -> Any:
         async with journal.db.read() as conn:
-            return await list_artifacts(conn, pipeline=pipeline, run_id=run)
+            return await list_artifacts(conn, pipeline=pipeline, run_id=run, limit=limit)
 
     rows = asyncio.run(_with_journal(loaded, fetch))
     if as_json:

@@ -51,9 +51,12 @@ class Daemon:
         settings = self.config.router
         self.metrics = RouterMetrics()
         self.db = Database(settings.database_url())
-        self.journal = DeliveryJournal(
-            self.db, owner=f"{socket.gethostname()}:{settings.spool.resolve()}"
-        )
+        # Who holds in-flight work: unique per daemon of a pool (same host, same spool
+        # path, different MQTT client ids), stable across its restarts.
+        owner = f"{socket.gethostname()}:{settings.spool.resolve()}"
+        if settings.mqtt is not None:
+            owner += f":{settings.mqtt.client_id}"
+        self.journal = DeliveryJournal(self.db, owner=owner)
         self.spool_paths = SpoolPaths(settings.spool)
         self.pool = SinkPool(self.config)
         self.dispatcher = Dispatcher(

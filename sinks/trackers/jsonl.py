@@ -8,6 +8,8 @@ SIGKILL between the append and the journal update never duplicates a metric poin
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +47,7 @@ class JsonlTracker(BaseSink):
     def __init__(self, sink_id: str, settings: JsonlTrackerSettings) -> None:
         super().__init__(sink_id, settings)
         self.root = settings.path.expanduser().resolve()
-        self._keys: dict[Path, set[str]] = {}
+        self._seen: dict[Path, tuple[set[str], int]] = {}  # keys read, up to byte offset
         self._locks: dict[Path, asyncio.Lock] = {}
 
     def file_for(self, pipeline: str, run_id: str) -> Path:
@@ -53,44 +55,66 @@ class JsonlTracker(BaseSink):
 
     async def deliver(self, item: DeliveryItem) -> DeliveryResult:
         path = self.file_for(item.context.pipeline, item.context.run_id)
+        artifact = item.artifact
+        values = artifact.values if artifact.values else artifact.metadata.get("metrics", {})
+        row = {
+            "key": item.key,
+            "logged_at": datetime.now(UTC).isoformat(),
+            "pipeline": item.context.pipeline,
+            "run_id": item.context.run_id,
+            "step_name": item.context.step_name,
+            "kind": artifact.kind.value,
+            "name": artifact.name,
+            "step": artifact.step,
+            "values": values,
+        }
         lock = self._locks.setdefault(path, asyncio.Lock())
         async with lock:
-            if path not in self._keys:
-                self._keys[path] = await asyncio.to_thread(
-                    lambda: {str(r.get("key")) for r in read_jsonl(path)}
-                )
-            if item.key in self._keys[path]:
-                return DeliveryResult(uri=f"file://{path}", skipped=True)
-            artifact = item.artifact
-            values = artifact.values if artifact.values else artifact.metadata.get("metrics", {})
-            row = {
-                "key": item.key,
-                "logged_at": datetime.now(UTC).isoformat(),
-                "pipeline": item.context.pipeline,
-                "run_id": item.context.run_id,
-                "step_name": item.context.step_name,
-                "kind": artifact.kind.value,
-                "name": artifact.name,
-                "step": artifact.step,
-                "values": values,
-            }
             try:
-                await asyncio.to_thread(self._append, path, orjson.dumps(row) + b"\n")
+                written = await asyncio.to_thread(
+                    self._append_once, path, item.key, orjson.dumps(row) + b"\n"
+                )
             except OSError as exc:
                 raise TransientError(f"{path}: {exc.strerror}") from exc
-            self._keys[path].add(item.key)
-        return DeliveryResult(uri=f"file://{path}")
+        return DeliveryResult(uri=f"file://{path}", skipped=not written)
 
-    def _append(self, path: Path, line: bytes) -> None:
+    def _append_once(self, path: Path, key: str, line: bytes) -> bool:
+        """Append unless the key is already in the file; False when it was.
+
+        An exclusive flock makes check-and-append atomic across processes too: daemons
+        of a pool sharing a tracking directory (one may replay another's delivery after
+        taking over its lease) never write the same point twice.  Keys already seen are
+        cached with the file size they were read up to; only what others appended since
+        is read again.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as fh:
-            # A crash may have torn the last line; start ours on a fresh one.
-            if fh.tell() > 0:
-                with open(path, "rb") as check:
-                    check.seek(-1, os.SEEK_END)
-                    if check.read(1) != b"\n":
-                        fh.write(b"\n")
-            fh.write(line)
-            if self.settings.fsync:
+        with open(path, "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                keys, offset = self._seen.get(path, (set(), 0))
+                size = os.fstat(fh.fileno()).st_size
+                if size < offset:  # truncated or replaced: start over
+                    keys, offset = set(), 0
+                if size > offset:
+                    fh.seek(offset)
+                    chunk = fh.read(size - offset)
+                    complete = chunk[: chunk.rfind(b"\n") + 1]
+                    for raw in complete.splitlines():
+                        with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                            keys.add(str(orjson.loads(raw).get("key")))
+                    offset += len(complete)
+                self._seen[path] = (keys, offset)
+                if key in keys:
+                    return False
+                if size > 0:
+                    fh.seek(size - 1)
+                    if fh.read(1) != b"\n":
+                        line = b"\n" + line  # a crash tore the last line: start afresh
+                fh.write(line)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if self.settings.fsync:
+                    os.fsync(fh.fileno())
+                keys.add(key)
+                return True
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -369,6 +369,43 @@ class MqttSettings(_Strict):
     receipts: bool = False
     receipt_topic: str = "artifacts/receipts/{event_id}"
 
+    @field_validator("receipt_topic")
+    @classmethod
+    def _receipt_topic(cls, value: str) -> str:
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"bad template: {exc}") from None
+        if names - {"event_id"}:
+            raise ValueError(
+                f"unknown placeholder(s) {', '.join(sorted(names - {'event_id'}))}; only "
+                "{event_id} is filled in"
+            )
+        if "+" in value or "#" in value:
+            raise ValueError("a topic to publish to cannot contain the wildcards + or #")
+        return value
+
+    @field_validator("topics")
+    @classmethod
+    def _topic_filters(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("subscribe to at least one topic filter, e.g. artifacts/#")
+        for topic in value:
+            if not topic or topic.startswith("$share/"):
+                raise ValueError(
+                    f"{topic!r}: give a plain filter; set shared_group for $share/<group>/"
+                )
+            if "#" in topic and not topic.endswith("#"):
+                raise ValueError(f"{topic!r}: '#' may only be the last level")
+        return value
+
+    @field_validator("shared_group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c in value for c in "/+#")):
+            raise ValueError("a shared subscription group is one topic level: no / + or #")
+        return value
+
 
 class RouterSettings(_Strict):
     """The router's own section: where things live and how hard to try."""

@@ -1163,3 +1163,24 @@ def test_masked_stack_show_hides_the_interpolated_secret(tmp_path: Path) -> None
     shown = repr(mask_secrets(loaded.config.stacks["s"].model_dump(mode="json")))
     assert "pw-123" not in shown and "tok-456" not in shown
     assert re.search(r"http://u:\*\*\*@m:5000", shown)
+
+
+@pytest.mark.parametrize(
+    ("mqtt", "field", "needle"),
+    [
+        ({"receipt_topic": "r/{run}"}, "router.mqtt.receipt_topic", "{event_id}"),
+        ({"receipt_topic": "r/+/x"}, "router.mqtt.receipt_topic", "wildcards"),
+        ({"topics": ["a/#/b"]}, "router.mqtt.topics", "last level"),
+        ({"topics": ["$share/g/a/#"]}, "router.mqtt.topics", "shared_group"),
+        ({"topics": []}, "router.mqtt.topics", "at least one"),
+        ({"shared_group": "a/b"}, "router.mqtt.shared_group", "one topic level"),
+    ],
+)
+def test_bad_mqtt_topics_are_config_errors(
+    tmp_path: Path, mqtt: dict[str, object], field: str, needle: str
+) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump({"router": {"mqtt": mqtt}}))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert field in str(caught.value) and needle in str(caught.value)

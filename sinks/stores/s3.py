@@ -115,6 +115,11 @@ class S3StoreSettings(SinkSettings):
     multipart_threshold: ByteSize = Field(default=ByteSize(64 * MiB), ge=1, le=MAX_SINGLE_PUT)
     part_size: ByteSize = Field(default=ByteSize(8 * MiB), ge=MIN_PART_SIZE, le=MAX_PART_SIZE)
     max_concurrency: int = Field(default=8, ge=1, le=64, description="parts in flight")
+    max_multipart_uploads: int = Field(
+        default=2, ge=1, le=64,
+        description="multipart uploads at once per sink: memory stays under "
+        "max_multipart_uploads x max_concurrency x part_size whatever else is in flight",
+    )
     addressing_style: Literal["auto", "path", "virtual"] = Field(
         default="auto", description="auto means path style when endpoint_url is set"
     )
@@ -268,6 +273,7 @@ class S3Store(BaseSink):
         self._client_lock = asyncio.Lock()
         self._stack = contextlib.AsyncExitStack()
         self._listing_unsupported = False
+        self._multipart_slots = asyncio.Semaphore(settings.max_multipart_uploads)
 
     # -- client -------------------------------------------------------------------
 
@@ -490,7 +496,10 @@ class S3Store(BaseSink):
 
         try:
             if size >= self.settings.multipart_threshold and size > 0:
-                version_id = await self._put_multipart(client, path, key, size, staged.sha256)
+                async with self._multipart_slots:
+                    version_id = await self._put_multipart(
+                        client, path, key, size, staged.sha256
+                    )
             else:
                 version_id = await self._put_single(client, path, key, size, staged.sha256)
         except FileChanged as exc:

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -513,7 +514,13 @@ def test_emit_over_mqtt_when_configured(
         allowed_roots=[str(outbox)], inline_max_bytes=4096))
     monkeypatch.setenv("ROUTER_CONFIG", str(workspace.config_path))
     monkeypatch.setenv("ROUTER_TRANSPORT", "mqtt")
-    start_daemon(workspace)
+    daemon = start_daemon(workspace)
+    # On a fresh broker a message published before the router's first subscription has
+    # no subscriber and is dropped (publish_manifest raises): wait for the subscription.
+    deadline = time.monotonic() + 30
+    while '"event": "mqtt connected"' not in daemon.log():
+        assert daemon.proc.poll() is None and time.monotonic() < deadline, daemon.log()
+        time.sleep(0.05)
 
     big = np.random.default_rng(1).random(5000)  # 40 kB: travels as a file:// URI
     emission = emit(

@@ -1,0 +1,49 @@
+"""SpoolSource pieces that need no daemon: retention of done/ and crash recovery moves."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from router.metrics import RouterMetrics
+from router.sources.spool import SpoolPaths, SpoolSource
+
+
+class _NoJournal:
+    """Retention never touches the journal; anything else would fail loudly."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"unexpected journal call {name}")
+
+
+def test_done_bundles_are_pruned_after_the_retention_period(tmp_path: Path) -> None:
+    paths = SpoolPaths(tmp_path)
+    paths.ensure()
+    source = SpoolSource(paths, _NoJournal(), lambda e, v: None,  # type: ignore[arg-type,return-value]
+                         preflight=lambda e: None, on_accepted=lambda: None,
+                         metrics=RouterMetrics(), retention_days=7)
+    old, fresh = paths.done / "old", paths.done / "fresh"
+    for bundle in (old, fresh):
+        bundle.mkdir()
+        (bundle / "manifest.json").write_text("{}")
+    eight_days_ago = time.time() - 8 * 86400
+    os.utime(old, (eight_days_ago, eight_days_ago))
+    keep = paths.failed / "failed-long-ago"  # failed bundles wait for an operator: kept
+    keep.mkdir()
+    os.utime(keep, (eight_days_ago, eight_days_ago))
+    source._prune_done()
+    assert not old.exists()
+    assert fresh.is_dir() and keep.is_dir()
+
+
+def test_retention_zero_keeps_everything(tmp_path: Path) -> None:
+    paths = SpoolPaths(tmp_path)
+    paths.ensure()
+    source = SpoolSource(paths, _NoJournal(), lambda e, v: None,  # type: ignore[arg-type,return-value]
+                         preflight=lambda e: None, on_accepted=lambda: None,
+                         metrics=RouterMetrics(), retention_days=0)
+    (paths.done / "old").mkdir()
+    os.utime(paths.done / "old", (0, 0))
+    source._prune_done()
+    assert (paths.done / "old").is_dir()

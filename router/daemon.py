@@ -212,7 +212,10 @@ class Daemon:
     # --- http -------------------------------------------------------------------------
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        checks: dict[str, Any] = {"spool": self.spool.healthy}
+        checks: dict[str, Any] = {
+            "spool": self.spool.healthy,
+            "dispatcher": self.dispatcher.healthy,
+        }
         try:
             await self.journal.known_events(["-healthz-"])
             checks["journal"] = True
@@ -221,7 +224,7 @@ class Daemon:
         for source in self.extra_sources:
             checks[type(source).__name__] = bool(getattr(source, "healthy", True))
         checks["sinks"] = await self.pool.health()
-        ok = checks["journal"] and checks["spool"] and all(
+        ok = checks["journal"] and checks["spool"] and checks["dispatcher"] and all(
             v for k, v in checks.items() if k not in ("sinks",) and isinstance(v, bool)
         )
         return web.json_response(

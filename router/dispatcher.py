@@ -31,7 +31,7 @@ from router.delivery import (
 )
 from router.journal import ClaimedDelivery, Completion, DeliveryJournal, FinishedEvent
 from router.metrics import RouterMetrics
-from sinks.registry import create_sink
+from sinks.registry import create_sink, sink_class
 
 __all__ = ["Dispatcher", "SinkPool", "backoff_delay"]
 
@@ -42,6 +42,13 @@ def backoff_delay(policy: RetryPolicy, attempt: int, rng: random.Random | None =
     """Exponential backoff with full jitter (AWS architecture blog's recommendation)."""
     ceiling = min(policy.max_delay, policy.base_delay * (2 ** max(0, attempt - 1)))
     return (rng or random).uniform(0, ceiling)
+
+
+def _sink_class_or_none(type_name: str) -> Any:
+    try:
+        return sink_class(type_name)
+    except (KeyError, ImportError):
+        return None
 
 
 class SinkPool:
@@ -76,7 +83,10 @@ class SinkPool:
             comp = self._component(stack, component)
         except PermanentError:
             return settings.retry, settings.sink_concurrency
-        return comp.retry or settings.retry, comp.concurrency or settings.sink_concurrency
+        default = getattr(_sink_class_or_none(comp.type), "default_concurrency", None)
+        return comp.retry or settings.retry, (
+            comp.concurrency or default or settings.sink_concurrency
+        )
 
     async def health(self) -> dict[str, bool]:
         out = {}
@@ -118,6 +128,7 @@ class Dispatcher:
         self._limits: dict[str, int] = {}
         self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._stopping = False
+        self.healthy = True  # false while journal ticks fail (shown by /healthz)
         self.lease_seconds = 120.0
 
     def wake(self) -> None:
@@ -175,10 +186,12 @@ class Dispatcher:
         except Exception:
             # Nothing was written: the outcomes are kept for the next tick, and the
             # rows stay in_flight (resumed by lease expiry or restart if we die).
+            self.healthy = False
             log.exception("journal tick failed", outcomes=len(batch))
             self._done[:0] = batch
             await asyncio.sleep(0.5)
             return []
+        self.healthy = True
         for delivery in claimed:
             self._start(delivery)
         if finished:

@@ -49,6 +49,9 @@ class BaseSink:
     """Convenience base: settings parsing, trivial health and close."""
 
     Settings: ClassVar[type[SinkSettings]] = SinkSettings
+    # Deliveries in flight for this sink type unless the component sets `concurrency:`
+    # (None: the router's `sink_concurrency`).
+    default_concurrency: ClassVar[int | None] = None
 
     def __init__(self, sink_id: str, settings: SinkSettings) -> None:
         self.sink_id = sink_id

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
 from collections import OrderedDict
 from typing import Any, Generic, TypeVar
 
@@ -63,6 +64,12 @@ class MlflowConnectionSettings(SinkSettings):
         if self.password is not None and self.username is None:
             raise ValueError("password needs a username")
         return self
+
+
+_SERVER_BUSY = re.compile(
+    r"QueuePool limit|connection timed out|database is locked|too many connections",
+    re.IGNORECASE,
+)
 
 
 class MlflowApiError(PermanentError):
@@ -211,6 +218,10 @@ class MlflowRest:
                 raise MlflowApiError(endpoint, status, f"HTTP_{status}", _clean_message(text))
             code = str(payload.get("error_code", f"HTTP_{status}"))
             message = _clean_message(str(payload.get("message", "")))
+            if _SERVER_BUSY.search(message):
+                # MLflow reports its own overload (SQLAlchemy pool timeouts, a locked
+                # SQLite backend) as 400 BAD_REQUEST: nothing is wrong with the request.
+                raise TransientError(f"MLflow at {where} is overloaded: {code}: {message}")
             if status in (401, 403):
                 message += " (check the sink's token or username/password)"
             raise MlflowApiError(endpoint, status, code, message)

@@ -145,6 +145,9 @@ class MlflowTrackerSettings(MlflowConnectionSettings):
 
 class MlflowTracker(BaseSink):
     Settings = MlflowTrackerSettings
+    # The MLflow server has 15 database connections by default (pool 5 + overflow 10):
+    # more requests in flight than that only makes it time out.
+    default_concurrency = 8
     settings: MlflowTrackerSettings
 
     def __init__(self, sink_id: str, settings: MlflowTrackerSettings) -> None:

@@ -246,15 +246,16 @@ class Dispatcher:
         record = d.record or await self._event_record(d.event_id)
         manifest = record["manifest"]
         artifact = manifest["artifacts"][d.artifact_index]
-        bundle_dir = self.locate_bundle(record["bundle"]) if record.get("bundle") else None
+        needs_files = d.action in (Action.STORE.value, Action.TRACK.value, Action.EXPORT.value)
+        bundle_dir = (
+            await asyncio.to_thread(self.locate_bundle, record["bundle"])
+            if record.get("bundle") and needs_files and record["files"][d.artifact_index]
+            else None
+        )
         files = []
         for raw in record["files"][d.artifact_index]:
             staged = StagedFile.model_validate(raw)
-            if (
-                staged.path is not None
-                and not staged.path.is_absolute()
-                and d.action in (Action.STORE.value, Action.TRACK.value, Action.EXPORT.value)
-            ):
+            if staged.path is not None and not staged.path.is_absolute() and needs_files:
                 if bundle_dir is None:
                     raise TransientError(
                         f"bundle {record.get('bundle')!r} is not in accepted/ or failed/"

@@ -55,6 +55,21 @@ class SpoolPaths:
         return None
 
 
+def _load_if_complete(path: Path) -> AcceptedEvent | Rejection | None:
+    """Read a bundle if it is one (a directory with manifest.json), in a worker thread."""
+    if not path.is_dir() or not (path / "manifest.json").exists():
+        return None
+    return load_bundle(path, time.time())
+
+
+def _move_all(moves: list[tuple[Path, Path]]) -> None:
+    for src, dest_dir in moves:
+        try:
+            _move(src, dest_dir)
+        except OSError:
+            log.exception("could not move bundle", bundle=src.name)
+
+
 def _move(src: Path, dest_dir: Path) -> Path:
     """Rename keeping the directory name; never overwrite an older bundle of that name."""
     dest = dest_dir / src.name
@@ -158,21 +173,31 @@ class SpoolSource:
                     elif target is not None and target != folder:
                         _move(folder / name, target)
 
-    def _scan(self) -> None:
+    def _complete_bundles(self) -> list[str]:
+        """Names of complete bundles in incoming/ (file system only: thread-safe)."""
         try:
             entries = list(os.scandir(self.paths.incoming))
         except FileNotFoundError:
             self.paths.ensure()
-            return
-        for entry in entries:
-            if (
-                bundle_path_ok(entry.name)
-                and entry.is_dir(follow_symlinks=False)
-                and os.path.exists(os.path.join(entry.path, "manifest.json"))
-            ):
-                self._pending.add(entry.name)
+            return []
+        return [
+            entry.name
+            for entry in entries
+            if bundle_path_ok(entry.name)
+            and entry.is_dir(follow_symlinks=False)
+            and os.path.exists(os.path.join(entry.path, "manifest.json"))
+        ]
+
+    def _scan(self) -> None:
+        self._enqueue(self._complete_bundles())
+
+    def _enqueue(self, names: list[str]) -> None:
+        self._pending.update(names)
         if self._pending:
             self._kick.set()
+
+    async def _scan_async(self) -> None:
+        self._enqueue(await asyncio.to_thread(self._complete_bundles))
 
     async def _rescan_loop(self) -> None:
         # watchfiles can miss events (inotify queue overflow, network filesystems):
@@ -180,7 +205,7 @@ class SpoolSource:
         last_prune = 0.0
         while True:
             await asyncio.sleep(self.rescan_seconds)
-            self._scan()
+            await self._scan_async()
             if time.monotonic() - last_prune > 600:
                 last_prune = time.monotonic()
                 await asyncio.to_thread(self._prune_done)
@@ -202,20 +227,16 @@ class SpoolSource:
                     continue
                 if not rel.parts or not bundle_path_ok(rel.parts[0]):
                     continue
-                name = rel.parts[0]
-                if (incoming / name / "manifest.json").exists():
-                    self._pending.add(name)
+                # Completeness is checked when the bundle is read, off the event loop.
+                self._pending.add(rel.parts[0])
             if self._pending:
                 self._kick.set()
 
     # --- intake -------------------------------------------------------------------
 
     async def _read(self, name: str) -> AcceptedEvent | Rejection | None:
-        path = self.paths.incoming / name
-        if not path.is_dir() or not (path / "manifest.json").exists():
-            return None
         async with self._reader:
-            result = await asyncio.to_thread(load_bundle, path, time.time())
+            result = await asyncio.to_thread(_load_if_complete, self.paths.incoming / name)
         if isinstance(result, AcceptedEvent):
             problem = self.preflight(result)
             if problem is not None:
@@ -235,6 +256,7 @@ class SpoolSource:
             return
         outcomes = await self.journal.accept(accepted, self.planner)
         by_id = {e.event_id: e for e in accepted}
+        moves: list[tuple[Path, Path]] = []
         for outcome in outcomes:
             event = by_id[outcome.event_id]
             assert event.bundle is not None
@@ -243,10 +265,8 @@ class SpoolSource:
                 if outcome.detail:
                     log.warning("event accepted with plan errors", event_id=event.event_id,
                                 errors=outcome.detail)
-                if outcome.deliveries == 0:
-                    _move(src, self.paths.done)
-                else:
-                    _move(src, self.paths.accepted)
+                moves.append((src, self.paths.done if outcome.deliveries == 0
+                               else self.paths.accepted))
             elif outcome.outcome == "duplicate":
                 await self._settle_duplicate(event)
             else:
@@ -259,6 +279,7 @@ class SpoolSource:
                                           message=outcome.detail or "duplicate id")],
                     )
                 )
+        await asyncio.to_thread(_move_all, moves)
         self.on_accepted()
 
     async def _settle_duplicate(self, event: AcceptedEvent) -> None:
@@ -299,16 +320,22 @@ class SpoolSource:
 
     async def on_finished(self, finished: list[FinishedEvent]) -> None:
         """Move finished bundles to done/ or failed/ (a crash in between: see _recover)."""
-        for event in finished:
-            if event.bundle is None or event.source != "spool":
-                continue
-            current = self.paths.locate(event.bundle)
-            target = self.paths.done if event.state == "done" else self.paths.failed
+        wanted = [
+            (event.bundle, self.paths.done if event.state == "done" else self.paths.failed)
+            for event in finished
+            if event.bundle is not None and event.source == "spool"
+        ]
+        if wanted:
+            await asyncio.to_thread(self._move_finished, wanted)
+
+    def _move_finished(self, wanted: list[tuple[str, Path]]) -> None:
+        for bundle, target in wanted:
+            current = self.paths.locate(bundle)
             if current is not None and current.parent != target:
                 try:
                     _move(current, target)
                 except OSError:
-                    log.exception("could not move bundle", bundle=event.bundle)
+                    log.exception("could not move bundle", bundle=bundle)
 
     def _prune_done(self) -> None:
         if self.retention_days <= 0:

@@ -81,10 +81,11 @@ class LocalStore(BaseSink):
             if exc.errno in _TRANSIENT_ERRNOS:
                 raise TransientError(f"{self.root}: {exc.strerror} ({exc.filename})") from exc
             raise PermanentError(f"{self.root}: {exc}") from exc
-        prefix = self._path_for(item.target.replace("{file}", ""))
         return DeliveryResult(
             objects=objects,
-            uri=objects[0].uri if len(objects) == 1 else f"file://{prefix}",
+            uri=objects[0].uri if len(objects) == 1 else (
+                f"file://{self.root}/{item.target.replace('{file}', '').rstrip('/')}"
+            ),
             skipped=all(o.version_id == "unchanged" for o in objects),
         )
 

@@ -271,14 +271,21 @@ def emit(
     event_id: Annotated[str | None, typer.Option("--id", help="event id (default: "
                                                  "generated)")] = None,
     spool: Annotated[Path | None, typer.Option(help="spool dir (default: from config)")] = None,
+    mqtt: Annotated[bool, typer.Option("--mqtt", help="publish to the configured MQTT "
+                                       "broker instead of writing a bundle")] = False,
+    topic: Annotated[str | None, typer.Option(help="MQTT topic (default: "
+                                              "artifacts/<pipeline>/<run>/<step>)")] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write one bundle atomically into the spool (for bash, R or any non-Python job)."""
+    """Write one bundle atomically into the spool (for bash, R or any non-Python job),
+    or with --mqtt publish it (small files inlined, others by file:// URI)."""
     from router.manifest import ManifestError, parse_manifest
 
+    loaded = _load(config) if spool is None or mqtt else None
     if spool is None:
-        spool = _load(config).config.router.spool
+        assert loaded is not None
+        spool = loaded.config.router.spool
     kind = type_.lower()
     artifacts: list[dict[str, Any]] = []
     main: dict[str, Any] = {"type": type_, "name": name or kind}
@@ -323,6 +330,9 @@ def emit(
     except ManifestError as exc:
         err_console.print(f"invalid artifact: {exc}", highlight=False, markup=False)
         raise typer.Exit(2) from None
+    if mqtt:
+        _emit_mqtt(loaded, manifest, [Path(f).resolve() for f in files or []], topic, as_json)
+        return
     incoming = Path(spool) / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)
     tmp = incoming / f".tmp-{bundle_name}"
@@ -341,6 +351,27 @@ def emit(
         _emit_json({"event_id": bundle_name, "bundle": str(incoming / bundle_name)})
     else:
         print(f"emitted {bundle_name} -> {incoming / bundle_name}")
+
+
+def _emit_mqtt(loaded: LoadedConfig | None, manifest: dict[str, Any], files: list[Path],
+               topic: str | None, as_json: bool) -> None:
+    from router.sources.mqtt import build_publication, publish_manifest
+
+    settings = loaded.config.router.mqtt if loaded is not None else None
+    if settings is None:
+        err_console.print("--mqtt needs a router.mqtt section in the config (host, port, "
+                          "credentials); see the README's MQTT section")
+        raise typer.Exit(EX_CONFIG)
+    try:
+        target, _ = build_publication(settings, manifest, files, topic)
+        asyncio.run(publish_manifest(settings, manifest, files, target))
+    except Exception as exc:  # the reason is the message; no traceback for a shell user
+        err_console.print(f"could not publish: {exc}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        _emit_json({"event_id": manifest["id"], "topic": target})
+    else:
+        print(f"published {manifest['id']} -> {target}")
 
 
 # --- status / retry / runs / artifacts --------------------------------------------------

@@ -705,3 +705,32 @@ async def test_redelivery_after_commit_without_ack_is_a_journal_no_op(
         assert Counter(ids.values()) == Counter({1: n + 1})
     finally:
         await daemon.close()
+
+
+@needs_v5
+def test_emit_cli_publishes_over_mqtt(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    """`artifact-router emit --mqtt`: the shell path for jobs that publish instead."""
+    files_dir = tmp_path / "out"
+    files_dir.mkdir()
+    model = files_dir / "model.pkl"
+    model.write_bytes(os.urandom(20_000))  # over the cap: sent as a file:// URI
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, mqtt={
+        "allowed_roots": [str(files_dir)], "inline_max_bytes": 4096})
+    start_subscribed(start_daemon, ws)
+    out = ws.cli("emit", "--mqtt", "--pipeline", "shell", "--run-id", "r7", "--step", "train",
+                 "--type", "model", "--name", "clf", "--upload", "--metric", "acc=0.9",
+                 "--json", str(model))
+    published = json.loads(out.stdout)
+    assert published["topic"] == "artifacts/shell/r7/train"
+    ws.wait_settled(1, timeout=60)
+    rows = {r["kind"]: r for r in json.loads(ws.cli("artifacts", "--json").stdout)}
+    assert rows["model"]["event_id"] == published["event_id"]
+    stored = [loc["uri"] for loc in rows["model"]["locations"]]
+    assert stored and Path(stored[0].removeprefix("file://")).read_bytes() == model.read_bytes()
+    assert rows["metrics"]["values"] == {"acc": 0.9}
+    bad = ws.cli("emit", "--mqtt", "--pipeline", "shell", "--run-id", "r8", "--step", "t",
+                 "--type", "metrics", "--metric", "acc=1", "--topic", "nobody/listens",
+                 check=False)
+    assert bad.returncode == 1 and "could not publish" in bad.stderr

@@ -104,3 +104,4 @@ class DeliveryItem(BaseModel):
     upstream: DeliveryResult | None = Field(
         default=None, description="result of the delivery this one waited for"
     )
+    attempt: int = Field(default=1, description="1 for the first try, 2+ for retries")

@@ -291,6 +291,7 @@ class Dispatcher:
             target=d.target,
             params=d.params,
             upstream=d.upstream,
+            attempt=d.attempts,
         )
 
     async def _attempt(self, d: ClaimedDelivery) -> None:

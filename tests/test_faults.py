@@ -243,7 +243,7 @@ def test_s3_down_for_30s_other_sinks_keep_their_pace(
         assert outage >= baseline / 2, f"{name} slowed down while S3 was down: {rates}"
     assert peak < RSS_BOUND, f"RSS peaked at {peak / MiB:.0f} MiB"
 
-    assert status["events"] == {"done": len(emitted)}, status["events"]
+    assert status["events"] == {"done": len(emitted)}, (status["events"], status["dead_letters"])
     d = status["deliveries"]
     assert (d["pending"], d["in_flight"], d["dead"]) == (0, 0, 0), d
     assert_s3_exactly(s3.settings(), prefix, pipeline, emitted, server_restarted=True)

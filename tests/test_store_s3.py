@@ -224,6 +224,22 @@ async def test_conflict_fails_permanently_naming_both_checksums(
     assert await remote_sha256(s3_client, rclone_s3.bucket, key) == old.sha256
 
 
+async def test_a_partial_object_left_by_our_own_cut_off_attempt_is_replaced(
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+) -> None:
+    """Servers like rclone can expose a torn object when stopped mid-PUT (AWS never
+    does).  Objects the sink writes carry sha256 metadata: one without it, found while
+    retrying our own delivery, is our partial write; on a first attempt it is foreign."""
+    staged = write_file(tmp_path / "model.bin", 1000, seed=3)
+    key = "torn/model.bin"
+    await s3_client.put_object(Bucket=rclone_s3.bucket, Key=key, Body=b"partial")
+    with pytest.raises(PermanentError, match="conflict"):
+        await store.deliver(make_item(staged, target="torn"))
+    retry = make_item(staged, target="torn").model_copy(update={"attempt": 2})
+    await store.deliver(retry)
+    assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
+
+
 @pytest.mark.parametrize("size", [1000, PART + 10], ids=["single", "multipart"])
 async def test_conflict_overwrite_replaces(
     size: int, tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3

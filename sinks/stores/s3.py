@@ -173,6 +173,11 @@ def _hash_file(path: Path) -> _Digests:
     return _Digests(md5.digest(), sha.hexdigest(), size)
 
 
+def _router_written(head: dict[str, Any]) -> bool:
+    """Objects this sink writes carry their sha256 as metadata."""
+    return any(k.lower() == "sha256" for k in (head.get("Metadata") or {}))
+
+
 def _multipart_etag(path: Path, part_size: int) -> str:
     """The ETag S3 gives a multipart upload of `path` in parts of `part_size`."""
     digests = []
@@ -441,7 +446,9 @@ class S3Store(BaseSink):
             if on_conflict == "version":
                 key = versioned_key(key, item.artifact.version)
             key = self._full_key(key)
-            stored, same = await self._deliver_file(client, staged.path, staged, key, on_conflict)
+            stored, same = await self._deliver_file(
+                client, staged.path, staged, key, on_conflict, retrying=item.attempt > 1
+            )
             objects.append(stored)
             if same:
                 unchanged.append(staged.name)
@@ -457,7 +464,8 @@ class S3Store(BaseSink):
         )
 
     async def _deliver_file(
-        self, client: Any, path: Path, staged: StagedFile, key: str, on_conflict: str
+        self, client: Any, path: Path, staged: StagedFile, key: str, on_conflict: str,
+        retrying: bool = False,
     ) -> tuple[StoredObject, bool]:
         uri = self._uri(key)
         try:
@@ -487,7 +495,13 @@ class S3Store(BaseSink):
                     version_id=version if version and version != "null" else "unchanged",
                 )
                 return stored, True
-            if on_conflict != "overwrite":
+            torn = retrying and not _router_written(head)
+            if torn:
+                # Our own earlier attempt was cut off, and this server (unlike AWS S3)
+                # left a partial object; ours carry the sha256 metadata, this one doesn't.
+                log.warning("s3 sink %s: replacing a partial object at %s left by an earlier "
+                            "attempt", self.sink_id, uri)
+            elif on_conflict != "overwrite":
                 raise PermanentError(
                     f"conflict: {uri} already holds different content ({existing}, this "
                     f"artifact sha256 {staged.sha256}); set on_conflict: overwrite or version "

@@ -266,3 +266,6 @@ def large_to_s3(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
 
 
 SCENARIOS.update({"small-to-s3": small_to_s3, "large-to-s3": large_to_s3})
+from bench.scenarios_mqtt import SCENARIOS_MQTT  # noqa: E402
+
+SCENARIOS.update(SCENARIOS_MQTT)

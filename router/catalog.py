@@ -245,8 +245,8 @@ async def record_locations_batch(
             }
             for obj in objects
         ]
-    if rows:
-        await conn.execute(_insert(conn, locations).values(rows).on_conflict_do_nothing())
+    if rows:  # executemany: one compiled statement, not a new multi-VALUES one per call
+        await conn.execute(_insert(conn, locations).on_conflict_do_nothing(), rows)
 
 
 def _to_artifact(row: Any) -> ArtifactRow:

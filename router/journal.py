@@ -341,8 +341,8 @@ class DeliveryJournal:
         Merging the two halves the commits per delivery and, on SQLite, the time spent
         queueing for the single writer.
         """
-        now = time.time()
         async with self.db.write() as conn:
+            now = time.time()  # after the lock: finished_at is when it really commits
             await self._write_moved(conn)
             finished = await self._complete_in(conn, completions, now) if completions else []
             claimed = (

@@ -157,6 +157,85 @@ def _tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     return context
 
 
+class _BoundedClient(aiomqtt.Client):
+    """aiomqtt's client that stops reading the socket while too much is queued.
+
+    The Receive Maximum we send should keep the broker from sending more than that
+    many unacknowledged messages, but mosquitto 2.0.11 (Debian 12's) exceeds it once
+    PUBACKs flow: 2,700 unacknowledged with 256 asked, 17,600 in a 20,000-message
+    burst (bench/RESULTS.md), each held in memory with its payload.  So the socket's
+    reader is removed when `queue_limit` messages wait, and put back once the consumer
+    has taken them (`drained`).  Never while a publish, subscribe or unsubscribe of
+    ours waits for the broker's answer (it may sit behind the unread messages), and a
+    publish started while paused resumes reading first.  A pause lasts as long as one
+    batch takes to journal; one longer than the keepalive ends in a reconnect, which
+    loses nothing (unacknowledged messages are delivered again).
+    """
+
+    def __init__(self, *args: Any, queue_limit: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._queue_limit = max(1, queue_limit)
+        self._reader: Callable[[], None] | None = None
+        self._reader_fd = -1
+        self._paused = False
+
+    # Same as aiomqtt's, but keeps the reader so that it can be removed and put back.
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        def reader() -> None:
+            try:
+                while True:
+                    client.loop_read()
+                    pending = getattr(client._sock, "pending", None)
+                    if pending is not None and pending() > 0:
+                        continue  # bytes a TLS layer decoded but paho has not read yet
+                    break
+            except Exception as exc:
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def opened(fd: int) -> None:
+            self._reader, self._reader_fd, self._paused = reader, fd, False
+            self._loop.add_reader(fd, reader)
+            self._misc_task = self._loop.create_task(self._misc_loop())
+
+        # paho calls this from the executor thread that runs connect()
+        self._loop.call_soon_threadsafe(opened, sock.fileno())
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._reader_fd, self._paused = -1, False
+        super()._on_socket_close(client, userdata, sock)
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: Any) -> None:
+        super()._on_message(client, userdata, message)
+        if (
+            not self._paused
+            and self._reader_fd >= 0
+            and self._queue.qsize() >= self._queue_limit
+            and next(self._pending_calls, None) is None
+        ):
+            self._loop.remove_reader(self._reader_fd)
+            self._paused = True
+
+    def _resume(self) -> None:
+        if self._paused and self._reader is not None and self._reader_fd >= 0:
+            self._paused = False
+            self._loop.add_reader(self._reader_fd, self._reader)
+            self._loop.call_soon(self._reader)  # what a TLS layer may already hold
+
+    def drained(self) -> None:
+        """The consumer took messages: read again once at most half the bound waits."""
+        if self._paused and self._queue.qsize() <= self._queue_limit // 2:
+            self._resume()
+
+    async def publish(self, *args: Any, **kwargs: Any) -> None:
+        self._resume()  # its PUBACK may be behind the messages we have not read
+        await super().publish(*args, **kwargs)
+
+    async def subscribe(self, *args: Any, **kwargs: Any) -> Any:
+        self._resume()
+        return await super().subscribe(*args, **kwargs)
+
+
 def _make_client(
     settings: MqttSettings,
     *,
@@ -178,7 +257,9 @@ def _make_client(
         kwargs["clean_start"] = not persistent
     else:
         kwargs["clean_session"] = not persistent
-    client = aiomqtt.Client(
+    if receive_maximum > 0:  # a consumer: bound what waits in memory
+        kwargs["queue_limit"] = receive_maximum
+    client = (_BoundedClient if receive_maximum > 0 else aiomqtt.Client)(
         settings.host,
         settings.port,
         username=settings.username,
@@ -337,6 +418,16 @@ def _declared_sha256(metadata: dict[str, Any], name: str, files: int) -> str | N
 
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _needs_io(event: AcceptedEvent) -> bool:
+    """Whether staging the event writes inline content or reads local files."""
+    return any(
+        entry.content_base64 is not None
+        or (entry.uri is not None and entry.uri.startswith("file://"))
+        for artifact in event.manifest.artifacts
+        for entry in artifact.files
+    )
 
 
 @dataclass
@@ -558,6 +649,8 @@ class MqttSource:
             batch = [first]
             while len(batch) < self.batch_size and len(messages) > 0:
                 batch.append(await messages.__anext__())
+            if isinstance(client, _BoundedClient):
+                client.drained()
             await self._handle(client, batch)
             self._report()
 
@@ -894,20 +987,28 @@ class MqttSource:
 
     async def _round(self, client: aiomqtt.Client, items: list[_Item]) -> bool:
         candidates = [i for i in items if i.event is not None]
-        known = await self.journal.known_events(i.event_id for i in candidates if i.event_id)
-        to_stage = [i for i in candidates if known.get(i.event_id or "") in (None, "rejected")]
-
-        async def stage(item: _Item) -> None:
+        # Events with files to write (inline content) or hash (file:// URIs) are staged
+        # in threads, and only when the journal does not hold them yet (a redelivery
+        # must not write its files again).  The others (metrics, parameters, object
+        # store URIs) need no I/O: staged right here, without a query or a thread hop,
+        # which were most of the intake's cost for small messages.
+        heavy: list[_Item] = []
+        for item in candidates:
             assert item.event is not None
-            async with self._hashers:
-                result = await asyncio.to_thread(self._stage, item.event)
-            if isinstance(result, list):
-                item.rejection = Rejection(source="mqtt", event_id=item.event_id, problems=result)
-                item.event = None
+            if _needs_io(item.event):
+                heavy.append(item)
             else:
-                item.event = result
+                self._staged(item, self._stage(item.event))
+        if heavy:
+            known = await self.journal.known_events(i.event_id for i in heavy if i.event_id)
+            to_stage = [i for i in heavy if known.get(i.event_id or "") in (None, "rejected")]
 
-        await asyncio.gather(*(stage(i) for i in to_stage))
+            async def stage(item: _Item) -> None:
+                assert item.event is not None
+                async with self._hashers:
+                    self._staged(item, await asyncio.to_thread(self._stage, item.event))
+
+            await asyncio.gather(*(stage(i) for i in to_stage))
         events = [i.event for i in items if i.event is not None]
         by_id = {i.event_id: i for i in items if i.event is not None}
         outcomes = await self.journal.accept(events, self.planner) if events else []
@@ -943,6 +1044,14 @@ class MqttSource:
         if rejected and self.settings.dead_letter_topic:
             await asyncio.gather(*(self._dead_letter(client, i) for i in rejected))
         return accepted
+
+    @staticmethod
+    def _staged(item: _Item, result: AcceptedEvent | list[Problem]) -> None:
+        if isinstance(result, list):
+            item.rejection = Rejection(source="mqtt", event_id=item.event_id, problems=result)
+            item.event = None
+        else:
+            item.event = result
 
     async def _resend_receipts(self, ids: list[str], by_id: dict[str | None, _Item]) -> None:
         """A redelivered message whose event already finished: the receipt may be lost."""

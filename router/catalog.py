@@ -28,8 +28,6 @@ __all__ = [
     "artifact_checksum",
     "list_artifacts",
     "list_runs",
-    "next_version",
-    "record_event",
     "record_events",
     "record_locations_batch",
     "reserve_versions",
@@ -106,10 +104,6 @@ async def reserve_versions(
         else:  # another daemon created the counter in between
             last = (await conn.execute(bump)).scalar_one()
     return [str(v) for v in range(last - count + 1, last + 1)]
-
-
-async def next_version(conn: AsyncConnection, pipeline: str, name: str) -> str:
-    return (await reserve_versions(conn, pipeline, name, 1))[0]
 
 
 def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
@@ -201,12 +195,6 @@ async def record_events(
                       for ref in dict.fromkeys(m.inputs)]
     if edges:
         await conn.execute(sa.insert(lineage), edges)
-
-
-async def record_event(
-    conn: AsyncConnection, event: AcceptedEvent, plan: RoutePlan, now: float
-) -> None:
-    await record_events(conn, [(event, plan)], now)
 
 
 async def record_locations_batch(

@@ -162,6 +162,7 @@ class Daemon:
         )
         await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
+            # Not available off the main thread or on Windows: stop via request_stop().
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         log.info(

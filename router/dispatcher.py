@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -126,7 +125,6 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[str, int] = {}
         self._limits: dict[str, int] = {}
-        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._stopping = False
         self.healthy = True  # false while journal ticks fail (shown by /healthz)
         self.lease_seconds = 120.0
@@ -195,8 +193,6 @@ class Dispatcher:
         for delivery in claimed:
             self._start(delivery)
         if finished:
-            for event in finished:
-                self._records.pop(event.event_id, None)
             await self.on_finished(finished)
         return claimed
 
@@ -231,19 +227,8 @@ class Dispatcher:
             if pending:
                 await asyncio.wait(pending, timeout=5)
 
-    async def _event_record(self, event_id: str) -> dict[str, Any]:
-        record = self._records.get(event_id)
-        if record is None:
-            record = await self.journal.event_record(event_id)
-            self._records[event_id] = record
-            while len(self._records) > 2048:
-                self._records.popitem(last=False)
-        else:
-            self._records.move_to_end(event_id)
-        return record
-
     async def _build_item(self, d: ClaimedDelivery) -> DeliveryItem:
-        record = d.record or await self._event_record(d.event_id)
+        record = d.record or await self.journal.event_record(d.event_id)
         manifest = record["manifest"]
         artifact = manifest["artifacts"][d.artifact_index]
         needs_files = d.action in (Action.STORE.value, Action.TRACK.value, Action.EXPORT.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
@@ -45,7 +46,7 @@ class Sink(Protocol):
     async def close(self) -> None: ...
 
 
-class BaseSink:
+class BaseSink(abc.ABC):
     """Convenience base: settings parsing, trivial health and close."""
 
     Settings: ClassVar[type[SinkSettings]] = SinkSettings
@@ -57,8 +58,8 @@ class BaseSink:
         self.sink_id = sink_id
         self.settings = settings
 
-    async def deliver(self, item: DeliveryItem) -> DeliveryResult:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def deliver(self, item: DeliveryItem) -> DeliveryResult: ...
 
     async def health(self) -> bool:
         return True

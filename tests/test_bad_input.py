@@ -69,21 +69,6 @@ def expectations(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip()]
 
 
-def bug(name: str) -> str | None:
-    path = BUNDLES / name / "BUG"
-    return " ".join(path.read_text().split()) if path.exists() else None
-
-
-def with_bug_marks(names: list[str]) -> list[Any]:
-    """Corpus entries that expose a known product bug run as strict xfails."""
-    out = []
-    for name in names:
-        reason = bug(name)
-        marks = [pytest.mark.xfail(strict=True, reason=f"BUG: {reason}")] if reason else []
-        out.append(pytest.param(name, marks=marks, id=name))
-    return out
-
-
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
@@ -280,7 +265,7 @@ def test_a_valid_bundle_passes_the_same_harness(tmp_path: Path, daemon: Daemon,
     assert intake_rejection(bundle, daemon) is None
 
 
-@pytest.mark.parametrize("name", with_bug_marks(bundle_names()))
+@pytest.mark.parametrize("name", bundle_names())
 def test_corpus_bundle_is_rejected_naming_the_flaw(name: str, tmp_path: Path, daemon: Daemon,
                                                    outside: Path) -> None:
     bundle = materialise(name, tmp_path / name, outside)
@@ -296,7 +281,7 @@ def test_corpus_bundle_is_rejected_naming_the_flaw(name: str, tmp_path: Path, da
 def test_whole_corpus_interleaved_with_valid_work_through_one_daemon(
     workspace: Workspace, start_daemon: Callable[..., Any], outside: Path
 ) -> None:
-    names = [n for n in bundle_names() if bug(n) is None]
+    names = bundle_names()
     daemon = start_daemon(workspace)
     incoming = workspace.spool / "incoming"
     valid: list[str] = []

@@ -325,6 +325,63 @@ async def test_version_id_recorded_on_a_versioned_bucket(
     assert {v["VersionId"] for v in versions["Versions"]} == {first_id, second_id}
 
 
+# -- conditional writes (If-None-Match) -----------------------------------------------
+
+
+async def test_conditional_puts_on_a_server_that_honours_them(
+    tmp_path: Path, moto_s3: MotoS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """moto refuses a second If-None-Match: * put, like AWS S3: a new object costs one
+    request, and replays, conflicts and overwrites still behave as with HEAD first."""
+    bucket = "conditional"
+    sink = S3Store("test.s3", S3StoreSettings(**moto_s3.settings(bucket_name=bucket)))
+    old = write_file(tmp_path / "a" / "model.bin", 1000, seed=1)
+    new = write_file(tmp_path / "b" / "model.bin", 1000, seed=2)
+    try:
+        client = await sink._get_client()
+        await client.create_bucket(Bucket=bucket)
+        heads = spy(monkeypatch, "_head")
+
+        first = await sink.deliver(make_item(old, target="c"))
+        assert heads == [], "a new object needs no HEAD where puts can be conditional"
+        assert sink._conditional is True
+
+        replay = await sink.deliver(make_item(old, target="c"))
+        assert replay.skipped
+        with pytest.raises(PermanentError, match="conflict") as err:
+            await sink.deliver(make_item(new, target="c"))
+        assert old.sha256 in str(err.value) and new.sha256 in str(err.value)
+        assert await remote_sha256(client, bucket, "c/model.bin") == old.sha256
+
+        replaced = await sink.deliver(make_item(new, target="c", on_conflict="overwrite"))
+        assert not replaced.skipped
+        assert await remote_sha256(client, bucket, "c/model.bin") == new.sha256
+        listed = await client.list_objects_v2(Bucket=bucket)
+        assert [o["Key"] for o in listed["Contents"]] == ["c/model.bin"], "probe left behind"
+    finally:
+        await sink.close()
+    assert first.objects[0].sha256 == old.sha256
+
+
+async def test_a_server_that_ignores_the_condition_gets_a_head_first(
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """rclone accepts If-None-Match and overwrites anyway: the probe notices, and the
+    sink falls back to HEAD before PUT so that a conflict is still caught."""
+    heads = spy(monkeypatch, "_head")
+    old = write_file(tmp_path / "a" / "model.bin", 1000, seed=1)
+    new = write_file(tmp_path / "b" / "model.bin", 1000, seed=2)
+    await store.deliver(make_item(old, target="probe"))
+    assert store._conditional is False
+    assert heads == [1]
+    with pytest.raises(PermanentError, match="conflict"):
+        await store.deliver(make_item(new, target="probe"))
+    assert await remote_sha256(s3_client, rclone_s3.bucket, "probe/model.bin") == old.sha256
+    listed = await s3_client.list_objects_v2(Bucket=rclone_s3.bucket, Prefix=".artifact-router")
+    assert not listed.get("Contents"), "probe objects are removed"
+
+
 # -- verification -------------------------------------------------------------------
 
 

@@ -21,10 +21,12 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import io
 import logging
 import math
 import os
 import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from typing import Any, Literal, TypeVar
 import aiohttp
 from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 
+import router
 from router.delivery import StagedFile
 from router.rules import object_key
 from sinks.base import (
@@ -66,6 +69,8 @@ MAX_PART_SIZE = 5 * GiB
 MAX_PARTS = 10_000
 MAX_SINGLE_PUT = 5 * GiB
 _HASH_CHUNK = MiB
+_USER_AGENT = f"artifact-router/{router.__version__}"
+SMALL_FILE = MiB  # single puts up to this size are read whole: one thread hop, no file I/O
 
 # Error codes worth retrying: throttling, server trouble, a transfer garbled in transit,
 # and an upload the server gave up on (it is restarted from scratch on the next attempt).
@@ -93,6 +98,7 @@ _TRANSIENT_CODES = _THROTTLING | {
     "NoSuchUpload",
     "RequestTimeTooSkewed",
     "OperationAborted",
+    "ConditionalRequestConflict",  # a concurrent conditional write to the key: retry
 }
 _UNSUPPORTED_CODES = {"NotImplemented", "Unimplemented", "MethodNotAllowed", "501", "405"}
 _MD5_ETAG = re.compile(r"[0-9a-f]{32}")
@@ -119,6 +125,12 @@ class S3StoreSettings(SinkSettings):
         default=2, ge=1, le=64,
         description="multipart uploads at once per sink: memory stays under "
         "max_multipart_uploads x max_concurrency x part_size whatever else is in flight",
+    )
+    conditional_writes: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="put new objects with If-None-Match: * (one request, and an atomic "
+        "conflict check) instead of a HEAD then a PUT; auto asks the server once whether "
+        "it honours the condition (AWS S3, MinIO and moto do; rclone ignores it)",
     )
     addressing_style: Literal["auto", "path", "virtual"] = Field(
         default="auto", description="auto means path style when endpoint_url is set"
@@ -214,6 +226,17 @@ class FileChanged(Exception):
     """The file on disk no longer matches what intake journaled (size or sha256)."""
 
 
+class _ObjectExists(Exception):
+    """A conditional put found the key taken: look at what is there."""
+
+
+def _changed(path: Path, exc: FileChanged) -> PermanentError:
+    return PermanentError(
+        f"{path} changed after it was accepted ({exc}); emit a new bundle instead of "
+        "editing an accepted one"
+    )
+
+
 class BufferReader:
     """A read-only, seekable file over bytes already in memory (a part, a chunk).
 
@@ -226,9 +249,12 @@ class BufferReader:
 
     piece = MiB
 
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+    def __init__(
+        self, data: bytes | bytearray | memoryview, content_sha256: str | None = None
+    ) -> None:
         self._view = memoryview(data).cast("B")
         self._pos = 0
+        self.content_sha256 = content_sha256
 
     def __len__(self) -> int:
         return len(self._view)
@@ -260,7 +286,7 @@ class BufferReader:
             self._view.release()
 
 
-def _error_code(exc: Exception) -> tuple[str, int | None, str]:
+def _error_code(exc: BaseException | None) -> tuple[str, int | None, str]:
     response: dict[str, Any] = getattr(exc, "response", None) or {}
     error = response.get("Error") or {}
     status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
@@ -279,6 +305,12 @@ class S3Store(BaseSink):
         self._stack = contextlib.AsyncExitStack()
         self._listing_unsupported = False
         self._multipart_slots = asyncio.Semaphore(settings.max_multipart_uploads)
+        self._conditional: bool | None = {"always": True, "never": False}.get(
+            settings.conditional_writes
+        )
+        self._probe_lock = asyncio.Lock()
+        # SigV4 signs the payload's sha256 only over plain http (_sign_known_payload).
+        self._signs_payload = (settings.endpoint_url or "https:").startswith("http:")
 
     # -- client -------------------------------------------------------------------
 
@@ -303,6 +335,9 @@ class S3Store(BaseSink):
                     # We send Content-MD5 ourselves; no aws-chunked CRC trailers.
                     request_checksum_calculation="when_required",
                     response_checksum_validation="when_required",
+                    # A fixed string: names us in server logs, and spares botocore
+                    # rebuilding its component user agent for every request.
+                    user_agent=_USER_AGENT,
                 )
                 kwargs: dict[str, Any] = {"config": config}
                 if s.region:
@@ -317,6 +352,7 @@ class S3Store(BaseSink):
                 try:
                     client_cm = get_session().create_client("s3", **kwargs)
                     self._client = await self._stack.enter_async_context(client_cm)
+                    self._client.meta.events.register("before-sign.s3", _sign_known_payload)
                 except Exception as exc:  # bad region / endpoint: nothing a retry fixes
                     raise PermanentError(
                         f"s3 sink {self.sink_id}: cannot create an S3 client for bucket "
@@ -482,6 +518,20 @@ class S3Store(BaseSink):
                 f"{staged.size}); emit a new bundle instead of editing an accepted one"
             )
 
+        if size < self.settings.multipart_threshold and await self._conditional_puts(client):
+            # The common case in one request: the server refuses if the key exists, and
+            # only then do we look at what is there (replay, conflict, torn object).
+            try:
+                version_id = await self._put_single(
+                    client, path, key, size, staged.sha256, if_absent=True
+                )
+            except _ObjectExists:
+                pass
+            except FileChanged as exc:
+                raise _changed(path, exc) from exc
+            else:
+                return self._stored(staged, uri, size, version_id), False
+
         head = await self._head(client, key)
         if head is not None:
             same, existing = await self._same_content(client, key, head, path, staged.sha256)
@@ -517,20 +567,51 @@ class S3Store(BaseSink):
             else:
                 version_id = await self._put_single(client, path, key, size, staged.sha256)
         except FileChanged as exc:
-            raise PermanentError(
-                f"{path} changed after it was accepted ({exc}); emit a new bundle instead of "
-                "editing an accepted one"
-            ) from exc
+            raise _changed(path, exc) from exc
         except OSError as exc:  # the local file, not the network (those are mapped above)
             raise TransientError(f"cannot read {path}: {exc}") from exc
-        stored = StoredObject(
+        return self._stored(staged, uri, size, version_id), False
+
+    @staticmethod
+    def _stored(staged: StagedFile, uri: str, size: int, version_id: Any) -> StoredObject:
+        return StoredObject(
             file_name=staged.name,
             uri=uri,
             size=size,
             sha256=staged.sha256,
             version_id=version_id if version_id and version_id != "null" else None,
         )
-        return stored, False
+
+    async def _conditional_puts(self, client: Any) -> bool:
+        """Whether this server honours If-None-Match on PutObject (asked once)."""
+        if self._conditional is not None:
+            return self._conditional
+        async with self._probe_lock:
+            if self._conditional is None:
+                answer = await self._probe_conditional_puts(client)
+                if answer is None:
+                    return False  # no answer this time (server down?): ask again later
+                self._conditional = answer
+                log.info("s3 sink %s: conditional writes %s", self.sink_id,
+                         "supported" if answer else "not honoured; HEAD before each PUT")
+        return self._conditional
+
+    async def _probe_conditional_puts(self, client: Any) -> bool | None:
+        """Put a probe object twice with If-None-Match: *; the second must be refused."""
+        from botocore.exceptions import ClientError
+
+        key = self._full_key(f".artifact-router-probe-{uuid.uuid4().hex}")
+        try:
+            await client.put_object(Bucket=self.bucket, Key=key, Body=b"", IfNoneMatch="*")
+            try:
+                await client.put_object(Bucket=self.bucket, Key=key, Body=b"", IfNoneMatch="*")
+            except ClientError as exc:
+                return _error_code(exc)[1] == 412
+            return False  # the condition was ignored
+        except Exception:
+            return None  # the delivery itself will report what is wrong
+        finally:
+            await self._discard(client, key)
 
     async def _head(self, client: Any, key: str) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
@@ -622,11 +703,20 @@ class S3Store(BaseSink):
     def _etag_is_md5(self) -> bool:
         return self.settings.sse not in ("aws:kms", "aws:kms:dsse")
 
-    async def _put_single(self, client: Any, path: Path, key: str, size: int, sha256: str) -> Any:
-        digests = await asyncio.to_thread(_hash_file, path)
+    async def _put_single(
+        self, client: Any, path: Path, key: str, size: int, sha256: str, if_absent: bool = False
+    ) -> Any:
+        """One PutObject; with `if_absent`, raise _ObjectExists if the key holds anything."""
+        if size <= SMALL_FILE:
+            # One thread hop reads and hashes it; the put is sent from memory.
+            data, digests = await asyncio.to_thread(_read_small, path)
+            fh: BufferReader | _KnownFile = BufferReader(data, content_sha256=sha256)
+        else:
+            digests = await asyncio.to_thread(_hash_file, path)
+            fh = await asyncio.to_thread(_KnownFile.open, path, sha256)
         if digests.sha256 != sha256 or digests.size != size:
+            fh.close()
             raise FileChanged(f"sha256 now {digests.sha256[:12]}..., journaled {sha256[:12]}...")
-        fh = await asyncio.to_thread(open, path, "rb")
         try:
             response = await self._call(
                 "PutObject",
@@ -638,8 +728,13 @@ class S3Store(BaseSink):
                     ContentLength=size,
                     ContentMD5=content_md5(digests.md5),
                     **self._extra_args(sha256),
+                    **({"IfNoneMatch": "*"} if if_absent else {}),
                 ),
             )
+        except PermanentError as exc:
+            if if_absent and _error_code(exc.__cause__)[1] == 412:
+                raise _ObjectExists(key) from None
+            raise
         finally:
             fh.close()
         etag = str(response.get("ETag", "")).strip('"')
@@ -729,12 +824,14 @@ class S3Store(BaseSink):
                         buffer = await free.get()
                     offset = (number - 1) * part_size
                     length = min(part_size, size - offset)
-                    md5 = await asyncio.to_thread(
-                        _load_part, fd, offset, memoryview(buffer)[:length], whole
+                    md5, part_sha256 = await asyncio.to_thread(
+                        _load_part, fd, offset, memoryview(buffer)[:length], whole,
+                        self._signs_payload,
                     )
                     group.create_task(
                         self._send_part(
-                            client, key, upload_id, number, buffer, length, md5, free, done
+                            client, key, upload_id, number, buffer, length, md5, part_sha256,
+                            free, done,
                         )
                     )
                     del buffer
@@ -754,10 +851,11 @@ class S3Store(BaseSink):
         buffer: bytearray,
         length: int,
         md5: bytes,
+        part_sha256: str | None,
         free: asyncio.Queue[bytearray],
         done: dict[int, tuple[str, bytes]],
     ) -> None:
-        body = BufferReader(memoryview(buffer)[:length])
+        body = BufferReader(memoryview(buffer)[:length], content_sha256=part_sha256)
         try:
             response = await self._call(
                 f"UploadPart {number}",
@@ -840,11 +938,49 @@ class S3Store(BaseSink):
             await client.delete_object(Bucket=self.bucket, Key=key)
 
 
-def _load_part(fd: int, offset: int, view: memoryview, whole: Any) -> bytes:
-    """Read one part into its buffer; return its MD5 and add it to the file's sha256."""
+def _load_part(
+    fd: int, offset: int, view: memoryview, whole: Any, signed: bool
+) -> tuple[bytes, str | None]:
+    """Read one part into its buffer and add it to the file's sha256; return its MD5,
+    and its own sha256 when the request signature needs it (see `_sign_known_payload`)."""
     read_into(fd, offset, view)
     whole.update(view)
-    return hashlib.md5(view, usedforsecurity=False).digest()
+    part_sha256 = hashlib.sha256(view).hexdigest() if signed else None
+    return hashlib.md5(view, usedforsecurity=False).digest(), part_sha256
+
+
+def _read_small(path: Path) -> tuple[bytes, _Digests]:
+    with open(path, "rb") as fh:
+        data = fh.read(SMALL_FILE + 1)
+    md5 = hashlib.md5(data, usedforsecurity=False).digest()
+    return data, _Digests(md5, hashlib.sha256(data).hexdigest(), len(data))
+
+
+class _KnownFile(io.BufferedReader):
+    """A file body whose sha256 is already known (and checked), for the signature."""
+
+    content_sha256: str
+
+    @classmethod
+    def open(cls, path: Path, sha256: str) -> _KnownFile:
+        fh = cls(io.FileIO(path, "rb"))
+        fh.content_sha256 = sha256
+        return fh
+
+
+def _sign_known_payload(request: Any, **_: Any) -> None:
+    """Sign with the body's sha256 when we already know it.
+
+    Over plain http SigV4 signs the payload hash, and botocore would compute it by
+    reading the whole body again, synchronously on the event loop (an 8 MiB part
+    blocks every other delivery while it hashes). Bodies that carry `content_sha256`
+    (computed in a worker thread, or checked at intake) skip that; the server still
+    verifies the hash against what it receives. Over https S3 sends UNSIGNED-PAYLOAD
+    with the Content-MD5, and this header is not needed.
+    """
+    known = getattr(request.body, "content_sha256", None)
+    if known and "X-Amz-Content-SHA256" not in request.headers:
+        request.headers["X-Amz-Content-SHA256"] = known
 
 
 def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -21,7 +21,6 @@ next attempt after a dropped connection resumes from the last byte GCS persisted
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import json
@@ -48,16 +47,22 @@ from sinks.base import (
     StoredObject,
     TransientError,
 )
+from sinks.stores.files import (
+    HASH_CHUNK,
+    BufferReader,
+    FileChanged,
+    FileDigests,
+    MiB,
+    hash_file,
+    read_into,
+)
 from sinks.stores.local import versioned_key
-from sinks.stores.s3 import BufferReader, FileChanged, read_into
 
 __all__ = ["GCSStore", "GCSStoreSettings"]
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 CHUNK_UNIT = 256 * 1024  # resumable chunks must be multiples of 256 KiB (but the last)
-_HASH_CHUNK = MiB
 _MAX_SESSIONS = 1000  # unfinished resumable sessions remembered for resuming
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 _CHECKSUM_REFUSAL = re.compile(r"md5|crc32c|hash|checksum", re.IGNORECASE)
@@ -104,35 +109,12 @@ class GCSStoreSettings(SinkSettings):
 
 
 @dataclass
-class _Digests:
-    md5: bytes
-    sha256: str
-    size: int
-
-    @property
-    def md5_b64(self) -> str:
-        return base64.b64encode(self.md5).decode("ascii")
-
-
-@dataclass
 class _Session:
     """A resumable upload in progress, kept so the next attempt can resume it."""
 
     uri: str
     sha256: str
     size: int
-
-
-def _hash_file(path: Path) -> _Digests:
-    md5 = hashlib.md5(usedforsecurity=False)
-    sha = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            md5.update(chunk)
-            sha.update(chunk)
-            size += len(chunk)
-    return _Digests(md5.digest(), sha.hexdigest(), size)
 
 
 def _read_chunk(fd: int, offset: int, view: memoryview) -> None:
@@ -359,7 +341,7 @@ class GCSStore(BaseSink):
                 )
 
         try:
-            digests = await asyncio.to_thread(_hash_file, path)
+            digests = await asyncio.to_thread(hash_file, path)
             if digests.sha256 != staged.sha256 or digests.size != size:
                 raise FileChanged(
                     f"sha256 now {digests.sha256[:12]}..., journaled {staged.sha256[:12]}..."
@@ -412,7 +394,7 @@ class GCSStore(BaseSink):
         if remote_size != (await asyncio.to_thread(os.stat, path)).st_size:
             return False, f"{remote_size} bytes"
         if existing.get("md5Hash"):
-            local = await asyncio.to_thread(_hash_file, path)
+            local = await asyncio.to_thread(hash_file, path)
             return local.md5_b64 == existing["md5Hash"], f"md5 {existing['md5Hash']}"
         # A composite object has no MD5: read it back.
         remote = await self._remote_sha256(key)
@@ -424,13 +406,13 @@ class GCSStore(BaseSink):
             stream = await self._storage.download_stream(
                 self.bucket, key, headers=await self._auth_headers()
             )
-            while chunk := await stream.read(_HASH_CHUNK):
+            while chunk := await stream.read(HASH_CHUNK):
                 digest.update(chunk)
         except Exception as exc:
             raise self._map_error(exc, "download", key) from exc
         return digest.hexdigest()
 
-    def _resource(self, key: str, digests: _Digests) -> dict[str, Any]:
+    def _resource(self, key: str, digests: FileDigests) -> dict[str, Any]:
         return {
             "name": key,
             "contentType": mimetypes.guess_type(key)[0] or "application/octet-stream",
@@ -439,7 +421,7 @@ class GCSStore(BaseSink):
             "metadata": {"sha256": digests.sha256},
         }
 
-    async def _upload_simple(self, path: Path, key: str, digests: _Digests) -> dict[str, Any]:
+    async def _upload_simple(self, path: Path, key: str, digests: FileDigests) -> dict[str, Any]:
         resource = self._resource(key, digests)
         fh = await asyncio.to_thread(open, path, "rb")
         try:
@@ -486,7 +468,7 @@ class GCSStore(BaseSink):
             message = json.loads(message)["error"]["message"]
         raise self._status_error(status, message, action, key)
 
-    async def _upload_resumable(self, path: Path, key: str, digests: _Digests) -> dict[str, Any]:
+    async def _upload_resumable(self, path: Path, key: str, digests: FileDigests) -> dict[str, Any]:
         session = self._sessions.get(key)
         offset = 0
         if session is not None and (session.sha256, session.size) == (
@@ -519,7 +501,7 @@ class GCSStore(BaseSink):
         finally:
             os.close(fd)
 
-    async def _start_session(self, key: str, digests: _Digests) -> _Session:
+    async def _start_session(self, key: str, digests: FileDigests) -> _Session:
         resource = self._resource(key, digests)
         status, headers, body = await self._request(
             "POST",
@@ -621,7 +603,7 @@ class GCSStore(BaseSink):
         with contextlib.suppress(Exception):
             await self._request("DELETE", session.uri, "cancel upload of", key)
 
-    async def _verify(self, key: str, resource: dict[str, Any], digests: _Digests) -> None:
+    async def _verify(self, key: str, resource: dict[str, Any], digests: FileDigests) -> None:
         """Check what GCS says it stored against the file."""
         reported = resource.get("md5Hash")
         size = int(resource.get("size", -1))

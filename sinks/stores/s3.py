@@ -27,8 +27,7 @@ import math
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -47,28 +46,28 @@ from sinks.base import (
     StoredObject,
     TransientError,
 )
+from sinks.stores.files import (
+    HASH_CHUNK,
+    BufferReader,
+    FileChanged,
+    MiB,
+    hash_file,
+    read_into,
+    read_small,
+)
 from sinks.stores.local import versioned_key
 
-__all__ = [
-    "BufferReader",
-    "FileChanged",
-    "S3Store",
-    "S3StoreSettings",
-    "content_md5",
-    "read_into",
-]
+__all__ = ["S3Store", "S3StoreSettings", "content_md5"]
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-MiB = 1024 * 1024
 GiB = 1024 * MiB
 MIN_PART_SIZE = 5 * MiB  # S3's floor for every part but the last
 MAX_PART_SIZE = 5 * GiB
 MAX_PARTS = 10_000
 MAX_SINGLE_PUT = 5 * GiB
-_HASH_CHUNK = MiB
 _USER_AGENT = f"artifact-router/{router.__version__}"
 SMALL_FILE = MiB  # single puts up to this size are read whole: one thread hop, no file I/O
 
@@ -166,25 +165,6 @@ def content_md5(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-@dataclass
-class _Digests:
-    md5: bytes
-    sha256: str
-    size: int
-
-
-def _hash_file(path: Path) -> _Digests:
-    md5 = hashlib.md5(usedforsecurity=False)
-    sha = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            md5.update(chunk)
-            sha.update(chunk)
-            size += len(chunk)
-    return _Digests(md5.digest(), sha.hexdigest(), size)
-
-
 def _router_written(head: dict[str, Any]) -> bool:
     """Objects this sink writes carry their sha256 as metadata."""
     return any(k.lower() == "sha256" for k in (head.get("Metadata") or {}))
@@ -197,7 +177,7 @@ def _multipart_etag(path: Path, part_size: int) -> str:
         while True:
             md5 = hashlib.md5(usedforsecurity=False)
             left = part_size
-            while left and (chunk := fh.read(min(left, _HASH_CHUNK))):
+            while left and (chunk := fh.read(min(left, HASH_CHUNK))):
                 md5.update(chunk)
                 left -= len(chunk)
             if left == part_size:
@@ -205,25 +185,6 @@ def _multipart_etag(path: Path, part_size: int) -> str:
             digests.append(md5.digest())
     joined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
     return f"{joined}-{len(digests)}"
-
-
-def read_into(fd: int, offset: int, view: memoryview) -> None:
-    """Fill `view` with the file's bytes from `offset` (in a worker thread)."""
-    got = 0
-    while got < len(view):
-        if hasattr(os, "preadv"):
-            n = os.preadv(fd, [view[got:]], offset + got)
-        else:  # pragma: no cover - platforms without preadv
-            data = os.pread(fd, min(len(view) - got, _HASH_CHUNK), offset + got)
-            n = len(data)
-            view[got : got + n] = data
-        if n == 0:
-            raise FileChanged(f"file ended at byte {offset + got}, expected {offset + len(view)}")
-        got += n
-
-
-class FileChanged(Exception):
-    """The file on disk no longer matches what intake journaled (size or sha256)."""
 
 
 class _ObjectExists(Exception):
@@ -235,55 +196,6 @@ def _changed(path: Path, exc: FileChanged) -> PermanentError:
         f"{path} changed after it was accepted ({exc}); emit a new bundle instead of "
         "editing an accepted one"
     )
-
-
-class BufferReader:
-    """A read-only, seekable file over bytes already in memory (a part, a chunk).
-
-    It is also an async iterable, which aiohttp sends as is: 1 MiB slices written
-    straight from the buffer, with no worker-thread hop per 64 KiB as for a file
-    object and no copy of the whole part (a BytesIO is copied when aiohttp takes its
-    buffer; a bytes body is copied into the transport's buffer). botocore uses the
-    file methods to hash the payload for signing and to rewind it for a retry.
-    """
-
-    piece = MiB
-
-    def __init__(
-        self, data: bytes | bytearray | memoryview, content_sha256: str | None = None
-    ) -> None:
-        self._view = memoryview(data).cast("B")
-        self._pos = 0
-        self.content_sha256 = content_sha256
-
-    def __len__(self) -> int:
-        return len(self._view)
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, min(len(self._view), base + offset))
-        return self._pos
-
-    def read(self, size: int | None = -1) -> bytes:
-        total = len(self._view)
-        end = total if size is None or size < 0 else min(total, self._pos + size)
-        chunk = bytes(self._view[self._pos : end])
-        self._pos = end
-        return chunk
-
-    async def __aiter__(self) -> AsyncIterator[memoryview]:
-        while self._pos < len(self._view):
-            end = min(len(self._view), self._pos + self.piece)
-            piece = self._view[self._pos : end]
-            self._pos = end
-            yield piece
-
-    def close(self) -> None:
-        with contextlib.suppress(BufferError):
-            self._view.release()
 
 
 def _error_code(exc: BaseException | None) -> tuple[str, int | None, str]:
@@ -664,7 +576,7 @@ class S3Store(BaseSink):
             head.get("SSECustomerAlgorithm")
         )
         if not encrypted and _MD5_ETAG.fullmatch(etag):
-            local = await asyncio.to_thread(_hash_file, path)
+            local = await asyncio.to_thread(hash_file, path)
             return local.md5.hex() == etag, f"md5 {etag}"
         if not encrypted and (match := _MULTIPART_ETAG.fullmatch(etag)):
             part_size = self._part_size_for(int(remote_size or 0))
@@ -682,7 +594,7 @@ class S3Store(BaseSink):
         digest = hashlib.sha256()
         body = response["Body"]
         try:
-            async for chunk in body.iter_chunks(_HASH_CHUNK):
+            async for chunk in body.iter_chunks(HASH_CHUNK):
                 digest.update(chunk)
         except Exception as exc:
             raise self._map_error(exc, "GetObject", key) from exc
@@ -709,10 +621,10 @@ class S3Store(BaseSink):
         """One PutObject; with `if_absent`, raise _ObjectExists if the key holds anything."""
         if size <= SMALL_FILE:
             # One thread hop reads and hashes it; the put is sent from memory.
-            data, digests = await asyncio.to_thread(_read_small, path)
+            data, digests = await asyncio.to_thread(read_small, path, SMALL_FILE)
             fh: BufferReader | _KnownFile = BufferReader(data, content_sha256=sha256)
         else:
-            digests = await asyncio.to_thread(_hash_file, path)
+            digests = await asyncio.to_thread(hash_file, path)
             fh = await asyncio.to_thread(_KnownFile.open, path, sha256)
         if digests.sha256 != sha256 or digests.size != size:
             fh.close()
@@ -947,13 +859,6 @@ def _load_part(
     whole.update(view)
     part_sha256 = hashlib.sha256(view).hexdigest() if signed else None
     return hashlib.md5(view, usedforsecurity=False).digest(), part_sha256
-
-
-def _read_small(path: Path) -> tuple[bytes, _Digests]:
-    with open(path, "rb") as fh:
-        data = fh.read(SMALL_FILE + 1)
-    md5 = hashlib.md5(data, usedforsecurity=False).digest()
-    return data, _Digests(md5, hashlib.sha256(data).hexdigest(), len(data))
 
 
 class _KnownFile(io.BufferedReader):

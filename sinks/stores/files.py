@@ -1,0 +1,135 @@
+"""Reading accepted files for upload, shared by the object stores.
+
+Files are hashed and read in worker threads, in chunks or into caller-owned buffers,
+never whole (except small ones, below a size the caller picks); bodies are sent from
+those buffers without copies. A file whose bytes no longer match what intake
+journaled raises FileChanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "HASH_CHUNK",
+    "BufferReader",
+    "FileChanged",
+    "FileDigests",
+    "MiB",
+    "hash_file",
+    "read_into",
+    "read_small",
+]
+
+MiB = 1024 * 1024
+HASH_CHUNK = MiB
+
+
+class FileChanged(Exception):
+    """The file on disk no longer matches what intake journaled (size or sha256)."""
+
+
+@dataclass
+class FileDigests:
+    md5: bytes
+    sha256: str
+    size: int
+
+    @property
+    def md5_b64(self) -> str:
+        """As HTTP carries it (Content-MD5, GCS md5Hash)."""
+        return base64.b64encode(self.md5).decode("ascii")
+
+
+def hash_file(path: Path) -> FileDigests:
+    md5 = hashlib.md5(usedforsecurity=False)
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            md5.update(chunk)
+            sha.update(chunk)
+            size += len(chunk)
+    return FileDigests(md5.digest(), sha.hexdigest(), size)
+
+
+def read_small(path: Path, limit: int) -> tuple[bytes, FileDigests]:
+    """Read and hash a file of at most `limit` bytes in one go (one thread hop).
+
+    A longer file is read to `limit + 1` bytes, so its size shows it has changed.
+    """
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    md5 = hashlib.md5(data, usedforsecurity=False).digest()
+    return data, FileDigests(md5, hashlib.sha256(data).hexdigest(), len(data))
+
+
+def read_into(fd: int, offset: int, view: memoryview) -> None:
+    """Fill `view` with the file's bytes from `offset` (in a worker thread)."""
+    got = 0
+    while got < len(view):
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [view[got:]], offset + got)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, min(len(view) - got, HASH_CHUNK), offset + got)
+            n = len(data)
+            view[got : got + n] = data
+        if n == 0:
+            raise FileChanged(f"file ended at byte {offset + got}, expected {offset + len(view)}")
+        got += n
+
+
+class BufferReader:
+    """A read-only, seekable file over bytes already in memory (a part, a chunk).
+
+    It is also an async iterable, which aiohttp sends as is: 1 MiB slices written
+    straight from the buffer, with no worker-thread hop per 64 KiB as for a file
+    object and no copy of the whole part (a BytesIO is copied when aiohttp takes its
+    buffer; a bytes body is copied into the transport's buffer). botocore uses the
+    file methods to hash the payload for signing and to rewind it for a retry, unless
+    `content_sha256` already gives that hash (sinks/stores/s3.py).
+    """
+
+    piece = MiB
+
+    def __init__(
+        self, data: bytes | bytearray | memoryview, content_sha256: str | None = None
+    ) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+        self.content_sha256 = content_sha256
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, min(len(self._view), base + offset))
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        total = len(self._view)
+        end = total if size is None or size < 0 else min(total, self._pos + size)
+        chunk = bytes(self._view[self._pos : end])
+        self._pos = end
+        return chunk
+
+    async def __aiter__(self) -> AsyncIterator[memoryview]:
+        while self._pos < len(self._view):
+            end = min(len(self._view), self._pos + self.piece)
+            piece = self._view[self._pos : end]
+            self._pos = end
+            yield piece
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self._view.release()

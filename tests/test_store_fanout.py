@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -74,3 +75,50 @@ def test_a_missing_bucket_is_dead_lettered_with_its_reason_while_others_deliver(
     assert dead["attempts"] == 1  # permanent: not retried
     assert "no-such-bucket" in dead["last_error"]
     assert (workspace.spool / "failed" / "b1").is_dir()
+
+
+def _vm_hwm_mib(pid: int) -> float:
+    """Peak resident set of a running process (Linux /proc), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def test_a_1_gib_model_goes_up_through_the_daemon_in_bounded_memory(
+    tmp_path: Path, rclone_s3: RcloneS3, start_daemon,  # type: ignore[no-untyped-def]  # noqa: F811
+) -> None:
+    """The real daemon, default S3 settings: the file is never read whole, so its peak
+    RSS stays under 200 MiB (part buffers: 8 parts of 8 MiB) for a 1 GiB model."""
+    size = 1024 * 1024 * 1024
+    workspace = Workspace(tmp_path)
+    lake = {"type": "s3", **rclone_s3.settings(prefix="big")}
+    workspace.stack["artifact_stores"] = {"lake": lake}
+    workspace.stack["artifact_routing"]["Model"] = {"store": "lake", "path": "{run_id}/{name}"}
+    workspace.write()
+    daemon = start_daemon(workspace)
+    staging = tmp_path / "staging" / "big"
+    staging.mkdir(parents=True)
+    digest = hashlib.sha256()
+    with open(staging / "model.bin", "wb") as fh:
+        for _ in range(size // (8 << 20)):  # incompressible, never whole in this process
+            chunk = os.urandom(8 << 20)
+            digest.update(chunk)
+            fh.write(chunk)
+    (staging / "manifest.json").write_text(json.dumps(
+        model_manifest("big", run_id="r1", files=["model.bin"])))
+    os.rename(staging, workspace.spool / "incoming" / "big")
+
+    status = workspace.wait_settled(1, timeout=300)
+    peak = _vm_hwm_mib(daemon.proc.pid)
+
+    assert status["events"] == {"done": 1}, status
+    stored = rclone_s3.root / rclone_s3.bucket / "big" / "r1" / "big" / "model.bin"
+    assert stored.stat().st_size == size
+    remote = hashlib.sha256()
+    with open(stored, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            remote.update(chunk)
+    assert remote.hexdigest() == digest.hexdigest()
+    print(f"daemon peak RSS with a 1 GiB upload: {peak:.0f} MiB")
+    assert peak < 200, f"daemon peak RSS {peak:.0f} MiB"

@@ -16,9 +16,9 @@ __all__ = ["SCENARIOS"]
 
 
 def _rclone() -> str:
-    from tests.servers_storage import _find_rclone
+    from tests.servers_storage import find_rclone
 
-    return _find_rclone()
+    return find_rclone()
 
 
 def _stage_bundles(staging: Path, n: int, size: int, prefix: str = "b") -> list[Path]:

@@ -11,22 +11,15 @@ implement SageMaker's UpdateEndpoint and answers it with HTTP 500.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import sysconfig
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.servers_common import find_script, free_port, stop_process, wait_http
 
 __all__ = ["AWS_ACCOUNT", "AWS_REGION", "MotoServer", "free_port", "moto_server"]
 
@@ -34,32 +27,12 @@ AWS_REGION = "us-east-1"
 AWS_ACCOUNT = "123456789012"  # moto's default account id
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _moto_binary() -> str:
-    for candidate in (
-        Path(sysconfig.get_path("scripts")) / "moto_server",
-        Path(sys.executable).parent / "moto_server",
-    ):
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    found = shutil.which("moto_server")
-    if found:
-        return found
-    pytest.skip("moto_server not found: pip install 'moto[server]'")
-
-
 class MotoServer:
     """`moto_server -H 127.0.0.1 -p PORT` as a child process."""
 
     def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        self.binary = _moto_binary()
+        self.binary = find_script("moto_server", "pip install 'moto[server]'")
         self.port = free_port()
         self.log = workdir / f"moto-{self.port}.log"
         self.env = {**os.environ, **(env or {})}
@@ -80,37 +53,15 @@ class MotoServer:
                 env=self.env,
                 start_new_session=True,
             )
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"moto_server exited with {self.proc.returncode}: "
-                    f"{self.log.read_text()[-2000:]}"
-                )
-            try:
-                with opener.open(self.url + "/moto-api/", timeout=1):
-                    return
-            except urllib.error.HTTPError:
-                return  # any HTTP answer means it is serving
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"moto_server did not answer within {timeout}s")
+        try:
+            wait_http(self.url + "/moto-api/", self.proc, self.log, timeout)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Stop our own process by its pid."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_process(self.proc)
 
     def settings(self, **overrides: Any) -> dict[str, Any]:
         """Connection settings of a SageMaker (or S3) component pointing at this server."""

@@ -23,16 +23,10 @@ the fixture (pytest makes one session fixture per importing module; they share i
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,16 +43,11 @@ from router.delivery import (
     DeliveryResult,
 )
 from router.manifest import ArtifactKind
+from tests.servers_common import free_port, stop_process, wait_http
 
 __all__ = ["MlflowServer", "free_port", "make_item", "mlflow_server"]
 
 START_TIMEOUT = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -99,19 +88,9 @@ class MlflowServer:
         if self._stopped:
             return
         self._stopped = True
-        if self.process.poll() is None:
-            # The server runs in its own session: its pid is its process group id.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
-        # Workers left behind in the group (the parent exited first)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        # The server runs in its own session: its pid is its process group id, which
+        # also holds the uvicorn worker.
+        stop_process(self.process, group=True)
 
 
 def _mlflow_command() -> list[str]:
@@ -163,24 +142,12 @@ def start_mlflow_server(root: Path) -> MlflowServer:
             start_new_session=True,
         )
     server = MlflowServer(f"http://127.0.0.1:{port}", root, process, log_path)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            server.stop()
-            raise RuntimeError(
-                f"mlflow server exited with {process.returncode}:\n{server.log_tail()}"
-            )
-        try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return server
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.25)
-    server.stop()
-    raise RuntimeError(
-        f"mlflow server did not answer /health in {START_TIMEOUT}s:\n{server.log_tail()}"
-    )
+    try:
+        wait_http(f"{server.url}/health", process, log_path, START_TIMEOUT, ok_only=True)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
 
 
 _SHARED: MlflowServer | None = None

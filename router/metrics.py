@@ -49,6 +49,13 @@ class RouterMetrics:
             ["component"],
             registry=r,
         )
+        self.takeovers = Counter(
+            "router_pool_takeovers",
+            "Sessions of dead MQTT pool members this daemon took over, by outcome "
+            "(drained, interrupted, stopped, failed).",
+            ["outcome"],
+            registry=r,
+        )
         self.duration = Histogram(
             "router_delivery_duration_seconds",
             "Time of one delivery attempt.",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -16,10 +17,12 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from pydantic import ValidationError
 
 from router.config import MqttSettings
 from router.db import Database, artifacts
@@ -30,6 +33,7 @@ from router.sources.mqtt import (
     derive_event_id,
     publish_manifest,
 )
+from router.sources.mqtt_pool import Pool, status_payload
 from sinks.trackers.jsonl import read_jsonl
 from tests.conftest import DaemonProcess, Workspace, free_port
 from tests.servers_mqtt import (
@@ -258,57 +262,227 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(
     print(f"killed with {killed_at} of {n} catalogued; after the restart: {stats}")
 
 
+def wait_log_event(daemon: DaemonProcess, event: str, timeout: float = 60.0
+                   ) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while not (rows := log_events(daemon, event)):
+        assert time.monotonic() < deadline, f"no {event!r} in {daemon.log()[-3000:]}"
+        time.sleep(0.1)
+    return rows
+
+
+def pool_statuses(broker: Broker, group: str) -> dict[str, dict[str, Any]]:
+    """The retained pool statuses (client id -> status) a new subscriber is given."""
+    collector = Collector(broker, f"artifact-router/pool/{group}/+")
+    try:
+        time.sleep(1.0)  # retained messages come right after the SUBACK
+        return {m.topic.rsplit("/", 1)[1]: json.loads(m.payload) for m in collector.messages}
+    finally:
+        collector.close()
+
+
 @needs_v5
 @pytest.mark.postgres
+@pytest.mark.timeout(480)  # the dead member's delivery leases expire after two minutes
 def test_shared_subscription_splits_work_across_three_daemons(
     tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon, pg_url: str
 ) -> None:
+    """One member is SIGKILLed mid-stream and never comes back: a survivor takes its
+    session over, and every event is still processed by exactly one member."""
     tracking = tmp_path / "tracking"
     store = tmp_path / "store"
     workspaces = []
     for k in range(3):
         ws = mqtt_workspace(
             tmp_path / f"node{k}", mqtt_broker, journal_url=pg_url,
-            mqtt={"client_id": f"router-node-{k}", "shared_group": "routers"},
+            mqtt={"client_id": f"router-node-{k}", "shared_group": "routers",
+                  "takeover_after": 2},
         )
         ws.stack["experiment_tracker"]["path"] = str(tracking)
         ws.stack["artifact_store"]["path"] = str(store)
         ws.write()
         workspaces.append(ws)
     daemons = [start_subscribed(start_daemon, ws) for ws in workspaces]
-    n = 3000
-    publisher = StreamPublisher(mqtt_broker, stream(n), window=50, pause=0.01)
+    n, late = 3000, 300
+    messages = stream(n)
+    publisher = StreamPublisher(mqtt_broker, messages[:n - late], window=50, pause=0.01,
+                                hold_at=1200)
     publisher.start()
+    publisher.wait_held()
     wait_catalogued(pg_url, 900)
     daemons[2].kill()
-    time.sleep(1.0)
-    # mosquitto keeps a dead member's in-flight messages, and its share of what arrives
-    # meanwhile, in that member's persistent session: it gets them when it returns
-    # under the same client id (a StatefulSet pod, a systemd unit).
-    daemons.append(start_subscribed(start_daemon, workspaces[2]))
+    # The stream goes on: the dead member's session collects its share (mosquitto keeps
+    # it there) until a survivor takes the session over and drains it.
+    publisher.release()
     publisher.join_checked()
+    (takeover,) = wait_log_event(daemons[0], "mqtt takeover")
+    # Published after the takeover: the drained session no longer takes a share.
+    publish_all(mqtt_broker, messages[n - late:])
     wait_catalogued(pg_url, n)
-    workspaces[0].wait_settled(n, timeout=180)
-    for d in (daemons[0], daemons[1], daemons[3]):
+    # node2's in-flight deliveries wait for their lease to expire (the dispatcher's
+    # lease_seconds, two minutes), then a survivor delivers them.
+    workspaces[0].wait_settled(n, timeout=300)
+
+    # The lowest live client id took the dead member over, alone, and drained its
+    # unacknowledged messages and its share; then it cleared the member's status.
+    assert takeover["member"] == "router-node-2" and takeover["outcome"] == "drained", takeover
+    assert takeover["drained"] > 0, takeover
+    assert takeover["rejected"] == 0, takeover
+    assert takeover["accepted"] + takeover["duplicate"] == takeover["drained"], takeover
+    assert not log_events(daemons[1], "mqtt takeover started")
+    statuses = pool_statuses(mqtt_broker, "routers")
+    assert {k: v["state"] for k, v in statuses.items()} == {
+        "router-node-0": "online", "router-node-1": "online"}, statuses
+    for d in daemons[:2]:
         assert d.terminate() == 0
+    assert {k: v["state"] for k, v in pool_statuses(mqtt_broker, "routers").items()} == {
+        "router-node-0": "offline", "router-node-1": "offline"}
+
     # Each event was processed by exactly one member: catalogued once, and no member
-    # that stayed up ever saw a message another one had (it would count a duplicate).
+    # that stayed up ever saw, in its own session, a message another one had (it would
+    # count a duplicate).  The takeover may count duplicates: messages node2 journaled
+    # but was killed before acknowledging; they are no-ops (catalogued once, below).
     ids = catalog_event_ids(pg_url)
     assert set(ids) == {f"evt-{i:05d}" for i in range(n)}
     assert max(ids.values()) == 1
-    final = [log_events(d, "mqtt source stopped")[-1] for d in (daemons[0], daemons[1])]
+    final = [log_events(d, "mqtt source stopped")[-1] for d in daemons[:2]]
     assert [f["duplicate"] for f in final] == [0, 0], final
     first_batch = log_events(daemons[2], "mqtt intake")
     assert first_batch and first_batch[0]["accepted"] > 0, "node2 got nothing before the kill"
     assert all(f["accepted"] > 0 for f in final), final
     print("accepted: node0", final[0]["accepted"], "node1", final[1]["accepted"],
-          "node2 after restart", log_events(daemons[3], "mqtt source stopped")[-1]["accepted"])
+          "takeover of node2", takeover)
     # Nothing left behind and nothing twice: every metric point reached the tracker once,
     # although the killed member's in-flight deliveries were retried by another member
     # (the jsonl tracker's check-and-append holds an flock across processes).
     points = tracker_points(tracking)
     assert set(points) == set(range(n))
     assert max(points.values()) == 1, sorted(k for k, v in points.items() if v > 1)[:20]
+
+
+def test_takeover_settings_are_checked() -> None:
+    assert MqttSettings(shared_group="g").takeover_enabled()  # on by default in a pool
+    assert not MqttSettings().takeover_enabled()
+    assert not MqttSettings(shared_group="g", takeover_after=0).takeover_enabled()
+    assert not MqttSettings(shared_group="g", takeover_after=None).takeover_enabled()
+    assert not MqttSettings(shared_group="g", protocol="3.1.1").takeover_enabled()
+    with pytest.raises(ValidationError, match='takeover_after 5 needs protocol "5"'):
+        MqttSettings(shared_group="g", protocol="3.1.1", takeover_after=5)
+    with pytest.raises(ValidationError, match="client_id 'pods/r1' names this member's status"):
+        MqttSettings(shared_group="g", client_id="pods/r1")
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        MqttSettings(shared_group="g", takeover_after=-1)
+
+
+def test_only_the_lowest_live_member_takes_over_after_the_grace_period() -> None:
+    settings = MqttSettings(client_id="router-b", shared_group="g", takeover_after=10)
+    pool = Pool(SimpleNamespace(settings=settings))  # type: ignore[arg-type]
+    pool._on_status("router-c", status_payload("router-c", "online"))
+    pool._on_status("router-a", status_payload("router-a", "offline"))
+    since = pool.members["router-a"].since
+    assert pool.due(since + 9) == []
+    assert pool.due(since + 10) == ["router-a"]
+    pool._on_status("router-a", b"")  # a taker cleared its status: nothing left to take
+    assert pool.due(since + 100) == []
+    # A live member with a lower client id decides; this one keeps out of its way.
+    pool._on_status("router-a", status_payload("router-a", "online"))
+    pool._on_status("router-d", status_payload("router-d", "offline"))
+    assert pool.due(time.monotonic() + 100) == []
+    pool._on_status("router-a", status_payload("router-a", "offline"))
+    assert pool.due(time.monotonic() + 100) == ["router-a", "router-d"]
+
+
+@needs_v5
+async def test_member_returning_during_a_takeover_loses_and_duplicates_nothing(
+    tmp_path: Path, mqtt_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member comes back under its own client id while a survivor is draining its
+    session: mosquitto hands the session back, the takeover stops quietly, and what it
+    had not acknowledged reaches the returning member, where the journal keeps every
+    event once.  The taker's intake is held at its first batch so the return happens
+    mid-takeover every time."""
+    from router import config as router_config
+    from router.daemon import Daemon
+    from router.sources.mqtt import MqttSource
+
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker,
+                        mqtt={"shared_group": "g", "takeover_after": 0.5})
+    daemon = Daemon(router_config.load_config(ws.config_path))
+    await daemon.db.migrate()
+    n = 60
+    taker_holds, release = asyncio.Event(), asyncio.Event()
+    original = MqttSource._handle
+
+    async def gated(self: MqttSource, client: Any, batch: list[Any]) -> None:
+        if not self.healthy:  # only a takeover's intake is never "healthy"
+            taker_holds.set()
+            await asyncio.wait_for(release.wait(), 60)
+        await original(self, client, batch)
+
+    monkeypatch.setattr(MqttSource, "_handle", gated)
+
+    def member(client_id: str) -> MqttSource:
+        source = MqttSource.from_daemon(daemon)
+        source.settings = source.settings.model_copy(update={"client_id": client_id})
+        return source
+
+    async def until(done: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not done():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.05)
+
+    def takeovers(outcome: str) -> float:
+        value = daemon.metrics.registry.get_sample_value(
+            "router_pool_takeovers_total", {"outcome": outcome})
+        return value or 0.0
+
+    running: list[tuple[MqttSource, asyncio.Task[None]]] = []
+
+    def start(source: MqttSource) -> MqttSource:
+        running.append((source, asyncio.create_task(source.run())))
+        return source
+
+    async def stop(source: MqttSource) -> None:
+        for s, task in running:
+            if s is source:
+                source.stop()
+                await asyncio.wait_for(task, 30)
+
+    try:
+        # m-a subscribes, then stops: its session keeps the shared subscription and
+        # collects the whole stream (it is the group's only member).
+        first = start(member("m-a"))
+        await until(lambda: first.healthy, "m-a connected")
+        await stop(first)
+        await asyncio.to_thread(publish_all, mqtt_broker, stream(n))
+        # m-b finds m-a's retained "offline" status and takes its session over ...
+        survivor = start(member("m-b"))
+        await until(taker_holds.is_set, "m-b never took m-a over")
+        # ... and m-a comes back while the taker holds unacknowledged messages.
+        returned = start(member("m-a"))
+        await until(lambda: returned.stats["accepted"] == n, f"m-a got {returned.stats}")
+        release.set()
+        await until(lambda: takeovers("interrupted") == 1, "the takeover did not stop")
+        assert returned.stats == {"received": n, "accepted": n, "duplicate": 0,
+                                  "rejected": 0, "ignored": 0}
+        # Both members are live now: new messages are shared, and nobody takes m-a over.
+        await asyncio.to_thread(publish_all, mqtt_broker, stream(n + 40)[n:])
+        await until(lambda: returned.stats["received"] + survivor.stats["received"] >= n + 40,
+                    "the late messages did not arrive")
+        await asyncio.sleep(1.5)  # three grace periods: a wrong takeover would start now
+        assert takeovers("drained") == 0 and takeovers("interrupted") == 1
+        assert survivor.stats["received"] > 0 and survivor.stats["duplicate"] == 0
+        ids = await asyncio.to_thread(catalog_event_ids, ws.journal_url)
+        assert set(ids) == {f"evt-{i:05d}" for i in range(n + 40)}
+        assert max(ids.values()) == 1
+    finally:
+        release.set()
+        for source, task in running:
+            source.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 30)
+        await daemon.close()
 
 
 # --- bad input ------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ The broker connection is re-established with exponential backoff and jitter; a b
 that refuses the very first connection for a reason retrying cannot fix (bad
 credentials, not authorised, an untrusted certificate) stops the source with an error
 that says so, and the daemon exits non-zero.
+
+In a pool (`router.mqtt.shared_group`) mosquitto keeps a dead member's unacknowledged
+messages, and its share of new ones, in that member's session; router/sources/mqtt_pool.py
+has a live member drain it through this same intake path (`MqttSource.drain_session`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -68,6 +73,13 @@ from router.manifest import (
     parse_manifest,
 )
 from router.metrics import RouterMetrics
+from router.sources.mqtt_pool import (
+    POOL_PREFIX,
+    Drained,
+    Pool,
+    status_payload,
+    status_topic,
+)
 
 if TYPE_CHECKING:
     from router.daemon import Daemon
@@ -92,6 +104,9 @@ _STOP_GRACE = 15.0
 _STABLE_SESSION = 10.0
 _INFLIGHT_BYTES = 256 * 1024 * 1024
 _PARSE_IN_THREAD = 64 * 1024
+# A takeover ends the dead member's session once nothing came for this long (its
+# shared subscriptions are gone by then, so only what the broker had queued can come).
+_DRAIN_IDLE = 2.0
 
 # CONNACK refusals that no amount of retrying fixes: a configuration error.
 _FATAL_CONNACK = {
@@ -178,6 +193,12 @@ class _BoundedClient(aiomqtt.Client):
         self._reader: Callable[[], None] | None = None
         self._reader_fd = -1
         self._paused = False
+        self.session_present = False
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, *args: Any) -> None:
+        # aiomqtt drops the CONNACK flags; a takeover wants to know whether a session was there.
+        self.session_present = bool(getattr(flags, "session_present", False))
+        super()._on_connect(client, userdata, flags, *args)
 
     # Same as aiomqtt's, but keeps the reader so that it can be removed and put back.
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
@@ -235,6 +256,10 @@ class _BoundedClient(aiomqtt.Client):
         self._resume()
         return await super().subscribe(*args, **kwargs)
 
+    async def unsubscribe(self, *args: Any, **kwargs: Any) -> None:
+        self._resume()
+        await super().unsubscribe(*args, **kwargs)
+
 
 def _make_client(
     settings: MqttSettings,
@@ -242,6 +267,7 @@ def _make_client(
     client_id: str,
     persistent: bool,
     receive_maximum: int = 0,
+    will: aiomqtt.Will | None = None,
 ) -> aiomqtt.Client:
     v5 = settings.protocol == "5"
     kwargs: dict[str, Any] = {}
@@ -269,6 +295,7 @@ def _make_client(
         keepalive=settings.keepalive,
         tls_context=_tls_context(settings),
         timeout=30,
+        will=will,
         **kwargs,
     )
     # aiomqtt 2.x has no manual-ack option of its own: switch paho's on, so a QoS 1
@@ -282,6 +309,21 @@ def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> bool:
         return True
     rc = client._client.ack(message.mid, message.qos)
     return bool(rc == paho.MQTT_ERR_SUCCESS)
+
+
+async def _end_session(client: aiomqtt.Client) -> bool:
+    """Disconnect and have the broker delete the session: MQTT v5 DISCONNECT with Session
+    Expiry Interval 0 (allowed because our CONNECT gave a non-zero one).  aiomqtt's own
+    exit sends a DISCONNECT without properties, so this one goes out through paho."""
+    props = Properties(PacketTypes.DISCONNECT)
+    props.SessionExpiryInterval = 0
+    if client._client.disconnect(properties=props) != paho.MQTT_ERR_SUCCESS:
+        return False
+    try:
+        await asyncio.wait_for(asyncio.shield(client._disconnected), timeout=10)
+    except (aiomqtt.MqttError, TimeoutError):
+        return False
+    return True
 
 
 def _describe_connect_error(exc: BaseException, settings: MqttSettings) -> tuple[str, bool]:
@@ -494,6 +536,10 @@ class MqttSource:
         if settings.session_expiry <= 0 and settings.protocol == "5":
             log.warning("router.mqtt.session_expiry is 0: the broker forgets the session when "
                         "the router disconnects, and what is published meanwhile is lost")
+        if settings.shared_group and settings.takeover_after and settings.protocol != "5":
+            log.warning("router.mqtt.takeover_after needs protocol 5: a dead pool member's "
+                        "messages wait in its session until it returns")
+        self._client: aiomqtt.Client | None = None
         self._hashers = asyncio.Semaphore(4)
         self.stats = {"received": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "ignored": 0}
         self._last_report = 0.0
@@ -520,8 +566,22 @@ class MqttSource:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def wait_stopping(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True as soon as the source is stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        return self._stop.is_set()
+
     async def run(self) -> None:
         """Connect, consume, reconnect with backoff; return only after stop()."""
+        pool = (
+            asyncio.create_task(Pool(self).run(), name="mqtt-pool")
+            if self.settings.takeover_enabled() else None
+        )
         try:
             while not self._stop.is_set():
                 connection = asyncio.create_task(self._connection(), name="mqtt-connection")
@@ -553,6 +613,12 @@ class MqttSource:
                     await self._connection_failed(exc)
         finally:
             self.healthy = False
+            if pool is not None:
+                self._stop.set()  # also when run() fails: the pool must not outlive it
+                await asyncio.wait({pool}, timeout=_STOP_GRACE + 5)
+                pool.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pool
             log.info("mqtt source stopped", **self.stats)
 
     async def _connection(self) -> None:
@@ -561,6 +627,7 @@ class MqttSource:
             client_id=self.settings.client_id,
             persistent=True,
             receive_maximum=self.receive_maximum,
+            will=self._offline_will(),
         )
         async with client:
             await self._session(client)
@@ -617,20 +684,34 @@ class MqttSource:
             protocol=self.settings.protocol,
             tls=_use_tls(self.settings),
         )
+        self._client = client
+        if self.settings.takeover_enabled():
+            await self._announce(client, "online")
         receipts = asyncio.create_task(self._receipt_loop(client), name="mqtt-receipts")
         try:
             await self._consume(client)
+            if self._stop.is_set() and self.settings.takeover_enabled():
+                # Stopped, our session still collects our share: say so, and the pool
+                # drains it unless we are back within takeover_after.
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await self._announce(client, "offline", reason="stopped")
         finally:
             self.healthy = False
+            self._client = None
             receipts.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await receipts
 
-    async def _next(self, messages: aiomqtt.client.MessagesIterator) -> aiomqtt.Message | None:
+    async def _next(
+        self, messages: aiomqtt.client.MessagesIterator, idle: float | None = None
+    ) -> aiomqtt.Message | None:
+        """The next message; None when stopping or after `idle` seconds without one."""
         getter = asyncio.ensure_future(messages.__anext__())
         stopper = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {getter, stopper}, timeout=idle, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             stopper.cancel()
         if getter.done():
@@ -640,10 +721,12 @@ class MqttSource:
             await getter
         return None
 
-    async def _consume(self, client: aiomqtt.Client) -> None:
+    async def _consume(self, client: aiomqtt.Client, idle: float | None = None) -> None:
+        """Journal and acknowledge batches until stop(), or until `idle` seconds pass
+        without a message (a takeover draining a session)."""
         messages = client.messages
         while not self._stop.is_set():
-            first = await self._next(messages)
+            first = await self._next(messages, idle)
             if first is None:
                 return
             batch = [first]
@@ -652,7 +735,8 @@ class MqttSource:
             if isinstance(client, _BoundedClient):
                 client.drained()
             await self._handle(client, batch)
-            self._report()
+            if idle is None:
+                self._report()
 
     async def _handle(self, client: aiomqtt.Client, batch: list[aiomqtt.Message]) -> None:
         """Journal a batch, then acknowledge it in receipt order."""
@@ -746,7 +830,7 @@ class MqttSource:
     # --- intake -------------------------------------------------------------------
 
     def _is_own(self, message: aiomqtt.Message, topic: str) -> bool:
-        if topic == self.settings.dead_letter_topic:
+        if topic == self.settings.dead_letter_topic or topic.startswith(POOL_PREFIX + "/"):
             return True
         if self.settings.receipts and self._receipt_pattern.match(topic):
             return True
@@ -1108,6 +1192,83 @@ class MqttSource:
             self._last_report = now
             self._reported = dict(self.stats)
             log.info("mqtt intake", **self.stats)
+
+    # --- pool (router/sources/mqtt_pool.py) -------------------------------------------
+
+    def _offline_will(self) -> aiomqtt.Will | None:
+        """Published by the broker if our connection ends without a DISCONNECT."""
+        if not self.settings.takeover_enabled():
+            return None
+        payload = status_payload(self.settings.client_id, "offline", reason="connection lost")
+        return aiomqtt.Will(status_topic(self.settings), payload, qos=1, retain=True)
+
+    async def _announce(self, client: aiomqtt.Client, state: str, **extra: Any) -> None:
+        await client.publish(
+            status_topic(self.settings),
+            status_payload(self.settings.client_id, state, **extra),
+            qos=1,
+            retain=True,
+            properties=self._properties("pool-status"),
+        )
+
+    async def announce_online(self) -> None:
+        """Publish our "online" status again, if our session is up."""
+        client = self._client
+        if client is not None and self.healthy:
+            try:
+                await self._announce(client, "online")
+            except aiomqtt.MqttError as exc:
+                log.debug("mqtt pool status not published", error=str(exc))
+
+    def watcher_client(self) -> aiomqtt.Client:
+        """A clean-session client for the pool's status topics (QoS 0, retained)."""
+        return _make_client(
+            self.settings, client_id=f"{self.settings.client_id}-pool", persistent=False
+        )
+
+    def _twin(self) -> MqttSource:
+        """This source's intake for another member's session, with counters of its own;
+        the journal, the stop signal, the receipt queue and the hashing limit are shared."""
+        twin = copy.copy(self)
+        twin.stats = dict.fromkeys(self.stats, 0)
+        twin._reported = {}
+        twin._client = None
+        twin.healthy = False
+        return twin
+
+    async def drain_session(self, member: str) -> Drained:
+        """Take over a dead pool member's session and run it through our own intake.
+
+        We connect with its client id (clean_start false, no will): mosquitto resumes the
+        session and delivers what it holds, in-flight messages first, without a subscribe
+        of ours.  Its shared subscriptions are removed first, so new messages go to the
+        live members only, while what the broker had queued for the session still comes
+        (checked on mosquitto 2.0.11).  Each batch is journaled, then acknowledged, as in
+        our own session; after `_DRAIN_IDLE` seconds without a message the session is
+        deleted (DISCONNECT, Session Expiry Interval 0).  If the member comes back,
+        mosquitto closes our connection (2.0.11 gives no reason code) and redelivers to it
+        what we had not acknowledged: "interrupted", and the event ids make those no-ops.
+        """
+        twin = self._twin()
+        result = Drained(member=member, stats=twin.stats)
+        client = _make_client(
+            self.settings, client_id=member, persistent=True,
+            receive_maximum=self.receive_maximum,
+        )
+        try:
+            async with client:
+                result.session_present = bool(getattr(client, "session_present", False))
+                for topic_filter in self.filters:
+                    await client.unsubscribe(topic_filter)
+                await twin._consume(client, idle=_DRAIN_IDLE)
+                if self._stop.is_set():
+                    result.outcome = "stopped"  # the session stays for the next taker
+                    return result
+                ended = await _end_session(client)
+                result.outcome = "drained" if ended else "interrupted"
+        except aiomqtt.MqttError as exc:
+            result.outcome, result.error = "interrupted", str(exc)
+        return result
 
     # --- receipts -------------------------------------------------------------------
 

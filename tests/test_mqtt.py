@@ -774,6 +774,13 @@ def test_publish_manifest_inlines_small_files_and_references_large_ones_v311(
     with pytest.raises(ValueError, match="matches none"):
         build_publication(settings, manifest, [small])
 
+    # Inline files of a delivered event are kept `retention_days` (7), then pruned.
+    state = ws.root / "state"
+    expired = state / "mqtt-done" / "long-ago"
+    expired.mkdir(parents=True)
+    (expired / "x.csv").write_bytes(b"old")
+    os.utime(expired, (time.time() - 8 * 86400,) * 2)
+
     start_subscribed(start_daemon, ws)
     asyncio.run(publish_manifest(settings, manifest, [large, small]))
     ws.wait_settled(1, timeout=60)
@@ -781,6 +788,8 @@ def test_publish_manifest_inlines_small_files_and_references_large_ones_v311(
     for name, data in (("clf", large_bytes), ("m", small.read_bytes())):
         uris = [loc["uri"] for loc in rows[name]["locations"] if loc["uri"].startswith("file:")]
         assert uris and Path(uris[0].removeprefix("file://")).read_bytes() == data, rows[name]
+    inline = [p.relative_to(state) for p in state.rglob("*.csv")]
+    assert inline == [Path("mqtt-done/emit-1/1/metrics.csv")], "delivered: moved aside"
 
 
 @needs_v5

@@ -36,6 +36,7 @@ import json
 import os
 import random
 import re
+import shutil
 import ssl
 import stat
 import string
@@ -100,6 +101,7 @@ log = structlog.get_logger("router.mqtt")
 # subscription that happens to match their topics does not read them as manifests.
 MARKER = "artifact-router"
 _RECEIPT_QUEUE_MAX = 100_000
+_PRUNE_EVERY = 600.0  # seconds between scans of retired inline files
 _STOP_GRACE = 15.0
 _STABLE_SESSION = 10.0
 _INFLIGHT_BYTES = 256 * 1024 * 1024
@@ -500,6 +502,7 @@ class MqttSource:
         metrics: RouterMetrics,
         state_dir: Path,
         batch_size: int = 256,
+        retention_days: float = 7.0,
     ) -> None:
         self.settings = settings
         self.journal = journal
@@ -509,6 +512,10 @@ class MqttSource:
         self.metrics = metrics
         self.batch_size = batch_size
         self.inline_root = state_dir.expanduser().resolve() / "mqtt"
+        # Inline files of delivered events, kept `retention_days` like the spool's done/.
+        self.retired_root = state_dir.expanduser().resolve() / "mqtt-done"
+        self.retention_days = retention_days
+        self._last_prune = 0.0
         self.allowed_roots = [Path(r).expanduser().resolve() for r in settings.allowed_roots]
         self.filters = subscription_filters(settings)
         self.qos = settings.qos
@@ -559,6 +566,7 @@ class MqttSource:
             metrics=daemon.metrics,
             state_dir=daemon.config.router.state_dir,
             batch_size=daemon.config.router.intake_batch,
+            retention_days=daemon.config.router.retention_days,
         )
 
     # --- lifecycle ----------------------------------------------------------------
@@ -1274,9 +1282,41 @@ class MqttSource:
 
     async def on_finished(self, finished: list[FinishedEvent]) -> None:
         """Called by the daemon when events finish; receipts go out from the session."""
+        done = [e.event_id for e in finished if e.source == "mqtt" and e.state == "done"]
+        if done or time.monotonic() - self._last_prune > _PRUNE_EVERY:
+            await asyncio.to_thread(self._retire_inline, done)
         if not self.settings.receipts:
             return
         self._queue_receipts([e for e in finished if e.source == "mqtt" and e.reply_to])
+
+    def _retire_inline(self, event_ids: list[str]) -> None:
+        """Move delivered events' inline files aside, and prune those past retention.
+
+        A failed event keeps its files where they are, for `artifact-router retry`.
+        """
+        for event_id in event_ids:
+            name = _segment(event_id)
+            staged = self.inline_root / name
+            if not staged.is_dir():
+                continue  # no inline files, or retired by another pool member
+            retired = self.retired_root / name
+            try:
+                self.retired_root.mkdir(parents=True, exist_ok=True)
+                if retired.exists():  # the same id delivered again after a fix
+                    shutil.rmtree(retired)
+                os.rename(staged, retired)
+                os.utime(retired)  # retention counts from delivery
+            except OSError as exc:
+                log.warning("could not retire inline files", event_id=event_id, error=str(exc))
+        if time.monotonic() - self._last_prune <= _PRUNE_EVERY or self.retention_days <= 0:
+            return
+        self._last_prune = time.monotonic()
+        cutoff = time.time() - self.retention_days * 86400
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.retired_root):
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                        shutil.rmtree(entry.path)
 
     def _queue_receipts(self, events: Sequence[FinishedEvent]) -> None:
         for event in events:

@@ -258,6 +258,21 @@ async def test_conflict_overwrite_replaces(
     assert head["Metadata"]["sha256"] == new.sha256
 
 
+async def test_overwrite_puts_without_looking_first_and_a_retry_is_still_a_no_op(
+    tmp_path: Path, store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """on_conflict: overwrite needs one request on a first attempt; a retry (which may
+    follow a PUT that landed before a crash) looks first, and finds nothing to do."""
+    staged = write_file(tmp_path / "model.bin", 1000, seed=5)
+    heads, puts = spy(monkeypatch, "_head"), spy(monkeypatch, "_put_single")
+    await store.deliver(make_item(staged, target="blind", on_conflict="overwrite"))
+    assert (heads, puts) == ([], [1])
+    retry = make_item(staged, target="blind", on_conflict="overwrite").model_copy(
+        update={"attempt": 2})
+    again = await store.deliver(retry)
+    assert again.skipped and heads == [1] and puts == [1]
+
+
 async def test_conflict_version_keeps_both(
     tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
 ) -> None:

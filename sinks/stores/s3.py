@@ -191,13 +191,6 @@ class _ObjectExists(Exception):
     """A conditional put found the key taken: look at what is there."""
 
 
-def _changed(path: Path, exc: FileChanged) -> PermanentError:
-    return PermanentError(
-        f"{path} changed after it was accepted ({exc}); emit a new bundle instead of "
-        "editing an accepted one"
-    )
-
-
 def _error_code(exc: BaseException | None) -> tuple[str, int | None, str]:
     response: dict[str, Any] = getattr(exc, "response", None) or {}
     error = response.get("Error") or {}
@@ -430,17 +423,19 @@ class S3Store(BaseSink):
                 f"{staged.size}); emit a new bundle instead of editing an accepted one"
             )
 
-        if size < self.settings.multipart_threshold and await self._conditional_puts(client):
-            # The common case in one request: the server refuses if the key exists, and
-            # only then do we look at what is there (replay, conflict, torn object).
+        # One request where we can: on a first attempt with on_conflict: overwrite there
+        # is nothing to look at first (a replay of a delivery cut off after its PUT is a
+        # retry, and retries look), and where the server honours If-None-Match it
+        # refuses a taken key; only then do we look at what is there (replay, conflict,
+        # torn object).
+        blind = on_conflict == "overwrite" and not retrying
+        single = size < self.settings.multipart_threshold or size == 0
+        if blind or (single and await self._conditional_puts(client)):
             try:
-                version_id = await self._put_single(
-                    client, path, key, size, staged.sha256, if_absent=True
-                )
+                version_id = await self._upload(client, path, key, size, staged.sha256,
+                                                if_absent=not blind)
             except _ObjectExists:
                 pass
-            except FileChanged as exc:
-                raise _changed(path, exc) from exc
             else:
                 return self._stored(staged, uri, size, version_id), False
 
@@ -470,19 +465,25 @@ class S3Store(BaseSink):
                     "on the rule, or add {version} or {run_id} to its path"
                 )
 
+        version_id = await self._upload(client, path, key, size, staged.sha256)
+        return self._stored(staged, uri, size, version_id), False
+
+    async def _upload(
+        self, client: Any, path: Path, key: str, size: int, sha256: str, if_absent: bool = False
+    ) -> Any:
+        """Put the file (multipart from `multipart_threshold` on); return its version id."""
         try:
             if size >= self.settings.multipart_threshold and size > 0:
                 async with self._multipart_slots:
-                    version_id = await self._put_multipart(
-                        client, path, key, size, staged.sha256
-                    )
-            else:
-                version_id = await self._put_single(client, path, key, size, staged.sha256)
+                    return await self._put_multipart(client, path, key, size, sha256)
+            return await self._put_single(client, path, key, size, sha256, if_absent)
         except FileChanged as exc:
-            raise _changed(path, exc) from exc
+            raise PermanentError(
+                f"{path} changed after it was accepted ({exc}); emit a new bundle instead of "
+                "editing an accepted one"
+            ) from exc
         except OSError as exc:  # the local file, not the network (those are mapped above)
             raise TransientError(f"cannot read {path}: {exc}") from exc
-        return self._stored(staged, uri, size, version_id), False
 
     @staticmethod
     def _stored(staged: StagedFile, uri: str, size: int, version_id: Any) -> StoredObject:

@@ -64,8 +64,8 @@ class DecisionRow(BaseModel):
     updated_at: float
 
 
-async def record_decision(
-    conn: AsyncConnection,
+def record_decision(
+    conn: sa.Connection,
     *,
     artifact_id: int,
     event_id: str,
@@ -79,7 +79,7 @@ async def record_decision(
     if decision is None:
         return
     deploy = next((d for d in plan.deliveries if d.action is Action.DEPLOY), None)
-    await conn.execute(
+    conn.execute(
         sa.insert(model_decisions).values(
             artifact_id=artifact_id,
             event_id=event_id,
@@ -101,8 +101,8 @@ async def record_decision(
     )
 
 
-async def list_decisions(
-    conn: AsyncConnection,
+def list_decisions(
+    conn: sa.Connection,
     *,
     pipeline: str | None = None,
     name: str | None = None,
@@ -117,17 +117,17 @@ async def list_decisions(
         query = query.where(model_decisions.c.state.in_(PENDING_STATES))
     return [
         DecisionRow.model_validate({**r._mapping, "metrics": r.metrics or {}})
-        for r in (await conn.execute(query)).all()
+        for r in conn.execute(query).all()
     ]
 
 
-async def _find(
-    conn: AsyncConnection, name: str, version: str, pipeline: str | None
+def _find(
+    conn: sa.Connection, name: str, version: str, pipeline: str | None
 ) -> DecisionRow:
-    rows = [r for r in await list_decisions(conn, pipeline=pipeline, name=name)
+    rows = [r for r in list_decisions(conn, pipeline=pipeline, name=name)
             if r.version == version]
     if not rows:
-        known = sorted({r.version for r in await list_decisions(conn, name=name)})
+        known = sorted({r.version for r in list_decisions(conn, name=name)})
         hint = f"; known versions: {', '.join(known)}" if known else (
             "; no model of that name has a deploy rule (deploy: true)"
         )
@@ -141,9 +141,9 @@ async def _find(
     return rows[0]
 
 
-async def _newer_live(conn: AsyncConnection, row: DecisionRow) -> DecisionRow | None:
+def _newer_live(conn: sa.Connection, row: DecisionRow) -> DecisionRow | None:
     """A newer version of the same model that is deployed or being deployed."""
-    newer = await conn.execute(
+    newer = conn.execute(
         sa.select(model_decisions)
         .where(
             model_decisions.c.pipeline == row.pipeline,
@@ -161,8 +161,8 @@ async def _newer_live(conn: AsyncConnection, row: DecisionRow) -> DecisionRow | 
     ) else None
 
 
-async def decide(
-    conn: AsyncConnection,
+def decide(
+    conn: sa.Connection,
     *,
     action: Literal["deploy", "approve", "reject"],
     name: str,
@@ -174,7 +174,7 @@ async def decide(
     endpoint_name: Callable[[str], str | None] = lambda _stack: None,
 ) -> DecisionRow:
     """Carry out `model deploy|approve|reject` inside one journal transaction."""
-    row = await _find(conn, name, version, pipeline)
+    row = _find(conn, name, version, pipeline)
     now = time.time()
     if action == "reject":
         if row.state != "pending_approval":
@@ -182,8 +182,8 @@ async def decide(
                 f"{name} {version} is {row.state}, not pending approval; only a pending "
                 "approval can be rejected"
             )
-        await _update(conn, row, state="rejected", decided_by=by, comment=comment, now=now)
-        return await _find(conn, name, version, row.pipeline)
+        _update(conn, row, state="rejected", decided_by=by, comment=comment, now=now)
+        return _find(conn, name, version, row.pipeline)
     if action == "approve" and row.state != "pending_approval":
         raise DecisionError(
             f"{name} {version} is {row.state}, not pending approval"
@@ -193,34 +193,30 @@ async def decide(
         raise DecisionError(f"{name} {version} is already being deployed")
     if row.state == "deployed" and not force:
         raise DecisionError(f"{name} {version} is already deployed")
-    newer = await _newer_live(conn, row)
+    newer = _newer_live(conn, row)
     if newer is not None and not force:
         raise DecisionError(
             f"version {newer.version} of {name} is {newer.state} and newer than {version}; "
             "deploying the older one would replace it: pass --force to roll back on purpose"
         )
-    key = await _enqueue_deploy(conn, row, endpoint_name(row.stack), force, now)
-    await _update(
+    key = _enqueue_deploy(conn, row, endpoint_name(row.stack), force, now)
+    _update(
         conn, row, state="deploying", decided_by=by, comment=comment, now=now,
         deploy_key=key, forced=force,
     )
-    return await _find(conn, name, version, row.pipeline)
+    return _find(conn, name, version, row.pipeline)
 
 
-async def _enqueue_deploy(
-    conn: AsyncConnection, row: DecisionRow, endpoint: str | None, force: bool, now: float
+def _enqueue_deploy(
+    conn: sa.Connection, row: DecisionRow, endpoint: str | None, force: bool, now: float
 ) -> str:
     """A deploy delivery after the model's register (or store) delivery."""
-    index: int = (
-        await conn.execute(
-            sa.select(artifacts.c.artifact_index).where(artifacts.c.id == row.artifact_id)
-        )
+    index: int = conn.execute(
+        sa.select(artifacts.c.artifact_index).where(artifacts.c.id == row.artifact_id)
     ).scalar_one()
-    siblings = (
-        await conn.execute(
-            sa.select(deliveries.c.key, deliveries.c.action).where(
-                deliveries.c.event_id == row.event_id, deliveries.c.artifact_index == index
-            )
+    siblings = conn.execute(
+        sa.select(deliveries.c.key, deliveries.c.action).where(
+            deliveries.c.event_id == row.event_id, deliveries.c.artifact_index == index
         )
     ).all()
     after = next((k for k, a in siblings if a == "register"), None) or next(
@@ -234,24 +230,24 @@ async def _enqueue_deploy(
         "owner": None, "lease_until": None,
     }
     if any(k == key for k, _ in siblings):
-        await conn.execute(sa.update(deliveries).where(deliveries.c.key == key).values(**values))
+        conn.execute(sa.update(deliveries).where(deliveries.c.key == key).values(**values))
     else:
-        await conn.execute(
+        conn.execute(
             sa.insert(deliveries).values(
                 key=key, event_id=row.event_id, artifact_index=index, action="deploy",
                 stack=row.stack, component="model_deployer",
                 sink_id=f"{row.stack}.model_deployer", target=None, after=after, **values,
             )
         )
-    await conn.execute(
+    conn.execute(
         sa.update(events).where(events.c.id == row.event_id)
         .values(state="accepted", finished_at=None)
     )
     return key
 
 
-async def _update(conn: AsyncConnection, row: DecisionRow, *, now: float, **values: Any) -> None:
-    await conn.execute(
+def _update(conn: sa.Connection, row: DecisionRow, *, now: float, **values: Any) -> None:
+    conn.execute(
         sa.update(model_decisions)
         .where(model_decisions.c.artifact_id == row.artifact_id)
         .values(updated_at=now, **values)
@@ -286,28 +282,28 @@ async def deploy_superseded(conn: AsyncConnection, key: str) -> str | None:
     )
 
 
-async def record_deploy_outcome(
-    conn: AsyncConnection, key: str, ok: bool, error: str | None, now: float
+def record_deploy_outcome(
+    conn: sa.Connection, key: str, ok: bool, error: str | None, now: float
 ) -> None:
-    found = (
-        await conn.execute(sa.select(model_decisions).where(model_decisions.c.deploy_key == key))
+    found = conn.execute(
+        sa.select(model_decisions).where(model_decisions.c.deploy_key == key)
     ).first()
     if found is None:
         return
     if not ok:
-        await conn.execute(
+        conn.execute(
             sa.update(model_decisions)
             .where(model_decisions.c.artifact_id == found.artifact_id)
             .values(state="failed", reason=error, updated_at=now)
         )
         return
-    await conn.execute(
+    conn.execute(
         sa.update(model_decisions)
         .where(model_decisions.c.artifact_id == found.artifact_id)
         .values(state="deployed", updated_at=now)
     )
     # Whatever was live before is now superseded (including a newer one, if forced).
-    await conn.execute(
+    conn.execute(
         sa.update(model_decisions)
         .where(
             model_decisions.c.pipeline == found.pipeline,

@@ -86,8 +86,8 @@ def artifact_checksum(file_hashes: list[str]) -> str | None:
     return hashlib.sha256("\n".join(file_hashes).encode()).hexdigest()
 
 
-async def reserve_versions(
-    conn: AsyncConnection, pipeline: str, name: str, count: int
+def reserve_versions(
+    conn: sa.Connection, pipeline: str, name: str, count: int
 ) -> list[str]:
     """The next `count` integer versions of (pipeline, name), atomically on both backends."""
     bump = (
@@ -96,17 +96,17 @@ async def reserve_versions(
         .values(last=version_counters.c.last + count)
         .returning(version_counters.c.last)
     )
-    last = (await conn.execute(bump)).scalar()
+    last = conn.execute(bump).scalar()
     if last is None:
         insert = _insert(conn, version_counters).values(pipeline=pipeline, name=name, last=count)
-        if (await conn.execute(insert.on_conflict_do_nothing())).rowcount == 1:
+        if conn.execute(insert.on_conflict_do_nothing()).rowcount == 1:
             last = count
         else:  # another daemon created the counter in between
-            last = (await conn.execute(bump)).scalar_one()
+            last = conn.execute(bump).scalar_one()
     return [str(v) for v in range(last - count + 1, last + 1)]
 
 
-def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
+def _insert(conn: sa.Connection, table: sa.Table) -> Any:
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -146,8 +146,8 @@ def _artifact_row(event: AcceptedEvent, plan: RoutePlan, index: int, now: float)
     }
 
 
-async def record_events(
-    conn: AsyncConnection, accepted: list[tuple[AcceptedEvent, RoutePlan]], now: float
+def record_events(
+    conn: sa.Connection, accepted: list[tuple[AcceptedEvent, RoutePlan]], now: float
 ) -> None:
     """Catalog every artifact of a batch of just-journaled events, with lineage.
 
@@ -157,25 +157,22 @@ async def record_events(
     if not accepted:
         return
     run_keys = sorted({(e.manifest.pipeline, e.manifest.run_id) for e, _ in accepted})
-    upsert = _insert(conn, runs).values(
-        [{"pipeline": p, "run_id": r, "created_at": now, "updated_at": now} for p, r in run_keys]
-    )
-    await conn.execute(
+    upsert = _insert(conn, runs)
+    conn.execute(  # executemany: one compiled statement whatever the number of runs
         upsert.on_conflict_do_update(
-            index_elements=["pipeline", "run_id"], set_={"updated_at": now}
-        )
+            index_elements=["pipeline", "run_id"],
+            set_={"updated_at": upsert.excluded.updated_at},
+        ),
+        [{"pipeline": p, "run_id": r, "created_at": now, "updated_at": now} for p, r in run_keys],
     )
     rows = [
         _artifact_row(event, plan, index, now)
         for event, plan in accepted
         for index in range(len(event.manifest.artifacts))
     ]
-    ids = list(
-        (
-            await conn.execute(
-                sa.insert(artifacts).returning(artifacts.c.id, sort_by_parameter_order=True),
-                rows,
-            )
+    ids: list[int] = list(
+        conn.execute(
+            sa.insert(artifacts).returning(artifacts.c.id, sort_by_parameter_order=True), rows
         ).scalars()
     )
     position = 0
@@ -187,24 +184,24 @@ async def record_events(
             position += 1
             art_plan = plan.artifacts[index]
             if art_plan.decision is not None:
-                await record_decision(
+                record_decision(
                     conn, artifact_id=artifact_id, event_id=event.event_id,
                     pipeline=m.pipeline, stack=plan.stack, plan=art_plan, now=now,
                 )
             edges += [{"artifact_id": artifact_id, "input_ref": ref}
                       for ref in dict.fromkeys(m.inputs)]
     if edges:
-        await conn.execute(sa.insert(lineage), edges)
+        conn.execute(sa.insert(lineage), edges)
 
 
-async def record_locations_batch(
-    conn: AsyncConnection, items: list[tuple[str, int, str, str, str, DeliveryResult]], now: float
+def record_locations_batch(
+    conn: sa.Connection, items: list[tuple[str, int, str, str, str, DeliveryResult]], now: float
 ) -> None:
     """Locations of many completed deliveries: (event_id, index, key, sink, action, result)."""
     if not items:
         return
     event_ids = {event_id for event_id, *_ in items}
-    found = await conn.execute(
+    found = conn.execute(
         sa.select(artifacts.c.id, artifacts.c.event_id, artifacts.c.artifact_index).where(
             artifacts.c.event_id.in_(event_ids)
         )
@@ -234,7 +231,7 @@ async def record_locations_batch(
             for obj in objects
         ]
     if rows:  # executemany: one compiled statement, not a new multi-VALUES one per call
-        await conn.execute(_insert(conn, locations).on_conflict_do_nothing(), rows)
+        conn.execute(_insert(conn, locations).on_conflict_do_nothing(), rows)
 
 
 def _to_artifact(row: Any) -> ArtifactRow:

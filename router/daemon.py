@@ -63,7 +63,7 @@ class Daemon:
             self.journal,
             self.pool,
             self.config,
-            locate_bundle=self.spool_paths.locate,
+            locate_bundle=lambda bundle: self.spool.locate(bundle),
             on_finished=self._on_finished,
             metrics=self.metrics,
         )

@@ -110,7 +110,7 @@ class Dispatcher:
         pool: SinkPool,
         config: RouterConfig,
         *,
-        locate_bundle: Callable[[str], Path | None],
+        locate_bundle: Callable[[str], Awaitable[Path | None]],
         on_finished: Callable[[list[FinishedEvent]], Awaitable[None]],
         metrics: RouterMetrics,
     ) -> None:
@@ -127,7 +127,7 @@ class Dispatcher:
         self._limits: dict[str, int] = {}
         self._stopping = False
         self.healthy = True  # false while journal ticks fail (shown by /healthz)
-        self.lease_seconds = 120.0
+        self.lease_seconds = config.router.lease_seconds
 
     def wake(self) -> None:
         self._wake.set()
@@ -233,7 +233,7 @@ class Dispatcher:
         artifact = manifest["artifacts"][d.artifact_index]
         needs_files = d.action in (Action.STORE.value, Action.TRACK.value, Action.EXPORT.value)
         bundle_dir = (
-            await asyncio.to_thread(self.locate_bundle, record["bundle"])
+            await self.locate_bundle(record["bundle"])
             if record.get("bundle") and needs_files and record["files"][d.artifact_index]
             else None
         )

@@ -105,8 +105,7 @@ class DeliveryJournal:
         self.db = db
         self.owner = owner
         # Bundles already moved whose `moved` flag is not written yet: it rides along
-        # with the next write transaction instead of costing one of its own.  Losing it
-        # in a crash only means the move is checked again at start (a no-op).
+        # with the next dispatcher tick instead of costing a transaction of its own.
         self._moved_backlog: list[str] = []
 
     # --- intake -------------------------------------------------------------------
@@ -114,102 +113,104 @@ class DeliveryJournal:
     async def accept(
         self, batch: Sequence[AcceptedEvent], planner: Planner
     ) -> list[AcceptOutcome]:
-        """Journal a batch of events with their plans and catalog rows: one commit,
-        and a fixed number of multi-row statements whatever the batch size."""
+        """Journal a batch of events with their plans and catalog rows: one commit."""
+        return await self.db.run_write(self._accept_tx, batch, planner)
+
+    def _accept_tx(
+        self, conn: sa.Connection, batch: Sequence[AcceptedEvent], planner: Planner
+    ) -> list[AcceptOutcome]:
+        """A fixed number of multi-row statements whatever the batch size."""
         outcomes: dict[str, AcceptOutcome] = {}
         order: list[tuple[str, AcceptOutcome | None]] = []
-        now = time.time()
-        async with self.db.write() as conn:
-            ids = list({e.event_id for e in batch})
-            existing = {
-                row.id: row
-                for row in (
-                    await conn.execute(
-                        sa.select(events.c.id, events.c.state, events.c.digest).where(
-                            events.c.id.in_(ids)
-                        )
-                    )
-                ).all()
-            }
-            fresh: list[AcceptedEvent] = []
-            seen: dict[str, str] = {}
-            replaced: list[str] = []
-            for event in batch:
-                prior = existing.get(event.event_id)
-                if event.event_id in seen or (prior is not None and prior.state != "rejected"):
-                    digest = seen.get(event.event_id) or (prior.digest if prior else None)
-                    same = digest == event.digest
-                    order.append((event.event_id, AcceptOutcome(
-                        event_id=event.event_id,
-                        outcome="duplicate" if same else "conflict",
-                        detail=None if same
-                        else f"event id {event.event_id!r} was already accepted with a "
-                        "different manifest; give the new bundle its own 'id'",
-                    )))
-                    continue
-                if prior is not None:  # a rejected attempt, now fixed: replace it
-                    replaced.append(event.event_id)
-                seen[event.event_id] = event.digest
-                fresh.append(event)
-                order.append((event.event_id, None))
-            if replaced:
-                await conn.execute(sa.delete(events).where(events.c.id.in_(replaced)))
-
-            versions = await self._versions(conn, fresh)
-            planned: list[tuple[AcceptedEvent, RoutePlan]] = []
-            event_rows, delivery_rows = [], []
-            for event in fresh:
-                m = event.manifest
-                plan = planner(event, versions[event.event_id])
-                planned.append((event, plan))
-                record = event.model_dump(mode="json")
-                record["versions"] = versions[event.event_id]
-                event_rows.append({
-                    "id": event.event_id, "source": event.source, "bundle": event.bundle,
-                    "state": "accepted" if plan.deliveries else "done", "stack": plan.stack,
-                    "pipeline": m.pipeline, "run_id": m.run_id, "step_name": m.step_name,
-                    "digest": event.digest, "record": record, "error": None,
-                    "received_at": event.received_at,
-                    "finished_at": None if plan.deliveries else now, "moved": False,
-                })
-                delivery_rows += [
-                    {
-                        "key": d.key, "event_id": event.event_id,
-                        "artifact_index": d.artifact_index, "action": d.action.value,
-                        "stack": d.stack, "component": d.component, "sink_id": d.sink_id,
-                        "target": d.target, "params": d.params, "after": d.after,
-                        "state": "pending", "attempts": 0, "next_attempt_at": now,
-                        "created_at": now, "updated_at": now,
-                    }
-                    for d in plan.deliveries
-                ]
-                outcomes[event.event_id] = AcceptOutcome(
-                    event_id=event.event_id,
-                    outcome="accepted",
-                    deliveries=len(plan.deliveries),
-                    detail="; ".join(e for a in plan.artifacts for e in a.errors) or None,
+        now = time.time()  # after the lock: commit-near
+        ids = list({e.event_id for e in batch})
+        existing = {
+            row.id: row
+            for row in conn.execute(
+                sa.select(events.c.id, events.c.state, events.c.digest).where(
+                    events.c.id.in_(ids)
                 )
-            if event_rows:
-                await conn.execute(sa.insert(events), event_rows)
-            for row in delivery_rows:
-                if row["action"] == Action.EXPORT.value:
-                    await self._number_snapshot(conn, row)
-            if delivery_rows:
-                await conn.execute(sa.insert(deliveries), delivery_rows)
-            await catalog.record_events(conn, planned, now)
+            ).all()
+        }
+        fresh: list[AcceptedEvent] = []
+        seen: dict[str, str] = {}
+        replaced: list[str] = []
+        for event in batch:
+            prior = existing.get(event.event_id)
+            if event.event_id in seen or (prior is not None and prior.state != "rejected"):
+                digest = seen.get(event.event_id) or (prior.digest if prior else None)
+                same = digest == event.digest
+                order.append((event.event_id, AcceptOutcome(
+                    event_id=event.event_id,
+                    outcome="duplicate" if same else "conflict",
+                    detail=None if same
+                    else f"event id {event.event_id!r} was already accepted with a "
+                    "different manifest; give the new bundle its own 'id'",
+                )))
+                continue
+            if prior is not None:  # a rejected attempt, now fixed: replace it
+                replaced.append(event.event_id)
+            seen[event.event_id] = event.digest
+            fresh.append(event)
+            order.append((event.event_id, None))
+        if replaced:
+            conn.execute(sa.delete(events).where(events.c.id.in_(replaced)))
+
+        versions = self._versions(conn, fresh)
+        planned: list[tuple[AcceptedEvent, RoutePlan]] = []
+        event_rows, delivery_rows = [], []
+        for event in fresh:
+            m = event.manifest
+            plan = planner(event, versions[event.event_id])
+            planned.append((event, plan))
+            record = event.model_dump(mode="json")
+            record["versions"] = versions[event.event_id]
+            event_rows.append({
+                "id": event.event_id, "source": event.source, "bundle": event.bundle,
+                "state": "accepted" if plan.deliveries else "done", "stack": plan.stack,
+                "pipeline": m.pipeline, "run_id": m.run_id, "step_name": m.step_name,
+                "digest": event.digest, "record": record, "error": None,
+                "received_at": event.received_at,
+                "finished_at": None if plan.deliveries else now, "moved": False,
+            })
+            delivery_rows += [
+                {
+                    "key": d.key, "event_id": event.event_id,
+                    "artifact_index": d.artifact_index, "action": d.action.value,
+                    "stack": d.stack, "component": d.component, "sink_id": d.sink_id,
+                    "target": d.target, "params": d.params, "after": d.after,
+                    "state": "pending", "attempts": 0, "next_attempt_at": now,
+                    "created_at": now, "updated_at": now,
+                }
+                for d in plan.deliveries
+            ]
+            outcomes[event.event_id] = AcceptOutcome(
+                event_id=event.event_id,
+                outcome="accepted",
+                deliveries=len(plan.deliveries),
+                detail="; ".join(e for a in plan.artifacts for e in a.errors) or None,
+            )
+        if event_rows:
+            conn.execute(sa.insert(events), event_rows)
+        for row in delivery_rows:
+            if row["action"] == Action.EXPORT.value:
+                self._number_snapshot(conn, row)
+        if delivery_rows:
+            conn.execute(sa.insert(deliveries), delivery_rows)
+        catalog.record_events(conn, planned, now)
         return [o if o is not None else outcomes[i] for i, o in order]
 
-    async def _number_snapshot(self, conn: Any, row: dict[str, Any]) -> None:
+    @staticmethod
+    def _number_snapshot(conn: sa.Connection, row: dict[str, Any]) -> None:
         """The next snapshot number of the named dataset, fixed when the event is journaled."""
         export = dict(row["params"]["export"])
-        (snapshot,) = await catalog.reserve_versions(conn, DATASET_SNAPSHOTS, export["dataset"], 1)
+        (snapshot,) = catalog.reserve_versions(conn, DATASET_SNAPSHOTS, export["dataset"], 1)
         export["snapshot"] = snapshot
         row["params"] = {**row["params"], "export": export}
         row["target"] = str(row["target"]).replace(SNAPSHOT_SLOT, snapshot)
 
-    async def _versions(
-        self, conn: Any, fresh: Sequence[AcceptedEvent]
-    ) -> dict[str, list[str]]:
+    @staticmethod
+    def _versions(conn: sa.Connection, fresh: Sequence[AcceptedEvent]) -> dict[str, list[str]]:
         """Explicit versions as given; the rest reserved per (pipeline, name) in one go."""
         wanted: dict[tuple[str, str], int] = {}
         for event in fresh:
@@ -218,7 +219,7 @@ class DeliveryJournal:
                     key = (event.manifest.pipeline, artifact.name)
                     wanted[key] = wanted.get(key, 0) + 1
         pools = {
-            key: iter(await catalog.reserve_versions(conn, key[0], key[1], count))
+            key: iter(catalog.reserve_versions(conn, key[0], key[1], count))
             for key, count in sorted(wanted.items())
         }
         return {
@@ -231,28 +232,7 @@ class DeliveryJournal:
 
     async def reject(self, rejection: Rejection) -> None:
         """Record a refused input so `status` and `artifacts --rejected` can show it."""
-        event_id = rejection.event_id or f"rejected-{time.time_ns()}"
-        async with self.db.write() as conn:
-            prior = (
-                await conn.execute(sa.select(events.c.state).where(events.c.id == event_id))
-            ).scalar()
-            if prior is not None and prior != "rejected":
-                event_id = f"{event_id}#rejected-{time.time_ns()}"
-            elif prior is not None:
-                await conn.execute(sa.delete(events).where(events.c.id == event_id))
-            await conn.execute(
-                sa.insert(events).values(
-                    id=event_id,
-                    source=rejection.source,
-                    bundle=rejection.bundle,
-                    state="rejected",
-                    record=rejection.model_dump(mode="json"),
-                    error=rejection.summary,
-                    received_at=time.time(),
-                    finished_at=time.time(),
-                    moved=True,
-                )
-            )
+        await self.db.run_write(_reject_tx, rejection)
 
     async def known_events(self, ids: Iterable[str]) -> dict[str, str]:
         """State of each id the journal already holds (to skip re-reading bundles)."""
@@ -276,34 +256,16 @@ class DeliveryJournal:
 
     async def recover(self) -> int:
         """Deliveries this daemon left in flight when it died go back to pending."""
-        async with self.db.write() as conn:
-            result = await conn.execute(
-                sa.update(deliveries)
-                .where(
-                    deliveries.c.state == "in_flight",
-                    sa.or_(deliveries.c.owner == self.owner, deliveries.c.owner.is_(None)),
-                )
-                .values(state="pending", owner=None, lease_until=None)
-            )
-            return int(result.rowcount or 0)
+        return await self.db.run_write(_release_in_flight, sa.or_(
+            deliveries.c.owner == self.owner, deliveries.c.owner.is_(None)))
 
     async def reap_expired_leases(self) -> int:
         """Another daemon died mid-delivery (shared PostgreSQL): take its work over."""
-        async with self.db.write() as conn:
-            result = await conn.execute(
-                sa.update(deliveries)
-                .where(deliveries.c.state == "in_flight", deliveries.c.lease_until < time.time())
-                .values(state="pending", owner=None, lease_until=None)
-            )
-            return int(result.rowcount or 0)
+        return await self.db.run_write(
+            _release_in_flight, deliveries.c.lease_until < time.time())
 
     async def renew_leases(self, lease_seconds: float) -> None:
-        async with self.db.write() as conn:
-            await conn.execute(
-                sa.update(deliveries)
-                .where(deliveries.c.state == "in_flight", deliveries.c.owner == self.owner)
-                .values(lease_until=time.time() + lease_seconds)
-            )
+        await self.db.run_write(_renew_leases_tx, self.owner, lease_seconds)
 
     async def claim(
         self,
@@ -339,22 +301,44 @@ class DeliveryJournal:
         """One dispatcher tick in one transaction: record outcomes, then claim new work.
 
         Merging the two halves the commits per delivery and, on SQLite, the time spent
-        queueing for the single writer.
+        queueing for the single writer.  Pending `moved` flags ride along.
         """
-        async with self.db.write() as conn:
-            now = time.time()  # after the lock: finished_at is when it really commits
-            await self._write_moved(conn)
-            finished = await self._complete_in(conn, completions, now) if completions else []
-            claimed = (
-                await self._claim_in(conn, limit, capacity, list(exclude_sinks),
-                                     lease_seconds, now)
-                if limit > 0 else []
+        moved, self._moved_backlog = self._moved_backlog, []
+        try:
+            return await self.db.run_write(
+                self._cycle_tx, moved, completions, limit, capacity, list(exclude_sinks),
+                lease_seconds,
             )
+        except BaseException:
+            self._moved_backlog[:0] = moved  # not written: keep them for the next one
+            raise
+
+    def _cycle_tx(
+        self,
+        conn: sa.Connection,
+        moved: list[str],
+        completions: Sequence[Completion],
+        limit: int,
+        capacity: Callable[[str, str, str], int] | None,
+        excluded: list[str],
+        lease_seconds: float,
+    ) -> tuple[list[FinishedEvent], list[ClaimedDelivery]]:
+        now = time.time()  # after the lock: finished_at is when it really commits
+        for start in range(0, len(moved), 500):
+            conn.execute(
+                sa.update(events).where(events.c.id.in_(moved[start:start + 500]))
+                .values(moved=True)
+            )
+        finished = _complete_in(conn, completions, now) if completions else []
+        claimed = (
+            self._claim_in(conn, limit, capacity, excluded, lease_seconds, now)
+            if limit > 0 else []
+        )
         return finished, claimed
 
-    async def _claim_in(
+    def _claim_in(
         self,
-        conn: Any,
+        conn: sa.Connection,
         limit: int,
         capacity: Callable[[str, str, str], int] | None,
         excluded: list[str],
@@ -380,7 +364,7 @@ class DeliveryJournal:
             query = query.where(deliveries.c.sink_id.not_in(excluded))
         if not self.db.is_sqlite:
             query = query.with_for_update(of=deliveries, skip_locked=True)
-        rows = (await conn.execute(query)).all()
+        rows = conn.execute(query).all()
         picked: list[Any] = []
         budget: dict[str, int] = {}
         for row in rows:
@@ -395,36 +379,32 @@ class DeliveryJournal:
             picked.append(row)
         if not picked:
             return []
-        claimed_keys = list(
-            (
-                await conn.execute(
-                    sa.update(deliveries)
-                    .where(deliveries.c.key.in_([r.key for r in picked]),
-                           deliveries.c.state == "pending")
-                    .values(
-                        state="in_flight",
-                        attempts=deliveries.c.attempts + 1,
-                        owner=self.owner,
-                        lease_until=now + lease_seconds,
-                        updated_at=now,
-                    )
-                    .returning(deliveries.c.key)
+        claimed_keys: list[str] = list(
+            conn.execute(
+                sa.update(deliveries)
+                .where(deliveries.c.key.in_([r.key for r in picked]),
+                       deliveries.c.state == "pending")
+                .values(
+                    state="in_flight",
+                    attempts=deliveries.c.attempts + 1,
+                    owner=self.owner,
+                    lease_until=now + lease_seconds,
+                    updated_at=now,
                 )
+                .returning(deliveries.c.key)
             ).scalars()
         )
         if not claimed_keys:
             return []
-        full = (
-            await conn.execute(
-                sa.select(deliveries, prereq.c.result.label("upstream"),
-                          events.c.record.label("record"))
-                .select_from(
-                    deliveries.outerjoin(prereq, deliveries.c.after == prereq.c.key).join(
-                        events, events.c.id == deliveries.c.event_id
-                    )
+        full = conn.execute(
+            sa.select(deliveries, prereq.c.result.label("upstream"),
+                      events.c.record.label("record"))
+            .select_from(
+                deliveries.outerjoin(prereq, deliveries.c.after == prereq.c.key).join(
+                    events, events.c.id == deliveries.c.event_id
                 )
-                .where(deliveries.c.key.in_(claimed_keys))
             )
+            .where(deliveries.c.key.in_(claimed_keys))
         ).all()
         return [
             ClaimedDelivery(
@@ -444,111 +424,6 @@ class DeliveryJournal:
             )
             for r in full
         ]
-
-    async def _complete_in(
-        self, conn: Any, completions: Sequence[Completion], now: float
-    ) -> list[FinishedEvent]:
-        touched = {c.event_id for c in completions}
-        in_flight = deliveries.c.state == "in_flight"
-        by_key = deliveries.c.key == sa.bindparam("k")
-        cleared = {"updated_at": now, "owner": None, "lease_until": None}
-        done = [c for c in completions if c.outcome == "done"]
-        retry = [c for c in completions if c.outcome == "retry"]
-        dead = [c for c in completions if c.outcome == "dead"]
-        if done:
-            await conn.execute(
-                sa.update(deliveries).where(by_key, in_flight).values(
-                    state="done", result=sa.bindparam("r"), last_error=None, **cleared),
-                [{"k": c.key, "r": c.result.model_dump(mode="json") if c.result else None}
-                 for c in done],
-            )
-            await catalog.record_locations_batch(
-                conn,
-                [(c.event_id, c.artifact_index, c.key, c.sink_id, c.action, c.result)
-                 for c in done if c.result is not None],
-                now,
-            )
-        if retry:
-            await conn.execute(
-                sa.update(deliveries).where(by_key, in_flight).values(
-                    state="pending", next_attempt_at=sa.bindparam("n"),
-                    last_error=sa.bindparam("e"), **cleared),
-                [{"k": c.key, "n": c.next_attempt_at or now, "e": c.error} for c in retry],
-            )
-        if dead:
-            await conn.execute(
-                sa.update(deliveries).where(by_key, in_flight).values(
-                    state="dead", last_error=sa.bindparam("e"), **cleared),
-                [{"k": c.key, "e": c.error} for c in dead],
-            )
-            for c in dead:
-                await self._kill_dependents(conn, c.key, now)
-        for c in completions:
-            if c.action == "deploy" and c.outcome != "retry":
-                await approvals.record_deploy_outcome(
-                    conn, c.key, c.outcome == "done", c.error, now
-                )
-        return await self._finish_events(conn, touched, now)
-
-    async def _kill_dependents(self, conn: Any, key: str, now: float) -> None:
-        frontier = [key]
-        while frontier:
-            rows = (
-                await conn.execute(
-                    sa.update(deliveries)
-                    .where(deliveries.c.after.in_(frontier), deliveries.c.state == "pending")
-                    .values(
-                        state="dead",
-                        last_error=f"not attempted: prerequisite {key} is dead",
-                        updated_at=now,
-                    )
-                    .returning(deliveries.c.key)
-                )
-            ).scalars()
-            frontier = list(rows)
-
-    async def _finish_events(self, conn: Any, ids: set[str], now: float) -> list[FinishedEvent]:
-        if not ids:
-            return []
-        open_ids = set(
-            (
-                await conn.execute(
-                    sa.select(deliveries.c.event_id)
-                    .where(deliveries.c.event_id.in_(ids), deliveries.c.state.not_in(TERMINAL))
-                    .distinct()
-                )
-            ).scalars()
-        )
-        closing = ids - open_ids
-        if not closing:
-            return []
-        failed = set(
-            (
-                await conn.execute(
-                    sa.select(deliveries.c.event_id)
-                    .where(deliveries.c.event_id.in_(closing), deliveries.c.state == "dead")
-                    .distinct()
-                )
-            ).scalars()
-        )
-        finished = []
-        for final, group in (("failed", closing & failed), ("done", closing - failed)):
-            if not group:
-                continue
-            rows = await conn.execute(
-                sa.update(events)
-                .where(events.c.id.in_(group), events.c.state != final)
-                .values(state=final, finished_at=now, moved=False)
-                .returning(events.c.id, events.c.bundle, events.c.source, events.c.record)
-            )
-            finished += [
-                FinishedEvent(
-                    event_id=r.id, bundle=r.bundle, source=r.source, state=final,
-                    reply_to=(r.record or {}).get("reply_to"),
-                )
-                for r in rows
-            ]
-        return finished
 
     async def unmoved(self, source: str) -> list[FinishedEvent]:
         """Finished events of `source` whose follow-up (a receipt) was not confirmed."""
@@ -588,20 +463,15 @@ class DeliveryJournal:
         return found
 
     async def mark_moved(self, ids: Iterable[str]) -> None:
-        """Note bundles as moved; written with the next transaction (or flush_moved)."""
+        """Note bundles as moved; written with the next transaction (or flush_moved).
+
+        Losing them in a crash only means the move is checked again at start (a no-op).
+        """
         self._moved_backlog.extend(ids)
 
     async def flush_moved(self) -> None:
         if self._moved_backlog:
-            async with self.db.write() as conn:
-                await self._write_moved(conn)
-
-    async def _write_moved(self, conn: Any) -> None:
-        ids, self._moved_backlog = self._moved_backlog, []
-        for start in range(0, len(ids), 500):
-            await conn.execute(
-                sa.update(events).where(events.c.id.in_(ids[start:start + 500])).values(moved=True)
-            )
+            await self.cycle([], 0)
 
     # --- operator actions ----------------------------------------------------------
 
@@ -610,54 +480,15 @@ class DeliveryJournal:
 
         Deliveries that were never attempted because this one died come back with it.
         """
-        now = time.time()
-        async with self.db.write() as conn:
-            query = sa.update(deliveries).where(deliveries.c.state == "dead")
-            if key is not None:
-                event_of_key = (
-                    sa.select(deliveries.c.event_id)
-                    .where(deliveries.c.key == key)
-                    .scalar_subquery()
-                )
-                query = query.where(
-                    sa.or_(
-                        deliveries.c.key == key,
-                        deliveries.c.event_id == key,
-                        sa.and_(
-                            deliveries.c.event_id == event_of_key,
-                            deliveries.c.last_error.like("not attempted:%"),
-                        ),
-                    )
-                )
-            revived = list(
-                (
-                    await conn.execute(
-                        query.values(
-                            state="pending",
-                            attempts=0,
-                            next_attempt_at=now,
-                            created_at=now,
-                            updated_at=now,
-                        ).returning(deliveries.c.event_id)
-                    )
-                ).scalars()
-            )
-            if revived:
-                await conn.execute(
-                    sa.update(events)
-                    .where(events.c.id.in_(set(revived)))
-                    .values(state="accepted", finished_at=None)
-                )
-            return len(revived)
+        return await self.db.run_write(_retry_dead_tx, key)
 
     async def decide(self, **kwargs: Any) -> approvals.DecisionRow:
         """`model deploy|approve|reject`: one transaction, acting through deliveries."""
-        async with self.db.write() as conn:
-            return await approvals.decide(conn, **kwargs)
+        return await self.db.run_write(approvals.decide, **kwargs)
 
     async def decisions(self, **kwargs: Any) -> list[approvals.DecisionRow]:
         async with self.db.read() as conn:
-            return await approvals.list_decisions(conn, **kwargs)
+            return await conn.run_sync(approvals.list_decisions, **kwargs)
 
     async def deploy_superseded(self, key: str) -> str | None:
         async with self.db.read() as conn:
@@ -718,3 +549,183 @@ class DeliveryJournal:
             ).all():
                 report.rejected.append(dict(row._mapping))
         return report
+
+
+# --- transactions that need nothing from the journal object ---------------------------
+
+
+def _reject_tx(conn: sa.Connection, rejection: Rejection) -> None:
+    event_id = rejection.event_id or f"rejected-{time.time_ns()}"
+    prior = conn.execute(sa.select(events.c.state).where(events.c.id == event_id)).scalar()
+    if prior is not None and prior != "rejected":
+        event_id = f"{event_id}#rejected-{time.time_ns()}"
+    elif prior is not None:
+        conn.execute(sa.delete(events).where(events.c.id == event_id))
+    now = time.time()
+    conn.execute(
+        sa.insert(events).values(
+            id=event_id,
+            source=rejection.source,
+            bundle=rejection.bundle,
+            state="rejected",
+            record=rejection.model_dump(mode="json"),
+            error=rejection.summary,
+            received_at=now,
+            finished_at=now,
+            moved=True,
+        )
+    )
+
+
+def _release_in_flight(conn: sa.Connection, which: sa.ColumnElement[bool]) -> int:
+    """In-flight deliveries matching `which` go back to pending; how many."""
+    result = conn.execute(
+        sa.update(deliveries)
+        .where(deliveries.c.state == "in_flight", which)
+        .values(state="pending", owner=None, lease_until=None)
+    )
+    return int(result.rowcount or 0)
+
+
+def _renew_leases_tx(conn: sa.Connection, owner: str, lease_seconds: float) -> None:
+    conn.execute(
+        sa.update(deliveries)
+        .where(deliveries.c.state == "in_flight", deliveries.c.owner == owner)
+        .values(lease_until=time.time() + lease_seconds)
+    )
+
+
+def _complete_in(
+    conn: sa.Connection, completions: Sequence[Completion], now: float
+) -> list[FinishedEvent]:
+    """Outcomes of a burst of attempts; a done delivery's locations in the same commit."""
+    touched = {c.event_id for c in completions}
+    in_flight = deliveries.c.state == "in_flight"
+    by_key = deliveries.c.key == sa.bindparam("k")
+    cleared = {"updated_at": now, "owner": None, "lease_until": None}
+    done = [c for c in completions if c.outcome == "done"]
+    retry = [c for c in completions if c.outcome == "retry"]
+    dead = [c for c in completions if c.outcome == "dead"]
+    if done:
+        conn.execute(
+            sa.update(deliveries).where(by_key, in_flight).values(
+                state="done", result=sa.bindparam("r"), last_error=None, **cleared),
+            [{"k": c.key, "r": c.result.model_dump(mode="json") if c.result else None}
+             for c in done],
+        )
+        catalog.record_locations_batch(
+            conn,
+            [(c.event_id, c.artifact_index, c.key, c.sink_id, c.action, c.result)
+             for c in done if c.result is not None],
+            now,
+        )
+    if retry:
+        conn.execute(
+            sa.update(deliveries).where(by_key, in_flight).values(
+                state="pending", next_attempt_at=sa.bindparam("n"),
+                last_error=sa.bindparam("e"), **cleared),
+            [{"k": c.key, "n": c.next_attempt_at or now, "e": c.error} for c in retry],
+        )
+    if dead:
+        conn.execute(
+            sa.update(deliveries).where(by_key, in_flight).values(
+                state="dead", last_error=sa.bindparam("e"), **cleared),
+            [{"k": c.key, "e": c.error} for c in dead],
+        )
+        for c in dead:
+            _kill_dependents(conn, c.key, now)
+    for c in completions:
+        if c.action == "deploy" and c.outcome != "retry":
+            approvals.record_deploy_outcome(conn, c.key, c.outcome == "done", c.error, now)
+    return _finish_events(conn, touched, now)
+
+
+def _kill_dependents(conn: sa.Connection, key: str, now: float) -> None:
+    frontier = [key]
+    while frontier:
+        frontier = list(
+            conn.execute(
+                sa.update(deliveries)
+                .where(deliveries.c.after.in_(frontier), deliveries.c.state == "pending")
+                .values(
+                    state="dead",
+                    last_error=f"not attempted: prerequisite {key} is dead",
+                    updated_at=now,
+                )
+                .returning(deliveries.c.key)
+            ).scalars()
+        )
+
+
+def _finish_events(conn: sa.Connection, ids: set[str], now: float) -> list[FinishedEvent]:
+    if not ids:
+        return []
+    open_ids: set[str] = set(
+        conn.execute(
+            sa.select(deliveries.c.event_id)
+            .where(deliveries.c.event_id.in_(ids), deliveries.c.state.not_in(TERMINAL))
+            .distinct()
+        ).scalars()
+    )
+    closing = ids - open_ids
+    if not closing:
+        return []
+    failed: set[str] = set(
+        conn.execute(
+            sa.select(deliveries.c.event_id)
+            .where(deliveries.c.event_id.in_(closing), deliveries.c.state == "dead")
+            .distinct()
+        ).scalars()
+    )
+    finished = []
+    for final, group in (("failed", closing & failed), ("done", closing - failed)):
+        if not group:
+            continue
+        rows = conn.execute(
+            sa.update(events)
+            .where(events.c.id.in_(group), events.c.state != final)
+            .values(state=final, finished_at=now, moved=False)
+            .returning(events.c.id, events.c.bundle, events.c.source, events.c.record)
+        )
+        finished += [
+            FinishedEvent(
+                event_id=r.id, bundle=r.bundle, source=r.source, state=final,
+                reply_to=(r.record or {}).get("reply_to"),
+            )
+            for r in rows
+        ]
+    return finished
+
+
+def _retry_dead_tx(conn: sa.Connection, key: str | None) -> int:
+    now = time.time()
+    query = sa.update(deliveries).where(deliveries.c.state == "dead")
+    if key is not None:
+        event_of_key = (
+            sa.select(deliveries.c.event_id).where(deliveries.c.key == key).scalar_subquery()
+        )
+        query = query.where(
+            sa.or_(
+                deliveries.c.key == key,
+                deliveries.c.event_id == key,
+                sa.and_(
+                    deliveries.c.event_id == event_of_key,
+                    deliveries.c.last_error.like("not attempted:%"),
+                ),
+            )
+        )
+    revived: list[str] = list(
+        conn.execute(
+            query.values(
+                state="pending", attempts=0, next_attempt_at=now, created_at=now,
+                updated_at=now,
+            ).returning(deliveries.c.event_id)
+        ).scalars()
+    )
+    if revived:
+        conn.execute(
+            sa.update(events)
+            .where(events.c.id.in_(set(revived)))
+            .values(state="accepted", finished_at=None)
+        )
+    return len(revived)

@@ -141,12 +141,11 @@ async def test_retry_then_dead_letter_then_operator_retry(journal: DeliveryJourn
     # not due yet: a backing-off delivery is not claimed
     assert all(c.key != store.key for c in await journal.claim(10))
 
-    async with journal.db.write() as conn:
-        from sqlalchemy import update
+    from sqlalchemy import update
 
-        from router.db import deliveries
-        await conn.execute(update(deliveries).where(deliveries.c.key == store.key)
-                           .values(next_attempt_at=0))
+    from router.db import deliveries
+    await journal.db.run_write(lambda conn: conn.execute(
+        update(deliveries).where(deliveries.c.key == store.key).values(next_attempt_at=0)))
     again = await journal.claim(10)
     assert [c.key for c in again] == [store.key] and again[0].attempts == 2
     finished = await journal.complete([Completion(

@@ -23,7 +23,7 @@ import watchfiles
 
 from router.errors import Problem
 from router.intake import AcceptedEvent, Rejection, bundle_path_ok, load_bundle
-from router.journal import DeliveryJournal, FinishedEvent, Planner
+from router.journal import AcceptOutcome, DeliveryJournal, FinishedEvent, Planner
 from router.metrics import RouterMetrics
 
 __all__ = ["SpoolPaths", "SpoolSource"]
@@ -31,6 +31,7 @@ __all__ = ["SpoolPaths", "SpoolSource"]
 log = structlog.get_logger("router.spool")
 
 STATES = ("incoming", "accepted", "done", "failed", "rejected")
+READERS = 4  # threads reading one intake batch
 
 
 class SpoolPaths:
@@ -60,6 +61,10 @@ def _load_if_complete(path: Path) -> AcceptedEvent | Rejection | None:
     if not path.is_dir() or not (path / "manifest.json").exists():
         return None
     return load_bundle(path, time.time())
+
+
+def _load_many(paths: list[Path]) -> list[AcceptedEvent | Rejection | None]:
+    return [_load_if_complete(p) for p in paths]
 
 
 def _move_all(moves: list[tuple[Path, Path]]) -> None:
@@ -107,7 +112,9 @@ class SpoolSource:
         self._pending: set[str] = set()
         self._kick = asyncio.Event()
         self._stop = asyncio.Event()
-        self._reader = asyncio.Semaphore(4)
+        # Bundles journaled but not yet renamed out of incoming/: the dispatcher may
+        # claim their deliveries in the very next transaction, before the rename.
+        self._in_transit: dict[str, asyncio.Event] = {}
         self.healthy = True
 
     # --- lifecycle ----------------------------------------------------------------
@@ -215,7 +222,9 @@ class SpoolSource:
         async for changes in watchfiles.awatch(
             incoming,
             stop_event=self._stop,
-            debounce=200,
+            # A steady stream of bundles is yielded every `debounce` ms: the floor of
+            # intake latency (bench: p99 < 100 ms at 200 bundles/s needs well under 100).
+            debounce=50,
             step=10,
             recursive=True,
             ignore_permission_denied=True,
@@ -234,9 +243,8 @@ class SpoolSource:
 
     # --- intake -------------------------------------------------------------------
 
-    async def _read(self, name: str) -> AcceptedEvent | Rejection | None:
-        async with self._reader:
-            result = await asyncio.to_thread(_load_if_complete, self.paths.incoming / name)
+    def _preflight(self, name: str, result: AcceptedEvent | Rejection | None
+                   ) -> AcceptedEvent | Rejection | None:
         if isinstance(result, AcceptedEvent):
             problem = self.preflight(result)
             if problem is not None:
@@ -245,8 +253,20 @@ class SpoolSource:
                 )
         return result
 
+    async def _read_all(self, names: list[str]) -> list[AcceptedEvent | Rejection | None]:
+        """Read a batch in `READERS` threads, one hop each: a task and a hop per bundle
+        cost more loop time than reading a small bundle does."""
+        chunks = [chunk for i in range(READERS) if (chunk := names[i::READERS])]
+        loaded = await asyncio.gather(*(
+            asyncio.to_thread(_load_many, [self.paths.incoming / n for n in chunk])
+            for chunk in chunks
+        ))
+        by_name = {n: r for chunk, results in zip(chunks, loaded, strict=True)
+                   for n, r in zip(chunk, results, strict=True)}
+        return [self._preflight(n, by_name[n]) for n in names]
+
     async def _process(self, names: list[str]) -> None:
-        results = await asyncio.gather(*(self._read(n) for n in names))
+        results = await self._read_all(names)
         accepted = [r for r in results if isinstance(r, AcceptedEvent)]
         rejected = [r for r in results if isinstance(r, Rejection)]
         self.metrics.received.labels(component="spool").inc(len(accepted) + len(rejected))
@@ -254,7 +274,22 @@ class SpoolSource:
             await self._reject(rejection)
         if not accepted:
             return
-        outcomes = await self.journal.accept(accepted, self.planner)
+        moved = asyncio.Event()
+        for event in accepted:
+            assert event.bundle is not None
+            self._in_transit[event.bundle] = moved
+        try:
+            outcomes = await self.journal.accept(accepted, self.planner)
+            await self._settle(accepted, outcomes)
+        finally:
+            for event in accepted:
+                assert event.bundle is not None
+                self._in_transit.pop(event.bundle, None)
+            moved.set()
+        self.on_accepted()
+
+    async def _settle(self, accepted: list[AcceptedEvent], outcomes: list[AcceptOutcome]) -> None:
+        """Move each journaled bundle to where its outcome says."""
         by_id = {e.event_id: e for e in accepted}
         moves: list[tuple[Path, Path]] = []
         for outcome in outcomes:
@@ -280,7 +315,14 @@ class SpoolSource:
                     )
                 )
         await asyncio.to_thread(_move_all, moves)
-        self.on_accepted()
+
+    async def locate(self, bundle: str) -> Path | None:
+        """Where a journaled bundle is now; waits while it is being renamed out of
+        incoming/, so that a delivery never reads from a path that is moving away."""
+        moving = self._in_transit.get(bundle)
+        if moving is not None:
+            await moving.wait()
+        return await asyncio.to_thread(self.paths.locate, bundle)
 
     async def _settle_duplicate(self, event: AcceptedEvent) -> None:
         """Same id, same content: a replay (or our own crash between commit and move)."""

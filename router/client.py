@@ -40,6 +40,7 @@ from typing import Any, TypeVar, cast
 
 from router.catalog import ArtifactRow, LocationRow, RunRow, artifact_checksum
 from router.config import LoadedConfig, load_config
+from router.sources import retired_path
 
 __all__ = [
     "ArtifactFiles",
@@ -436,7 +437,8 @@ class Client:
             return None
         direct = Path(str(staged["path"]))
         if direct.is_absolute():
-            return direct if direct.is_file() else None
+            retired = retired_path(direct, self.config.config.router.state_dir)
+            return next((p for p in (direct, retired) if p is not None and p.is_file()), None)
         bundle = self.backend.bundles([row.event_id]).get(row.event_id)
         if not bundle:
             return None

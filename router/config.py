@@ -447,6 +447,9 @@ class RouterSettings(_Strict):
     retention_days: Annotated[float, Field(ge=0)] = 7.0
     listen: str | None = Field(default=None, description="host:port for /healthz and /metrics")
     drain_seconds: Annotated[float, Field(ge=0)] = 60.0
+    # How long a claimed delivery stays this daemon's without renewal (renewed every
+    # third of it): when a pool member dies, the others take its in-flight work after this.
+    lease_seconds: Annotated[float, Field(ge=3)] = 120.0
     mqtt: MqttSettings | None = None
 
     def database_url(self) -> str:

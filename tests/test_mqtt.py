@@ -283,7 +283,6 @@ def pool_statuses(broker: Broker, group: str) -> dict[str, dict[str, Any]]:
 
 @needs_v5
 @pytest.mark.postgres
-@pytest.mark.timeout(480)  # the dead member's delivery leases expire after two minutes
 def test_shared_subscription_splits_work_across_three_daemons(
     tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon, pg_url: str
 ) -> None:
@@ -297,6 +296,7 @@ def test_shared_subscription_splits_work_across_three_daemons(
             tmp_path / f"node{k}", mqtt_broker, journal_url=pg_url,
             mqtt={"client_id": f"router-node-{k}", "shared_group": "routers",
                   "takeover_after": 2},
+            lease_seconds=10,
         )
         ws.stack["experiment_tracker"]["path"] = str(tracking)
         ws.stack["artifact_store"]["path"] = str(store)
@@ -319,9 +319,9 @@ def test_shared_subscription_splits_work_across_three_daemons(
     # Published after the takeover: the drained session no longer takes a share.
     publish_all(mqtt_broker, messages[n - late:])
     wait_catalogued(pg_url, n)
-    # node2's in-flight deliveries wait for their lease to expire (the dispatcher's
-    # lease_seconds, two minutes), then a survivor delivers them.
-    workspaces[0].wait_settled(n, timeout=300)
+    # node2's in-flight deliveries wait for their lease to expire (router.lease_seconds,
+    # 10 s here), then a survivor delivers them.
+    workspaces[0].wait_settled(n, timeout=180)
 
     # The lowest live client id took the dead member over, alone, and drained its
     # unacknowledged messages and its share; then it cleared the member's status.

@@ -74,6 +74,7 @@ from router.manifest import (
     parse_manifest,
 )
 from router.metrics import RouterMetrics
+from router.sources import inline_roots
 from router.sources.mqtt_pool import (
     POOL_PREFIX,
     Drained,
@@ -511,9 +512,9 @@ class MqttSource:
         self.on_accepted = on_accepted
         self.metrics = metrics
         self.batch_size = batch_size
-        self.inline_root = state_dir.expanduser().resolve() / "mqtt"
-        # Inline files of delivered events, kept `retention_days` like the spool's done/.
-        self.retired_root = state_dir.expanduser().resolve() / "mqtt-done"
+        # Inline files of delivered events move to retired_root, and are kept
+        # `retention_days` there like the spool's done/.
+        self.inline_root, self.retired_root = inline_roots(state_dir)
         self.retention_days = retention_days
         self._last_prune = 0.0
         self.allowed_roots = [Path(r).expanduser().resolve() for r in settings.allowed_roots]

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import re
-import uuid
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -69,6 +68,7 @@ MAX_PART_SIZE = 5 * GiB
 MAX_PARTS = 10_000
 MAX_SINGLE_PUT = 5 * GiB
 _USER_AGENT = f"artifact-router/{router.__version__}"
+PROBE_KEY = ".artifact-router-probe"  # see S3Store._probe_conditional_puts
 SMALL_FILE = MiB  # single puts up to this size are read whole: one thread hop, no file I/O
 
 # Error codes worth retrying: throttling, server trouble, a transfer garbled in transit,
@@ -510,12 +510,17 @@ class S3Store(BaseSink):
         return self._conditional
 
     async def _probe_conditional_puts(self, client: Any) -> bool | None:
-        """Put a probe object twice with If-None-Match: *; the second must be refused."""
+        """Put a probe object, then again with If-None-Match: *; that must be refused.
+
+        One fixed key under the prefix: a daemon killed mid-probe leaves at most that one
+        object, which the next probe overwrites and removes. Pool members probing at
+        once may conclude "not honoured", which only costs them a HEAD per put.
+        """
         from botocore.exceptions import ClientError
 
-        key = self._full_key(f".artifact-router-probe-{uuid.uuid4().hex}")
+        key = self._full_key(PROBE_KEY)
         try:
-            await client.put_object(Bucket=self.bucket, Key=key, Body=b"", IfNoneMatch="*")
+            await client.put_object(Bucket=self.bucket, Key=key, Body=b"")
             try:
                 await client.put_object(Bucket=self.bucket, Key=key, Body=b"", IfNoneMatch="*")
             except ClientError as exc:

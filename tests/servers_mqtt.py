@@ -41,6 +41,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tests.servers_common import free_port
+
 __all__ = [
     "BROKER_KIND",
     "Broker",
@@ -83,12 +85,6 @@ def _broker_kind() -> str:
 
 MOSQUITTO = _find_mosquitto()
 BROKER_KIND = _broker_kind()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- TLS material ------------------------------------------------------------------------

@@ -214,8 +214,7 @@ class _BoundedClient(aiomqtt.Client):
                         continue  # bytes a TLS layer decoded but paho has not read yet
                     break
             except Exception as exc:
-                if not self._disconnected.done():
-                    self._disconnected.set_exception(exc)
+                self._lost(exc)
 
         def opened(fd: int) -> None:
             self._reader, self._reader_fd, self._paused = reader, fd, False
@@ -228,6 +227,32 @@ class _BoundedClient(aiomqtt.Client):
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         self._reader_fd, self._paused = -1, False
         super()._on_socket_close(client, userdata, sock)
+
+    # Same as aiomqtt's, but a writer that cannot be registered ends the connection.
+    # uvloop refuses add_writer on a socket whose poll handle it already closed (the
+    # broker went away while paho queued a PUBACK or a ping); aiomqtt only logged that,
+    # and the client then believed itself connected to a dead socket indefinitely.
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        fd = sock.fileno()
+
+        def writer() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:
+                self._lost(exc)
+
+        def register() -> None:
+            try:
+                self._loop.add_writer(fd, writer)
+            except (RuntimeError, ValueError, OSError) as exc:
+                self._lost(exc)
+
+        # paho may call this from the executor thread that runs connect()
+        self._loop.call_soon_threadsafe(register)
+
+    def _lost(self, exc: BaseException) -> None:
+        if not self._disconnected.done():
+            self._disconnected.set_exception(exc)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: Any) -> None:
         super()._on_message(client, userdata, message)
@@ -243,7 +268,11 @@ class _BoundedClient(aiomqtt.Client):
     def _resume(self) -> None:
         if self._paused and self._reader is not None and self._reader_fd >= 0:
             self._paused = False
-            self._loop.add_reader(self._reader_fd, self._reader)
+            try:
+                self._loop.add_reader(self._reader_fd, self._reader)
+            except (RuntimeError, ValueError, OSError) as exc:  # see register() above
+                self._lost(exc)
+                return
             self._loop.call_soon(self._reader)  # what a TLS layer may already hold
 
     def drained(self) -> None:

@@ -505,9 +505,6 @@ def test_emit_over_mqtt_when_configured(
     tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    mqtt_source = pytest.importorskip("router.sources.mqtt")
-    if not hasattr(mqtt_source, "publish_manifest"):
-        pytest.skip("router.sources.mqtt.publish_manifest does not exist yet")
     outbox = tmp_path / "ws" / "state" / "outbox"
     outbox.mkdir(parents=True)
     workspace = Workspace(tmp_path / "ws", mqtt=mqtt_broker.mqtt_settings(

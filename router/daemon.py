@@ -63,7 +63,7 @@ class Daemon:
             self.journal,
             self.pool,
             self.config,
-            locate_bundle=lambda bundle: self.spool.locate(bundle),
+            locate_bundles=lambda bundles: self.spool.locate_many(bundles),
             on_finished=self._on_finished,
             metrics=self.metrics,
         )

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from router.delivery import (
     ArtifactView,
     DeliveryContext,
     DeliveryItem,
+    DeliveryResult,
     PermanentError,
     StagedFile,
     TransientError,
@@ -41,6 +42,13 @@ def backoff_delay(policy: RetryPolicy, attempt: int, rng: random.Random | None =
     """Exponential backoff with full jitter (AWS architecture blog's recommendation)."""
     ceiling = min(policy.max_delay, policy.base_delay * (2 ** max(0, attempt - 1)))
     return (rng or random).uniform(0, ceiling)
+
+
+def _completion(d: ClaimedDelivery, outcome: str, **fields: Any) -> Completion:
+    return Completion(
+        key=d.key, event_id=d.event_id, artifact_index=d.artifact_index, sink_id=d.sink_id,
+        action=d.action, outcome=outcome, **fields,
+    )
 
 
 def _sink_class_or_none(type_name: str) -> Any:
@@ -87,6 +95,14 @@ class SinkPool:
             comp.concurrency or default or settings.sink_concurrency
         )
 
+    def batch_size(self, stack: str, component: str) -> int:
+        """How many deliveries the sink takes in one call (`max_batch`; 1: one at a time)."""
+        try:
+            comp = self._component(stack, component)
+        except PermanentError:
+            return 1
+        return int(getattr(_sink_class_or_none(comp.type), "max_batch", 1) or 1)
+
     async def health(self) -> dict[str, bool]:
         out = {}
         for sink_id, sink in self._sinks.items():
@@ -110,19 +126,20 @@ class Dispatcher:
         pool: SinkPool,
         config: RouterConfig,
         *,
-        locate_bundle: Callable[[str], Awaitable[Path | None]],
+        locate_bundles: Callable[[list[str]], Awaitable[dict[str, Path | None]]],
         on_finished: Callable[[list[FinishedEvent]], Awaitable[None]],
         metrics: RouterMetrics,
     ) -> None:
         self.journal = journal
         self.pool = pool
         self.settings = config.router
-        self.locate_bundle = locate_bundle
+        self.locate_bundles = locate_bundles
         self.on_finished = on_finished
         self.metrics = metrics
         self._wake = asyncio.Event()
         self._done: list[Completion] = []  # outcomes waiting for the next tick
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running = 0  # deliveries in flight (a batch task carries several)
         self._in_flight: dict[str, int] = {}
         self._limits: dict[str, int] = {}
         self._stopping = False
@@ -134,7 +151,7 @@ class Dispatcher:
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return self._running
 
     async def run(self) -> None:
         """Run deliveries until stop(): one loop, one transaction per tick.
@@ -152,13 +169,13 @@ class Dispatcher:
                 # lost (or we would sleep with work waiting).
                 self._wake.clear()
                 batch, self._done = self._done[:500], self._done[500:]
-                free = 0 if self._stopping else self.settings.concurrency - len(self._tasks)
+                free = 0 if self._stopping else self.settings.concurrency - self._running
                 claimed: list[ClaimedDelivery] = []
                 if batch or free > 0:
                     claimed = await self._tick(batch, free)
                 if self._stopping and not self._tasks and not self._done:
                     break
-                self.metrics.buffer.labels(component="dispatcher").set(len(self._tasks))
+                self.metrics.buffer.labels(component="dispatcher").set(self._running)
                 if len(claimed) < max(free, 1) and not self._done:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=0.5)
@@ -190,8 +207,7 @@ class Dispatcher:
             await asyncio.sleep(0.5)
             return []
         self.healthy = True
-        for delivery in claimed:
-            self._start(delivery)
+        self._start_all(claimed)
         if finished:
             await self.on_finished(finished)
         return claimed
@@ -201,14 +217,34 @@ class Dispatcher:
         self._limits[sink_id] = limit
         return limit - self._in_flight.get(sink_id, 0)
 
-    def _start(self, delivery: ClaimedDelivery) -> None:
-        self._in_flight[delivery.sink_id] = self._in_flight.get(delivery.sink_id, 0) + 1
-        task = asyncio.create_task(self._attempt(delivery), name=f"deliver {delivery.key}")
+    def _start_all(self, claimed: list[ClaimedDelivery]) -> None:
+        """One task per delivery, or per batch for sinks that take many in one call
+        (their per-call costs, a thread hop and a flush to disk, are paid once)."""
+        batches: dict[str, list[ClaimedDelivery]] = {}
+        for delivery in claimed:
+            if self.pool.batch_size(delivery.stack, delivery.component) > 1:
+                batches.setdefault(delivery.sink_id, []).append(delivery)
+            else:
+                self._start([delivery], self._attempt(delivery))
+        for group in batches.values():
+            size = self.pool.batch_size(group[0].stack, group[0].component)
+            for i in range(0, len(group), size):
+                chunk = group[i : i + size]
+                self._start(chunk, self._attempt_batch(chunk))
+
+    def _start(
+        self, deliveries: list[ClaimedDelivery], work: Coroutine[Any, Any, None]
+    ) -> None:
+        sink_id, n = deliveries[0].sink_id, len(deliveries)
+        self._in_flight[sink_id] = self._in_flight.get(sink_id, 0) + n
+        self._running += n
+        task = asyncio.create_task(work, name=f"deliver {deliveries[0].key} (+{n - 1})")
         self._tasks.add(task)
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
-            self._in_flight[delivery.sink_id] -= 1
+            self._in_flight[sink_id] -= n
+            self._running -= n
 
         task.add_done_callback(done)
 
@@ -227,16 +263,35 @@ class Dispatcher:
             if pending:
                 await asyncio.wait(pending, timeout=5)
 
-    async def _build_item(self, d: ClaimedDelivery) -> DeliveryItem:
-        record = d.record or await self.journal.event_record(d.event_id)
+    @staticmethod
+    def _needs_files(d: ClaimedDelivery) -> bool:
+        return d.action in (Action.STORE.value, Action.TRACK.value, Action.EXPORT.value)
+
+    async def _build_items(self, ds: list[ClaimedDelivery]) -> list[DeliveryItem | Exception]:
+        """Delivery items for claimed rows; bundles are located in one thread hop."""
+        records = []
+        for d in ds:
+            records.append(d.record or await self.journal.event_record(d.event_id))
+        wanted = {
+            record["bundle"]
+            for d, record in zip(ds, records, strict=True)
+            if record.get("bundle") and self._needs_files(d)
+            and record["files"][d.artifact_index]
+        }
+        located = await self.locate_bundles(sorted(wanted)) if wanted else {}
+        items: list[DeliveryItem | Exception] = []
+        for d, record in zip(ds, records, strict=True):
+            try:
+                items.append(self._item(d, record, located.get(record.get("bundle") or "")))
+            except Exception as exc:
+                items.append(exc)
+        return items
+
+    def _item(self, d: ClaimedDelivery, record: dict[str, Any], bundle_dir: Path | None
+              ) -> DeliveryItem:
         manifest = record["manifest"]
         artifact = manifest["artifacts"][d.artifact_index]
-        needs_files = d.action in (Action.STORE.value, Action.TRACK.value, Action.EXPORT.value)
-        bundle_dir = (
-            await self.locate_bundle(record["bundle"])
-            if record.get("bundle") and needs_files and record["files"][d.artifact_index]
-            else None
-        )
+        needs_files = self._needs_files(d)
         files = []
         for raw in record["files"][d.artifact_index]:
             staged = StagedFile.model_validate(raw)
@@ -280,54 +335,66 @@ class Dispatcher:
         )
 
     async def _attempt(self, d: ClaimedDelivery) -> None:
-        policy, _ = self.pool.policy(d.stack, d.component)
         started = time.monotonic()
-        completion: Completion
+        outcome: DeliveryResult | Exception
         try:
             if d.action == Action.DEPLOY.value:
                 superseded = await self.journal.deploy_superseded(d.key)
                 if superseded:
                     raise PermanentError(superseded)
-            item = await self._build_item(d)
-            sink = self.pool.get(d.stack, d.component)
-            result = await sink.deliver(item)
+            (item,) = await self._build_items([d])
+            if isinstance(item, Exception):
+                raise item
+            outcome = await self.pool.get(d.stack, d.component).deliver(item)
         except asyncio.CancelledError:
             raise
-        except PermanentError as exc:
-            completion = self._dead(d, f"permanent: {exc}")
-        except Exception as exc:  # transient by default: bugs and surprises get retried
-            reason = str(exc) or type(exc).__name__
-            if not isinstance(exc, TransientError | OSError | TimeoutError):
-                reason = f"{type(exc).__name__}: {reason}"
-            completion = self._retry_or_dead(d, policy, reason)
-        else:
-            self.metrics.sent.labels(component="dispatcher", sink=d.sink_id).inc()
-            completion = Completion(
-                key=d.key,
-                event_id=d.event_id,
-                artifact_index=d.artifact_index,
-                sink_id=d.sink_id,
-                action=d.action,
-                outcome="done",
-                result=result,
-            )
-        self.metrics.duration.labels(sink=d.sink_id).observe(time.monotonic() - started)
-        self._done.append(completion)
+        except Exception as exc:
+            outcome = exc
+        self._record([d], [outcome], started)
+
+    async def _attempt_batch(self, ds: list[ClaimedDelivery]) -> None:
+        """Several deliveries to one sink in one `deliver_batch` call; each gets its own
+        outcome (one bad item never fails the others)."""
+        started = time.monotonic()
+        outcomes: list[DeliveryResult | Exception] = []
+        try:
+            sink = self.pool.get(ds[0].stack, ds[0].component)
+            items = await self._build_items(ds)
+            ready = [item for item in items if isinstance(item, DeliveryItem)]
+            results = iter(await sink.deliver_batch(ready) if ready else [])
+            outcomes = [item if isinstance(item, Exception) else next(results) for item in items]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            outcomes = [exc] * len(ds)
+        self._record(ds, outcomes, started)
+
+    def _record(self, ds: list[ClaimedDelivery], outcomes: list[DeliveryResult | Exception],
+                started: float) -> None:
+        policy, _ = self.pool.policy(ds[0].stack, ds[0].component)
+        elapsed = time.monotonic() - started
+        for d, outcome in zip(ds, outcomes, strict=True):
+            self._done.append(self._outcome(d, policy, outcome))
+            self.metrics.duration.labels(sink=d.sink_id).observe(elapsed)
         self._wake.set()
+
+    def _outcome(self, d: ClaimedDelivery, policy: RetryPolicy,
+                 outcome: DeliveryResult | Exception) -> Completion:
+        if isinstance(outcome, PermanentError):
+            return self._dead(d, f"permanent: {outcome}")
+        if isinstance(outcome, Exception):  # transient by default: bugs and surprises retry
+            reason = str(outcome) or type(outcome).__name__
+            if not isinstance(outcome, TransientError | OSError | TimeoutError):
+                reason = f"{type(outcome).__name__}: {reason}"
+            return self._retry_or_dead(d, policy, reason)
+        self.metrics.sent.labels(component="dispatcher", sink=d.sink_id).inc()
+        return _completion(d, "done", result=outcome)
 
     def _dead(self, d: ClaimedDelivery, reason: str) -> Completion:
         log.warning("delivery dead-lettered", key=d.key, sink=d.sink_id, error=reason)
         self.metrics.errors.labels(component=d.sink_id, error_type="dead", stage="delivery").inc()
         self.metrics.discarded.labels(component=d.sink_id, reason="dead_letter").inc()
-        return Completion(
-            key=d.key,
-            event_id=d.event_id,
-            artifact_index=d.artifact_index,
-            sink_id=d.sink_id,
-            action=d.action,
-            outcome="dead",
-            error=reason,
-        )
+        return _completion(d, "dead", error=reason)
 
     def _retry_or_dead(self, d: ClaimedDelivery, policy: RetryPolicy, reason: str) -> Completion:
         delay = backoff_delay(policy, d.attempts)
@@ -348,16 +415,7 @@ class Dispatcher:
         self.metrics.errors.labels(
             component=d.sink_id, error_type="transient", stage="delivery"
         ).inc()
-        return Completion(
-            key=d.key,
-            event_id=d.event_id,
-            artifact_index=d.artifact_index,
-            sink_id=d.sink_id,
-            action=d.action,
-            outcome="retry",
-            error=reason,
-            next_attempt_at=time.time() + delay,
-        )
+        return _completion(d, "retry", error=reason, next_attempt_at=time.time() + delay)
 
     async def _maintain_leases(self) -> None:
         while True:

@@ -17,6 +17,7 @@ from router.delivery import (
 
 __all__ = [
     "BaseSink",
+    "BatchSink",
     "DeliveryItem",
     "DeliveryResult",
     "PermanentError",
@@ -46,6 +47,19 @@ class Sink(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class BatchSink(Sink, Protocol):
+    """A sink that takes up to `max_batch` deliveries in one call, to pay its per-call
+    costs (a thread hop, a flush to disk) once per batch.  One outcome per item, in
+    order: a result, or the exception that item would have raised from `deliver`."""
+
+    max_batch: int
+
+    async def deliver_batch(
+        self, items: list[DeliveryItem]
+    ) -> list[DeliveryResult | Exception]: ...
+
+
 class BaseSink(abc.ABC):
     """Convenience base: settings parsing, trivial health and close."""
 
@@ -53,6 +67,8 @@ class BaseSink(abc.ABC):
     # Deliveries in flight for this sink type unless the component sets `concurrency:`
     # (None: the router's `sink_concurrency`).
     default_concurrency: ClassVar[int | None] = None
+    # > 1: the dispatcher hands this many deliveries at once to `deliver_batch`.
+    max_batch: ClassVar[int] = 1
 
     def __init__(self, sink_id: str, settings: SinkSettings) -> None:
         self.sink_id = sink_id

@@ -1,20 +1,28 @@
 """`local` artifact store: a directory tree, written crash-safely.
 
-Each file goes to a temp file in the destination directory, is hashed while it is
-copied, fsynced and renamed into place, so a reader never sees half a file and a
-SIGKILL leaves at worst a `.tmp-*` file that the next attempt replaces.
+Each file is copied to a temp file in the store's own folder and hashed on the way,
+made durable, then renamed into place, so a reader never sees half a file and a
+SIGKILL leaves at worst a temp file that a later attempt removes.  Deliveries come in
+batches (`max_batch`): one thread hop per batch, and on Linux one `syncfs` before the
+renames and one after instead of two fsyncs per file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import os
+import stat
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, ClassVar
 
 from router.rules import object_key
 from sinks.base import (
@@ -33,6 +41,21 @@ _CHUNK = 1024 * 1024
 TMP_DIR = ".router-tmp"  # in-progress copies; reserved: no key may start with it
 # A full disk or a read-only mount can be fixed by an operator: keep retrying.
 _TRANSIENT_ERRNOS = {errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EPERM, errno.EIO}
+_CLEAN_EVERY = 600.0  # seconds between sweeps of stale temp files
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """libc's syncfs(2) (Linux): flushes one file system, so a batch of files costs one
+    call instead of an fsync each.  None elsewhere: we fsync file by file."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        syncfs: Callable[[int], int] = libc.syncfs
+        return syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _load_syncfs()
 
 
 class LocalStoreSettings(SinkSettings):
@@ -56,47 +79,114 @@ def versioned_key(key: str, version: str) -> str:
     return f"{head}/{named}" if head else named
 
 
+def _os_error(root: Path, exc: OSError) -> Exception:
+    if exc.errno in _TRANSIENT_ERRNOS:
+        return TransientError(f"{root}: {exc.strerror} ({exc.filename})")
+    return PermanentError(f"{root}: {exc}")
+
+
+@dataclass
+class _Pending:
+    """One item of a batch: its objects, and the temp files still to rename into place."""
+
+    item: DeliveryItem
+    objects: list[StoredObject] = field(default_factory=list)
+    renames: list[tuple[Path, Path]] = field(default_factory=list)
+    error: Exception | None = None
+
+
 class LocalStore(BaseSink):
     Settings = LocalStoreSettings
     settings: LocalStoreSettings
 
+    # Many small files per call: see the module docstring.
+    default_concurrency: ClassVar[int | None] = 128
+    max_batch: ClassVar[int] = 32
+
     def __init__(self, sink_id: str, settings: LocalStoreSettings) -> None:
         super().__init__(sink_id, settings)
         self.root = settings.path.expanduser().resolve()
+        self._cleaned_at = -_CLEAN_EVERY
 
     def _path_for(self, key: str) -> Path:
-        if key.split("/", 1)[0] == TMP_DIR:
+        parts = key.split("/")
+        if parts[0] == TMP_DIR:
             raise PermanentError(f"key {key!r} is inside the store's own {TMP_DIR}/ folder")
+        if self._plain(parts):
+            return self.root.joinpath(*parts)
         dest = (self.root / key).resolve()
         if dest != self.root and self.root not in dest.parents:
             raise PermanentError(f"key {key!r} resolves outside the store root {self.root}")
         return dest
 
+    def _plain(self, parts: list[str]) -> bool:
+        """True when the key has no `.`/`..`/empty segment and no symlink along it under
+        the (resolved) root: then root/key is its own real path, without realpath
+        lstat-ing every component from / again."""
+        if any(part in ("", ".", "..") for part in parts):
+            return False
+        current = str(self.root)
+        for part in parts:
+            current = f"{current}/{part}"
+            try:
+                if stat.S_ISLNK(os.lstat(current).st_mode):
+                    return False
+            except FileNotFoundError:
+                return True  # from here on nothing exists: we create real directories
+        return True
+
     async def deliver(self, item: DeliveryItem) -> DeliveryResult:
-        if item.target is None:
-            raise PermanentError("store delivery without a target key")
+        (outcome,) = await self.deliver_batch([item])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def deliver_batch(self, items: list[DeliveryItem]) -> list[DeliveryResult | Exception]:
+        return await asyncio.to_thread(self._deliver_batch, items)
+
+    def _deliver_batch(self, items: list[DeliveryItem]) -> list[DeliveryResult | Exception]:
+        self._clean_stale_temps()
+        batch = [_Pending(item) for item in items]
+        claimed: dict[Path, str] = {}  # destinations this batch writes -> their sha256
         try:
-            objects = await asyncio.to_thread(self._deliver_files, item)
-        except OSError as exc:
-            if exc.errno in _TRANSIENT_ERRNOS:
-                raise TransientError(f"{self.root}: {exc.strerror} ({exc.filename})") from exc
-            raise PermanentError(f"{self.root}: {exc}") from exc
+            for pending in batch:
+                try:
+                    self._stage(pending, claimed)
+                except (PermanentError, TransientError) as exc:
+                    pending.error = exc
+                except OSError as exc:
+                    pending.error = _os_error(self.root, exc)
+            self._commit([p for p in batch if p.error is None and p.renames])
+        except OSError as exc:  # the flush or a rename failed: nothing is known durable
+            for pending in batch:
+                if pending.error is None:
+                    pending.error = _os_error(self.root, exc)
+        finally:
+            for pending in batch:
+                for tmp, _ in pending.renames:
+                    tmp.unlink(missing_ok=True)
+        return [p.error or self._result(p) for p in batch]
+
+    def _result(self, pending: _Pending) -> DeliveryResult:
+        objects, target = pending.objects, pending.item.target or ""
         return DeliveryResult(
             objects=objects,
             uri=objects[0].uri if len(objects) == 1 else (
-                f"file://{self.root}/{item.target.replace('{file}', '').rstrip('/')}"
+                f"file://{self.root}/{target.replace('{file}', '').rstrip('/')}"
             ),
             skipped=all(o.version_id == "unchanged" for o in objects),
         )
 
-    def _deliver_files(self, item: DeliveryItem) -> list[StoredObject]:
-        assert item.target is not None
+    def _stage(self, pending: _Pending, claimed: dict[Path, str]) -> None:
+        """Check each file against what is there and copy it to a temp file."""
+        item = pending.item
+        if item.target is None:
+            raise PermanentError("store delivery without a target key")
         on_conflict = item.params.get("on_conflict", "fail")
-        objects = []
         for staged in item.artifact.files:
             if staged.path is None and staged.uri:
                 # A remote object referenced over MQTT: catalogued where it already is.
-                objects.append(
+                pending.objects.append(
                     StoredObject(
                         file_name=staged.name, uri=staged.uri, size=staged.size,
                         sha256=staged.sha256, version_id="unchanged",
@@ -109,21 +199,20 @@ class LocalStore(BaseSink):
             if on_conflict == "version":
                 key = versioned_key(key, item.artifact.version)
             dest = self._path_for(key)
-            unchanged = False
-            if dest.exists():
-                existing = file_sha256(dest)
-                if existing == staged.sha256:
-                    unchanged = True
-                elif on_conflict != "overwrite":
-                    raise PermanentError(
-                        f"conflict: {dest} already holds different content (sha256 "
-                        f"{existing[:12]}..., this artifact {staged.sha256[:12]}...); set "
-                        "on_conflict: overwrite or version on the rule, or add {version} "
-                        "or {run_id} to its path"
-                    )
+            # An earlier item of this batch counts as already there.
+            existing = claimed.get(dest) or (file_sha256(dest) if dest.exists() else None)
+            unchanged = existing == staged.sha256
+            if existing is not None and not unchanged and on_conflict != "overwrite":
+                raise PermanentError(
+                    f"conflict: {dest} already holds different content (sha256 "
+                    f"{existing[:12]}..., this artifact {staged.sha256[:12]}...); set "
+                    "on_conflict: overwrite or version on the rule, or add {version} "
+                    "or {run_id} to its path"
+                )
             if not unchanged:
-                self._write(staged.path, dest, staged.sha256)
-            objects.append(
+                pending.renames.append((self._copy(staged.path, dest, staged.sha256), dest))
+                claimed[dest] = staged.sha256
+            pending.objects.append(
                 StoredObject(
                     file_name=staged.name,
                     uri=f"file://{dest}",
@@ -132,44 +221,86 @@ class LocalStore(BaseSink):
                     version_id="unchanged" if unchanged else None,
                 )
             )
-        return objects
 
-    def _write(self, source: Path, dest: Path, expected_sha256: str) -> None:
+    def _copy(self, source: Path, dest: Path, expected_sha256: str) -> Path:
+        """Copy to a temp file, hashing on the way; the temp file's path."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Temp files live in the store's own folder (same file system, so the rename is
         # atomic), never next to user files: cleaning up can't touch a stored artifact.
-        tmp_dir = self.root / TMP_DIR
-        tmp_dir.mkdir(exist_ok=True)
-        self._clean_stale_temps(tmp_dir)
-        tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
+        tmp = self.root / TMP_DIR / f"{uuid.uuid4().hex}.part"
         digest = hashlib.sha256()
         try:
-            with open(source, "rb") as src, open(tmp, "wb") as out:
+            with open(source, "rb") as src, self._open_temp(tmp) as out:
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
                     out.write(chunk)
-                if self.settings.fsync:
+                if self.settings.fsync and _SYNCFS is None:
                     out.flush()
                     os.fsync(out.fileno())
-            if digest.hexdigest() != expected_sha256:
-                raise PermanentError(
-                    f"{source} changed after it was accepted (sha256 now "
-                    f"{digest.hexdigest()[:12]}..., journaled {expected_sha256[:12]}...); "
-                    "emit a new bundle instead of editing an accepted one"
-                )
-            os.replace(tmp, dest)
-            if self.settings.fsync:
-                fd = os.open(dest.parent, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        finally:
+        except BaseException:
             tmp.unlink(missing_ok=True)
+            raise
+        if digest.hexdigest() != expected_sha256:
+            tmp.unlink(missing_ok=True)
+            raise PermanentError(
+                f"{source} changed after it was accepted (sha256 now "
+                f"{digest.hexdigest()[:12]}..., journaled {expected_sha256[:12]}...); "
+                "emit a new bundle instead of editing an accepted one"
+            )
+        return tmp
 
-    @staticmethod
-    def _clean_stale_temps(tmp_dir: Path) -> None:
-        """Remove temp files an attempt killed mid-copy left behind (older than an hour)."""
+    def _open_temp(self, tmp: Path) -> BinaryIO:
+        try:
+            return open(tmp, "wb")
+        except FileNotFoundError:  # the first write, or someone removed the folder
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            return open(tmp, "wb")
+
+    def _commit(self, ready: list[_Pending]) -> None:
+        """Make the copies durable, rename them into place, make the renames durable.
+
+        Flushing before the renames matters: after a crash a destination holds either
+        nothing or the whole file, never a file whose data had not reached the disk
+        (which a retry would take for someone else's conflicting content)."""
+        if not ready:
+            return
+        self._flush()
+        parents = set()
+        for pending in ready:
+            for tmp, dest in pending.renames:
+                os.replace(tmp, dest)
+                parents.add(dest.parent)
+            pending.renames.clear()
+        self._flush(parents)
+
+    def _flush(self, directories: set[Path] | None = None) -> None:
+        if not self.settings.fsync:
+            return
+        if _SYNCFS is not None:
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                if _SYNCFS(fd) != 0:
+                    code = ctypes.get_errno()
+                    raise OSError(code, os.strerror(code), str(self.root))
+            finally:
+                os.close(fd)
+            return
+        for directory in directories or ():  # files were fsynced as they were copied
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _clean_stale_temps(self) -> None:
+        """Remove temp files an attempt killed mid-copy left behind (older than an hour);
+        swept at most every few minutes, not on every write."""
+        now = time.monotonic()
+        if now - self._cleaned_at < _CLEAN_EVERY:
+            return
+        self._cleaned_at = now
+        tmp_dir = self.root / TMP_DIR
+        tmp_dir.mkdir(parents=True, exist_ok=True)
         cutoff = time.time() - 3600
         for entry in os.scandir(tmp_dir):
             with contextlib.suppress(OSError):

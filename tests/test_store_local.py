@@ -1,0 +1,143 @@
+"""The local store's batch path: one call, one outcome per item, nothing half-written."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from router.delivery import (
+    Action,
+    ArtifactView,
+    DeliveryContext,
+    DeliveryItem,
+    DeliveryResult,
+    PermanentError,
+    StagedFile,
+)
+from sinks.stores.local import TMP_DIR, LocalStore, LocalStoreSettings
+
+
+def staged(src: Path, name: str, data: bytes) -> StagedFile:
+    path = src / f"{hashlib.sha256(name.encode() + data).hexdigest()[:16]}-{name}"
+    path.write_bytes(data)
+    return StagedFile(name=name, type="bin", path=path,
+                      sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+
+
+def item(key: str, target: str, files: list[StagedFile], **params: str) -> DeliveryItem:
+    return DeliveryItem(
+        key=key, action=Action.STORE, sink_id="local.artifact_store",
+        context=DeliveryContext(event_id=key, pipeline="p", run_id="r", step_name="s",
+                                received_at=datetime.now(UTC)),
+        artifact=ArtifactView(index=0, kind="model", name="m", version="3", files=files),
+        target=target, params=dict(params),
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore("local.artifact_store", LocalStoreSettings(path=tmp_path / "store"))
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    path = tmp_path / "src"
+    path.mkdir()
+    return path
+
+
+def temp_files(store: LocalStore) -> list[str]:
+    tmp = store.root / TMP_DIR
+    return sorted(os.listdir(tmp)) if tmp.exists() else []
+
+
+def test_one_bad_item_never_fails_the_rest_of_its_batch(store: LocalStore, src: Path) -> None:
+    (store.root / "taken").mkdir(parents=True)
+    (store.root / "taken" / "m.bin").write_bytes(b"someone else's file")
+    edited = staged(src, "e.bin", b"as accepted")
+    edited.path.write_bytes(b"edited since")  # type: ignore[union-attr]
+    batch = [
+        item("a", "ok1", [staged(src, "m.bin", b"first")]),
+        item("b", "taken", [staged(src, "m.bin", b"mine")]),
+        item("c", "edited", [edited]),
+        item("d", "ok2", [staged(src, "m.bin", b"second")]),
+    ]
+    out = asyncio.run(store.deliver_batch(batch))
+    assert isinstance(out[0], DeliveryResult) and isinstance(out[3], DeliveryResult)
+    assert isinstance(out[1], PermanentError) and "conflict" in str(out[1])
+    assert isinstance(out[2], PermanentError) and "changed after it was accepted" in str(out[2])
+    assert (store.root / "ok1" / "m.bin").read_bytes() == b"first"
+    assert (store.root / "ok2" / "m.bin").read_bytes() == b"second"
+    assert (store.root / "taken" / "m.bin").read_bytes() == b"someone else's file"
+    assert not (store.root / "edited").exists() or not list((store.root / "edited").iterdir())
+    assert out[0].objects[0].uri == f"file://{store.root}/ok1/m.bin"
+    assert temp_files(store) == []
+
+
+def test_two_items_of_one_batch_aiming_at_one_key(store: LocalStore, src: Path) -> None:
+    same = asyncio.run(store.deliver_batch([
+        item("a", "k", [staged(src, "m.bin", b"v")]),
+        item("b", "k", [staged(src, "m.bin", b"v")]),
+    ]))
+    assert isinstance(same[1], DeliveryResult) and same[1].skipped  # identical: a no-op
+    clash = asyncio.run(store.deliver_batch([
+        item("c", "j", [staged(src, "m.bin", b"one")]),
+        item("d", "j", [staged(src, "m.bin", b"two")]),
+    ]))
+    assert isinstance(clash[0], DeliveryResult)
+    assert isinstance(clash[1], PermanentError) and "conflict" in str(clash[1])
+    assert (store.root / "j" / "m.bin").read_bytes() == b"one"
+    later = asyncio.run(store.deliver_batch([
+        item("e", "o", [staged(src, "m.bin", b"one")], on_conflict="overwrite"),
+        item("f", "o", [staged(src, "m.bin", b"two")], on_conflict="overwrite"),
+    ]))
+    assert all(isinstance(r, DeliveryResult) for r in later)
+    assert (store.root / "o" / "m.bin").read_bytes() == b"two"  # in batch order
+    assert temp_files(store) == []
+
+
+def test_a_replayed_batch_is_a_no_op(store: LocalStore, src: Path) -> None:
+    batch = [item(str(i), f"r{i}", [staged(src, "m.bin", os.urandom(100))]) for i in range(20)]
+    first = asyncio.run(store.deliver_batch(batch))
+    assert not any(isinstance(r, Exception) or r.skipped for r in first)
+    mtimes = [(store.root / f"r{i}" / "m.bin").stat().st_mtime_ns for i in range(20)]
+    again = asyncio.run(store.deliver_batch(batch))
+    assert all(isinstance(r, DeliveryResult) and r.skipped for r in again)
+    assert mtimes == [(store.root / f"r{i}" / "m.bin").stat().st_mtime_ns for i in range(20)]
+
+
+def test_stale_temp_files_are_swept_and_fresh_ones_kept(store: LocalStore, src: Path) -> None:
+    tmp = store.root / TMP_DIR
+    tmp.mkdir(parents=True)
+    stale, fresh = tmp / "old.part", tmp / "new.part"
+    stale.write_bytes(b"killed mid-copy two hours ago")
+    fresh.write_bytes(b"another daemon's copy in progress")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    asyncio.run(store.deliver(item("a", "x", [staged(src, "m.bin", b"d")])))
+    assert temp_files(store) == ["new.part"]
+
+
+def test_the_temp_folder_is_recreated_if_removed(store: LocalStore, src: Path) -> None:
+    asyncio.run(store.deliver(item("a", "x", [staged(src, "m.bin", b"1")])))
+    os.rmdir(store.root / TMP_DIR)
+    asyncio.run(store.deliver(item("b", "y", [staged(src, "m.bin", b"2")])))
+    assert (store.root / "y" / "m.bin").read_bytes() == b"2"
+
+
+@pytest.mark.parametrize("key", ["a/./b", "a//b", "a/../../escape"])
+def test_keys_with_dot_segments_are_still_checked(store: LocalStore, src: Path, key: str) -> None:
+    """Only plain keys skip realpath; the rest are resolved and must stay in the root."""
+    (out,) = asyncio.run(store.deliver_batch([item("a", key, [staged(src, "m.bin", b"z")])]))
+    if key.startswith("a/../.."):
+        assert isinstance(out, PermanentError) and "outside the store root" in str(out)
+        assert not (store.root.parent / "escape").exists()
+    else:
+        assert isinstance(out, DeliveryResult)
+        assert Path(out.objects[0].uri.removeprefix("file://")).is_relative_to(store.root)

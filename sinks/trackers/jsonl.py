@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from router.rules import sanitise_segment
 from sinks.base import BaseSink, DeliveryItem, DeliveryResult, SinkSettings, TransientError
 
 __all__ = ["JsonlTracker", "JsonlTrackerSettings", "read_jsonl"]
+
+_LOCK_STRIPES = 64
 
 
 class JsonlTrackerSettings(SinkSettings):
@@ -46,23 +49,41 @@ class JsonlTracker(BaseSink):
     # Appends are serialised per file anyway; more in flight only makes the dispatcher's
     # ticks (one journal transaction each) bigger and fewer.
     default_concurrency = 256
+    max_batch = 256
 
     def __init__(self, sink_id: str, settings: JsonlTrackerSettings) -> None:
         super().__init__(sink_id, settings)
         self.root = settings.path.expanduser().resolve()
         self._seen: dict[Path, tuple[set[str], int]] = {}  # keys read, up to byte offset
-        self._locks: dict[Path, asyncio.Lock] = {}
+        # Appends to one file are serialised (in-process; flock covers other processes).
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
 
     def file_for(self, pipeline: str, run_id: str) -> Path:
         return self.root / sanitise_segment(pipeline) / f"{sanitise_segment(run_id)}.jsonl"
 
     async def deliver(self, item: DeliveryItem) -> DeliveryResult:
-        path = self.file_for(item.context.pipeline, item.context.run_id)
+        (outcome,) = await self.deliver_batch([item])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def deliver_batch(self, items: list[DeliveryItem]) -> list[DeliveryResult | Exception]:
+        """Rows grouped by file: one append and one fsync per file per batch (group
+        commit), in one thread hop."""
+        by_path: dict[Path, list[tuple[int, str, bytes]]] = {}
+        logged_at = datetime.now(UTC).isoformat()
+        for index, item in enumerate(items):
+            path = self.file_for(item.context.pipeline, item.context.run_id)
+            by_path.setdefault(path, []).append((index, item.key, self._line(item, logged_at)))
+        return await asyncio.to_thread(self._append_all, by_path, len(items))
+
+    @staticmethod
+    def _line(item: DeliveryItem, logged_at: str) -> bytes:
         artifact = item.artifact
         values = artifact.values if artifact.values else artifact.metadata.get("metrics", {})
-        row = {
+        return orjson.dumps({
             "key": item.key,
-            "logged_at": datetime.now(UTC).isoformat(),
+            "logged_at": logged_at,
             "pipeline": item.context.pipeline,
             "run_id": item.context.run_id,
             "step_name": item.context.step_name,
@@ -70,19 +91,25 @@ class JsonlTracker(BaseSink):
             "name": artifact.name,
             "step": artifact.step,
             "values": values,
-        }
-        lock = self._locks.setdefault(path, asyncio.Lock())
-        async with lock:
-            try:
-                written = await asyncio.to_thread(
-                    self._append_once, path, item.key, orjson.dumps(row) + b"\n"
-                )
-            except OSError as exc:
-                raise TransientError(f"{path}: {exc.strerror}") from exc
-        return DeliveryResult(uri=f"file://{path}", skipped=not written)
+        }) + b"\n"
 
-    def _append_once(self, path: Path, key: str, line: bytes) -> bool:
-        """Append unless the key is already in the file; False when it was.
+    def _append_all(self, by_path: dict[Path, list[tuple[int, str, bytes]]], n: int
+                    ) -> list[DeliveryResult | Exception]:
+        out: list[DeliveryResult | Exception] = [TransientError("not attempted")] * n
+        for path, rows in by_path.items():
+            try:
+                with self._locks[hash(path) % _LOCK_STRIPES]:
+                    written = self._append_once(path, [(key, line) for _, key, line in rows])
+            except OSError as exc:
+                for index, _, _ in rows:
+                    out[index] = TransientError(f"{path}: {exc.strerror}")
+                continue
+            for index, key, _ in rows:
+                out[index] = DeliveryResult(uri=f"file://{path}", skipped=key not in written)
+        return out
+
+    def _append_once(self, path: Path, rows: list[tuple[str, bytes]]) -> set[str]:
+        """Append the rows whose key is not already in the file; the keys written.
 
         An exclusive flock makes check-and-append atomic across processes too: daemons
         of a pool sharing a tracking directory (one may replay another's delivery after
@@ -107,17 +134,22 @@ class JsonlTracker(BaseSink):
                             keys.add(str(orjson.loads(raw).get("key")))
                     offset += len(complete)
                 self._seen[path] = (keys, offset)
-                if key in keys:
-                    return False
+                written: dict[str, bytes] = {}
+                for key, line in rows:
+                    if key not in keys and key not in written:
+                        written[key] = line
+                if not written:
+                    return set()
+                lead = b""
                 if size > 0:
                     fh.seek(size - 1)
                     if fh.read(1) != b"\n":
-                        line = b"\n" + line  # a crash tore the last line: start afresh
-                fh.write(line)
+                        lead = b"\n"  # a crash tore the last line: start afresh
+                fh.write(lead + b"".join(written.values()))
                 fh.flush()
                 if self.settings.fsync:
                     os.fsync(fh.fileno())
-                keys.add(key)
-                return True
+                keys.update(written)
+                return set(written)
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -320,6 +320,16 @@ class StackConfig(_Strict):
             return "artifact_store", self.artifact_store
         return None
 
+    def components(self) -> list[tuple[str, ComponentConfig]]:
+        """Every configured component, by the path used in sink ids."""
+        single = [
+            (path, comp) for path in ("artifact_store", "model_registry", "model_deployer")
+            if (comp := getattr(self, path)) is not None
+        ]
+        return single + [
+            (f"artifact_stores.{name}", comp) for name, comp in self.artifact_stores.items()
+        ] + self.trackers
+
     def component(self, path: str) -> ComponentConfig | None:
         """Look a component up by the path used in sink ids (`artifact_stores.archive`)."""
         if path.startswith("artifact_stores."):

@@ -81,6 +81,7 @@ class Daemon:
         self.extra_sources: list[Any] = []
         self._stop = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        self._warm_up: asyncio.Task[None] | None = None
         self.upload_all = upload_override()
 
     # --- planning -------------------------------------------------------------------
@@ -122,15 +123,8 @@ class Daemon:
     def check_sinks(self) -> None:
         """Refuse to start when the default stack needs a sink this build lacks."""
         name = select_stack(self.config, flag=self.stack_flag)
-        stack = self.config.stacks[name]
-        for path, comp in (
-            ("artifact_store", stack.artifact_store),
-            ("model_registry", stack.model_registry),
-            ("model_deployer", stack.model_deployer),
-            *((f"artifact_stores.{k}", v) for k, v in stack.artifact_stores.items()),
-            *stack.trackers,
-        ):
-            if comp is not None and comp.type not in SINK_TYPES:
+        for path, comp in self.config.stacks[name].components():
+            if comp.type not in SINK_TYPES:
                 raise SystemExit(
                     f"stack {name!r}: {path} type {comp.type!r} is not available in this build; "
                     "choose another stack with --stack or ROUTER_STACK"
@@ -138,6 +132,11 @@ class Daemon:
 
     async def start(self) -> None:
         self.check_sinks()
+        # In the background: the first artifact should not wait for SDK imports, client
+        # set-up and capability probes, and a sink that is down must not delay start.
+        self._warm_up = asyncio.create_task(
+            self.pool.warm_up(select_stack(self.config, flag=self.stack_flag)), name="warm-up"
+        )
         await self.db.migrate()
         listen = self.config.router.listen
         if listen:
@@ -205,6 +204,9 @@ class Daemon:
         self._stop.set()
 
     async def close(self) -> None:
+        if self._warm_up is not None:
+            self._warm_up.cancel()
+            await asyncio.gather(self._warm_up, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.pool.close()

@@ -37,6 +37,8 @@ __all__ = ["Dispatcher", "SinkPool", "backoff_delay"]
 
 log = structlog.get_logger("router.dispatcher")
 
+OPEN_TIMEOUT = 30.0  # seconds a sink may take to open at start (SinkPool.warm_up)
+
 
 def backoff_delay(policy: RetryPolicy, attempt: int, rng: random.Random | None = None) -> float:
     """Exponential backoff with full jitter (AWS architecture blog's recommendation)."""
@@ -94,6 +96,24 @@ class SinkPool:
         return comp.retry or settings.retry, (
             comp.concurrency or default or settings.sink_concurrency
         )
+
+    async def warm_up(self, stack: str) -> None:
+        """Build a stack's sinks and let each `open()` its connections ahead of the first
+        delivery.  Best effort: a sink that cannot open now reports it when it delivers."""
+        found = self.config.stacks.get(stack)
+
+        async def open_one(component: str) -> None:
+            try:
+                sink = self.get(stack, component)
+                opener = getattr(sink, "open", None)
+                if opener is not None:
+                    await asyncio.wait_for(opener(), OPEN_TIMEOUT)
+            except Exception as exc:
+                log.debug("sink not opened ahead of use", sink=f"{stack}.{component}",
+                          error=str(exc) or type(exc).__name__)
+
+        if found is not None:
+            await asyncio.gather(*(open_one(path) for path, _ in found.components()))
 
     def batch_size(self, stack: str, component: str) -> int:
         """How many deliveries the sink takes in one call (`max_batch`; 1: one at a time)."""

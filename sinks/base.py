@@ -77,6 +77,11 @@ class BaseSink(abc.ABC):
     @abc.abstractmethod
     async def deliver(self, item: DeliveryItem) -> DeliveryResult: ...
 
+    async def open(self) -> None:
+        """Prepare connections before the first delivery (the daemon calls it at start;
+        best effort: errors here are ignored and surface on delivery)."""
+        return None
+
     async def health(self) -> bool:
         return True
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
-from tests.conftest import Workspace, model_manifest, write_bundle
+from tests.conftest import Workspace, free_port, model_manifest, write_bundle
 from tests.servers_storage import (  # noqa: F401 - fixtures
     GcsEmulator,
     RcloneS3,
@@ -75,6 +79,39 @@ def test_a_missing_bucket_is_dead_lettered_with_its_reason_while_others_deliver(
     assert dead["attempts"] == 1  # permanent: not retried
     assert "no-such-bucket" in dead["last_error"]
     assert (workspace.spool / "failed" / "b1").is_dir()
+
+
+def test_sinks_open_at_start_and_one_that_is_down_holds_nothing_up(
+    tmp_path: Path, rclone_s3: RcloneS3, start_daemon,  # type: ignore[no-untyped-def]  # noqa: F811
+) -> None:
+    """Every sink of the stack is opened (client, capability probe) at start, so /healthz
+    reports each before the first artifact; a store whose server is down neither delays
+    the start nor the other stores."""
+    port = free_port()
+    workspace = Workspace(tmp_path, listen=f"127.0.0.1:{port}")
+    workspace.stack["artifact_stores"] = {
+        "lake": {"type": "s3", **rclone_s3.settings(prefix="warm")},
+        "down": {"type": "s3", **rclone_s3.settings(prefix="warm"),
+                 "endpoint_url": f"http://127.0.0.1:{free_port()}", "max_attempts": 1},
+    }
+    workspace.stack["artifact_routing"]["Model"] = {"store": "lake", "path": "{run_id}/{name}"}
+    workspace.write()
+    started = time.monotonic()
+    start_daemon(workspace)
+    assert time.monotonic() - started < 20
+    sinks: dict[str, bool] = {}
+    deadline = time.monotonic() + 20
+    while not {"local.artifact_stores.lake", "local.artifact_stores.down"} <= set(sinks):
+        assert time.monotonic() < deadline, sinks
+        time.sleep(0.2)
+        with contextlib.suppress(urllib.error.HTTPError):  # 503 until every check is up
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").read()
+            sinks = json.loads(body)["checks"]["sinks"]
+    assert sinks["local.artifact_stores.lake"] is True
+    assert sinks["local.artifact_stores.down"] is False
+    write_bundle(workspace.spool, "b1", model_manifest("clf", run_id="r1"), {"model.pkl": b"m"})
+    assert workspace.wait_settled(1)["events"] == {"done": 1}
+    assert (rclone_s3.root / rclone_s3.bucket / "warm" / "r1" / "clf" / "model.pkl").exists()
 
 
 def _vm_hwm_mib(pid: int) -> float:

@@ -265,6 +265,11 @@ class S3Store(BaseSink):
                     ) from exc
         return self._client
 
+    async def open(self) -> None:
+        client = await self._get_client()
+        if self.settings.conditional_writes == "auto":
+            await self._conditional_puts(client)
+
     async def close(self) -> None:
         await self._stack.aclose()
         self._client = None

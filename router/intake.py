@@ -72,11 +72,8 @@ def sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _resolve_in_bundle(
-    bundle: Path, root: Path, rel: str, field: str
-) -> tuple[Path | None, Problem | None]:
-    """The file a bundle path names (`root`: the bundle resolved), refusing anything
-    that leaves the bundle."""
+def _resolve_in_bundle(bundle: Path, rel: str, field: str) -> tuple[Path | None, Problem | None]:
+    """The file a bundle path names, refusing anything that leaves the bundle."""
     candidate = bundle / rel
     try:
         st = candidate.lstat()
@@ -90,7 +87,8 @@ def _resolve_in_bundle(
     if stat.S_ISREG(st.st_mode) and os.sep not in rel and rel not in (".", ".."):
         # The common case, a plain file at the top of the bundle: nothing to resolve
         # (realpath would lstat every component of the path from /).
-        return root / rel, None
+        return candidate, None
+    root = bundle.resolve()
     try:
         resolved = candidate.resolve(strict=True)
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
@@ -154,7 +152,6 @@ def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
         )
 
     event_id = manifest.id or name
-    root = bundle.resolve()
     problems: list[Problem] = []
     files: list[list[StagedFile]] = []
     detected: list[dict[str, str]] = []
@@ -171,7 +168,7 @@ def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
                     )
                 )
                 continue
-            resolved, problem = _resolve_in_bundle(bundle, root, entry.path, f"{field}.path")
+            resolved, problem = _resolve_in_bundle(bundle, entry.path, f"{field}.path")
             if problem is not None:
                 problems.append(problem)
                 continue

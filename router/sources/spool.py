@@ -58,7 +58,9 @@ class SpoolPaths:
 
 def _load_if_complete(path: Path) -> AcceptedEvent | Rejection | None:
     """Read a bundle if it is one (a directory with manifest.json), in a worker thread."""
-    if not path.is_dir() or not (path / "manifest.json").exists():
+    try:
+        os.lstat(path / "manifest.json")  # one stat: is it a directory with a manifest?
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return load_bundle(path, time.time())
 

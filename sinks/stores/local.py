@@ -133,6 +133,8 @@ class LocalStore(BaseSink):
                     return False
             except FileNotFoundError:
                 return True  # from here on nothing exists: we create real directories
+            except OSError:
+                return False  # a name too long, a file where a folder should be: the slow path says
         return True
 
     async def deliver(self, item: DeliveryItem) -> DeliveryResult:

@@ -204,10 +204,13 @@ class DaemonProcess:
     def wait_started(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log()}")
+            # The log first: a daemon may start and exit between two looks (a wrong
+            # password fails fast), and it did start.
+            exited = self.proc.poll() is not None
             if "artifact-router started" in self.log():
                 return
+            if exited:
+                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log()}")
             time.sleep(0.1)
         raise AssertionError(f"daemon did not start: {self.log()}")
 

@@ -204,8 +204,8 @@ class DaemonProcess:
     def wait_started(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            # The log first: a daemon may start and exit between two looks (a wrong
-            # password fails fast), and it did start.
+            # Poll, then read the log: a daemon may start and exit between two looks
+            # (a wrong password fails fast); the log says whether it started.
             exited = self.proc.poll() is not None
             if "artifact-router started" in self.log():
                 return

@@ -56,3 +56,37 @@ def test_daemons_sharing_the_files_never_write_a_key_twice(tmp_path: Path) -> No
     assert sum(written) == len(keys)
     lines = read_jsonl(tmp_path / "p" / "r.jsonl")
     assert sorted(r["key"] for r in lines) == sorted(keys)
+
+
+def test_batches_skip_keys_written_before_them_by_us_or_by_another_process(
+    tmp_path: Path,
+) -> None:
+    tracker = JsonlTracker("t", JsonlTrackerSettings(path=tmp_path))
+    first = asyncio.run(tracker.deliver_batch([item("a"), item("b"), item("a")]))
+    assert [r.skipped for r in first] == [False, False, False]  # "a" twice: written once
+    other = JsonlTracker("t", JsonlTrackerSettings(path=tmp_path))  # another daemon
+    assert not asyncio.run(other.deliver(item("c"))).skipped
+    second = asyncio.run(tracker.deliver_batch([item("b"), item("c"), item("d")]))
+    assert [r.skipped for r in second] == [True, True, False]
+    assert [r["key"] for r in read_jsonl(tracker.file_for("p", "r"))] == ["a", "b", "c", "d"]
+
+
+def _deliver_batches(root: str, keys: list[str], size: int) -> int:
+    tracker = JsonlTracker("t", JsonlTrackerSettings(path=Path(root), fsync=False))
+
+    async def run() -> int:
+        written = 0
+        for start in range(0, len(keys), size):
+            results = await tracker.deliver_batch([item(k) for k in keys[start:start + size]])
+            written += sum(not r.skipped for r in results)  # type: ignore[union-attr]
+        return written
+
+    return asyncio.run(run())
+
+
+def test_daemons_sharing_the_files_in_batches_never_write_a_key_twice(tmp_path: Path) -> None:
+    keys = [f"k{i}" for i in range(600)]
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        written = pool.starmap(_deliver_batches, [(str(tmp_path), keys, n) for n in (7, 50, 256)])
+    assert sum(written) == len(keys)
+    assert sorted(r["key"] for r in read_jsonl(tmp_path / "p" / "r.jsonl")) == sorted(keys)

@@ -145,11 +145,14 @@ class JsonlTracker(BaseSink):
                     fh.seek(size - 1)
                     if fh.read(1) != b"\n":
                         lead = b"\n"  # a crash tore the last line: start afresh
-                fh.write(lead + b"".join(written.values()))
+                data = lead + b"".join(written.values())
+                fh.write(data)
                 fh.flush()
                 if self.settings.fsync:
                     os.fsync(fh.fileno())
                 keys.update(written)
+                # Under the lock nobody else appended: our own lines need no re-reading.
+                self._seen[path] = (keys, size + len(data))
                 return set(written)
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -432,7 +432,7 @@ class DeliveryJournal:
             rows = await conn.execute(
                 sa.select(
                     events.c.id, events.c.bundle, events.c.source, events.c.state,
-                    events.c.record,
+                    _REPLY_TO,
                 ).where(
                     events.c.moved.is_(False),
                     events.c.state.in_(("done", "failed")),
@@ -442,7 +442,7 @@ class DeliveryJournal:
             return [
                 FinishedEvent(
                     event_id=r.id, bundle=r.bundle, source=r.source, state=r.state,
-                    reply_to=(r.record or {}).get("reply_to"),
+                    reply_to=r.reply_to,
                 )
                 for r in rows
             ]
@@ -657,6 +657,11 @@ def _kill_dependents(conn: sa.Connection, key: str, now: float) -> None:
         )
 
 
+# Only the receipt address of a finished event's record, extracted by the database
+# (json_extract / ->): decoding each whole record (manifest and all) cost more.
+_REPLY_TO = events.c.record["reply_to"].label("reply_to")
+
+
 def _finish_events(conn: sa.Connection, ids: set[str], now: float) -> list[FinishedEvent]:
     if not ids:
         return []
@@ -685,12 +690,12 @@ def _finish_events(conn: sa.Connection, ids: set[str], now: float) -> list[Finis
             sa.update(events)
             .where(events.c.id.in_(group), events.c.state != final)
             .values(state=final, finished_at=now, moved=False)
-            .returning(events.c.id, events.c.bundle, events.c.source, events.c.record)
+            .returning(events.c.id, events.c.bundle, events.c.source, _REPLY_TO)
         )
         finished += [
             FinishedEvent(
                 event_id=r.id, bundle=r.bundle, source=r.source, state=final,
-                reply_to=(r.record or {}).get("reply_to"),
+                reply_to=r.reply_to,
             )
             for r in rows
         ]

@@ -147,7 +147,10 @@ class LocalStore(BaseSink):
         return await asyncio.to_thread(self._deliver_batch, items)
 
     def _deliver_batch(self, items: list[DeliveryItem]) -> list[DeliveryResult | Exception]:
-        self._clean_stale_temps()
+        try:
+            self._clean_stale_temps()
+        except OSError as exc:  # the root is not writable (yet): every item waits
+            return [_os_error(self.root, exc)] * len(items)
         batch = [_Pending(item) for item in items]
         claimed: dict[Path, str] = {}  # destinations this batch writes -> their sha256
         try:

@@ -141,3 +141,18 @@ def test_keys_with_dot_segments_are_still_checked(store: LocalStore, src: Path, 
     else:
         assert isinstance(out, DeliveryResult)
         assert Path(out.objects[0].uri.removeprefix("file://")).is_relative_to(store.root)
+
+
+@pytest.mark.parametrize("have_syncfs", [True, False], ids=["syncfs", "fsync-per-file"])
+def test_both_ways_of_flushing_store_every_file(
+    store: LocalStore, src: Path, monkeypatch: pytest.MonkeyPatch, have_syncfs: bool
+) -> None:
+    """Linux flushes a batch with syncfs; elsewhere each file and folder is fsynced."""
+    monkeypatch.setattr("sinks.stores.local.HAVE_SYNCFS", have_syncfs)
+    batch = [item(str(i), f"d{i % 3}/r{i}", [staged(src, "m.bin", bytes([i]) * 10)])
+             for i in range(10)]
+    out = asyncio.run(store.deliver_batch(batch))
+    assert all(isinstance(r, DeliveryResult) for r in out)
+    for i in range(10):
+        assert (store.root / f"d{i % 3}" / f"r{i}" / "m.bin").read_bytes() == bytes([i]) * 10
+    assert temp_files(store) == []

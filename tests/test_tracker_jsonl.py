@@ -7,6 +7,8 @@ import multiprocessing
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from router.delivery import Action, ArtifactView, DeliveryContext, DeliveryItem
 from router.manifest import ArtifactKind
 from sinks.trackers.jsonl import JsonlTracker, JsonlTrackerSettings, read_jsonl
@@ -90,3 +92,17 @@ def test_daemons_sharing_the_files_in_batches_never_write_a_key_twice(tmp_path: 
         written = pool.starmap(_deliver_batches, [(str(tmp_path), keys, n) for n in (7, 50, 256)])
     assert sum(written) == len(keys)
     assert sorted(r["key"] for r in read_jsonl(tmp_path / "p" / "r.jsonl")) == sorted(keys)
+
+
+def test_without_syncfs_each_appended_file_is_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sinks.trackers.jsonl.HAVE_SYNCFS", False)
+    synced: list[Path] = []
+    monkeypatch.setattr("sinks.trackers.jsonl.fsync_paths", lambda paths: synced.extend(paths))
+    tracker = JsonlTracker("t", JsonlTrackerSettings(path=tmp_path))
+    out = asyncio.run(tracker.deliver_batch([item("a"), item("b")]))
+    assert [r.skipped for r in out] == [False, False]  # type: ignore[union-attr]
+    assert synced == [tracker.file_for("p", "r")]  # one file, flushed once
+    asyncio.run(tracker.deliver_batch([item("a")]))  # a replay writes nothing...
+    assert synced == [tracker.file_for("p", "r")]  # ...and flushes nothing

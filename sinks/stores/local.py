@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
 import stat
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, ClassVar
@@ -34,6 +31,7 @@ from sinks.base import (
     StoredObject,
     TransientError,
 )
+from sinks.durable import HAVE_SYNCFS, fsync_paths, syncfs
 
 __all__ = ["LocalStore", "LocalStoreSettings"]
 
@@ -42,20 +40,6 @@ TMP_DIR = ".router-tmp"  # in-progress copies; reserved: no key may start with i
 # A full disk or a read-only mount can be fixed by an operator: keep retrying.
 _TRANSIENT_ERRNOS = {errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EPERM, errno.EIO}
 _CLEAN_EVERY = 600.0  # seconds between sweeps of stale temp files
-
-
-def _load_syncfs() -> Callable[[int], int] | None:
-    """libc's syncfs(2) (Linux): flushes one file system, so a batch of files costs one
-    call instead of an fsync each.  None elsewhere: we fsync file by file."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        syncfs: Callable[[int], int] = libc.syncfs
-        return syncfs
-    except (OSError, AttributeError):
-        return None
-
-
-_SYNCFS = _load_syncfs()
 
 
 class LocalStoreSettings(SinkSettings):
@@ -239,7 +223,7 @@ class LocalStore(BaseSink):
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
                     out.write(chunk)
-                if self.settings.fsync and _SYNCFS is None:
+                if self.settings.fsync and not HAVE_SYNCFS:
                     out.flush()
                     os.fsync(out.fileno())
         except BaseException:
@@ -281,21 +265,10 @@ class LocalStore(BaseSink):
     def _flush(self, directories: set[Path] | None = None) -> None:
         if not self.settings.fsync:
             return
-        if _SYNCFS is not None:
-            fd = os.open(self.root, os.O_RDONLY)
-            try:
-                if _SYNCFS(fd) != 0:
-                    code = ctypes.get_errno()
-                    raise OSError(code, os.strerror(code), str(self.root))
-            finally:
-                os.close(fd)
-            return
-        for directory in directories or ():  # files were fsynced as they were copied
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if HAVE_SYNCFS:
+            syncfs(self.root)
+        else:  # files were fsynced as they were copied; their folders now
+            fsync_paths(directories or ())
 
     def _clean_stale_temps(self) -> None:
         """Remove temp files an attempt killed mid-copy left behind (older than an hour);

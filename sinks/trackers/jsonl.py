@@ -3,6 +3,7 @@
 The local default so a fresh install logs metrics with no server.  Each line carries
 its delivery key; a replay finds the key already in the file and writes nothing, so a
 SIGKILL between the append and the journal update never duplicates a metric point.
+A batch of deliveries is appended file by file and made durable with one flush.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import orjson
 
 from router.rules import sanitise_segment
 from sinks.base import BaseSink, DeliveryItem, DeliveryResult, SinkSettings, TransientError
+from sinks.durable import HAVE_SYNCFS, fsync_paths, syncfs
 
 __all__ = ["JsonlTracker", "JsonlTrackerSettings", "read_jsonl"]
 
@@ -95,7 +97,10 @@ class JsonlTracker(BaseSink):
 
     def _append_all(self, by_path: dict[Path, list[tuple[int, str, bytes]]], n: int
                     ) -> list[DeliveryResult | Exception]:
+        """Append to each file under its lock, then make the whole batch durable with one
+        flush (syncfs) before any delivery is reported done."""
         out: list[DeliveryResult | Exception] = [TransientError("not attempted")] * n
+        appended: list[Path] = []
         for path, rows in by_path.items():
             try:
                 with self._locks[hash(path) % _LOCK_STRIPES]:
@@ -104,8 +109,18 @@ class JsonlTracker(BaseSink):
                 for index, _, _ in rows:
                     out[index] = TransientError(f"{path}: {exc.strerror}")
                 continue
+            if written:
+                appended.append(path)
             for index, key, _ in rows:
                 out[index] = DeliveryResult(uri=f"file://{path}", skipped=key not in written)
+        if appended and self.settings.fsync:
+            try:
+                if HAVE_SYNCFS:
+                    syncfs(self.root)
+                else:
+                    fsync_paths(appended)
+            except OSError as exc:  # not known durable: retried (a replay writes nothing)
+                return [TransientError(f"{self.root}: {exc.strerror}")] * n
         return out
 
     def _append_once(self, path: Path, rows: list[tuple[str, bytes]]) -> set[str]:
@@ -147,9 +162,7 @@ class JsonlTracker(BaseSink):
                         lead = b"\n"  # a crash tore the last line: start afresh
                 data = lead + b"".join(written.values())
                 fh.write(data)
-                fh.flush()
-                if self.settings.fsync:
-                    os.fsync(fh.fileno())
+                fh.flush()  # durable once the batch is flushed (_append_all)
                 keys.update(written)
                 # Under the lock nobody else appended: our own lines need no re-reading.
                 self._seen[path] = (keys, size + len(data))

@@ -242,7 +242,8 @@ class Dispatcher:
         (their per-call costs, a thread hop and a flush to disk, are paid once)."""
         batches: dict[str, list[ClaimedDelivery]] = {}
         for delivery in claimed:
-            if self.pool.batch_size(delivery.stack, delivery.component) > 1:
+            if (delivery.action != Action.DEPLOY.value  # deploys check for supersession
+                    and self.pool.batch_size(delivery.stack, delivery.component) > 1):
                 batches.setdefault(delivery.sink_id, []).append(delivery)
             else:
                 self._start([delivery], self._attempt(delivery))

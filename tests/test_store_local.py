@@ -156,3 +156,20 @@ def test_both_ways_of_flushing_store_every_file(
     for i in range(10):
         assert (store.root / f"d{i % 3}" / f"r{i}" / "m.bin").read_bytes() == bytes([i]) * 10
     assert temp_files(store) == []
+
+
+def test_a_failed_item_claims_no_key_for_the_rest_of_its_batch(
+    store: LocalStore, src: Path
+) -> None:
+    """An item whose second file fails writes nothing, so a later item of the batch
+    with the same content at the same key must still write it, not take it as there."""
+    edited = staged(src, "b.bin", b"as accepted")
+    edited.path.write_bytes(b"edited since")  # type: ignore[union-attr]
+    out = asyncio.run(store.deliver_batch([
+        item("a", "k", [staged(src, "a.bin", b"same"), edited]),
+        item("b", "k", [staged(src, "a.bin", b"same")]),
+    ]))
+    assert isinstance(out[0], PermanentError)
+    assert isinstance(out[1], DeliveryResult) and not out[1].skipped
+    assert (store.root / "k" / "a.bin").read_bytes() == b"same"
+    assert not (store.root / "k" / "b.bin").exists()

@@ -167,7 +167,9 @@ class LocalStore(BaseSink):
         )
 
     def _stage(self, pending: _Pending, claimed: dict[Path, str]) -> None:
-        """Check each file against what is there and copy it to a temp file."""
+        """Check each file against what is there and copy it to a temp file; the item's
+        destinations join `claimed` only once all its files are staged."""
+        mine: dict[Path, str] = {}
         item = pending.item
         if item.target is None:
             raise PermanentError("store delivery without a target key")
@@ -189,7 +191,8 @@ class LocalStore(BaseSink):
                 key = versioned_key(key, item.artifact.version)
             dest = self._path_for(key)
             # An earlier item of this batch counts as already there.
-            existing = claimed.get(dest) or (file_sha256(dest) if dest.exists() else None)
+            existing = (claimed.get(dest) or mine.get(dest)
+                        or (file_sha256(dest) if dest.exists() else None))
             unchanged = existing == staged.sha256
             if existing is not None and not unchanged and on_conflict != "overwrite":
                 raise PermanentError(
@@ -200,7 +203,7 @@ class LocalStore(BaseSink):
                 )
             if not unchanged:
                 pending.renames.append((self._copy(staged.path, dest, staged.sha256), dest))
-                claimed[dest] = staged.sha256
+                mine[dest] = staged.sha256
             pending.objects.append(
                 StoredObject(
                     file_name=staged.name,
@@ -210,6 +213,7 @@ class LocalStore(BaseSink):
                     version_id="unchanged" if unchanged else None,
                 )
             )
+        claimed.update(mine)
 
     def _copy(self, source: Path, dest: Path, expected_sha256: str) -> Path:
         """Copy to a temp file, hashing on the way; the temp file's path."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -100,6 +101,9 @@ class DaemonUnderTest:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "daemon.log"
 
+    start_timeout = 30.0  # seconds until the daemon must be ready
+    settle = 0.3  # the spool watcher is up once the schema exists and the loop idles
+
     def start(self, env: dict[str, str] | None = None) -> None:
         self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -108,14 +112,24 @@ class DaemonUnderTest:
             stdout=self._log, stderr=subprocess.STDOUT, cwd=self.root,
             env={**os.environ, **(env or {})},
         )
-        deadline = time.monotonic() + 30
-        while not self.db_path.exists() or not self._ready():
+        deadline = time.monotonic() + self.start_timeout
+        while not self._ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
                 raise RuntimeError(f"daemon did not start: {self.log.read_text()[-3000:]}")
             time.sleep(0.05)
-        time.sleep(0.3)  # the watcher is up once the schema exists and the loop idles
+        time.sleep(self.settle)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        with contextlib.suppress(Exception):
+            self._log.close()
 
     def _ready(self) -> bool:
+        if not self.db_path.exists():
+            return False
         try:
             with sqlite3.connect(self.db_path, timeout=5) as conn:
                 conn.execute("select count(*) from events").fetchone()

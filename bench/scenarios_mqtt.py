@@ -24,11 +24,8 @@ ratio is the speed-up of two over one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -185,22 +182,10 @@ class MqttDaemon(DaemonUnderTest):
             settings["journal_url"] = pg_url
         super().__init__(root, _stack(root), settings)
 
-    def start(self, env: dict[str, str] | None = None) -> None:
-        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", "run", "--config", str(self.config),
-             "--log-level", "WARNING"],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.root,
-            env={**os.environ, **(env or {})},
-        )
-        deadline = time.monotonic() + 60
-        while not self._healthy():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"daemon did not start: {self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
+    start_timeout = 60.0
+    settle = 0.0  # ready means subscribed (/healthz)
 
-    def _healthy(self) -> bool:
+    def _ready(self) -> bool:
         url = f"http://127.0.0.1:{self.http_port}/healthz"
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
@@ -218,13 +203,6 @@ class MqttDaemon(DaemonUnderTest):
             if line.startswith('router_component_received_events_total{component="mqtt"'):
                 return int(float(line.rsplit(" ", 1)[1]))
         return 0
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        with contextlib.suppress(Exception):
-            self._log.close()
 
     # --- reading the journal ------------------------------------------------------------
 

@@ -11,14 +11,17 @@
 
 Artifacts carry metadata, checksum, version, files, locations and lineage inputs, as
 `artifact-router artifacts --json` prints them.  The file endpoint serves only what the
-catalog says the router itself wrote: a `file://` store location, or (when `spool` is
-given) the file in the artifact's spool bundle.  Errors are JSON: {"error": "..."}.
+catalog says the router itself wrote or accepted: a `file://` store location, the file
+in the artifact's spool bundle, or for MQTT the inline file intake wrote (also once
+retired to mqtt-done) or the `file://` file it accepted under `router.mqtt.allowed_roots`
+(re-checked, symlinks resolved, on every request).  Errors are JSON: {"error": "..."}.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -35,8 +38,9 @@ from router.catalog_read import (
     resolve_refs,
 )
 from router.db import Database
+from router.sources import inline_roots, retired_path
 
-__all__ = ["API_PREFIX", "add_routes"]
+__all__ = ["API_PREFIX", "LocalCopies", "add_routes"]
 
 API_PREFIX = "/api/v1"
 _MAX_LIMIT = 100_000
@@ -82,10 +86,27 @@ def _dump(rows: list[Any]) -> list[dict[str, Any]]:
     return [r.model_dump(mode="json") for r in rows]
 
 
+@dataclass(frozen=True)
+class LocalCopies:
+    """Where copies of files that were not uploaded may be served from: spool bundles,
+    the MQTT inline folders under the state directory, and `router.mqtt.allowed_roots`
+    (the only places intake reads or writes such files)."""
+
+    spool: Path | None = None
+    state_dir: Path | None = None
+    allowed_roots: tuple[Path, ...] = ()
+
+    def roots(self) -> list[Path]:
+        inline = list(inline_roots(self.state_dir)) if self.state_dir is not None else []
+        return inline + [Path(r).expanduser().resolve() for r in self.allowed_roots]
+
+
 def _local_file(
-    row: ArtifactRow, name: str, bundles: dict[str, str], spool_root: Path | None
+    row: ArtifactRow, name: str, bundles: dict[str, str], copies: LocalCopies
 ) -> Path | None:
-    """The file on this machine: a file:// store location, else its spool bundle's copy."""
+    """The file on this machine: a file:// store location, else the copy intake kept (a
+    spool bundle's file; for MQTT the inline file the router wrote, or where it moved
+    once delivered, or the file:// path it accepted), only while under `copies`' roots."""
     for loc in row.locations:
         if loc.action != "store" or loc.file_name != name:
             continue
@@ -95,8 +116,22 @@ def _local_file(
             if path.is_file():
                 return path
     staged = next((f for f in row.files if f.get("name") == name), None)
+    if not staged or not staged.get("path"):
+        return None
+    direct = Path(str(staged["path"]))
+    if direct.is_absolute():
+        roots = copies.roots()
+        retired = retired_path(direct, copies.state_dir) if copies.state_dir else None
+        for candidate in (direct, retired):
+            if candidate is None:
+                continue
+            resolved = candidate.resolve()
+            if any(resolved == r or r in resolved.parents for r in roots) and resolved.is_file():
+                return resolved
+        return None
     bundle = bundles.get(row.event_id)
-    if spool_root is not None and staged and staged.get("path") and bundle:
+    if copies.spool is not None and bundle:
+        spool_root = copies.spool.resolve()
         for state in _SPOOL_STATES:
             base = (spool_root / state / bundle).resolve()
             path = (base / str(staged["path"])).resolve()
@@ -106,14 +141,15 @@ def _local_file(
 
 
 def add_routes(
-    app: web.Application, db: Database, *, spool: str | Path | None = None
+    app: web.Application, db: Database, *, spool: str | Path | None = None,
+    copies: LocalCopies | None = None,
 ) -> None:
     """Register the read-only catalog endpoints on `app` (GET only).
 
-    `spool` (the daemon's spool root) lets the file endpoint serve files of artifacts
-    that were not uploaded to a store, from their bundle in the spool.
+    `copies` (or just `spool`, the daemon's spool root) lets the file endpoint serve
+    files of artifacts that were not uploaded to a store, where intake kept them.
     """
-    spool_root = Path(spool).resolve() if spool is not None else None
+    copies = copies or LocalCopies(spool=Path(spool) if spool is not None else None)
 
     async def runs(request: web.Request) -> web.StreamResponse:
         async with db.read() as conn:
@@ -178,7 +214,7 @@ def add_routes(
             bundles = await bundles_of(conn, [row.event_id]) if row is not None else {}
         if row is None:
             return _error(404, f"no artifact {request.match_info['id']} in the catalog")
-        path = await asyncio.to_thread(_local_file, row, name, bundles, spool_root)
+        path = await asyncio.to_thread(_local_file, row, name, bundles, copies)
         if path is not None:
             return web.FileResponse(path)
         remote = [loc.uri for loc in row.locations if loc.file_name == name]

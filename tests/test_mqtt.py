@@ -793,6 +793,44 @@ def test_publish_manifest_inlines_small_files_and_references_large_ones_v311(
 
 
 @needs_v5
+def test_an_event_with_nothing_to_deliver_gets_its_receipt_and_its_files_served(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    """Nothing uploaded: the event is done at intake. Its receipt goes out at once, its
+    inline file moves to mqtt-done, and the HTTP file endpoint serves that file and the
+    file:// file under an allowed root, as it serves spool bundles' files."""
+    files_dir = tmp_path / "job-output"
+    files_dir.mkdir()
+    (files_dir / "big.bin").write_bytes(os.urandom(50_000))
+    (files_dir / "small.csv").write_bytes(b"a,b\n1,2\n")
+    port = free_port()
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, listen=f"127.0.0.1:{port}", mqtt={
+        "allowed_roots": [str(files_dir)], "inline_max_bytes": 4096, "receipts": True})
+    settings = MqttSettings(**ws.router["mqtt"])
+    manifest = {"manifest_version": 1, "id": "kept-1", "pipeline": "p", "run_id": "r1",
+                "step_name": "s", "artifacts": [
+                    {"type": "dataset", "name": "small", "upload": False,
+                     "files": [{"path": "small.csv"}]},
+                    {"type": "dataset", "name": "big", "upload": False,
+                     "files": [{"path": "big.bin"}]}]}
+    replies = Collector(mqtt_broker, "artifacts/receipts/#")
+    start_subscribed(start_daemon, ws)
+    asyncio.run(publish_manifest(settings, manifest, [files_dir / "small.csv",
+                                                      files_dir / "big.bin"]))
+    (receipt,) = replies.wait_for(1, timeout=30)
+    replies.close()
+    assert json.loads(receipt.payload)["event_id"] == "kept-1"
+    assert ws.wait_settled(1, timeout=60)["deliveries"]["done"] == 0  # nothing to deliver
+    assert list((ws.root / "state" / "mqtt-done").rglob("small.csv")), "done: retired"
+    assert not list((ws.root / "state" / "mqtt").rglob("small.csv"))
+    rows = {r["name"]: r for r in json.loads(ws.cli("artifacts", "--json").stdout)}
+    for name, file_name in (("small", "small.csv"), ("big", "big.bin")):
+        url = f"http://127.0.0.1:{port}/api/v1/artifacts/{rows[name]['id']}/files/{file_name}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.read() == (files_dir / file_name).read_bytes(), name
+
+
+@needs_v5
 def test_publish_to_a_topic_nobody_reads_is_an_error(mqtt_broker: Broker) -> None:
     settings = MqttSettings(**mqtt_broker.mqtt_settings(topics=["nobody-listens/#"]))
     manifest = metrics_manifest(1)

@@ -502,3 +502,38 @@ def test_http_binds_where_configured(tmp_path: Path, start_daemon: Start) -> Non
     assert listening_sockets(daemon.proc.pid) == [("0.0.0.0", port)]
     assert connects("127.0.0.1", port)
     assert daemon.terminate() == 0
+
+
+def test_the_http_file_endpoint_serves_absolute_paths_only_under_intake_roots(
+    tmp_path: Path,
+) -> None:
+    """A catalogued absolute path (MQTT intake) is served only while it, symlinks
+    resolved, is under the state directory's inline folders or an allowed root."""
+    from router.catalog import ArtifactRow
+    from router.http_api import LocalCopies, _local_file
+
+    state, allowed, outside = tmp_path / "state", tmp_path / "allowed", tmp_path / "outside"
+    for folder in (state / "mqtt" / "e1" / "0", allowed, outside):
+        folder.mkdir(parents=True)
+    (state / "mqtt" / "e1" / "0" / "a.csv").write_bytes(b"inline")
+    (allowed / "b.bin").write_bytes(b"referenced")
+    (outside / "secret").write_bytes(b"not an artifact")
+    (allowed / "link").symlink_to(outside / "secret")
+    copies = LocalCopies(state_dir=state, allowed_roots=(allowed,))
+
+    def served(path: Path) -> Path | None:
+        row = ArtifactRow(id=1, event_id="e1", pipeline="p", run_id="r", step_name="s",
+                          name="n", kind="dataset", version="1", upload=False, created_at=0,
+                          files=[{"name": "f", "path": str(path)}])
+        return _local_file(row, "f", {}, copies)
+
+    assert served(state / "mqtt" / "e1" / "0" / "a.csv") == (state / "mqtt" / "e1" / "0" / "a.csv")
+    assert served(allowed / "b.bin") == allowed / "b.bin"
+    assert served(outside / "secret") is None
+    assert served(allowed / "link") is None  # resolves outside every root
+    assert served(Path("/etc/passwd")) is None
+    # delivered inline files are found where they were retired to
+    retired = state / "mqtt-done" / "e1" / "0"
+    retired.mkdir(parents=True)
+    os.replace(state / "mqtt" / "e1" / "0" / "a.csv", retired / "a.csv")
+    assert served(state / "mqtt" / "e1" / "0" / "a.csv") == retired / "a.csv"

@@ -1135,12 +1135,18 @@ class MqttSource:
         by_id = {i.event_id: i for i in items if i.event is not None}
         outcomes = await self.journal.accept(events, self.planner) if events else []
         accepted = False
+        finished: list[FinishedEvent] = []  # nothing to deliver: done at intake
         for outcome in outcomes:
             item = by_id[outcome.event_id]
             item.outcome = outcome.outcome
             if outcome.outcome == "accepted":
                 accepted = True
                 self.stats["accepted"] += 1
+                if outcome.deliveries == 0 and item.event is not None:
+                    finished.append(FinishedEvent(
+                        event_id=outcome.event_id, bundle=None, source=self.source_name,
+                        state="done", reply_to=item.event.reply_to,
+                    ))
                 if outcome.detail:
                     log.warning("event accepted with plan errors", event_id=outcome.event_id,
                                 errors=outcome.detail)
@@ -1156,6 +1162,8 @@ class MqttSource:
                         message="this event id was already accepted with a different "
                         "manifest; give the new manifest its own 'id'")],
                 )
+        if finished:  # no dispatcher tick will report them: receipt and retire now
+            await self.on_finished(finished)
         duplicates = [i.event_id for i in items if i.outcome == "duplicate" and i.event_id]
         if duplicates and self.settings.receipts:
             await self._resend_receipts(duplicates, by_id)

@@ -22,10 +22,10 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from router.config import LoadedConfig, select_stack
+from router.config import LoadedConfig, load_config, select_stack
 from router.db import Database
 from router.dispatcher import Dispatcher, SinkPool
-from router.errors import Problem, did_you_mean
+from router.errors import ConfigError, Problem, did_you_mean
 from router.intake import AcceptedEvent
 from router.journal import DeliveryJournal, FinishedEvent
 from router.manifest import upload_override
@@ -84,6 +84,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._warm_up: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[bool]] = set()
         self.upload_all = upload_override()
 
     # --- planning -------------------------------------------------------------------
@@ -176,6 +177,8 @@ class Daemon:
             # Not available off the main thread or on Windows: stop via request_stop().
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         log.info(
             "artifact-router started",
             config=self.loaded.source,
@@ -214,6 +217,51 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the config file (see `reload`)."""
+        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> bool:
+        """Re-read the config: its stacks and routing rules apply to events accepted from
+        now on (journaled events keep the plan they were accepted with). `router:`
+        settings (spool, journal, MQTT, concurrency) need a restart and are kept. A file
+        that does not load, or whose default stack needs a sink this build lacks, is
+        refused with the reason, and the running config stays."""
+        try:
+            loaded = await asyncio.to_thread(load_config, self.loaded.path)
+            name = select_stack(loaded.config, flag=self.stack_flag)
+            missing = [
+                f"{path} type {comp.type!r}"
+                for path, comp in loaded.config.stacks[name].components()
+                if comp.type not in SINK_TYPES
+            ]
+            if missing:
+                raise ConfigError(loaded.source, [Problem(
+                    field=f"stacks.{name}", message=f"needs sinks this build lacks: "
+                    f"{', '.join(missing)}")])
+        except (ConfigError, KeyError) as exc:
+            log.error("config reload refused; the running config stays", error=str(exc))
+            self.metrics.errors.labels(
+                component="daemon", error_type="config", stage="reload").inc()
+            return False
+        if loaded.config.router != self.config.router:
+            changed = sorted(
+                k for k, v in loaded.config.router.model_dump().items()
+                if self.config.router.model_dump().get(k) != v
+            )
+            log.warning("router settings changed; they apply after a restart",
+                        settings=changed)
+        config = loaded.config.model_copy(update={"router": self.config.router})
+        self.loaded = loaded.model_copy(update={"config": config})
+        self.config = config
+        self.pool.replace_config(config)
+        await self.pool.warm_up(select_stack(config, flag=self.stack_flag))
+        log.info("config reloaded", config=loaded.source, stack=select_stack(
+            config, flag=self.stack_flag), warnings=loaded.warnings or None)
+        return True
 
     async def close(self) -> None:
         if self._warm_up is not None:

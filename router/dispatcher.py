@@ -66,6 +66,19 @@ class SinkPool:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self._sinks: dict[str, Any] = {}
+        self._retired: list[Any] = []  # replaced by a reload; closed at the end
+
+    def replace_config(self, config: RouterConfig) -> None:
+        """A reloaded config: sinks whose settings changed (or that are gone) are built
+        afresh on next use; the old instances finish what they hold, closed at close()."""
+        old, self.config = self.config, config
+        for sink_id in list(self._sinks):
+            stack, component = sink_id.split(".", 1)
+            before, after = old.stacks.get(stack), config.stacks.get(stack)
+            if (before.component(component) if before else None) != (
+                after.component(component) if after else None
+            ):
+                self._retired.append(self._sinks.pop(sink_id))
 
     def _component(self, stack: str, component: str) -> Any:
         found = self.config.stacks.get(stack)
@@ -133,10 +146,11 @@ class SinkPool:
         return out
 
     async def close(self) -> None:
-        for sink in self._sinks.values():
+        for sink in [*self._sinks.values(), *self._retired]:
             with contextlib.suppress(Exception):
                 await sink.close()
         self._sinks.clear()
+        self._retired.clear()
 
 
 class Dispatcher:

@@ -264,9 +264,10 @@ class Daemon:
         return True
 
     async def close(self) -> None:
-        if self._warm_up is not None:
-            self._warm_up.cancel()
-            await asyncio.gather(self._warm_up, return_exceptions=True)
+        pending = [t for t in (self._warm_up, *self._reloads) if t is not None]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.pool.close()

@@ -47,3 +47,22 @@ def test_retention_zero_keeps_everything(tmp_path: Path) -> None:
     os.utime(paths.done / "old", (0, 0))
     source._prune_done()
     assert (paths.done / "old").is_dir()
+
+
+def test_deliveries_never_read_a_bundle_still_in_incoming(tmp_path: Path) -> None:
+    """After a crash between commit and rename, a journaled bundle sits in incoming/
+    until intake moves it (as a duplicate): deliveries must wait for that, not read
+    files that vanish under them."""
+    import asyncio
+
+    paths = SpoolPaths(tmp_path)
+    paths.ensure()
+    source = SpoolSource(paths, _NoJournal(), lambda e, v: None,  # type: ignore[arg-type,return-value]
+                         preflight=lambda e: None, on_accepted=lambda: None,
+                         metrics=RouterMetrics())
+    for folder, name in ((paths.incoming, "moving"), (paths.accepted, "settled"),
+                         (paths.failed, "parked")):
+        (folder / name).mkdir()
+    found = asyncio.run(source.locate_many(["moving", "settled", "parked", "gone"]))
+    assert found == {"moving": None, "settled": paths.accepted / "settled",
+                     "parked": paths.failed / "parked", "gone": None}

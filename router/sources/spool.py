@@ -320,10 +320,20 @@ class SpoolSource:
 
     async def locate_many(self, bundles: list[str]) -> dict[str, Path | None]:
         """Where journaled bundles are now, in one thread hop; waits while any is being
-        renamed out of incoming/, so that a delivery never reads from a moving path."""
+        renamed out of incoming/, so that a delivery never reads from a moving path.
+
+        A journaled bundle still in incoming/ (a crash came between the commit and the
+        rename) is about to move too: intake will find it a duplicate and move it to
+        accepted/. None for it, then: the delivery is retried and finds it there,
+        instead of reading files that vanish mid-copy."""
         for moving in {id(e): e for b in bundles if (e := self._in_transit.get(b))}.values():
             await moving.wait()
-        return await asyncio.to_thread(lambda: {b: self.paths.locate(b) for b in bundles})
+
+        def where(bundle: str) -> Path | None:
+            found = self.paths.locate(bundle)
+            return None if found is not None and found.parent == self.paths.incoming else found
+
+        return await asyncio.to_thread(lambda: {b: where(b) for b in bundles})
 
     async def _settle_duplicate(self, event: AcceptedEvent) -> None:
         """Same id, same content: a replay (or our own crash between commit and move)."""

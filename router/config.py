@@ -1037,6 +1037,21 @@ def _read_yaml(file: Path, source: str) -> Any:
         raise ConfigError(source, [problem]) from None
 
 
+def config_secrets(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+                   ) -> set[str]:
+    """Secret values a config file holds (interpolated), even when it does not validate:
+    for redacting them from a reload's error.  Empty when it cannot be read at all."""
+    from router.logs import secret_values
+
+    if path is None:
+        return set()
+    try:
+        raw = _read_yaml(Path(path), str(path))
+    except ConfigError:
+        return set()
+    return secret_values(_interpolate(raw, os.environ if env is None else env, "", []))
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,

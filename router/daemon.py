@@ -22,12 +22,13 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from router.config import LoadedConfig, load_config, select_stack
+from router.config import LoadedConfig, config_secrets, load_config, select_stack
 from router.db import Database
 from router.dispatcher import Dispatcher, SinkPool
 from router.errors import ConfigError, Problem, did_you_mean
 from router.intake import AcceptedEvent
 from router.journal import DeliveryJournal, FinishedEvent
+from router.logs import add_secrets
 from router.manifest import upload_override
 from router.metrics import RouterMetrics
 from router.rules import RoutePlan, plan_event
@@ -230,6 +231,8 @@ class Daemon:
         settings (spool, journal, MQTT, concurrency) need a restart and are kept. A file
         that does not load, or whose default stack needs a sink this build lacks, is
         refused with the reason, and the running config stays."""
+        # Before anything is logged about the new file: its secrets are redacted too.
+        add_secrets(await asyncio.to_thread(config_secrets, self.loaded.path))
         try:
             loaded = await asyncio.to_thread(load_config, self.loaded.path)
             name = select_stack(loaded.config, flag=self.stack_flag)

@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "secret_values"]
+__all__ = ["add_secrets", "configure_logging", "secret_values"]
 
 
 def secret_values(tree: Any, *, _key: str = "") -> set[str]:
@@ -28,8 +28,18 @@ def secret_values(tree: Any, *, _key: str = "") -> set[str]:
     return found
 
 
+_SECRETS: list[str] = []  # longest first, so a secret containing another goes first
+
+
+def add_secrets(values: Iterable[str]) -> None:
+    """More values to redact (a reloaded config's), besides those given at start."""
+    _SECRETS[:] = sorted(set(_SECRETS) | set(values), key=len, reverse=True)
+
+
 def _redactor(secrets: Iterable[str]) -> Any:
-    ordered = sorted(set(secrets), key=len, reverse=True)
+    _SECRETS[:] = []
+    add_secrets(secrets)
+    ordered = _SECRETS
 
     def scrub(value: Any) -> Any:
         if isinstance(value, str):

@@ -324,13 +324,15 @@ def test_sighup_reloads_the_rules_mid_stream_and_refuses_a_bad_config(
         assert [p.read_bytes() for p in places if p.exists()] == [f"a{i}".encode()]
         assert (store2 / new.format(run=f"b{i}")).read_bytes() == f"b{i}".encode()
 
-    # A config that does not load is refused with its reason; the last good one stays.
-    workspace.stack["artifact_store"]["type"] = "nope"
+    # A config that does not load is refused with its reason (secrets in it redacted);
+    # the last good one stays.
+    workspace.stack["artifact_store"]["password"] = "hush-secret-42"  # not a local setting
     workspace.write()
     seen = len(daemon.log())
     daemon.proc.send_signal(signal.SIGHUP)
     refused = _wait_log(daemon, "config reload refused", seen)
-    assert "nope" in refused and "artifact_store" in refused, refused
+    assert "artifact_store.password" in refused and "unknown setting" in refused, refused
+    assert "hush-secret-42" not in daemon.log()
     write_bundle(workspace.spool, "c1", model_manifest("clf", run_id="c1"), {"model.pkl": b"c"})
     landed = store2 / new.format(run="c1")
     deadline = time.monotonic() + 30
@@ -338,7 +340,7 @@ def test_sighup_reloads_the_rules_mid_stream_and_refuses_a_bad_config(
         assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.log()
         time.sleep(0.05)
     assert landed.read_bytes() == b"c"
-    workspace.stack["artifact_store"]["type"] = "local"
+    del workspace.stack["artifact_store"]["password"]
     workspace.write()  # for the CLI below
     assert workspace.wait_settled(61)["events"] == {"done": 61}
     assert daemon.terminate() == 0

@@ -22,7 +22,13 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from router.config import LoadedConfig, config_secrets, load_config, select_stack
+from router.config import (
+    LoadedConfig,
+    RouterConfig,
+    config_secrets,
+    load_config,
+    select_stack,
+)
 from router.db import Database
 from router.dispatcher import Dispatcher, SinkPool
 from router.errors import ConfigError, Problem, did_you_mean
@@ -124,15 +130,24 @@ class Daemon:
 
     # --- lifecycle ------------------------------------------------------------------
 
+    def missing_sinks(self, config: RouterConfig) -> tuple[str, list[str]]:
+        """The stack this daemon routes to by default, and its components whose sink type
+        this build lacks."""
+        name = select_stack(config, flag=self.stack_flag)
+        return name, [
+            f"{path} type {comp.type!r}"
+            for path, comp in config.stacks[name].components()
+            if comp.type not in SINK_TYPES
+        ]
+
     def check_sinks(self) -> None:
         """Refuse to start when the default stack needs a sink this build lacks."""
-        name = select_stack(self.config, flag=self.stack_flag)
-        for path, comp in self.config.stacks[name].components():
-            if comp.type not in SINK_TYPES:
-                raise SystemExit(
-                    f"stack {name!r}: {path} type {comp.type!r} is not available in this build; "
-                    "choose another stack with --stack or ROUTER_STACK"
-                )
+        name, missing = self.missing_sinks(self.config)
+        if missing:
+            raise SystemExit(
+                f"stack {name!r}: {', '.join(missing)} not available in this build; "
+                "choose another stack with --stack or ROUTER_STACK"
+            )
 
     async def start(self) -> None:
         self.check_sinks()
@@ -178,6 +193,7 @@ class Daemon:
             # Not available off the main thread or on Windows: stop via request_stop().
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
+        # No SIGHUP on Windows (AttributeError): reload by restarting there.
         with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         log.info(
@@ -235,12 +251,7 @@ class Daemon:
         add_secrets(await asyncio.to_thread(config_secrets, self.loaded.path))
         try:
             loaded = await asyncio.to_thread(load_config, self.loaded.path)
-            name = select_stack(loaded.config, flag=self.stack_flag)
-            missing = [
-                f"{path} type {comp.type!r}"
-                for path, comp in loaded.config.stacks[name].components()
-                if comp.type not in SINK_TYPES
-            ]
+            name, missing = self.missing_sinks(loaded.config)
             if missing:
                 raise ConfigError(loaded.source, [Problem(
                     field=f"stacks.{name}", message=f"needs sinks this build lacks: "

@@ -255,14 +255,17 @@ class Dispatcher:
         """One task per delivery, or per batch for sinks that take many in one call
         (their per-call costs, a thread hop and a flush to disk, are paid once)."""
         batches: dict[str, list[ClaimedDelivery]] = {}
+        sizes: dict[str, int] = {}
         for delivery in claimed:
-            if (delivery.action != Action.DEPLOY.value  # deploys check for supersession
-                    and self.pool.batch_size(delivery.stack, delivery.component) > 1):
+            if delivery.sink_id not in sizes:
+                sizes[delivery.sink_id] = self.pool.batch_size(delivery.stack, delivery.component)
+            # Deploys go one by one: each checks first that no newer deploy superseded it.
+            if delivery.action != Action.DEPLOY.value and sizes[delivery.sink_id] > 1:
                 batches.setdefault(delivery.sink_id, []).append(delivery)
             else:
                 self._start([delivery], self._attempt(delivery))
-        for group in batches.values():
-            size = self.pool.batch_size(group[0].stack, group[0].component)
+        for sink_id, group in batches.items():
+            size = sizes[sink_id]
             for i in range(0, len(group), size):
                 chunk = group[i : i + size]
                 self._start(chunk, self._attempt_batch(chunk))

@@ -16,6 +16,7 @@ from router.delivery import (
 )
 
 __all__ = [
+    "BaseBatchSink",
     "BaseSink",
     "BatchSink",
     "DeliveryItem",
@@ -87,3 +88,18 @@ class BaseSink(abc.ABC):
 
     async def close(self) -> None:
         return None
+
+
+class BaseBatchSink(BaseSink):
+    """Base for sinks whose work is done in batches: `deliver` is a batch of one."""
+
+    @abc.abstractmethod
+    async def deliver_batch(
+        self, items: list[DeliveryItem]
+    ) -> list[DeliveryResult | Exception]: ...
+
+    async def deliver(self, item: DeliveryItem) -> DeliveryResult:
+        (outcome,) = await self.deliver_batch([item])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome

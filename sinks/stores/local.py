@@ -23,7 +23,7 @@ from typing import BinaryIO, ClassVar
 
 from router.rules import object_key
 from sinks.base import (
-    BaseSink,
+    BaseBatchSink,
     DeliveryItem,
     DeliveryResult,
     PermanentError,
@@ -79,7 +79,7 @@ class _Pending:
     error: Exception | None = None
 
 
-class LocalStore(BaseSink):
+class LocalStore(BaseBatchSink):
     Settings = LocalStoreSettings
     settings: LocalStoreSettings
 
@@ -120,12 +120,6 @@ class LocalStore(BaseSink):
             except OSError:
                 return False  # a name too long, a file where a folder should be: the slow path says
         return True
-
-    async def deliver(self, item: DeliveryItem) -> DeliveryResult:
-        (outcome,) = await self.deliver_batch([item])
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
 
     async def deliver_batch(self, items: list[DeliveryItem]) -> list[DeliveryResult | Exception]:
         return await asyncio.to_thread(self._deliver_batch, items)

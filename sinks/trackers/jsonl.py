@@ -19,7 +19,7 @@ from pathlib import Path
 import orjson
 
 from router.rules import sanitise_segment
-from sinks.base import BaseSink, DeliveryItem, DeliveryResult, SinkSettings, TransientError
+from sinks.base import BaseBatchSink, DeliveryItem, DeliveryResult, SinkSettings, TransientError
 from sinks.durable import HAVE_SYNCFS, fsync_paths, syncfs
 
 __all__ = ["JsonlTracker", "JsonlTrackerSettings", "read_jsonl"]
@@ -45,7 +45,7 @@ def read_jsonl(path: Path) -> list[dict[str, object]]:
     return rows
 
 
-class JsonlTracker(BaseSink):
+class JsonlTracker(BaseBatchSink):
     Settings = JsonlTrackerSettings
     settings: JsonlTrackerSettings
     # Appends are serialised per file anyway; more in flight only makes the dispatcher's
@@ -62,12 +62,6 @@ class JsonlTracker(BaseSink):
 
     def file_for(self, pipeline: str, run_id: str) -> Path:
         return self.root / sanitise_segment(pipeline) / f"{sanitise_segment(run_id)}.jsonl"
-
-    async def deliver(self, item: DeliveryItem) -> DeliveryResult:
-        (outcome,) = await self.deliver_batch([item])
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
 
     async def deliver_batch(self, items: list[DeliveryItem]) -> list[DeliveryResult | Exception]:
         """Rows grouped by file: one append and one fsync per file per batch (group

@@ -18,7 +18,7 @@ from aiobotocore.session import get_session
 
 import sinks.stores.s3 as s3mod
 from router.config import ComponentConfig
-from router.delivery import PermanentError, TransientError
+from router.delivery import DeliveryResult, PermanentError, TransientError
 from sinks.registry import KNOWN_UNAVAILABLE, check_component, create_sink
 from sinks.stores.s3 import MiB, S3Store, S3StoreSettings
 from tests.servers_storage import (
@@ -395,6 +395,64 @@ async def test_a_server_that_ignores_the_condition_gets_a_head_first(
     assert await remote_sha256(s3_client, rclone_s3.bucket, "probe/model.bin") == old.sha256
     listed = await s3_client.list_objects_v2(Bucket=rclone_s3.bucket, Prefix=".artifact-router")
     assert not listed.get("Contents"), "probe objects are removed"
+
+
+async def test_a_batch_lists_its_key_range_once_and_heads_only_the_taken_keys(
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the server ignores If-None-Match, one listing tells a batch which keys are
+    free (a PUT each, no HEAD); taken keys get a HEAD and the usual verdict (a replay is
+    a no-op, other bytes a conflict); every item has its own outcome."""
+    files = [write_file(tmp_path / f"f{i}" / "model.bin", 1000, seed=i) for i in range(6)]
+    await store.deliver(make_item(files[1], target="batch/r1"))  # delivered before: a replay
+    await s3_client.put_object(Bucket=rclone_s3.bucket, Key="batch/r2/model.bin", Body=b"x")
+    heads, listings = spy(monkeypatch, "_head"), spy(monkeypatch, "_free_keys")
+    items = [make_item(f, target=f"batch/r{i}") for i, f in enumerate(files)]
+    items.append(make_item(files[0], target="batch/bad", on_conflict="sometimes"))
+
+    outcomes = await store.deliver_batch(items)
+
+    assert listings == [1] and heads == [1, 1], "one listing; a HEAD for each taken key"
+    assert isinstance(outcomes[1], DeliveryResult) and outcomes[1].skipped
+    assert isinstance(outcomes[2], PermanentError) and "conflict" in str(outcomes[2])
+    assert isinstance(outcomes[6], PermanentError) and "sometimes" in str(outcomes[6])
+    for i in (0, 3, 4, 5):
+        assert isinstance(outcomes[i], DeliveryResult) and not outcomes[i].skipped
+        key = f"batch/r{i}/model.bin"
+        assert await remote_sha256(s3_client, rclone_s3.bucket, key) == files[i].sha256
+    assert await remote_sha256(s3_client, rclone_s3.bucket, "batch/r2/model.bin") == (
+        hashlib.sha256(b"x").hexdigest()
+    ), "the conflicting object is left alone"
+
+
+@pytest.mark.parametrize(("calls", "heads_expected"), [(1, 4), (2, 1)])
+async def test_keys_past_what_the_listings_covered_are_looked_at_one_by_one(
+    calls: int, heads_expected: int, tmp_path: Path, store: S3Store, s3_client: Any,
+    rclone_s3: RcloneS3, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key range crowded with other objects: a page covers the keys up to the last
+    one it shows, the next listing skips ahead past the crowd, and keys no listing
+    covered (LIST_CALLS) get a HEAD each; a conflict among them is still caught."""
+    monkeypatch.setattr(s3mod, "LIST_PAGE_KEYS", 2)
+    monkeypatch.setattr(s3mod, "LIST_CALLS", calls)
+    crowd = f"crowd{calls}"  # the server outlives the test
+    for name in ("r0x", "r0y", "r0z"):  # sort between r0/model.bin and r1/model.bin
+        await s3_client.put_object(Bucket=rclone_s3.bucket, Key=f"{crowd}/{name}", Body=b"o")
+    await s3_client.put_object(Bucket=rclone_s3.bucket, Key=f"{crowd}/r4/model.bin", Body=b"x")
+    files = [write_file(tmp_path / f"f{i}" / "model.bin", 500, seed=i) for i in range(5)]
+    heads = spy(monkeypatch, "_head")
+
+    outcomes = await store.deliver_batch(
+        [make_item(f, target=f"{crowd}/r{i}") for i, f in enumerate(files)])
+
+    # One page (r0x, r0y) covers only crowd/r0; a second one, from r1 on, all but the
+    # taken crowd/r4.
+    assert heads == [1] * heads_expected
+    assert isinstance(outcomes[4], PermanentError) and "conflict" in str(outcomes[4])
+    for i in range(4):
+        key = f"{crowd}/r{i}/model.bin"
+        assert await remote_sha256(s3_client, rclone_s3.bucket, key) == files[i].sha256
 
 
 # -- verification -------------------------------------------------------------------

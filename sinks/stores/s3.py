@@ -13,6 +13,12 @@ in flight, each read from disk when its turn comes, so memory stays bounded by
 `part_size * max_concurrency` whatever the file size. A multipart upload that fails
 is aborted before the error propagates; one left behind by a crashed process is
 aborted when the same key is next delivered.
+
+Deliveries come in batches (`max_batch`). Where the server does not honour
+`If-None-Match` (rclone), the conflict check needs to know whether each key is taken:
+a `ListObjectsV2` over the batch's key range (usually one) answers that for the whole
+batch, and only keys found taken get a `HEAD` (to read their sha256). Each item still
+uploads, succeeds and fails on its own.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import os
 import re
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import aiohttp
 from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
@@ -37,7 +43,7 @@ import router
 from router.delivery import StagedFile
 from router.rules import object_key
 from sinks.base import (
-    BaseSink,
+    BaseBatchSink,
     DeliveryItem,
     DeliveryResult,
     PermanentError,
@@ -70,6 +76,8 @@ MAX_SINGLE_PUT = 5 * GiB
 _USER_AGENT = f"artifact-router/{router.__version__}"
 PROBE_KEY = ".artifact-router-probe"  # see S3Store._probe_conditional_puts
 SMALL_FILE = MiB  # single puts up to this size are read whole: one thread hop, no file I/O
+LIST_CALLS = 4  # listings a batch's presence check may make before its keys fall back to HEADs
+LIST_PAGE_KEYS = 100  # keys per listing: parsing a page costs about what a HEAD does
 
 # Error codes worth retrying: throttling, server trouble, a transfer garbled in transit,
 # and an upload the server gave up on (it is restarted from scratch on the next attempt).
@@ -198,9 +206,12 @@ def _error_code(exc: BaseException | None) -> tuple[str, int | None, str]:
     return str(error.get("Code", "")), status, str(error.get("Message", "") or "")
 
 
-class S3Store(BaseSink):
+class S3Store(BaseBatchSink):
     Settings = S3StoreSettings
     settings: S3StoreSettings
+    # Half the default sink concurrency: two batches in flight, so one batch's slowest
+    # upload never leaves the sink idle.
+    max_batch: ClassVar[int] = 16
 
     def __init__(self, sink_id: str, settings: S3StoreSettings) -> None:
         super().__init__(sink_id, settings)
@@ -208,7 +219,8 @@ class S3Store(BaseSink):
         self._client: Any = None
         self._client_lock = asyncio.Lock()
         self._stack = contextlib.AsyncExitStack()
-        self._listing_unsupported = False
+        self._listing_unsupported = False  # ListMultipartUploads
+        self._cannot_list_objects = False  # ListObjectsV2 (see _free_keys)
         self._multipart_slots = asyncio.Semaphore(settings.max_multipart_uploads)
         self._conditional: bool | None = {"always": True, "never": False}.get(
             settings.conditional_writes
@@ -374,7 +386,8 @@ class S3Store(BaseSink):
     def _full_key(self, key: str) -> str:
         return f"{self.settings.prefix}/{key}" if self.settings.prefix else key
 
-    async def deliver(self, item: DeliveryItem) -> DeliveryResult:
+    def _keys(self, item: DeliveryItem) -> list[tuple[StagedFile, Path, str]]:
+        """Each file of the item with its local path and its object key."""
         if item.target is None:
             raise PermanentError("store delivery without a target key")
         on_conflict = item.params.get("on_conflict", "fail")
@@ -382,18 +395,71 @@ class S3Store(BaseSink):
             raise PermanentError(
                 f"on_conflict {on_conflict!r} is not one of fail, overwrite, version"
             )
-        client = await self._get_client()
-        objects: list[StoredObject] = []
-        unchanged: list[str] = []
+        out = []
         for staged in item.artifact.files:
             if staged.path is None:
                 raise PermanentError(f"file {staged.name!r} has no local path to upload from")
             key = object_key(item.target, staged.name)
             if on_conflict == "version":
                 key = versioned_key(key, item.artifact.version)
-            key = self._full_key(key)
+            out.append((staged, staged.path, self._full_key(key)))
+        return out
+
+    async def deliver_batch(
+        self, items: list[DeliveryItem]
+    ) -> list[DeliveryResult | Exception]:
+        client = await self._get_client()
+        planned: list[list[tuple[StagedFile, Path, str]] | Exception] = []
+        for item in items:
+            try:
+                planned.append(self._keys(item))
+            except PermanentError as exc:
+                planned.append(exc)
+        # Keys whose conflict check would need a HEAD: with three or more, one listing
+        # tells which are free (those go straight to a PUT).
+        looks = [
+            key
+            for item, files in zip(items, planned, strict=True)
+            if not isinstance(files, Exception)
+            for staged, _, key in files
+            if await self._needs_look(client, item, staged.size)
+        ]
+        free = await self._free_keys(client, looks) if len(looks) >= 3 else set()
+        outcomes = await asyncio.gather(
+            *(
+                self._deliver_item(client, item, files, free)
+                for item, files in zip(items, planned, strict=True)
+                if not isinstance(files, Exception)
+            ),
+            return_exceptions=True,
+        )
+        results = iter(outcomes)
+        out: list[DeliveryResult | Exception] = []
+        for files in planned:
+            outcome = files if isinstance(files, Exception) else next(results)
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome  # cancelled: the dispatcher leaves the batch in flight
+            out.append(outcome)
+        return out
+
+    async def _needs_look(self, client: Any, item: DeliveryItem, size: int) -> bool:
+        """Whether `_deliver_file` would look at the key before it puts (see there)."""
+        if item.params.get("on_conflict", "fail") == "overwrite" and item.attempt <= 1:
+            return False
+        single = size < self.settings.multipart_threshold or size == 0
+        return not (single and await self._conditional_puts(client))
+
+    async def _deliver_item(
+        self, client: Any, item: DeliveryItem, files: list[tuple[StagedFile, Path, str]],
+        free: set[str],
+    ) -> DeliveryResult:
+        on_conflict = item.params.get("on_conflict", "fail")
+        objects: list[StoredObject] = []
+        unchanged: list[str] = []
+        for staged, path, key in files:
             stored, same = await self._deliver_file(
-                client, staged.path, staged, key, on_conflict, retrying=item.attempt > 1
+                client, path, staged, key, on_conflict, retrying=item.attempt > 1,
+                free=key in free,
             )
             objects.append(stored)
             if same:
@@ -401,6 +467,7 @@ class S3Store(BaseSink):
         if len(objects) == 1:
             uri = objects[0].uri
         else:
+            assert item.target is not None  # checked by _keys
             uri = self._uri(self._full_key(item.target.replace("{file}", "").rstrip("/")))
         return DeliveryResult(
             objects=objects,
@@ -409,10 +476,51 @@ class S3Store(BaseSink):
             details={"bucket": self.bucket, "unchanged": unchanged} if unchanged else {},
         )
 
+    async def _free_keys(self, client: Any, keys: list[str]) -> set[str]:
+        """Which of `keys` hold no object, from listings of their key range.
+
+        Each listing starts just before the first key not yet known and reads one page
+        of LIST_PAGE_KEYS: a page covers the keys up to the last one it shows (all of
+        them when it is not truncated). The next listing skips ahead to the first key
+        past that, so other objects crowding the range cost a page, not a walk through
+        them. After LIST_CALLS listings, or when listing fails, the keys left are not
+        vouched for: their delivery looks with a HEAD, as before. A listing is as much a
+        snapshot as a HEAD: a writer racing us to the PUT is the same race either way.
+        """
+        if self._cannot_list_objects:
+            return set()
+        left = sorted(set(keys))
+        free: set[str] = set()
+        try:
+            for _ in range(LIST_CALLS):
+                if not left:
+                    break
+                kwargs: dict[str, Any] = {
+                    "Bucket": self.bucket, "MaxKeys": LIST_PAGE_KEYS,
+                    # An S3 prefix is any leading string, not whole path segments.
+                    "Prefix": os.path.commonprefix([left[0], left[-1]]),  # noqa: RUF071
+                }
+                if left[0][:-1]:
+                    kwargs["StartAfter"] = left[0][:-1]  # sorts just before left[0]
+                page = await client.list_objects_v2(**kwargs)
+                contents = page.get("Contents") or []
+                taken = {str(o["Key"]) for o in contents}
+                covered_to = str(contents[-1]["Key"]) if page.get("IsTruncated") else left[-1]
+                free.update(k for k in left if k <= covered_to and k not in taken)
+                left = [k for k in left if k > covered_to]
+        except Exception as exc:
+            code, status, _ = _error_code(exc)
+            if code in _UNSUPPORTED_CODES or status in (403, 405, 501):
+                self._cannot_list_objects = True
+                log.info("s3 sink %s: cannot list %s (%s); a HEAD before each PUT instead",
+                         self.sink_id, self._uri(), code or status)
+        return free
+
     async def _deliver_file(
         self, client: Any, path: Path, staged: StagedFile, key: str, on_conflict: str,
-        retrying: bool = False,
+        retrying: bool = False, free: bool = False,
     ) -> tuple[StoredObject, bool]:
+        """Upload one file; `free`: a listing just now found no object at the key."""
         uri = self._uri(key)
         try:
             size = (await asyncio.to_thread(os.stat, path)).st_size
@@ -444,7 +552,7 @@ class S3Store(BaseSink):
             else:
                 return self._stored(staged, uri, size, version_id), False
 
-        head = await self._head(client, key)
+        head = None if free else await self._head(client, key)
         if head is not None:
             same, existing = await self._same_content(client, key, head, path, staged.sha256)
             if same:

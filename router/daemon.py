@@ -83,6 +83,7 @@ class Daemon:
             preflight=self.preflight,
             on_accepted=self.dispatcher.wake,
             metrics=self.metrics,
+            handoff=self.dispatcher,
             batch_size=settings.intake_batch,
             rescan_seconds=settings.rescan_seconds,
             retention_days=settings.retention_days,

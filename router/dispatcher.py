@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from router.journal import ClaimedDelivery, Completion, DeliveryJournal, Finishe
 from router.metrics import RouterMetrics
 from sinks.registry import create_sink, sink_class
 
-__all__ = ["Dispatcher", "SinkPool", "backoff_delay"]
+__all__ = ["Dispatcher", "InFlightSlots", "SinkPool", "backoff_delay"]
 
 log = structlog.get_logger("router.dispatcher")
 
@@ -153,6 +154,61 @@ class SinkPool:
         self._retired.clear()
 
 
+class InFlightSlots:
+    """Deliveries in flight, per sink and in all: the dispatcher's limits.
+
+    A claim takes a slot per row inside its journal transaction (on the journal's
+    writer thread), so a row is never claimed past a limit even when two transactions
+    (an intake batch's and a dispatcher tick's) claim back to back before the loop has
+    started the first one's work; a finished task gives its slots back (on the loop).
+    Hence the lock. Implements `router.journal.ClaimSlots`.
+    """
+
+    def __init__(self, pool: SinkPool, total: int, lease_seconds: float) -> None:
+        self.pool = pool
+        self.total = total
+        self.lease_seconds = lease_seconds
+        self.running = 0
+        self.by_sink: dict[str, int] = {}
+        self._limits: dict[str, int] = {}  # per sink id; refreshed every tick (reloads)
+        self._sinks: dict[str, tuple[str, str]] = {}  # sink id -> (stack, component)
+        self._lock = threading.Lock()
+
+    def limit(self, sink_id: str, stack: str, component: str) -> int:
+        found = self._limits.get(sink_id)
+        if found is None:
+            self._sinks[sink_id] = (stack, component)
+            found = self._limits[sink_id] = self.pool.policy(stack, component)[1]
+        return found
+
+    def refresh(self) -> None:
+        """Limits as the config says now (a reload may have changed them)."""
+        self._limits = {sink_id: self.pool.policy(*where)[1]
+                        for sink_id, where in list(self._sinks.items())}
+
+    def take(self, sink_id: str, stack: str, component: str) -> bool:
+        limit = self.limit(sink_id, stack, component)
+        with self._lock:
+            held = self.by_sink.get(sink_id, 0)
+            if self.running >= self.total or held >= limit:
+                return False
+            self.by_sink[sink_id] = held + 1
+            self.running += 1
+            return True
+
+    def give_back(self, sink_ids: Sequence[str]) -> None:
+        with self._lock:
+            for sink_id in sink_ids:
+                self.by_sink[sink_id] -= 1
+            self.running -= len(sink_ids)
+
+    def saturated(self) -> list[str]:
+        """Sinks with no free slot."""
+        limits = self._limits
+        return [sink_id for sink_id, n in list(self.by_sink.items())
+                if n >= limits.get(sink_id, n + 1)]
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -173,19 +229,31 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._done: list[Completion] = []  # outcomes waiting for the next tick
         self._tasks: set[asyncio.Task[None]] = set()
-        self._running = 0  # deliveries in flight (a batch task carries several)
-        self._in_flight: dict[str, int] = {}
-        self._limits: dict[str, int] = {}
+        self.lease_seconds = config.router.lease_seconds
+        self.slots = InFlightSlots(pool, config.router.concurrency, self.lease_seconds)
+        # True while the last tick took every due delivery it could see: only then may
+        # intake claim its new events' deliveries itself (slots_for_intake), so a
+        # backlog is never overtaken by newer work.
+        self._caught_up = False
         self._stopping = False
         self.healthy = True  # false while journal ticks fail (shown by /healthz)
-        self.lease_seconds = config.router.lease_seconds
 
     def wake(self) -> None:
         self._wake.set()
 
     @property
     def in_flight(self) -> int:
-        return self._running
+        return self.slots.running
+
+    def slots_for_intake(self) -> InFlightSlots | None:
+        """The slots an intake batch may claim its deliveries with (`journal.accept`),
+        or None while older work waits or the dispatcher stops."""
+        return self.slots if self._caught_up and not self._stopping else None
+
+    def adopt(self, claimed: list[ClaimedDelivery]) -> None:
+        """Start deliveries that intake claimed in its accept transaction."""
+        if claimed:
+            self._start_all(claimed)
 
     async def run(self) -> None:
         """Run deliveries until stop(): one loop, one transaction per tick.
@@ -203,13 +271,13 @@ class Dispatcher:
                 # lost (or we would sleep with work waiting).
                 self._wake.clear()
                 batch, self._done = self._done[:500], self._done[500:]
-                free = 0 if self._stopping else self.settings.concurrency - self._running
+                free = 0 if self._stopping else self.slots.total - self.slots.running
                 claimed: list[ClaimedDelivery] = []
                 if batch or free > 0:
                     claimed = await self._tick(batch, free)
                 if self._stopping and not self._tasks and not self._done:
                     break
-                self.metrics.buffer.labels(component="dispatcher").set(self._running)
+                self.metrics.buffer.labels(component="dispatcher").set(self.slots.running)
                 if len(claimed) < max(free, 1) and not self._done:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=0.5)
@@ -219,17 +287,13 @@ class Dispatcher:
             leases.cancel()
 
     async def _tick(self, batch: list[Completion], free: int) -> list[ClaimedDelivery]:
-        saturated = [
-            sink_id
-            for sink_id, n in self._in_flight.items()
-            if n >= self._limits.get(sink_id, self.settings.sink_concurrency)
-        ]
+        self.slots.refresh()
         try:
             finished, claimed = await self.journal.cycle(
                 batch,
                 free,
-                capacity=self._capacity,
-                exclude_sinks=saturated,
+                slots=self.slots,
+                exclude_sinks=self.slots.saturated(),
                 lease_seconds=self.lease_seconds,
             )
         except Exception:
@@ -241,15 +305,11 @@ class Dispatcher:
             await asyncio.sleep(0.5)
             return []
         self.healthy = True
+        self._caught_up = len(claimed) < free
         self._start_all(claimed)
         if finished:
             await self.on_finished(finished)
         return claimed
-
-    def _capacity(self, sink_id: str, stack: str, component: str) -> int:
-        _, limit = self.pool.policy(stack, component)
-        self._limits[sink_id] = limit
-        return limit - self._in_flight.get(sink_id, 0)
 
     def _start_all(self, claimed: list[ClaimedDelivery]) -> None:
         """One task per delivery, or per batch for sinks that take many in one call
@@ -273,16 +333,15 @@ class Dispatcher:
     def _start(
         self, deliveries: list[ClaimedDelivery], work: Coroutine[Any, Any, None]
     ) -> None:
-        sink_id, n = deliveries[0].sink_id, len(deliveries)
-        self._in_flight[sink_id] = self._in_flight.get(sink_id, 0) + n
-        self._running += n
-        task = asyncio.create_task(work, name=f"deliver {deliveries[0].key} (+{n - 1})")
+        """Run claimed deliveries; their slots, taken by the claim, are freed at the end."""
+        sink_ids = [d.sink_id for d in deliveries]
+        name = f"deliver {deliveries[0].key} (+{len(deliveries) - 1})"
+        task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
-            self._in_flight[sink_id] -= n
-            self._running -= n
+            self.slots.give_back(sink_ids)
 
         task.add_done_callback(done)
 

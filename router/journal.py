@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
@@ -24,10 +24,12 @@ from router.rules import SNAPSHOT_SLOT, RoutePlan
 
 __all__ = [
     "AcceptOutcome",
+    "ClaimSlots",
     "ClaimedDelivery",
     "Completion",
     "DeliveryJournal",
     "FinishedEvent",
+    "Handoff",
     "StatusReport",
 ]
 
@@ -39,11 +41,19 @@ Planner = Callable[[AcceptedEvent, list[str]], RoutePlan]
 TERMINAL = ("done", "dead")
 
 
-class AcceptOutcome(BaseModel):
-    event_id: str
-    outcome: Literal["accepted", "duplicate", "conflict"]
-    deliveries: int = 0
-    detail: str | None = None
+class ClaimSlots(Protocol):
+    """The dispatcher's in-flight limits, as a claim uses them inside its transaction.
+
+    `take` holds one slot of a sink for a row about to be claimed (False: the sink, or
+    the dispatcher, is full); `give_back` frees slots of rows that ended up not claimed.
+    Claims run on the journal's writer thread, so implementations must be thread-safe.
+    """
+
+    lease_seconds: float
+
+    def take(self, sink_id: str, stack: str, component: str) -> bool: ...
+
+    def give_back(self, sink_ids: Sequence[str]) -> None: ...
 
 
 class ClaimedDelivery(BaseModel):
@@ -60,6 +70,24 @@ class ClaimedDelivery(BaseModel):
     created_at: float
     upstream: DeliveryResult | None = None
     record: dict[str, Any] | None = Field(default=None, repr=False)
+
+
+class AcceptOutcome(BaseModel):
+    event_id: str
+    outcome: Literal["accepted", "duplicate", "conflict"]
+    deliveries: int = 0
+    detail: str | None = None
+    # Deliveries claimed in the accept transaction itself (see DeliveryJournal.accept):
+    # the caller hands them to the dispatcher, which starts them without a claim tick.
+    claimed: list[ClaimedDelivery] = Field(default_factory=list, repr=False)
+
+
+class Handoff(Protocol):
+    """What a source needs of the dispatcher to claim work at intake (the Dispatcher)."""
+
+    def slots_for_intake(self) -> ClaimSlots | None: ...
+
+    def adopt(self, claimed: list[ClaimedDelivery]) -> None: ...
 
 
 class Completion(BaseModel):
@@ -111,13 +139,31 @@ class DeliveryJournal:
     # --- intake -------------------------------------------------------------------
 
     async def accept(
-        self, batch: Sequence[AcceptedEvent], planner: Planner
+        self, batch: Sequence[AcceptedEvent], planner: Planner, handoff: Handoff | None = None
     ) -> list[AcceptOutcome]:
-        """Journal a batch of events with their plans and catalog rows: one commit."""
-        return await self.db.run_write(self._accept_tx, batch, planner)
+        """Journal a batch of events with their plans and catalog rows: one commit.
+
+        With a `handoff` (the dispatcher) that has slots free, deliveries that can start
+        at once (no prerequisite, a free slot in their sink) are journaled already
+        claimed by this daemon and handed to it after the commit: a new event then costs
+        no claim transaction and waits for no dispatcher tick. They are also listed in
+        each outcome's `claimed`.
+        """
+        slots = handoff.slots_for_intake() if handoff is not None else None
+        held: list[str] = []
+        try:
+            outcomes = await self.db.run_write(self._accept_tx, batch, planner, slots, held)
+        except BaseException:
+            if slots is not None and held:
+                slots.give_back(held)  # rolled back: nothing was claimed
+            raise
+        if handoff is not None and held:
+            handoff.adopt([c for o in outcomes for c in o.claimed])
+        return outcomes
 
     def _accept_tx(
-        self, conn: sa.Connection, batch: Sequence[AcceptedEvent], planner: Planner
+        self, conn: sa.Connection, batch: Sequence[AcceptedEvent], planner: Planner,
+        slots: ClaimSlots | None = None, held: list[str] | None = None,
     ) -> list[AcceptOutcome]:
         """A fixed number of multi-row statements whatever the batch size."""
         outcomes: dict[str, AcceptOutcome] = {}
@@ -158,7 +204,9 @@ class DeliveryJournal:
 
         versions = self._versions(conn, fresh)
         planned: list[tuple[AcceptedEvent, RoutePlan]] = []
-        event_rows, delivery_rows = [], []
+        event_rows: list[dict[str, Any]] = []
+        delivery_rows: list[dict[str, Any]] = []
+        records: dict[str, dict[str, Any]] = {}
         for event in fresh:
             m = event.manifest
             plan = planner(event, versions[event.event_id])
@@ -173,7 +221,7 @@ class DeliveryJournal:
                 "received_at": event.received_at,
                 "finished_at": None if plan.deliveries else now, "moved": False,
             })
-            delivery_rows += [
+            rows = [
                 {
                     "key": d.key, "event_id": event.event_id,
                     "artifact_index": d.artifact_index, "action": d.action.value,
@@ -181,9 +229,12 @@ class DeliveryJournal:
                     "target": d.target, "params": d.params, "after": d.after,
                     "state": "pending", "attempts": 0, "next_attempt_at": now,
                     "created_at": now, "updated_at": now,
+                    "owner": None, "lease_until": None,
                 }
                 for d in plan.deliveries
             ]
+            delivery_rows += rows
+            records[event.event_id] = record
             outcomes[event.event_id] = AcceptOutcome(
                 event_id=event.event_id,
                 outcome="accepted",
@@ -195,6 +246,21 @@ class DeliveryJournal:
         for row in delivery_rows:
             if row["action"] == Action.EXPORT.value:
                 self._number_snapshot(conn, row)
+        if slots is not None and held is not None:
+            for row in delivery_rows:
+                if row["after"] is None and slots.take(
+                        row["sink_id"], row["stack"], row["component"]):
+                    held.append(row["sink_id"])
+                    row.update(state="in_flight", attempts=1, owner=self.owner,
+                               lease_until=now + slots.lease_seconds)
+                    outcomes[row["event_id"]].claimed.append(ClaimedDelivery(
+                        key=row["key"], event_id=row["event_id"],
+                        artifact_index=row["artifact_index"], action=row["action"],
+                        stack=row["stack"], component=row["component"],
+                        sink_id=row["sink_id"], target=row["target"],
+                        params=row["params"], attempts=1, created_at=now,
+                        record=records[row["event_id"]],
+                    ))
         if delivery_rows:
             conn.execute(sa.insert(deliveries), delivery_rows)
         catalog.record_events(conn, planned, now)
@@ -271,14 +337,13 @@ class DeliveryJournal:
         self,
         limit: int,
         *,
-        capacity: Callable[[str, str, str], int] | None = None,
+        slots: ClaimSlots | None = None,
         exclude_sinks: Iterable[str] = (),
         lease_seconds: float = 120.0,
     ) -> list[ClaimedDelivery]:
         """Take up to `limit` ready deliveries (due, prerequisites done) for this daemon."""
         _, claimed = await self.cycle(
-            [], limit, capacity=capacity, exclude_sinks=exclude_sinks,
-            lease_seconds=lease_seconds,
+            [], limit, slots=slots, exclude_sinks=exclude_sinks, lease_seconds=lease_seconds,
         )
         return claimed
 
@@ -294,7 +359,7 @@ class DeliveryJournal:
         completions: Sequence[Completion],
         limit: int,
         *,
-        capacity: Callable[[str, str, str], int] | None = None,
+        slots: ClaimSlots | None = None,
         exclude_sinks: Iterable[str] = (),
         lease_seconds: float = 120.0,
     ) -> tuple[list[FinishedEvent], list[ClaimedDelivery]]:
@@ -304,13 +369,16 @@ class DeliveryJournal:
         queueing for the single writer.  Pending `moved` flags ride along.
         """
         moved, self._moved_backlog = self._moved_backlog, []
+        held: list[str] = []
         try:
             return await self.db.run_write(
-                self._cycle_tx, moved, completions, limit, capacity, list(exclude_sinks),
+                self._cycle_tx, moved, completions, limit, slots, held, list(exclude_sinks),
                 lease_seconds,
             )
         except BaseException:
             self._moved_backlog[:0] = moved  # not written: keep them for the next one
+            if slots is not None and held:
+                slots.give_back(held)
             raise
 
     def _cycle_tx(
@@ -319,7 +387,8 @@ class DeliveryJournal:
         moved: list[str],
         completions: Sequence[Completion],
         limit: int,
-        capacity: Callable[[str, str, str], int] | None,
+        slots: ClaimSlots | None,
+        held: list[str],
         excluded: list[str],
         lease_seconds: float,
     ) -> tuple[list[FinishedEvent], list[ClaimedDelivery]]:
@@ -331,7 +400,7 @@ class DeliveryJournal:
             )
         finished = _complete_in(conn, completions, now) if completions else []
         claimed = (
-            self._claim_in(conn, limit, capacity, excluded, lease_seconds, now)
+            self._claim_in(conn, limit, slots, held, excluded, lease_seconds, now)
             if limit > 0 else []
         )
         return finished, claimed
@@ -340,11 +409,14 @@ class DeliveryJournal:
         self,
         conn: sa.Connection,
         limit: int,
-        capacity: Callable[[str, str, str], int] | None,
+        slots: ClaimSlots | None,
+        held: list[str],
         excluded: list[str],
         lease_seconds: float,
         now: float,
     ) -> list[ClaimedDelivery]:
+        """Claim up to `limit` due rows; `slots` (if any) are taken row by row, and the
+        sink ids they were taken for are listed in `held` until the commit."""
         prereq = deliveries.alias("prereq")
         query = (
             sa.select(
@@ -366,16 +438,13 @@ class DeliveryJournal:
             query = query.with_for_update(of=deliveries, skip_locked=True)
         rows = conn.execute(query).all()
         picked: list[Any] = []
-        budget: dict[str, int] = {}
         for row in rows:
             if len(picked) >= limit:
                 break
-            if capacity is not None:
-                if row.sink_id not in budget:
-                    budget[row.sink_id] = capacity(row.sink_id, row.stack, row.component)
-                if budget[row.sink_id] <= 0:
+            if slots is not None:
+                if not slots.take(row.sink_id, row.stack, row.component):
                     continue  # this sink is saturated; others still get their turn
-                budget[row.sink_id] -= 1
+                held.append(row.sink_id)
             picked.append(row)
         if not picked:
             return []
@@ -394,6 +463,12 @@ class DeliveryJournal:
                 .returning(deliveries.c.key)
             ).scalars()
         )
+        if slots is not None and len(claimed_keys) < len(picked):
+            got = set(claimed_keys)  # another daemon took the rest first
+            lost = [r.sink_id for r in picked if r.key not in got]
+            slots.give_back(lost)
+            for sink_id in lost:
+                held.remove(sink_id)
         if not claimed_keys:
             return []
         full = conn.execute(

@@ -13,7 +13,7 @@ from router.config import load_config
 from router.db import Database
 from router.delivery import DeliveryResult, StagedFile, StoredObject
 from router.intake import AcceptedEvent
-from router.journal import Completion, DeliveryJournal
+from router.journal import ClaimedDelivery, Completion, DeliveryJournal
 from router.manifest import parse_manifest
 from router.rules import plan_event
 
@@ -42,6 +42,40 @@ def event(event_id: str, *, name: str = "clf", version: str | None = None,
 def planner(ev: AcceptedEvent, versions: list[str]):  # type: ignore[no-untyped-def]
     return plan_event(ev.manifest, event_id=ev.event_id, stack=CONFIG.stacks["local"],
                       versions=versions, received_at=datetime.now(UTC))
+
+
+class FixedSlots:
+    """Per-sink limits for claims (the dispatcher's InFlightSlots, minus the dispatcher);
+    sinks not named get 100. Also a Handoff: what is claimed at intake lands in
+    `adopted`."""
+
+    lease_seconds = 60.0
+
+    def __init__(self, limits: dict[str, int], fail_on_take: int = 0) -> None:
+        self.limits = limits
+        self.held: dict[str, int] = {}
+        self.adopted: list[ClaimedDelivery] = []
+        self.takes = 0
+        self.fail_on_take = fail_on_take
+
+    def take(self, sink_id: str, stack: str, component: str) -> bool:
+        self.takes += 1
+        if self.takes == self.fail_on_take:
+            raise RuntimeError("the journal fails mid-transaction")
+        if self.held.get(sink_id, 0) >= self.limits.get(sink_id, 100):
+            return False
+        self.held[sink_id] = self.held.get(sink_id, 0) + 1
+        return True
+
+    def give_back(self, sink_ids: list[str]) -> None:
+        for sink_id in sink_ids:
+            self.held[sink_id] -= 1
+
+    def slots_for_intake(self) -> FixedSlots:
+        return self
+
+    def adopt(self, claimed: list[ClaimedDelivery]) -> None:
+        self.adopted += claimed
 
 
 @pytest.fixture
@@ -91,7 +125,7 @@ async def test_explicit_versions_are_kept(journal: DeliveryJournal) -> None:
 async def test_claim_respects_prerequisites_and_sink_capacity(journal: DeliveryJournal) -> None:
     await journal.accept([event(f"e{i}") for i in range(5)], planner)
     claimed = await journal.claim(
-        100, capacity=lambda sink, _s, _c: 2 if sink == "local.artifact_store" else 100
+        100, slots=FixedSlots({"local.artifact_store": 2})
     )
     by_sink: dict[str, int] = {}
     for c in claimed:
@@ -99,9 +133,53 @@ async def test_claim_respects_prerequisites_and_sink_capacity(journal: DeliveryJ
     assert by_sink == {"local.artifact_store": 2, "local.experiment_tracker": 5}
     assert all(c.attempts == 1 for c in claimed)
     # claimed rows are not handed out twice
-    again = await journal.claim(100, capacity=lambda *_: 100)
+    again = await journal.claim(100, slots=FixedSlots({}))
     assert {c.key for c in again}.isdisjoint({c.key for c in claimed})
     assert len(again) == 3
+
+
+async def test_accept_claims_what_can_start_at_once_and_hands_it_over(
+    journal: DeliveryJournal,
+) -> None:
+    """With a handoff, intake journals deliveries already claimed (no claim tick): within
+    the sinks' limits, never one that waits for a prerequisite; the rest stay pending
+    for the dispatcher, and nothing is handed out twice."""
+    def chained(ev: AcceptedEvent, versions: list[str]):  # type: ignore[no-untyped-def]
+        plan = planner(ev, versions)
+        if ev.event_id == "e0":  # its metrics wait for its model to be stored
+            plan.artifacts[1].deliveries[0].after = plan.artifacts[0].deliveries[0].key
+        return plan
+
+    handoff = FixedSlots({"local.artifact_store": 2})
+    outcomes = await journal.accept([event(f"e{i}") for i in range(4)], chained, handoff)
+
+    by_sink: dict[str, int] = {}
+    for c in handoff.adopted:
+        by_sink[c.sink_id] = by_sink.get(c.sink_id, 0) + 1
+        assert c.attempts == 1 and c.record is not None and c.record["event_id"] == c.event_id
+    assert by_sink == {"local.artifact_store": 2, "local.experiment_tracker": 3}
+    assert [c.key for o in outcomes for c in o.claimed] == [c.key for c in handoff.adopted]
+    assert handoff.held == by_sink
+    status = await journal.status()
+    assert (status.deliveries.in_flight, status.deliveries.pending) == (5, 3)
+
+    rest = await journal.claim(100)
+    assert {c.key for c in rest}.isdisjoint({c.key for c in handoff.adopted})
+    assert len(rest) == 2, "the two stores over the limit; e0's metrics wait for its store"
+    done = [Completion(key=c.key, event_id=c.event_id, artifact_index=c.artifact_index,
+                       sink_id=c.sink_id, action=c.action, outcome="done",
+                       result=DeliveryResult()) for c in handoff.adopted + rest]
+    await journal.complete(done)
+    assert [c.artifact_index for c in await journal.claim(100)] == [1], "now e0's metrics"
+
+
+async def test_a_failed_accept_gives_its_slots_back(journal: DeliveryJournal) -> None:
+    handoff = FixedSlots({}, fail_on_take=3)
+    with pytest.raises(RuntimeError, match="mid-transaction"):
+        await journal.accept([event("e1"), event("e2")], planner, handoff)
+    assert handoff.takes == 3 and all(n == 0 for n in handoff.held.values())
+    assert handoff.adopted == []
+    assert (await journal.status()).events == {}, "rolled back whole"
 
 
 async def test_completion_records_locations_and_finishes_the_event(

@@ -65,7 +65,7 @@ from router.delivery import StagedFile
 from router.detect import detect_dataset_format, detect_framework, detect_framework_bytes
 from router.errors import Problem
 from router.intake import AcceptedEvent, Rejection, sha256_file
-from router.journal import DeliveryJournal, FinishedEvent, Planner
+from router.journal import DeliveryJournal, FinishedEvent, Handoff, Planner
 from router.manifest import (
     DatasetArtifact,
     Manifest,
@@ -530,6 +530,7 @@ class MqttSource:
         preflight: Callable[[AcceptedEvent], Problem | None],
         on_accepted: Callable[[], None],
         metrics: RouterMetrics,
+        handoff: Handoff | None = None,
         state_dir: Path,
         batch_size: int = 256,
         retention_days: float = 7.0,
@@ -539,6 +540,7 @@ class MqttSource:
         self.planner = planner
         self.preflight = preflight
         self.on_accepted = on_accepted
+        self.handoff = handoff  # deliveries claimed at intake go straight to the dispatcher
         self.metrics = metrics
         self.batch_size = batch_size
         # Inline files of delivered events move to retired_root, and are kept
@@ -594,6 +596,7 @@ class MqttSource:
             preflight=daemon.preflight,
             on_accepted=daemon.dispatcher.wake,
             metrics=daemon.metrics,
+            handoff=daemon.dispatcher,
             state_dir=daemon.config.router.state_dir,
             batch_size=daemon.config.router.intake_batch,
             retention_days=daemon.config.router.retention_days,
@@ -1133,7 +1136,9 @@ class MqttSource:
             await asyncio.gather(*(stage(i) for i in to_stage))
         events = [i.event for i in items if i.event is not None]
         by_id = {i.event_id: i for i in items if i.event is not None}
-        outcomes = await self.journal.accept(events, self.planner) if events else []
+        outcomes = (
+            await self.journal.accept(events, self.planner, self.handoff) if events else []
+        )
         accepted = False
         finished: list[FinishedEvent] = []  # nothing to deliver: done at intake
         for outcome in outcomes:

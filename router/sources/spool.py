@@ -23,7 +23,7 @@ import watchfiles
 
 from router.errors import Problem
 from router.intake import AcceptedEvent, Rejection, bundle_path_ok, load_bundle
-from router.journal import AcceptOutcome, DeliveryJournal, FinishedEvent, Planner
+from router.journal import AcceptOutcome, DeliveryJournal, FinishedEvent, Handoff, Planner
 from router.metrics import RouterMetrics
 
 __all__ = ["SpoolPaths", "SpoolSource"]
@@ -98,6 +98,7 @@ class SpoolSource:
         preflight: Callable[[AcceptedEvent], Problem | None],
         on_accepted: Callable[[], None],
         metrics: RouterMetrics,
+        handoff: Handoff | None = None,
         batch_size: int = 256,
         rescan_seconds: float = 5.0,
         retention_days: float = 7.0,
@@ -107,6 +108,7 @@ class SpoolSource:
         self.planner = planner
         self.preflight = preflight
         self.on_accepted = on_accepted
+        self.handoff = handoff  # deliveries claimed at intake go straight to the dispatcher
         self.metrics = metrics
         self.batch_size = batch_size
         self.rescan_seconds = rescan_seconds
@@ -281,7 +283,7 @@ class SpoolSource:
             assert event.bundle is not None
             self._in_transit[event.bundle] = moved
         try:
-            outcomes = await self.journal.accept(accepted, self.planner)
+            outcomes = await self.journal.accept(accepted, self.planner, self.handoff)
             await self._settle(accepted, outcomes)
         finally:
             for event in accepted:

@@ -39,6 +39,10 @@ __all__ = ["Dispatcher", "InFlightSlots", "SinkPool", "backoff_delay"]
 log = structlog.get_logger("router.dispatcher")
 
 OPEN_TIMEOUT = 30.0  # seconds a sink may take to open at start (SinkPool.warm_up)
+# Seconds between claims when nothing said new work is due: what another process (the
+# CLI's retry, approve; a pool member) or the clock (a retry's backoff) makes due is
+# claimed within this.
+CLAIM_EVERY = 0.5
 
 
 def backoff_delay(policy: RetryPolicy, attempt: int, rng: random.Random | None = None) -> float:
@@ -235,10 +239,16 @@ class Dispatcher:
         # intake claim its new events' deliveries itself (slots_for_intake), so a
         # backlog is never overtaken by newer work.
         self._caught_up = False
+        # Whether work may be due that no claim has seen yet (see wake); without it a
+        # tick only records outcomes, and claims every CLAIM_EVERY seconds.
+        self._claim_hint = True
+        self._last_claim = 0.0
         self._stopping = False
         self.healthy = True  # false while journal ticks fail (shown by /healthz)
 
     def wake(self) -> None:
+        """New work may be due: the next tick claims."""
+        self._claim_hint = True
         self._wake.set()
 
     @property
@@ -250,10 +260,13 @@ class Dispatcher:
         or None while older work waits or the dispatcher stops."""
         return self.slots if self._caught_up and not self._stopping else None
 
-    def adopt(self, claimed: list[ClaimedDelivery]) -> None:
-        """Start deliveries that intake claimed in its accept transaction."""
+    def adopt(self, claimed: list[ClaimedDelivery], waiting: bool) -> None:
+        """Start deliveries that intake claimed in its accept transaction; `waiting`:
+        it journaled others unclaimed (no slot, or a prerequisite), for a claim tick."""
         if claimed:
             self._start_all(claimed)
+        if waiting:
+            self.wake()
 
     async def run(self) -> None:
         """Run deliveries until stop(): one loop, one transaction per tick.
@@ -272,6 +285,8 @@ class Dispatcher:
                 self._wake.clear()
                 batch, self._done = self._done[:500], self._done[500:]
                 free = 0 if self._stopping else self.slots.total - self.slots.running
+                if not (self._claim_hint or time.monotonic() - self._last_claim >= CLAIM_EVERY):
+                    free = 0  # nothing new can be due: record outcomes only
                 claimed: list[ClaimedDelivery] = []
                 if batch or free > 0:
                     claimed = await self._tick(batch, free)
@@ -287,7 +302,10 @@ class Dispatcher:
             leases.cancel()
 
     async def _tick(self, batch: list[Completion], free: int) -> list[ClaimedDelivery]:
-        self.slots.refresh()
+        if free > 0:
+            self.slots.refresh()
+            self._claim_hint = False  # before the await: a wake() meanwhile stands
+            self._last_claim = time.monotonic()
         try:
             finished, claimed = await self.journal.cycle(
                 batch,
@@ -301,11 +319,15 @@ class Dispatcher:
             # rows stay in_flight (resumed by lease expiry or restart if we die).
             self.healthy = False
             log.exception("journal tick failed", outcomes=len(batch))
+            self._claim_hint = self._claim_hint or free > 0
             self._done[:0] = batch
             await asyncio.sleep(0.5)
             return []
         self.healthy = True
-        self._caught_up = len(claimed) < free
+        if free > 0:
+            self._caught_up = len(claimed) < free
+            if not self._caught_up:
+                self._claim_hint = True  # a full claim: more may be due
         self._start_all(claimed)
         if finished:
             await self.on_finished(finished)
@@ -471,8 +493,11 @@ class Dispatcher:
         policy, _ = self.pool.policy(ds[0].stack, ds[0].component)
         elapsed = time.monotonic() - started
         for d, outcome in zip(ds, outcomes, strict=True):
-            self._done.append(self._outcome(d, policy, outcome))
+            completion = self._outcome(d, policy, outcome)
+            self._done.append(completion)
             self.metrics.duration.labels(sink=d.sink_id).observe(elapsed)
+            if d.has_dependents and completion.outcome == "done":
+                self._claim_hint = True  # what waited for it is due now
         self._wake.set()
 
     def _outcome(self, d: ClaimedDelivery, policy: RetryPolicy,

@@ -70,6 +70,9 @@ class ClaimedDelivery(BaseModel):
     created_at: float
     upstream: DeliveryResult | None = None
     record: dict[str, Any] | None = Field(default=None, repr=False)
+    # Whether other deliveries wait for this one (`after`): when it is done, a claim
+    # tick has new work. Unknown, so assumed, for rows claimed by a tick.
+    has_dependents: bool = True
 
 
 class AcceptOutcome(BaseModel):
@@ -83,11 +86,12 @@ class AcceptOutcome(BaseModel):
 
 
 class Handoff(Protocol):
-    """What a source needs of the dispatcher to claim work at intake (the Dispatcher)."""
+    """Where intake hands its accepted work (the Dispatcher): told after every accepted
+    batch what was claimed for it, and whether deliveries were left for a claim tick."""
 
     def slots_for_intake(self) -> ClaimSlots | None: ...
 
-    def adopt(self, claimed: list[ClaimedDelivery]) -> None: ...
+    def adopt(self, claimed: list[ClaimedDelivery], waiting: bool) -> None: ...
 
 
 class Completion(BaseModel):
@@ -157,8 +161,11 @@ class DeliveryJournal:
             if slots is not None and held:
                 slots.give_back(held)  # rolled back: nothing was claimed
             raise
-        if handoff is not None and held:
-            handoff.adopt([c for o in outcomes for c in o.claimed])
+        if handoff is not None:
+            handoff.adopt(
+                [c for o in outcomes for c in o.claimed],
+                waiting=any(o.deliveries > len(o.claimed) for o in outcomes),
+            )
         return outcomes
 
     def _accept_tx(
@@ -247,6 +254,7 @@ class DeliveryJournal:
             if row["action"] == Action.EXPORT.value:
                 self._number_snapshot(conn, row)
         if slots is not None and held is not None:
+            awaited = {row["after"] for row in delivery_rows if row["after"]}
             for row in delivery_rows:
                 if row["after"] is None and slots.take(
                         row["sink_id"], row["stack"], row["component"]):
@@ -259,7 +267,7 @@ class DeliveryJournal:
                         stack=row["stack"], component=row["component"],
                         sink_id=row["sink_id"], target=row["target"],
                         params=row["params"], attempts=1, created_at=now,
-                        record=records[row["event_id"]],
+                        record=records[row["event_id"]], has_dependents=row["key"] in awaited,
                     ))
         if delivery_rows:
             conn.execute(sa.insert(deliveries), delivery_rows)

@@ -397,7 +397,6 @@ def mqtt_env(tmp_path_factory: pytest.TempPathFactory, daemon: Daemon) -> Iterat
         daemon.journal,
         daemon.plan,
         preflight=daemon.preflight,
-        on_accepted=lambda: None,
         metrics=RouterMetrics(),
         state_dir=base / "state",
     )

@@ -74,8 +74,9 @@ class FixedSlots:
     def slots_for_intake(self) -> FixedSlots:
         return self
 
-    def adopt(self, claimed: list[ClaimedDelivery]) -> None:
+    def adopt(self, claimed: list[ClaimedDelivery], waiting: bool) -> None:
         self.adopted += claimed
+        self.waiting = waiting
 
 
 @pytest.fixture
@@ -160,6 +161,9 @@ async def test_accept_claims_what_can_start_at_once_and_hands_it_over(
     assert by_sink == {"local.artifact_store": 2, "local.experiment_tracker": 3}
     assert [c.key for o in outcomes for c in o.claimed] == [c.key for c in handoff.adopted]
     assert handoff.held == by_sink
+    assert handoff.waiting, "the dispatcher is told that some were left for a claim"
+    assert [(c.event_id, c.action) for c in handoff.adopted if c.has_dependents] == [
+        ("e0", "store")], "e0's metrics wait for its store"
     status = await journal.status()
     assert (status.deliveries.in_flight, status.deliveries.pending) == (5, 3)
 

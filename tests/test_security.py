@@ -337,7 +337,6 @@ def _mqtt_source(tmp_path: Path, roots: list[Path]) -> MqttSource:
         None,  # type: ignore[arg-type]  # the URI check needs no journal
         None,  # type: ignore[arg-type]
         preflight=lambda _event: None,
-        on_accepted=lambda: None,
         metrics=RouterMetrics(),
         state_dir=tmp_path / "state",
     )

@@ -21,7 +21,7 @@ def test_done_bundles_are_pruned_after_the_retention_period(tmp_path: Path) -> N
     paths = SpoolPaths(tmp_path)
     paths.ensure()
     source = SpoolSource(paths, _NoJournal(), lambda e, v: None,  # type: ignore[arg-type,return-value]
-                         preflight=lambda e: None, on_accepted=lambda: None,
+                         preflight=lambda e: None,
                          metrics=RouterMetrics(), retention_days=7)
     old, fresh = paths.done / "old", paths.done / "fresh"
     for bundle in (old, fresh):
@@ -41,7 +41,7 @@ def test_retention_zero_keeps_everything(tmp_path: Path) -> None:
     paths = SpoolPaths(tmp_path)
     paths.ensure()
     source = SpoolSource(paths, _NoJournal(), lambda e, v: None,  # type: ignore[arg-type,return-value]
-                         preflight=lambda e: None, on_accepted=lambda: None,
+                         preflight=lambda e: None,
                          metrics=RouterMetrics(), retention_days=0)
     (paths.done / "old").mkdir()
     os.utime(paths.done / "old", (0, 0))
@@ -58,7 +58,7 @@ def test_deliveries_never_read_a_bundle_still_in_incoming(tmp_path: Path) -> Non
     paths = SpoolPaths(tmp_path)
     paths.ensure()
     source = SpoolSource(paths, _NoJournal(), lambda e, v: None,  # type: ignore[arg-type,return-value]
-                         preflight=lambda e: None, on_accepted=lambda: None,
+                         preflight=lambda e: None,
                          metrics=RouterMetrics())
     for folder, name in ((paths.incoming, "moving"), (paths.accepted, "settled"),
                          (paths.failed, "parked")):

@@ -528,7 +528,6 @@ class MqttSource:
         planner: Planner,
         *,
         preflight: Callable[[AcceptedEvent], Problem | None],
-        on_accepted: Callable[[], None],
         metrics: RouterMetrics,
         handoff: Handoff | None = None,
         state_dir: Path,
@@ -539,7 +538,6 @@ class MqttSource:
         self.journal = journal
         self.planner = planner
         self.preflight = preflight
-        self.on_accepted = on_accepted
         self.handoff = handoff  # deliveries claimed at intake go straight to the dispatcher
         self.metrics = metrics
         self.batch_size = batch_size
@@ -594,7 +592,6 @@ class MqttSource:
             daemon.journal,
             daemon.plan,
             preflight=daemon.preflight,
-            on_accepted=daemon.dispatcher.wake,
             metrics=daemon.metrics,
             handoff=daemon.dispatcher,
             state_dir=daemon.config.router.state_dir,
@@ -1095,7 +1092,6 @@ class MqttSource:
         # so its files are never written over the first one's before the journal
         # has said which is which.
         pending = [i for i in items if not i.ignored]
-        accepted_any = False
         while pending:
             round_items: list[_Item] = []
             later: list[_Item] = []
@@ -1104,13 +1100,11 @@ class MqttSource:
                 assert item.event_id is not None
                 (later if item.event_id in seen else round_items).append(item)
                 seen.add(item.event_id)
-            accepted_any |= await self._round(client, round_items)
+            await self._round(client, round_items)
             pending = later
-        if accepted_any:
-            self.on_accepted()
         return items
 
-    async def _round(self, client: aiomqtt.Client, items: list[_Item]) -> bool:
+    async def _round(self, client: aiomqtt.Client, items: list[_Item]) -> None:
         candidates = [i for i in items if i.event is not None]
         # Events with files to write (inline content) or hash (file:// URIs) are staged
         # in threads, and only when the journal does not hold them yet (a redelivery
@@ -1139,13 +1133,11 @@ class MqttSource:
         outcomes = (
             await self.journal.accept(events, self.planner, self.handoff) if events else []
         )
-        accepted = False
         finished: list[FinishedEvent] = []  # nothing to deliver: done at intake
         for outcome in outcomes:
             item = by_id[outcome.event_id]
             item.outcome = outcome.outcome
             if outcome.outcome == "accepted":
-                accepted = True
                 self.stats["accepted"] += 1
                 if outcome.deliveries == 0 and item.event is not None:
                     finished.append(FinishedEvent(
@@ -1178,7 +1170,6 @@ class MqttSource:
             await self._reject(item)
         if rejected and self.settings.dead_letter_topic:
             await asyncio.gather(*(self._dead_letter(client, i) for i in rejected))
-        return accepted
 
     @staticmethod
     def _staged(item: _Item, result: AcceptedEvent | list[Problem]) -> None:

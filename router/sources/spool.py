@@ -96,7 +96,6 @@ class SpoolSource:
         planner: Planner,
         *,
         preflight: Callable[[AcceptedEvent], Problem | None],
-        on_accepted: Callable[[], None],
         metrics: RouterMetrics,
         handoff: Handoff | None = None,
         batch_size: int = 256,
@@ -107,7 +106,6 @@ class SpoolSource:
         self.journal = journal
         self.planner = planner
         self.preflight = preflight
-        self.on_accepted = on_accepted
         self.handoff = handoff  # deliveries claimed at intake go straight to the dispatcher
         self.metrics = metrics
         self.batch_size = batch_size
@@ -290,7 +288,6 @@ class SpoolSource:
                 assert event.bundle is not None
                 self._in_transit.pop(event.bundle, None)
             moved.set()
-        self.on_accepted()
 
     async def _settle(self, accepted: list[AcceptedEvent], outcomes: list[AcceptOutcome]) -> None:
         """Move each journaled bundle to where its outcome says."""

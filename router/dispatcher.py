@@ -34,7 +34,7 @@ from router.journal import ClaimedDelivery, Completion, DeliveryJournal, Finishe
 from router.metrics import RouterMetrics
 from sinks.registry import create_sink, sink_class
 
-__all__ = ["Dispatcher", "InFlightSlots", "SinkPool", "backoff_delay"]
+__all__ = ["Dispatcher", "InFlightSlots", "IntakeSlots", "SinkPool", "backoff_delay"]
 
 log = structlog.get_logger("router.dispatcher")
 
@@ -174,6 +174,7 @@ class InFlightSlots:
         self.lease_seconds = lease_seconds
         self.running = 0
         self.by_sink: dict[str, int] = {}
+        self.refused: set[str] = set()  # sinks a take() found full since the last reset
         self._limits: dict[str, int] = {}  # per sink id; refreshed every tick (reloads)
         self._sinks: dict[str, tuple[str, str]] = {}  # sink id -> (stack, component)
         self._lock = threading.Lock()
@@ -195,6 +196,7 @@ class InFlightSlots:
         with self._lock:
             held = self.by_sink.get(sink_id, 0)
             if self.running >= self.total or held >= limit:
+                self.refused.add(sink_id)
                 return False
             self.by_sink[sink_id] = held + 1
             self.running += 1
@@ -211,6 +213,22 @@ class InFlightSlots:
         limits = self._limits
         return [sink_id for sink_id, n in list(self.by_sink.items())
                 if n >= limits.get(sink_id, n + 1)]
+
+
+class IntakeSlots:
+    """The dispatcher's slots as intake may take them: never for a sink that has older
+    due work waiting, which must not be overtaken by newer events."""
+
+    def __init__(self, slots: InFlightSlots, backlogged: frozenset[str]) -> None:
+        self.slots = slots
+        self.backlogged = backlogged
+        self.lease_seconds = slots.lease_seconds
+
+    def take(self, sink_id: str, stack: str, component: str) -> bool:
+        return sink_id not in self.backlogged and self.slots.take(sink_id, stack, component)
+
+    def give_back(self, sink_ids: Sequence[str]) -> None:
+        self.slots.give_back(sink_ids)
 
 
 class Dispatcher:
@@ -235,10 +253,11 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self.lease_seconds = config.router.lease_seconds
         self.slots = InFlightSlots(pool, config.router.concurrency, self.lease_seconds)
-        # True while the last tick took every due delivery it could see: only then may
-        # intake claim its new events' deliveries itself (slots_for_intake), so a
-        # backlog is never overtaken by newer work.
+        # Intake claims its new events' deliveries itself (slots_for_intake) only while
+        # the last claim took every due delivery it could, and never for sinks that were
+        # full then (they may have older work waiting): a backlog is never overtaken.
         self._caught_up = False
+        self._backlogged: frozenset[str] = frozenset()
         # Whether work may be due that no claim has seen yet (see wake); without it a
         # tick only records outcomes, and claims every CLAIM_EVERY seconds.
         self._claim_hint = True
@@ -255,10 +274,12 @@ class Dispatcher:
     def in_flight(self) -> int:
         return self.slots.running
 
-    def slots_for_intake(self) -> InFlightSlots | None:
+    def slots_for_intake(self) -> IntakeSlots | None:
         """The slots an intake batch may claim its deliveries with (`journal.accept`),
         or None while older work waits or the dispatcher stops."""
-        return self.slots if self._caught_up and not self._stopping else None
+        if not self._caught_up or self._stopping:
+            return None
+        return IntakeSlots(self.slots, self._backlogged)
 
     def adopt(self, claimed: list[ClaimedDelivery], waiting: bool) -> None:
         """Start deliveries that intake claimed in its accept transaction; `waiting`:
@@ -302,8 +323,11 @@ class Dispatcher:
             leases.cancel()
 
     async def _tick(self, batch: list[Completion], free: int) -> list[ClaimedDelivery]:
+        saturated: list[str] = []
         if free > 0:
             self.slots.refresh()
+            self.slots.refused = set()
+            saturated = self.slots.saturated()
             self._claim_hint = False  # before the await: a wake() meanwhile stands
             self._last_claim = time.monotonic()
         try:
@@ -311,7 +335,7 @@ class Dispatcher:
                 batch,
                 free,
                 slots=self.slots,
-                exclude_sinks=self.slots.saturated(),
+                exclude_sinks=saturated,
                 lease_seconds=self.lease_seconds,
             )
         except Exception:
@@ -326,6 +350,8 @@ class Dispatcher:
         self.healthy = True
         if free > 0:
             self._caught_up = len(claimed) < free
+            # Full sinks were left out of the claim, or refused rows it found.
+            self._backlogged = frozenset(saturated) | self.slots.refused
             if not self._caught_up:
                 self._claim_hint = True  # a full claim: more may be due
         self._start_all(claimed)
@@ -496,8 +522,9 @@ class Dispatcher:
             completion = self._outcome(d, policy, outcome)
             self._done.append(completion)
             self.metrics.duration.labels(sink=d.sink_id).observe(elapsed)
-            if d.has_dependents and completion.outcome == "done":
-                self._claim_hint = True  # what waited for it is due now
+            if d.sink_id in self._backlogged or (
+                    d.has_dependents and completion.outcome == "done"):
+                self._claim_hint = True  # a slot for older work, or what waited for it
         self._wake.set()
 
     def _outcome(self, d: ClaimedDelivery, policy: RetryPolicy,

@@ -1,0 +1,173 @@
+"""The dispatcher's in-flight limits, and intake's hand-off of new work to it: a real
+journal (SQLite) and the real jsonl tracker, the dispatcher's loop running in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from router.config import load_config
+from router.daemon import Daemon
+from router.dispatcher import InFlightSlots, SinkPool
+from router.intake import AcceptedEvent
+from router.manifest import parse_manifest
+from sinks.trackers.jsonl import read_jsonl
+from tests.conftest import Workspace
+
+TRACKER = "local.experiment_tracker"
+STORE = "local.artifact_store"
+
+
+def metrics_event(event_id: str) -> AcceptedEvent:
+    manifest = parse_manifest({
+        "manifest_version": 1, "pipeline": "p", "run_id": event_id, "step_name": "s",
+        "artifacts": [{"type": "metrics", "name": "m", "values": {"acc": 0.5}}],
+    })
+    return AcceptedEvent(event_id=event_id, source="mqtt", manifest=manifest, files=[[]],
+                         digest=f"d-{event_id}", received_at=time.time())
+
+
+def pool_for(tmp_path: Path, tracker_concurrency: int) -> tuple[Workspace, SinkPool]:
+    ws = Workspace(tmp_path)  # only its config
+    ws.stack["experiment_tracker"]["concurrency"] = tracker_concurrency
+    ws.write()
+    return ws, SinkPool(load_config(ws.config_path).config)
+
+
+def test_slots_hold_each_sinks_limit_and_the_total(tmp_path: Path) -> None:
+    _, pool = pool_for(tmp_path, tracker_concurrency=2)
+    slots = InFlightSlots(pool, total=3, lease_seconds=60)
+    assert [slots.take(TRACKER, "local", "experiment_tracker") for _ in range(3)] == [
+        True, True, False]
+    assert slots.refused == {TRACKER} and slots.saturated() == [TRACKER]
+    assert slots.take(STORE, "local", "artifact_store")
+    assert not slots.take(STORE, "local", "artifact_store"), "the total of 3 is reached"
+    slots.give_back([TRACKER])
+    assert slots.take(STORE, "local", "artifact_store")
+    assert (slots.running, slots.by_sink) == (3, {TRACKER: 1, STORE: 2})
+
+
+def test_slots_stay_exact_when_threads_take_and_give_back_at_once(tmp_path: Path) -> None:
+    """Claims take slots on the journal's writer thread while finished tasks give them
+    back on the loop: the counts never pass a limit and end where they started."""
+    _, pool = pool_for(tmp_path, tracker_concurrency=5)
+    slots = InFlightSlots(pool, total=1000, lease_seconds=60)
+    peak = [0]
+
+    def churn() -> None:
+        for _ in range(20_000):
+            if slots.take(TRACKER, "local", "experiment_tracker"):
+                peak[0] = max(peak[0], slots.by_sink[TRACKER])
+                slots.give_back([TRACKER])
+
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert slots.by_sink[TRACKER] == 0 and slots.running == 0
+    assert 1 <= peak[0] <= 5
+
+
+@pytest.fixture
+async def daemon_parts(tmp_path: Path) -> AsyncIterator[Callable[[int], Daemon]]:
+    """A daemon's journal, sinks and dispatcher (no sources, nothing running yet)."""
+    made: list[Daemon] = []
+
+    def make(tracker_concurrency: int) -> Daemon:
+        root = tmp_path / f"ws{len(made)}"
+        root.mkdir()
+        ws = Workspace(root)
+        ws.stack["experiment_tracker"]["concurrency"] = tracker_concurrency
+        ws.write()
+        made.append(Daemon(load_config(ws.config_path)))
+        return made[-1]
+
+    yield make
+    for daemon in made:
+        await daemon.pool.close()
+        await daemon.db.dispose()
+
+
+async def run_dispatcher(daemon: Daemon) -> asyncio.Task[None]:
+    await daemon.db.migrate()
+    return asyncio.create_task(daemon.dispatcher.run())
+
+
+async def wait_for(condition: Callable[[], object]) -> None:
+    for _ in range(3000):  # 30 s
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+async def finished(daemon: Daemon) -> dict[str, float]:
+    async with daemon.db.read() as conn:
+        rows = await conn.exec_driver_sql(
+            "select id, finished_at from events where state = 'done'")
+        return {r[0]: r[1] for r in rows}
+
+
+async def wait_finished(daemon: Daemon, done: dict[str, float], count: int) -> None:
+    """Fill `done` (event id -> finished_at) until `count` events are done."""
+    async with asyncio.timeout(120):
+        while len(done) < count:
+            done.update(await finished(daemon))
+            await asyncio.sleep(0.01)
+
+
+async def test_intake_hands_new_work_straight_to_the_dispatcher(
+    daemon_parts: Callable[[int], Daemon],
+) -> None:
+    daemon = daemon_parts(32)
+    task = await run_dispatcher(daemon)
+    try:
+        await wait_for(lambda: daemon.dispatcher.slots_for_intake() is not None)
+        outcomes = await daemon.journal.accept(
+            [metrics_event(f"e{i}") for i in range(5)], daemon.plan, daemon.dispatcher)
+        assert [len(o.claimed) for o in outcomes] == [1] * 5, "claimed in the accept"
+        assert all(c.sink_id == TRACKER for o in outcomes for c in o.claimed)
+        await wait_finished(daemon, {}, 5)
+    finally:
+        await daemon.dispatcher.stop(5)
+        await task
+    tracking = Path(daemon.config.router.spool).parent / "tracking"
+    lines = [row for f in tracking.rglob("*.jsonl") for row in read_jsonl(f)]
+    assert sorted({str(row["run_id"]) for row in lines}) == [f"e{i}" for i in range(5)]
+
+
+async def test_a_backlog_is_never_overtaken_by_newer_events(
+    daemon_parts: Callable[[int], Daemon],
+) -> None:
+    """200 events wait for a tracker that takes one at a time: while they wait, intake
+    may not claim for that tracker (even in the moment a slot is free), and an event
+    accepted meanwhile is delivered after all of them."""
+    daemon = daemon_parts(1)
+    await daemon.db.migrate()
+    await daemon.journal.accept([metrics_event(f"old{i:03d}") for i in range(200)],
+                                daemon.plan)
+    task = await run_dispatcher(daemon)
+    done: dict[str, float] = {}
+    try:
+        await wait_for(lambda: daemon.dispatcher.in_flight > 0)  # the backlog is draining
+        (outcome,) = await daemon.journal.accept(
+            [metrics_event("new")], daemon.plan, daemon.dispatcher)
+        assert outcome.outcome == "accepted" and outcome.claimed == []
+        samples = 0
+        while len(done) < 150:  # plenty still waiting
+            intake = daemon.dispatcher.slots_for_intake()
+            assert intake is None or TRACKER in intake.backlogged
+            samples += 1
+            done.update(await finished(daemon))
+        assert samples > 10
+        await wait_finished(daemon, done, 201)
+    finally:
+        await daemon.dispatcher.stop(5)
+        await task
+    assert done["new"] >= max(t for k, t in done.items() if k != "new")

@@ -3,7 +3,9 @@
 No head-of-line blocking: each sink has its own concurrency budget, and a sink that
 is failing backs off in the journal (next_attempt_at), never in a queue in front of
 the others.  Memory stays bounded: at most `router.concurrency` deliveries are in
-flight, and completions are written back in batches (one commit per burst).
+flight, and completions are written back in batches (one commit per burst).  New
+events' deliveries usually arrive already claimed by intake (`adopt`); ticks claim
+the rest: backlogs, retries, prerequisites met, work other processes made due.
 """
 
 from __future__ import annotations
@@ -292,8 +294,9 @@ class Dispatcher:
     async def run(self) -> None:
         """Run deliveries until stop(): one loop, one transaction per tick.
 
-        Each tick records the outcomes that came in since the last one and claims new
-        work in the same journal transaction (`DeliveryJournal.cycle`).
+        Each tick records the outcomes that came in since the last one and, when new
+        work may be due (or every CLAIM_EVERY seconds), claims it in the same journal
+        transaction (`DeliveryJournal.cycle`).
         """
         recovered = await self.journal.recover()
         if recovered:

@@ -246,7 +246,6 @@ class Dispatcher:
     ) -> None:
         self.journal = journal
         self.pool = pool
-        self.settings = config.router
         self.locate_bundles = locate_bundles
         self.on_finished = on_finished
         self.metrics = metrics
@@ -319,7 +318,7 @@ class Dispatcher:
                 self.metrics.buffer.labels(component="dispatcher").set(self.slots.running)
                 if len(claimed) < max(free, 1) and not self._done:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+                        await asyncio.wait_for(self._wake.wait(), timeout=CLAIM_EVERY)
                     # Let a burst of completions land: one transaction for many.
                     await asyncio.sleep(0.002)
         finally:

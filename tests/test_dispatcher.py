@@ -32,15 +32,15 @@ def metrics_event(event_id: str) -> AcceptedEvent:
                          digest=f"d-{event_id}", received_at=time.time())
 
 
-def pool_for(tmp_path: Path, tracker_concurrency: int) -> tuple[Workspace, SinkPool]:
+def pool_for(tmp_path: Path, tracker_concurrency: int) -> SinkPool:
     ws = Workspace(tmp_path)  # only its config
     ws.stack["experiment_tracker"]["concurrency"] = tracker_concurrency
     ws.write()
-    return ws, SinkPool(load_config(ws.config_path).config)
+    return SinkPool(load_config(ws.config_path).config)
 
 
 def test_slots_hold_each_sinks_limit_and_the_total(tmp_path: Path) -> None:
-    _, pool = pool_for(tmp_path, tracker_concurrency=2)
+    pool = pool_for(tmp_path, tracker_concurrency=2)
     slots = InFlightSlots(pool, total=3, lease_seconds=60)
     assert [slots.take(TRACKER, "local", "experiment_tracker") for _ in range(3)] == [
         True, True, False]
@@ -55,7 +55,7 @@ def test_slots_hold_each_sinks_limit_and_the_total(tmp_path: Path) -> None:
 def test_slots_stay_exact_when_threads_take_and_give_back_at_once(tmp_path: Path) -> None:
     """Claims take slots on the journal's writer thread while finished tasks give them
     back on the loop: the counts never pass a limit and end where they started."""
-    _, pool = pool_for(tmp_path, tracker_concurrency=5)
+    pool = pool_for(tmp_path, tracker_concurrency=5)
     slots = InFlightSlots(pool, total=1000, lease_seconds=60)
     peak = [0]
 

@@ -422,7 +422,8 @@ class S3Store(BaseBatchSink):
             for item, files in zip(items, planned, strict=True)
             if not isinstance(files, Exception)
             for staged, _, key in files
-            if await self._needs_look(client, item, staged.size)
+            if not await self._puts_first(
+                client, item.params.get("on_conflict", "fail"), item.attempt > 1, staged.size)
         ]
         free = await self._free_keys(client, looks) if len(looks) >= 3 else set()
         outcomes = await asyncio.gather(
@@ -442,12 +443,19 @@ class S3Store(BaseBatchSink):
             out.append(outcome)
         return out
 
-    async def _needs_look(self, client: Any, item: DeliveryItem, size: int) -> bool:
-        """Whether `_deliver_file` would look at the key before it puts (see there)."""
-        if item.params.get("on_conflict", "fail") == "overwrite" and item.attempt <= 1:
-            return False
+    async def _puts_first(
+        self, client: Any, on_conflict: str, retrying: bool, size: int
+    ) -> bool:
+        """Whether a file goes up in one request, with no look at the key first.
+
+        On a first attempt with on_conflict: overwrite there is nothing to look at (a
+        replay of a delivery cut off after its PUT is a retry, and retries look); where
+        the server honours If-None-Match, a single put refuses a taken key by itself.
+        Everything else looks first (replay, conflict, torn object)."""
+        if on_conflict == "overwrite" and not retrying:
+            return True
         single = size < self.settings.multipart_threshold or size == 0
-        return not (single and await self._conditional_puts(client))
+        return single and await self._conditional_puts(client)
 
     async def _deliver_item(
         self, client: Any, item: DeliveryItem, files: list[tuple[StagedFile, Path, str]],
@@ -536,14 +544,8 @@ class S3Store(BaseBatchSink):
                 f"{staged.size}); emit a new bundle instead of editing an accepted one"
             )
 
-        # One request where we can: on a first attempt with on_conflict: overwrite there
-        # is nothing to look at first (a replay of a delivery cut off after its PUT is a
-        # retry, and retries look), and where the server honours If-None-Match it
-        # refuses a taken key; only then do we look at what is there (replay, conflict,
-        # torn object).
-        blind = on_conflict == "overwrite" and not retrying
-        single = size < self.settings.multipart_threshold or size == 0
-        if blind or (single and await self._conditional_puts(client)):
+        if await self._puts_first(client, on_conflict, retrying, size):
+            blind = on_conflict == "overwrite" and not retrying
             try:
                 version_id = await self._upload(client, path, key, size, staged.sha256,
                                                 if_absent=not blind)

@@ -7,6 +7,7 @@ done); reads serve the CLI and the client API.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from typing import Any
@@ -90,30 +91,60 @@ def reserve_versions(
     conn: sa.Connection, pipeline: str, name: str, count: int
 ) -> list[str]:
     """The next `count` integer versions of (pipeline, name), atomically on both backends."""
-    bump = (
-        sa.update(version_counters)
-        .where(version_counters.c.pipeline == pipeline, version_counters.c.name == name)
-        .values(last=version_counters.c.last + count)
-        .returning(version_counters.c.last)
-    )
-    last = conn.execute(bump).scalar()
+    counter = {"p": pipeline, "n": name, "count": count}
+    last = conn.execute(_BUMP_COUNTER, counter).scalar()
     if last is None:
-        insert = _insert(conn, version_counters).values(pipeline=pipeline, name=name, last=count)
-        if conn.execute(insert.on_conflict_do_nothing()).rowcount == 1:
+        if conn.execute(_new_counter(conn.dialect.name), counter).rowcount == 1:
             last = count
         else:  # another daemon created the counter in between
-            last = conn.execute(bump).scalar_one()
+            last = conn.execute(_BUMP_COUNTER, counter).scalar_one()
     return [str(v) for v in range(last - count + 1, last + 1)]
 
 
-def _insert(conn: sa.Connection, table: sa.Table) -> Any:
-    if conn.dialect.name == "postgresql":
+# Statements of the journal's hot transactions, built once (see router/journal.py).
+_BUMP_COUNTER = (
+    sa.update(version_counters)
+    .where(version_counters.c.pipeline == sa.bindparam("p"),
+           version_counters.c.name == sa.bindparam("n"))
+    .values(last=version_counters.c.last + sa.bindparam("count", type_=sa.Integer))
+    .returning(version_counters.c.last)
+)
+_INSERT_ARTIFACTS = sa.insert(artifacts).returning(artifacts.c.id, sort_by_parameter_order=True)
+_INSERT_LINEAGE = sa.insert(lineage)
+_ARTIFACT_IDS = sa.select(artifacts.c.id, artifacts.c.event_id, artifacts.c.artifact_index).where(
+    artifacts.c.event_id.in_(sa.bindparam("ids", expanding=True))
+)
+
+
+def _insert(dialect: str, table: sa.Table) -> Any:
+    """INSERT with the dialect's ON CONFLICT clauses."""
+    if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
         return pg_insert(table)
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     return sqlite_insert(table)
+
+
+@functools.cache
+def _new_counter(dialect: str) -> Any:
+    return _insert(dialect, version_counters).values(
+        pipeline=sa.bindparam("p"), name=sa.bindparam("n"), last=sa.bindparam("count"),
+    ).on_conflict_do_nothing()
+
+
+@functools.cache
+def _touch_runs(dialect: str) -> Any:
+    upsert = _insert(dialect, runs)
+    return upsert.on_conflict_do_update(
+        index_elements=["pipeline", "run_id"], set_={"updated_at": upsert.excluded.updated_at},
+    )
+
+
+@functools.cache
+def _add_locations(dialect: str) -> Any:
+    return _insert(dialect, locations).on_conflict_do_nothing()
 
 
 def _artifact_row(event: AcceptedEvent, plan: RoutePlan, index: int, now: float) -> dict[str, Any]:
@@ -157,12 +188,8 @@ def record_events(
     if not accepted:
         return
     run_keys = sorted({(e.manifest.pipeline, e.manifest.run_id) for e, _ in accepted})
-    upsert = _insert(conn, runs)
     conn.execute(  # executemany: one compiled statement whatever the number of runs
-        upsert.on_conflict_do_update(
-            index_elements=["pipeline", "run_id"],
-            set_={"updated_at": upsert.excluded.updated_at},
-        ),
+        _touch_runs(conn.dialect.name),
         [{"pipeline": p, "run_id": r, "created_at": now, "updated_at": now} for p, r in run_keys],
     )
     rows = [
@@ -170,11 +197,7 @@ def record_events(
         for event, plan in accepted
         for index in range(len(event.manifest.artifacts))
     ]
-    ids: list[int] = list(
-        conn.execute(
-            sa.insert(artifacts).returning(artifacts.c.id, sort_by_parameter_order=True), rows
-        ).scalars()
-    )
+    ids: list[int] = list(conn.execute(_INSERT_ARTIFACTS, rows).scalars())
     position = 0
     edges = []
     for event, plan in accepted:
@@ -191,7 +214,7 @@ def record_events(
             edges += [{"artifact_id": artifact_id, "input_ref": ref}
                       for ref in dict.fromkeys(m.inputs)]
     if edges:
-        conn.execute(sa.insert(lineage), edges)
+        conn.execute(_INSERT_LINEAGE, edges)
 
 
 def record_locations_batch(
@@ -201,11 +224,7 @@ def record_locations_batch(
     if not items:
         return
     event_ids = {event_id for event_id, *_ in items}
-    found = conn.execute(
-        sa.select(artifacts.c.id, artifacts.c.event_id, artifacts.c.artifact_index).where(
-            artifacts.c.event_id.in_(event_ids)
-        )
-    )
+    found = conn.execute(_ARTIFACT_IDS, {"ids": list(event_ids)})
     ids = {(r.event_id, r.artifact_index): r.id for r in found}
     rows = []
     for event_id, index, key, sink_id, action, result in items:
@@ -231,7 +250,7 @@ def record_locations_batch(
             for obj in objects
         ]
     if rows:  # executemany: one compiled statement, not a new multi-VALUES one per call
-        conn.execute(_insert(conn, locations).on_conflict_do_nothing(), rows)
+        conn.execute(_add_locations(conn.dialect.name), rows)
 
 
 def _to_artifact(row: Any) -> ArtifactRow:

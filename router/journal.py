@@ -9,6 +9,7 @@ burst of completions.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol
@@ -39,6 +40,92 @@ DATASET_SNAPSHOTS = "(dataset snapshots)"
 Planner = Callable[[AcceptedEvent, list[str]], RoutePlan]
 
 TERMINAL = ("done", "dead")
+
+
+# The hot transactions' statements are built once, with bind parameters for what
+# changes: building a statement and computing its cache key on every call cost about
+# 80 us a statement, a third of a small transaction's CPU (bench/RESULTS.md, session 13).
+def _each(name: str) -> sa.BindParameter[Any]:
+    """An `IN` list filled at execution."""
+    return sa.bindparam(name, expanding=True)
+
+
+_NOW = sa.bindparam("now", type_=sa.Float)
+_PREREQ = deliveries.alias("prereq")
+_EXISTING_EVENTS = sa.select(events.c.id, events.c.state, events.c.digest).where(
+    events.c.id.in_(_each("ids"))
+)
+_INSERT_EVENTS = sa.insert(events)
+_INSERT_DELIVERIES = sa.insert(deliveries)
+_MARK_MOVED = sa.update(events).where(events.c.id.in_(_each("ids"))).values(moved=True)
+_OWN_ATTEMPT = (deliveries.c.key == sa.bindparam("k"), deliveries.c.state == "in_flight")
+_CLEARED = {"updated_at": _NOW, "owner": None, "lease_until": None}
+_MARK_DONE = sa.update(deliveries).where(*_OWN_ATTEMPT).values(
+    state="done", result=sa.bindparam("r"), last_error=None, **_CLEARED)
+_MARK_RETRY = sa.update(deliveries).where(*_OWN_ATTEMPT).values(
+    state="pending", next_attempt_at=sa.bindparam("n"), last_error=sa.bindparam("e"),
+    **_CLEARED)
+_MARK_DEAD = sa.update(deliveries).where(*_OWN_ATTEMPT).values(
+    state="dead", last_error=sa.bindparam("e"), **_CLEARED)
+_KILL_WAITING = (
+    sa.update(deliveries)
+    .where(deliveries.c.after.in_(_each("keys")), deliveries.c.state == "pending")
+    .values(state="dead", last_error=sa.bindparam("why"), updated_at=_NOW)
+    .returning(deliveries.c.key)
+)
+_OPEN_EVENTS = (
+    sa.select(deliveries.c.event_id)
+    .where(deliveries.c.event_id.in_(_each("ids")), deliveries.c.state.not_in(TERMINAL))
+    .distinct()
+)
+_FAILED_EVENTS = (
+    sa.select(deliveries.c.event_id)
+    .where(deliveries.c.event_id.in_(_each("ids")), deliveries.c.state == "dead")
+    .distinct()
+)
+_FINAL = sa.bindparam("final", type_=sa.String)
+_CLAIM = (
+    sa.update(deliveries)
+    .where(deliveries.c.key.in_(_each("keys")), deliveries.c.state == "pending")
+    .values(
+        state="in_flight", attempts=deliveries.c.attempts + 1,
+        owner=sa.bindparam("claimer"), lease_until=sa.bindparam("lease"), updated_at=_NOW,
+    )
+    .returning(deliveries.c.key)
+)
+_CLAIMED_ROWS = (
+    sa.select(deliveries, _PREREQ.c.result.label("upstream"), events.c.record.label("record"))
+    .select_from(
+        deliveries.outerjoin(_PREREQ, deliveries.c.after == _PREREQ.c.key).join(
+            events, events.c.id == deliveries.c.event_id
+        )
+    )
+    .where(deliveries.c.key.in_(_each("keys")))
+)
+
+
+@functools.cache
+def _due(locking: bool, excluding: bool) -> sa.Select[Any]:
+    """Due rows whose prerequisite (if any) is done, oldest first; `now` and `window`
+    bound at execution, and `excluded` (saturated sinks) when `excluding`."""
+    query = (
+        sa.select(
+            deliveries.c.key, deliveries.c.sink_id, deliveries.c.stack, deliveries.c.component,
+        )
+        .select_from(deliveries.outerjoin(_PREREQ, deliveries.c.after == _PREREQ.c.key))
+        .where(
+            deliveries.c.state == "pending",
+            deliveries.c.next_attempt_at <= _NOW,
+            sa.or_(deliveries.c.after.is_(None), _PREREQ.c.state == "done"),
+        )
+        .order_by(deliveries.c.next_attempt_at)
+        .limit(sa.bindparam("window"))
+    )
+    if excluding:  # saturated sinks: leave the window to the others
+        query = query.where(deliveries.c.sink_id.not_in(_each("excluded")))
+    if locking:
+        query = query.with_for_update(of=deliveries, skip_locked=True)
+    return query
 
 
 class ClaimSlots(Protocol):
@@ -177,14 +264,7 @@ class DeliveryJournal:
         order: list[tuple[str, AcceptOutcome | None]] = []
         now = time.time()  # after the lock: commit-near
         ids = list({e.event_id for e in batch})
-        existing = {
-            row.id: row
-            for row in conn.execute(
-                sa.select(events.c.id, events.c.state, events.c.digest).where(
-                    events.c.id.in_(ids)
-                )
-            ).all()
-        }
+        existing = {row.id: row for row in conn.execute(_EXISTING_EVENTS, {"ids": ids})}
         fresh: list[AcceptedEvent] = []
         seen: dict[str, str] = {}
         replaced: list[str] = []
@@ -249,7 +329,7 @@ class DeliveryJournal:
                 detail="; ".join(e for a in plan.artifacts for e in a.errors) or None,
             )
         if event_rows:
-            conn.execute(sa.insert(events), event_rows)
+            conn.execute(_INSERT_EVENTS, event_rows)
         for row in delivery_rows:
             if row["action"] == Action.EXPORT.value:
                 self._number_snapshot(conn, row)
@@ -270,7 +350,7 @@ class DeliveryJournal:
                         record=records[row["event_id"]], has_dependents=row["key"] in awaited,
                     ))
         if delivery_rows:
-            conn.execute(sa.insert(deliveries), delivery_rows)
+            conn.execute(_INSERT_DELIVERIES, delivery_rows)
         catalog.record_events(conn, planned, now)
         return [o if o is not None else outcomes[i] for i, o in order]
 
@@ -402,10 +482,7 @@ class DeliveryJournal:
     ) -> tuple[list[FinishedEvent], list[ClaimedDelivery]]:
         now = time.time()  # after the lock: finished_at is when it really commits
         for start in range(0, len(moved), 500):
-            conn.execute(
-                sa.update(events).where(events.c.id.in_(moved[start:start + 500]))
-                .values(moved=True)
-            )
+            conn.execute(_MARK_MOVED, {"ids": moved[start:start + 500]})
         finished = _complete_in(conn, completions, now) if completions else []
         claimed = (
             self._claim_in(conn, limit, slots, held, excluded, lease_seconds, now)
@@ -425,26 +502,11 @@ class DeliveryJournal:
     ) -> list[ClaimedDelivery]:
         """Claim up to `limit` due rows; `slots` (if any) are taken row by row, and the
         sink ids they were taken for are listed in `held` until the commit."""
-        prereq = deliveries.alias("prereq")
-        query = (
-            sa.select(
-                deliveries.c.key, deliveries.c.sink_id, deliveries.c.stack,
-                deliveries.c.component,
-            )
-            .select_from(deliveries.outerjoin(prereq, deliveries.c.after == prereq.c.key))
-            .where(
-                deliveries.c.state == "pending",
-                deliveries.c.next_attempt_at <= now,
-                sa.or_(deliveries.c.after.is_(None), prereq.c.state == "done"),
-            )
-            .order_by(deliveries.c.next_attempt_at)
-            .limit(limit + 64)
-        )
-        if excluded:  # saturated sinks: leave the window to the others
-            query = query.where(deliveries.c.sink_id.not_in(excluded))
-        if not self.db.is_sqlite:
-            query = query.with_for_update(of=deliveries, skip_locked=True)
-        rows = conn.execute(query).all()
+        params: dict[str, Any] = {"now": now, "window": limit + 64}
+        if excluded:
+            params["excluded"] = excluded
+        query = _due(locking=not self.db.is_sqlite, excluding=bool(excluded))
+        rows = conn.execute(query, params).all()
         picked: list[Any] = []
         for row in rows:
             if len(picked) >= limit:
@@ -456,21 +518,10 @@ class DeliveryJournal:
             picked.append(row)
         if not picked:
             return []
-        claimed_keys: list[str] = list(
-            conn.execute(
-                sa.update(deliveries)
-                .where(deliveries.c.key.in_([r.key for r in picked]),
-                       deliveries.c.state == "pending")
-                .values(
-                    state="in_flight",
-                    attempts=deliveries.c.attempts + 1,
-                    owner=self.owner,
-                    lease_until=now + lease_seconds,
-                    updated_at=now,
-                )
-                .returning(deliveries.c.key)
-            ).scalars()
-        )
+        claimed_keys: list[str] = list(conn.execute(_CLAIM, {
+            "keys": [r.key for r in picked], "claimer": self.owner,
+            "lease": now + lease_seconds, "now": now,
+        }).scalars())
         if slots is not None and len(claimed_keys) < len(picked):
             got = set(claimed_keys)  # another daemon took the rest first
             lost = [r.sink_id for r in picked if r.key not in got]
@@ -479,16 +530,7 @@ class DeliveryJournal:
                 held.remove(sink_id)
         if not claimed_keys:
             return []
-        full = conn.execute(
-            sa.select(deliveries, prereq.c.result.label("upstream"),
-                      events.c.record.label("record"))
-            .select_from(
-                deliveries.outerjoin(prereq, deliveries.c.after == prereq.c.key).join(
-                    events, events.c.id == deliveries.c.event_id
-                )
-            )
-            .where(deliveries.c.key.in_(claimed_keys))
-        ).all()
+        full = conn.execute(_CLAIMED_ROWS, {"keys": claimed_keys}).all()
         return [
             ClaimedDelivery(
                 key=r.key,
@@ -683,19 +725,15 @@ def _complete_in(
 ) -> list[FinishedEvent]:
     """Outcomes of a burst of attempts; a done delivery's locations in the same commit."""
     touched = {c.event_id for c in completions}
-    in_flight = deliveries.c.state == "in_flight"
-    by_key = deliveries.c.key == sa.bindparam("k")
-    cleared = {"updated_at": now, "owner": None, "lease_until": None}
     done = [c for c in completions if c.outcome == "done"]
     retry = [c for c in completions if c.outcome == "retry"]
     dead = [c for c in completions if c.outcome == "dead"]
     if done:
-        conn.execute(
-            sa.update(deliveries).where(by_key, in_flight).values(
-                state="done", result=sa.bindparam("r"), last_error=None, **cleared),
-            [{"k": c.key, "r": c.result.model_dump(mode="json") if c.result else None}
-             for c in done],
-        )
+        conn.execute(_MARK_DONE, [
+            {"k": c.key, "r": c.result.model_dump(mode="json") if c.result else None,
+             "now": now}
+            for c in done
+        ])
         catalog.record_locations_batch(
             conn,
             [(c.event_id, c.artifact_index, c.key, c.sink_id, c.action, c.result)
@@ -703,18 +741,12 @@ def _complete_in(
             now,
         )
     if retry:
-        conn.execute(
-            sa.update(deliveries).where(by_key, in_flight).values(
-                state="pending", next_attempt_at=sa.bindparam("n"),
-                last_error=sa.bindparam("e"), **cleared),
-            [{"k": c.key, "n": c.next_attempt_at or now, "e": c.error} for c in retry],
-        )
+        conn.execute(_MARK_RETRY, [
+            {"k": c.key, "n": c.next_attempt_at or now, "e": c.error, "now": now}
+            for c in retry
+        ])
     if dead:
-        conn.execute(
-            sa.update(deliveries).where(by_key, in_flight).values(
-                state="dead", last_error=sa.bindparam("e"), **cleared),
-            [{"k": c.key, "e": c.error} for c in dead],
-        )
+        conn.execute(_MARK_DEAD, [{"k": c.key, "e": c.error, "now": now} for c in dead])
         for c in dead:
             _kill_dependents(conn, c.key, now)
     for c in completions:
@@ -726,18 +758,9 @@ def _complete_in(
 def _kill_dependents(conn: sa.Connection, key: str, now: float) -> None:
     frontier = [key]
     while frontier:
-        frontier = list(
-            conn.execute(
-                sa.update(deliveries)
-                .where(deliveries.c.after.in_(frontier), deliveries.c.state == "pending")
-                .values(
-                    state="dead",
-                    last_error=f"not attempted: prerequisite {key} is dead",
-                    updated_at=now,
-                )
-                .returning(deliveries.c.key)
-            ).scalars()
-        )
+        frontier = list(conn.execute(_KILL_WAITING, {
+            "keys": frontier, "why": f"not attempted: prerequisite {key} is dead", "now": now,
+        }).scalars())
 
 
 # Only the receipt address of a finished event's record, extracted by the database
@@ -745,36 +768,27 @@ def _kill_dependents(conn: sa.Connection, key: str, now: float) -> None:
 _REPLY_TO = events.c.record["reply_to"].label("reply_to")
 
 
+_FINISH = (
+    sa.update(events)
+    .where(events.c.id.in_(_each("ids")), events.c.state != _FINAL)
+    .values(state=_FINAL, finished_at=_NOW, moved=False)
+    .returning(events.c.id, events.c.bundle, events.c.source, _REPLY_TO)
+)
+
+
 def _finish_events(conn: sa.Connection, ids: set[str], now: float) -> list[FinishedEvent]:
     if not ids:
         return []
-    open_ids: set[str] = set(
-        conn.execute(
-            sa.select(deliveries.c.event_id)
-            .where(deliveries.c.event_id.in_(ids), deliveries.c.state.not_in(TERMINAL))
-            .distinct()
-        ).scalars()
-    )
+    open_ids: set[str] = set(conn.execute(_OPEN_EVENTS, {"ids": list(ids)}).scalars())
     closing = ids - open_ids
     if not closing:
         return []
-    failed: set[str] = set(
-        conn.execute(
-            sa.select(deliveries.c.event_id)
-            .where(deliveries.c.event_id.in_(closing), deliveries.c.state == "dead")
-            .distinct()
-        ).scalars()
-    )
+    failed: set[str] = set(conn.execute(_FAILED_EVENTS, {"ids": list(closing)}).scalars())
     finished = []
     for final, group in (("failed", closing & failed), ("done", closing - failed)):
         if not group:
             continue
-        rows = conn.execute(
-            sa.update(events)
-            .where(events.c.id.in_(group), events.c.state != final)
-            .values(state=final, finished_at=now, moved=False)
-            .returning(events.c.id, events.c.bundle, events.c.source, _REPLY_TO)
-        )
+        rows = conn.execute(_FINISH, {"ids": list(group), "final": final, "now": now})
         finished += [
             FinishedEvent(
                 event_id=r.id, bundle=r.bundle, source=r.source, state=final,

@@ -2,8 +2,8 @@
 
 Both `sagemaker_model_registry` and `sagemaker_endpoint` speak to the SageMaker API
 through one aiobotocore client per sink (created on first use, closed by `close()`),
-and map every failure onto the sink contract the way the `s3` store does (whose
-error-code helpers this module reuses):
+and map every failure onto the sink contract the way the `s3` store does (both use
+`sinks/aws_errors.py`):
 
 * throttling (`ThrottlingException`, ...), HTTP 429 and 5xx, connection errors and
   timeouts are `TransientError`: the dispatcher retries them with backoff;
@@ -27,11 +27,10 @@ import unicodedata
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-import aiohttp
 from pydantic import Field, SecretStr, model_validator
 
+from sinks.aws_errors import THROTTLING, TRANSIENT_CODES, error_code, unanswered_error
 from sinks.base import PermanentError, SinkSettings, TransientError
-from sinks.stores.s3 import _THROTTLING, _TRANSIENT_CODES, _error_code
 
 __all__ = [
     "SageMakerClient",
@@ -66,7 +65,7 @@ _AUTH_CODES = {
     "MissingAuthenticationToken",
     "IncompleteSignature",
 }
-_RETRYABLE_CODES = _TRANSIENT_CODES | {
+_RETRYABLE_CODES = TRANSIENT_CODES | {
     "ServiceUnavailableException",
     "InternalFailure",
     "InternalServerError",
@@ -136,7 +135,7 @@ def _clean_message(message: str) -> str:
 
 def _code_and_message(exc: Exception) -> tuple[str, int | None, str]:
     """(error code, HTTP status, message); also from an XML body botocore could not parse."""
-    code, status, message = _error_code(exc)
+    code, status, message = error_code(exc)
     if message.lstrip().startswith("<"):
         found_code = _XML_CODE.search(message)
         found_message = _XML_MESSAGE.search(message)
@@ -170,14 +169,7 @@ def is_already_exists(exc: Exception) -> bool:
 
 def map_sagemaker_error(exc: BaseException, operation: str, what: str, where: str) -> Exception:
     """A botocore / aiohttp error as TransientError or PermanentError, in plain words."""
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        NoCredentialsError,
-        NoRegionError,
-        ParamValidationError,
-        PartialCredentialsError,
-    )
+    from botocore.exceptions import ClientError
 
     if isinstance(exc, ClientError):
         code, status, raw = _code_and_message(exc)
@@ -192,7 +184,7 @@ def map_sagemaker_error(exc: BaseException, operation: str, what: str, where: st
             return TransientError(
                 f"SageMaker {operation} {what}: busy with an earlier change ({detail}); retried"
             )
-        if code in _THROTTLING or status == 429:
+        if code in THROTTLING or status == 429:
             return TransientError(f"SageMaker {operation} {what} throttled ({detail})")
         if code in _RETRYABLE_CODES or (status or 0) >= 500:
             return TransientError(
@@ -204,23 +196,7 @@ def map_sagemaker_error(exc: BaseException, operation: str, what: str, where: st
                 "free resources or ask AWS for a higher limit, then `artifact-router retry`"
             )
         return PermanentError(f"SageMaker {operation} {what} refused ({detail})")
-    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        return PermanentError(
-            f"SageMaker {operation} {what}: no usable AWS credentials ({exc}); set "
-            "aws_access_key_id and aws_secret_access_key or configure the AWS credential chain"
-        )
-    if isinstance(exc, NoRegionError):
-        return PermanentError(
-            f"SageMaker {operation} {what}: no AWS region; set `region` on the component "
-            "or AWS_REGION"
-        )
-    if isinstance(exc, ParamValidationError):
-        return PermanentError(f"SageMaker {operation} {what}: invalid request ({exc})")
-    if isinstance(exc, BotoCoreError | aiohttp.ClientError | TimeoutError | ConnectionError):
-        return TransientError(
-            f"SageMaker {operation} {what} at {where}: {type(exc).__name__}: {exc}"
-        )
-    return TransientError(f"SageMaker {operation} {what}: unexpected {type(exc).__name__}: {exc}")
+    return unanswered_error(exc, f"SageMaker {operation} {what}", where)
 
 
 class SageMakerClient:

@@ -531,6 +531,37 @@ def test_error_codes_map_onto_the_sink_contract() -> None:
     assert isinstance(denied, PermanentError) and "access denied" in str(denied)
 
 
+def test_failures_without_an_answer_read_the_same_for_s3_and_sagemaker() -> None:
+    """Credentials, a missing region, a request botocore refuses and the network: one
+    wording (sinks/aws_errors.py) for the S3 store and both SageMaker sinks."""
+    from botocore.exceptions import (
+        EndpointConnectionError,
+        NoCredentialsError,
+        NoRegionError,
+        ParamValidationError,
+    )
+
+    from sinks.stores.s3 import S3Store, S3StoreSettings
+
+    store = S3Store("s.artifact_store", S3StoreSettings(bucket_name="models",
+                                                        endpoint_url="http://127.0.0.1:9"))
+    cases = [
+        (NoCredentialsError(), PermanentError, "no usable AWS credentials"),
+        (NoRegionError(), PermanentError, "no AWS region; set `region`"),
+        (ParamValidationError(report="Invalid bucket name"), PermanentError, "invalid request"),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), TransientError,
+         "at http://127.0.0.1:9: EndpointConnectionError"),
+        (RuntimeError("boom"), TransientError, "unexpected RuntimeError: boom"),
+    ]
+    for exc, kind, words in cases:
+        s3 = store._map_error(exc, "PutObject", "k")
+        sagemaker = map_sagemaker_error(exc, "CreateModel", "m", "http://127.0.0.1:9")
+        assert isinstance(s3, kind) and isinstance(sagemaker, kind), exc
+        assert words in str(s3) and words in str(sagemaker), (str(s3), str(sagemaker))
+        assert str(s3).startswith("PutObject s3://models/k")
+        assert str(sagemaker).startswith("SageMaker CreateModel m")
+
+
 def test_the_registry_knows_both_types() -> None:
     assert sink_class("sagemaker_model_registry") is SageMakerRegistry
     assert sink_class("sagemaker_endpoint") is SageMakerEndpointDeployer

@@ -42,6 +42,7 @@ from pydantic import ByteSize, Field, SecretStr, field_validator, model_validato
 import router
 from router.delivery import StagedFile
 from router.rules import object_key
+from sinks.aws_errors import THROTTLING, TRANSIENT_CODES, error_code, unanswered_error
 from sinks.base import (
     BaseBatchSink,
     DeliveryItem,
@@ -79,34 +80,6 @@ SMALL_FILE = MiB  # single puts up to this size are read whole: one thread hop, 
 LIST_CALLS = 4  # listings a batch's presence check may make before its keys fall back to HEADs
 LIST_PAGE_KEYS = 100  # keys per listing: parsing a page costs about what a HEAD does
 
-# Error codes worth retrying: throttling, server trouble, a transfer garbled in transit,
-# and an upload the server gave up on (it is restarted from scratch on the next attempt).
-_THROTTLING = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "ThrottledException",
-    "RequestThrottled",
-    "RequestThrottledException",
-    "RequestLimitExceeded",
-    "TooManyRequestsException",
-    "ProvisionedThroughputExceededException",
-    "BandwidthLimitExceeded",
-}
-_TRANSIENT_CODES = _THROTTLING | {
-    "RequestTimeout",
-    "RequestTimeoutException",
-    "InternalError",
-    "ServiceUnavailable",
-    "BadDigest",
-    "InvalidDigest",
-    "XAmzContentSHA256Mismatch",
-    "IncompleteBody",
-    "NoSuchUpload",
-    "RequestTimeTooSkewed",
-    "OperationAborted",
-    "ConditionalRequestConflict",  # a concurrent conditional write to the key: retry
-}
 _UNSUPPORTED_CODES = {"NotImplemented", "Unimplemented", "MethodNotAllowed", "501", "405"}
 _MD5_ETAG = re.compile(r"[0-9a-f]{32}")
 _MULTIPART_ETAG = re.compile(r"([0-9a-f]{32})-(\d+)")
@@ -197,13 +170,6 @@ def _multipart_etag(path: Path, part_size: int) -> str:
 
 class _ObjectExists(Exception):
     """A conditional put found the key taken: look at what is there."""
-
-
-def _error_code(exc: BaseException | None) -> tuple[str, int | None, str]:
-    response: dict[str, Any] = getattr(exc, "response", None) or {}
-    error = response.get("Error") or {}
-    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-    return str(error.get("Code", "")), status, str(error.get("Message", "") or "")
 
 
 class S3Store(BaseBatchSink):
@@ -307,16 +273,10 @@ class S3Store(BaseBatchSink):
     def _map_error(self, exc: BaseException, action: str, key: str | None) -> Exception:
         """A botocore / aiohttp error as TransientError or PermanentError, in plain words."""
         uri = self._uri(key)
-        from botocore.exceptions import (
-            BotoCoreError,
-            ClientError,
-            NoCredentialsError,
-            ParamValidationError,
-            PartialCredentialsError,
-        )
+        from botocore.exceptions import ClientError
 
         if isinstance(exc, ClientError):
-            code, status, message = _error_code(exc)
+            code, status, message = error_code(exc)
             detail = f"{code or status}" + (f": {message}" if message and message != code else "")
             if code == "NoSuchBucket" or (action == "HeadBucket" and status == 404):
                 return PermanentError(
@@ -349,23 +309,13 @@ class S3Store(BaseBatchSink):
                     f"{action} {uri}: the server refused the data as corrupted in transit "
                     f"({detail})"
                 )
-            if code in _TRANSIENT_CODES or status == 429 or (status or 0) >= 500:
-                kind = "throttled" if code in _THROTTLING or status == 429 else "failed"
+            if code in TRANSIENT_CODES or status == 429 or (status or 0) >= 500:
+                kind = "throttled" if code in THROTTLING or status == 429 else "failed"
                 return TransientError(f"{action} {uri} {kind} ({detail})")
             if code in ("InvalidBucketName",):
                 return PermanentError(f"{action} {uri}: invalid bucket name ({detail})")
             return PermanentError(f"{action} {uri} failed ({detail})")
-        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-            return PermanentError(
-                f"{action} {uri}: no usable AWS credentials ({exc}); set aws_access_key_id and "
-                "aws_secret_access_key or configure the AWS credential chain"
-            )
-        if isinstance(exc, ParamValidationError):
-            return PermanentError(f"{action} {uri}: invalid request ({exc})")
-        if isinstance(exc, BotoCoreError | aiohttp.ClientError | TimeoutError | ConnectionError):
-            # Endpoint unreachable, connection reset, read/connect timeouts.
-            return TransientError(f"{action} {uri}: {type(exc).__name__}: {exc}")
-        return TransientError(f"{action} {uri}: unexpected {type(exc).__name__}: {exc}")
+        return unanswered_error(exc, f"{action} {uri}", self._where())
 
     async def _call(self, action: str, key: str | None, awaitable: Awaitable[_T]) -> _T:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -517,7 +467,7 @@ class S3Store(BaseBatchSink):
                 free.update(k for k in left if k <= covered_to and k not in taken)
                 left = [k for k in left if k > covered_to]
         except Exception as exc:
-            code, status, _ = _error_code(exc)
+            code, status, _ = error_code(exc)
             if code in _UNSUPPORTED_CODES or status in (403, 405, 501):
                 self._cannot_list_objects = True
                 log.info("s3 sink %s: cannot list %s (%s); a HEAD before each PUT instead",
@@ -639,7 +589,7 @@ class S3Store(BaseBatchSink):
             try:
                 await client.put_object(Bucket=self.bucket, Key=key, Body=b"", IfNoneMatch="*")
             except ClientError as exc:
-                return _error_code(exc)[1] == 412
+                return error_code(exc)[1] == 412
             return False  # the condition was ignored
         except Exception:
             return None  # the delivery itself will report what is wrong
@@ -653,7 +603,7 @@ class S3Store(BaseBatchSink):
             head: dict[str, Any] = await client.head_object(Bucket=self.bucket, Key=key)
             return head
         except ClientError as exc:
-            code, status, _ = _error_code(exc)
+            code, status, _ = error_code(exc)
             if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
                 return None
             if status == 403:
@@ -670,7 +620,7 @@ class S3Store(BaseBatchSink):
             response = await client.get_object(Bucket=self.bucket, Key=key, Range="bytes=0-0")
             response["Body"].close()
         except ClientError as probe:
-            code, _, _ = _error_code(probe)
+            code, _, _ = error_code(probe)
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
                 return self._map_error(probe, "HeadObject", key)
         except Exception:
@@ -765,7 +715,7 @@ class S3Store(BaseBatchSink):
                 ),
             )
         except PermanentError as exc:
-            if if_absent and _error_code(exc.__cause__)[1] == 412:
+            if if_absent and error_code(exc.__cause__)[1] == 412:
                 raise _ObjectExists(key) from None
             raise
         finally:
@@ -918,7 +868,7 @@ class S3Store(BaseBatchSink):
         try:
             await client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except Exception as exc:
-            code, _, _ = _error_code(exc)
+            code, _, _ = error_code(exc)
             if code == "NoSuchUpload":  # already failed or expired on the server side
                 return
             log.warning(
@@ -944,7 +894,7 @@ class S3Store(BaseBatchSink):
                     u["UploadId"] for u in page.get("Uploads") or [] if u.get("Key") == key
                 )
         except ClientError as exc:
-            code, status, _ = _error_code(exc)
+            code, status, _ = error_code(exc)
             if code == "NoSuchUpload":  # rclone's answer when there are none
                 return
             if code in _UNSUPPORTED_CODES or status in (405, 501):

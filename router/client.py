@@ -40,7 +40,7 @@ from typing import Any, TypeVar, cast
 
 from router.catalog import ArtifactRow, LocationRow, RunRow, artifact_checksum
 from router.config import LoadedConfig, load_config
-from router.sources import retired_path
+from router.sources import LocalCopies
 
 __all__ = [
     "ArtifactFiles",
@@ -60,7 +60,6 @@ __all__ = [
 
 T = TypeVar("T")
 _CHUNK = 1 << 20
-_SPOOL_STATES = ("done", "accepted", "failed", "incoming")
 
 
 class NotFound(LookupError):
@@ -431,23 +430,11 @@ class Client:
         raise FileNotFoundError(f"file {file_name!r} of {_ref(row)} (v{row.version}): {where}")
 
     def _from_spool(self, row: ArtifactRow, staged: Mapping[str, Any] | None) -> Path | None:
-        """A file that was not uploaded: in its spool bundle, or (MQTT) where intake found
-        it (a file:// URI under the router's allowed roots, or inline content it wrote)."""
+        """A file that was not uploaded, where intake kept it (router.sources.LocalCopies)."""
         if not staged or not staged.get("path"):
             return None
-        direct = Path(str(staged["path"]))
-        if direct.is_absolute():
-            retired = retired_path(direct, self.config.config.router.state_dir)
-            return next((p for p in (direct, retired) if p is not None and p.is_file()), None)
         bundle = self.backend.bundles([row.event_id]).get(row.event_id)
-        if not bundle:
-            return None
-        root = Path(self.config.config.router.spool)
-        for state in _SPOOL_STATES:
-            path = root / state / bundle / str(staged["path"])
-            if path.is_file():
-                return path
-        return None
+        return LocalCopies.of(self.config.config.router).find(str(staged["path"]), bundle)
 
 
 async def _download_s3(settings: Mapping[str, Any], bucket: str, key: str, dest: Path) -> str:

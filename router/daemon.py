@@ -15,7 +15,6 @@ import signal
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -171,14 +170,10 @@ class Daemon:
             app = web.Application()
             app.router.add_get("/healthz", self._healthz)
             app.router.add_get("/metrics", self._metrics)
-            from router.http_api import LocalCopies, add_routes
+            from router.http_api import add_routes
+            from router.sources import LocalCopies
 
-            settings = self.config.router
-            add_routes(app, self.db, copies=LocalCopies(
-                spool=settings.spool, state_dir=settings.state_dir,
-                allowed_roots=tuple(Path(r) for r in settings.mqtt.allowed_roots)
-                if settings.mqtt is not None else (),
-            ))
+            add_routes(app, self.db, copies=LocalCopies.of(self.config.router))
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
             await web.TCPSite(self._runner, host, port).start()

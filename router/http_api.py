@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -38,13 +37,12 @@ from router.catalog_read import (
     resolve_refs,
 )
 from router.db import Database
-from router.sources import inline_roots, retired_path
+from router.sources import LocalCopies
 
 __all__ = ["API_PREFIX", "LocalCopies", "add_routes"]
 
 API_PREFIX = "/api/v1"
 _MAX_LIMIT = 100_000
-_SPOOL_STATES = ("done", "accepted", "failed", "incoming")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -86,27 +84,10 @@ def _dump(rows: list[Any]) -> list[dict[str, Any]]:
     return [r.model_dump(mode="json") for r in rows]
 
 
-@dataclass(frozen=True)
-class LocalCopies:
-    """Where copies of files that were not uploaded may be served from: spool bundles,
-    the MQTT inline folders under the state directory, and `router.mqtt.allowed_roots`
-    (the only places intake reads or writes such files)."""
-
-    spool: Path | None = None
-    state_dir: Path | None = None
-    allowed_roots: tuple[Path, ...] = ()
-
-    def roots(self) -> list[Path]:
-        inline = list(inline_roots(self.state_dir)) if self.state_dir is not None else []
-        return inline + [Path(r).expanduser().resolve() for r in self.allowed_roots]
-
-
 def _local_file(
     row: ArtifactRow, name: str, bundles: dict[str, str], copies: LocalCopies
 ) -> Path | None:
-    """The file on this machine: a file:// store location, else the copy intake kept (a
-    spool bundle's file; for MQTT the inline file the router wrote, or where it moved
-    once delivered, or the file:// path it accepted), only while under `copies`' roots."""
+    """The file on this machine: a file:// store location, else the copy intake kept."""
     for loc in row.locations:
         if loc.action != "store" or loc.file_name != name:
             continue
@@ -118,26 +99,7 @@ def _local_file(
     staged = next((f for f in row.files if f.get("name") == name), None)
     if not staged or not staged.get("path"):
         return None
-    direct = Path(str(staged["path"]))
-    if direct.is_absolute():
-        roots = copies.roots()
-        retired = retired_path(direct, copies.state_dir) if copies.state_dir else None
-        for candidate in (direct, retired):
-            if candidate is None:
-                continue
-            resolved = candidate.resolve()
-            if any(resolved == r or r in resolved.parents for r in roots) and resolved.is_file():
-                return resolved
-        return None
-    bundle = bundles.get(row.event_id)
-    if copies.spool is not None and bundle:
-        spool_root = copies.spool.resolve()
-        for state in _SPOOL_STATES:
-            base = (spool_root / state / bundle).resolve()
-            path = (base / str(staged["path"])).resolve()
-            if base in path.parents and path.is_file():
-                return path
-    return None
+    return copies.find(str(staged["path"]), bundles.get(row.event_id))
 
 
 def add_routes(

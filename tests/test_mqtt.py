@@ -797,8 +797,8 @@ def test_an_event_with_nothing_to_deliver_gets_its_receipt_and_its_files_served(
     tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
 ) -> None:
     """Nothing uploaded: the event is done at intake. Its receipt goes out at once, its
-    inline file moves to mqtt-done, and the HTTP file endpoint serves that file and the
-    file:// file under an allowed root, as it serves spool bundles' files."""
+    inline file moves to mqtt-done, and the HTTP file endpoint and the local client serve
+    that file and the file:// file under an allowed root, as they do spool bundles' files."""
     files_dir = tmp_path / "job-output"
     files_dir.mkdir()
     (files_dir / "big.bin").write_bytes(os.urandom(50_000))
@@ -828,6 +828,16 @@ def test_an_event_with_nothing_to_deliver_gets_its_receipt_and_its_files_served(
         url = f"http://127.0.0.1:{port}/api/v1/artifacts/{rows[name]['id']}/files/{file_name}"
         with urllib.request.urlopen(url, timeout=10) as resp:
             assert resp.read() == (files_dir / file_name).read_bytes(), name
+    # The local client finds the same kept files (router.sources.LocalCopies), with a
+    # cache dir of its own so that nothing it downloads could answer instead.
+    from router.client import Client
+
+    with Client(config=ws.config_path, cache_dir=tmp_path / "client-cache") as client:
+        for row in client.backend.artifacts(pipeline="p"):
+            file_name = row.files[0]["name"]
+            path = client.local_file(row, file_name)
+            assert path.read_bytes() == (files_dir / file_name).read_bytes(), row.name
+            assert "client-cache" not in path.parts, path
 
 
 @needs_v5

@@ -73,15 +73,14 @@ _KILL_WAITING = (
     .values(state="dead", last_error=sa.bindparam("why"), updated_at=_NOW)
     .returning(deliveries.c.key)
 )
-_OPEN_EVENTS = (
-    sa.select(deliveries.c.event_id)
-    .where(deliveries.c.event_id.in_(_each("ids")), deliveries.c.state.not_in(TERMINAL))
-    .distinct()
-)
-_FAILED_EVENTS = (
-    sa.select(deliveries.c.event_id)
-    .where(deliveries.c.event_id.in_(_each("ids")), deliveries.c.state == "dead")
-    .distinct()
+_DELIVERY_COUNTS = (  # per event: deliveries still open, and dead ones
+    sa.select(
+        deliveries.c.event_id,
+        sa.func.sum(sa.case((deliveries.c.state.not_in(TERMINAL), 1), else_=0)).label("open"),
+        sa.func.sum(sa.case((deliveries.c.state == "dead", 1), else_=0)).label("dead"),
+    )
+    .where(deliveries.c.event_id.in_(_each("ids")))
+    .group_by(deliveries.c.event_id)
 )
 _FINAL = sa.bindparam("final", type_=sa.String)
 _CLAIM = (
@@ -779,11 +778,11 @@ _FINISH = (
 def _finish_events(conn: sa.Connection, ids: set[str], now: float) -> list[FinishedEvent]:
     if not ids:
         return []
-    open_ids: set[str] = set(conn.execute(_OPEN_EVENTS, {"ids": list(ids)}).scalars())
-    closing = ids - open_ids
+    counts = conn.execute(_DELIVERY_COUNTS, {"ids": list(ids)}).all()
+    closing = {r.event_id for r in counts if not r.open}
     if not closing:
         return []
-    failed: set[str] = set(conn.execute(_FAILED_EVENTS, {"ids": list(closing)}).scalars())
+    failed = {r.event_id for r in counts if not r.open and r.dead}
     finished = []
     for final, group in (("failed", closing & failed), ("done", closing - failed)):
         if not group:

@@ -66,3 +66,50 @@ def test_deliveries_never_read_a_bundle_still_in_incoming(tmp_path: Path) -> Non
     found = asyncio.run(source.locate_many(["moving", "settled", "parked", "gone"]))
     assert found == {"moving": None, "settled": paths.accepted / "settled",
                      "parked": paths.failed / "parked", "gone": None}
+
+
+def test_a_bundle_arriving_right_after_the_start_scan_is_seen_at_once(tmp_path: Path) -> None:
+    """The watcher is armed before the initial scan: a bundle renamed in just after the
+    scan is picked up by the watcher, not left for the periodic rescan (an hour here),
+    behind bundles that came after it. Fails if the scan runs first."""
+    import asyncio
+    import json
+
+    from router.db import Database
+    from router.journal import DeliveryJournal
+    from tests.test_journal import planner
+
+    paths = SpoolPaths(tmp_path / "spool")
+    paths.ensure()
+    staged = tmp_path / "spool" / "incoming" / ".tmp-late"
+    staged.mkdir()
+    (staged / "manifest.json").write_text(json.dumps({
+        "manifest_version": 1, "pipeline": "p", "run_id": "r", "step_name": "s",
+        "artifacts": [{"type": "metrics", "name": "m", "values": {"a": 1}}]}))
+
+    async def scenario() -> None:
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'j.db'}")
+        await db.migrate()
+        source = SpoolSource(paths, DeliveryJournal(db), planner, preflight=lambda e: None,
+                             metrics=RouterMetrics(), rescan_seconds=3600)
+        scan = source._scan
+
+        def scan_then_a_bundle_arrives() -> None:
+            scan()
+            os.rename(staged, paths.incoming / "late")
+
+        source._scan = scan_then_a_bundle_arrives  # type: ignore[method-assign]
+        running = asyncio.create_task(source.run())
+        try:
+            for _ in range(200):
+                if (paths.accepted / "late").is_dir() or (paths.done / "late").is_dir():
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the bundle was not seen within 10 s")
+        finally:
+            source.stop()
+            await running
+            await db.dispose()
+
+    asyncio.run(scenario())

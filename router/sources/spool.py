@@ -124,11 +124,13 @@ class SpoolSource:
     async def run(self) -> None:
         self.paths.ensure()
         await self._recover()
+        tasks = [asyncio.create_task(self._watch(), name="spool-watch")]
+        # The watcher first, then the scan: a bundle renamed in between would otherwise
+        # wait for the next rescan, behind bundles that came after it. watchfiles sets
+        # up its inotify watches before its first await, so one turn of the loop arms it.
+        await asyncio.sleep(0)
         self._scan()
-        tasks = [
-            asyncio.create_task(self._watch(), name="spool-watch"),
-            asyncio.create_task(self._rescan_loop(), name="spool-rescan"),
-        ]
+        tasks.append(asyncio.create_task(self._rescan_loop(), name="spool-rescan"))
         try:
             while not self._stop.is_set():
                 if not self._pending:

@@ -147,6 +147,12 @@ class DaemonUnderTest:
             return dict(conn.execute(
                 "select id, finished_at from events where state = 'done'").fetchall())
 
+    def last_finished(self) -> float:
+        """Wall-clock time at which the last event was done (its journal commit)."""
+        with sqlite3.connect(self.db_path, timeout=30) as conn:
+            return float(conn.execute(
+                "select max(finished_at) from events where state = 'done'").fetchone()[0])
+
     def wait_done(self, n: int, timeout: float = 1800, poll: float = 0.02) -> float:
         """Seconds (perf_counter) at which `n` events were done."""
         deadline = time.monotonic() + timeout

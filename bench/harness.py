@@ -137,21 +137,23 @@ class DaemonUnderTest:
         except sqlite3.Error:
             return False
 
-    def count(self, state: str = "done") -> int:
+    # --- reading the journal (MqttDaemon reads PostgreSQL through its own _query) ------
+
+    def _query(self, sql: str) -> list[tuple[Any, ...]]:
         with sqlite3.connect(self.db_path, timeout=30) as conn:
-            return int(conn.execute(
-                "select count(*) from events where state = ?", (state,)).fetchone()[0])
+            return [tuple(r) for r in conn.execute(sql).fetchall()]
+
+    def count(self, state: str = "done") -> int:
+        assert state.isidentifier()
+        return int(self._query(f"select count(*) from events where state = '{state}'")[0][0])
 
     def finished_at(self) -> dict[str, float]:
-        with sqlite3.connect(self.db_path, timeout=30) as conn:
-            return dict(conn.execute(
-                "select id, finished_at from events where state = 'done'").fetchall())
+        return {str(k): float(v) for k, v in self._query(
+            "select id, finished_at from events where state = 'done'")}
 
     def last_finished(self) -> float:
         """Wall-clock time at which the last event was done (its journal commit)."""
-        with sqlite3.connect(self.db_path, timeout=30) as conn:
-            return float(conn.execute(
-                "select max(finished_at) from events where state = 'done'").fetchone()[0])
+        return float(self._query("select max(finished_at) from events where state = 'done'")[0][0])
 
     def wait_done(self, n: int, timeout: float = 1800, poll: float = 0.02) -> float:
         """Seconds (perf_counter) at which `n` events were done."""

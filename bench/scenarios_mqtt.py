@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -208,20 +207,8 @@ class MqttDaemon(DaemonUnderTest):
 
     def _query(self, sql: str) -> list[tuple[Any, ...]]:
         if self.pg_url is None:
-            with sqlite3.connect(self.db_path, timeout=30) as conn:
-                return [tuple(r) for r in conn.execute(sql).fetchall()]
+            return super()._query(sql)
         return _pg_query(self.pg_url, sql)
-
-    def count(self, state: str = "done") -> int:
-        assert state.isidentifier()
-        return int(self._query(f"select count(*) from events where state = '{state}'")[0][0])
-
-    def finished_at(self) -> dict[str, float]:
-        return {str(k): float(v) for k, v in self._query(
-            "select id, finished_at from events where state = 'done'")}
-
-    def last_finished(self) -> float:
-        return float(self._query("select max(finished_at) from events where state = 'done'")[0][0])
 
 
 _PG: dict[str, Any] = {}  # url -> one asyncpg connection, on one event loop

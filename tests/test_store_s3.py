@@ -517,6 +517,41 @@ async def test_corrupted_single_put_is_rejected(
     assert listing.get("KeyCount", 0) == 0
 
 
+async def test_bodies_with_a_content_md5_are_sent_unsigned_and_the_rest_signed(
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+) -> None:
+    """Over plain http SigV4 would hash every body again, on the event loop. Parts and
+    puts carry a Content-MD5, which is signed and checked by the server, so they go as
+    UNSIGNED-PAYLOAD (as botocore does over https); other bodies keep their hash."""
+    client = await store._get_client()
+    sent: list[tuple[str, str, str]] = []
+
+    def capture(request: Any, event_name: str, **_: Any) -> None:
+        headers = {k: v if isinstance(v, str) else v.decode() for k, v in request.headers.items()}
+        signed = headers["Authorization"].split("SignedHeaders=")[1].split(",")[0]
+        operation = event_name.rsplit(".", 1)[1]
+        if "/signing/" in request.url:  # not the sink's probe of conditional writes
+            sent.append((operation, headers["X-Amz-Content-SHA256"], signed))
+
+    client.meta.events.register("before-send.s3", capture)
+    big = write_file(tmp_path / "big" / "model.bin", 2 * PART + 9, seed=21)
+    small = write_file(tmp_path / "small" / "model.bin", 3000, seed=22)
+    await store.deliver(make_item(big, target="signing/big"))
+    await store.deliver(make_item(small, target="signing/small"))
+
+    by_operation: dict[str, list[tuple[str, str]]] = {}
+    for operation, payload, signed in sent:
+        by_operation.setdefault(operation, []).append((payload, signed))
+    assert len(by_operation["UploadPart"]) == 3
+    for payload, signed in by_operation["UploadPart"] + by_operation["PutObject"]:
+        assert payload == "UNSIGNED-PAYLOAD"
+        assert "content-md5" in signed.split(";")
+    (complete,) = by_operation["CompleteMultipartUpload"]
+    assert len(complete[0]) == 64 and complete[0] != "UNSIGNED-PAYLOAD"
+    for key, staged in (("signing/big/model.bin", big), ("signing/small/model.bin", small)):
+        assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
+
+
 @pytest.mark.parametrize("size", [1000, 2 * PART + 3], ids=["single", "multipart"])
 async def test_file_changed_after_intake_fails_permanently(
     size: int, tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3

@@ -92,18 +92,14 @@ class BufferReader:
     straight from the buffer, with no worker-thread hop per 64 KiB as for a file
     object and no copy of the whole part (a BytesIO is copied when aiohttp takes its
     buffer; a bytes body is copied into the transport's buffer). botocore uses the
-    file methods to hash the payload for signing and to rewind it for a retry, unless
-    `content_sha256` already gives that hash (sinks/stores/s3.py).
+    file methods to rewind it for a retry.
     """
 
     piece = MiB
 
-    def __init__(
-        self, data: bytes | bytearray | memoryview, content_sha256: str | None = None
-    ) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self._view = memoryview(data).cast("B")
         self._pos = 0
-        self.content_sha256 = content_sha256
 
     def __len__(self) -> int:
         return len(self._view)

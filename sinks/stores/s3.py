@@ -7,7 +7,10 @@ overwrite` (replace) or `version` (a `.v<version>` suffix per artifact version).
 
 Every object carries the file's sha256 (computed at intake) as user metadata
 `sha256`. Uploads are verified by the server: a single `PutObject` with the file's
-Content-MD5, or a multipart upload with a Content-MD5 per part. Files of at least
+Content-MD5, or a multipart upload with a Content-MD5 per part. Those bodies are sent
+as `UNSIGNED-PAYLOAD` over http too, as botocore already does over https: the signed
+Content-MD5 protects them, and SigV4's payload hash would be one more sha256 of every
+byte, on the event loop (`_unsigned_when_md5`). Files of at least
 `multipart_threshold` bytes go up in parts of `part_size`, at most `max_concurrency`
 in flight, each read from disk when its turn comes, so memory stays bounded by
 `part_size * max_concurrency` whatever the file size. A multipart upload that fails
@@ -26,15 +29,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
-import io
 import logging
 import math
 import os
 import re
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, BinaryIO, ClassVar, Literal, TypeVar
 
 import aiohttp
 from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
@@ -192,8 +195,6 @@ class S3Store(BaseBatchSink):
             settings.conditional_writes
         )
         self._probe_lock = asyncio.Lock()
-        # SigV4 signs the payload's sha256 only over plain http (_sign_known_payload).
-        self._signs_payload = (settings.endpoint_url or "https:").startswith("http:")
 
     # -- client -------------------------------------------------------------------
 
@@ -235,7 +236,10 @@ class S3Store(BaseBatchSink):
                 try:
                     client_cm = get_session().create_client("s3", **kwargs)
                     self._client = await self._stack.enter_async_context(client_cm)
-                    self._client.meta.events.register("before-sign.s3", _sign_known_payload)
+                    self._client.meta.events.register(
+                        "before-sign.s3",
+                        functools.partial(_unsigned_when_md5, _without_payload_signing(config)),
+                    )
                 except Exception as exc:  # bad region / endpoint: nothing a retry fixes
                     raise PermanentError(
                         f"s3 sink {self.sink_id}: cannot create an S3 client for bucket "
@@ -693,10 +697,10 @@ class S3Store(BaseBatchSink):
         if size <= SMALL_FILE:
             # One thread hop reads and hashes it; the put is sent from memory.
             data, digests = await asyncio.to_thread(read_small, path, SMALL_FILE)
-            fh: BufferReader | _KnownFile = BufferReader(data, content_sha256=sha256)
+            fh: BufferReader | BinaryIO = BufferReader(data)
         else:
             digests = await asyncio.to_thread(hash_file, path)
-            fh = await asyncio.to_thread(_KnownFile.open, path, sha256)
+            fh = await asyncio.to_thread(path.open, "rb")
         if digests.sha256 != sha256 or digests.size != size:
             fh.close()
             raise FileChanged(f"sha256 now {digests.sha256[:12]}..., journaled {sha256[:12]}...")
@@ -807,14 +811,12 @@ class S3Store(BaseBatchSink):
                         buffer = await free.get()
                     offset = (number - 1) * part_size
                     length = min(part_size, size - offset)
-                    md5, part_sha256 = await asyncio.to_thread(
-                        _load_part, fd, offset, memoryview(buffer)[:length], whole,
-                        self._signs_payload,
+                    md5 = await asyncio.to_thread(
+                        _load_part, fd, offset, memoryview(buffer)[:length], whole
                     )
                     group.create_task(
                         self._send_part(
-                            client, key, upload_id, number, buffer, length, md5, part_sha256,
-                            free, done,
+                            client, key, upload_id, number, buffer, length, md5, free, done
                         )
                     )
                     del buffer
@@ -834,11 +836,10 @@ class S3Store(BaseBatchSink):
         buffer: bytearray,
         length: int,
         md5: bytes,
-        part_sha256: str | None,
         free: asyncio.Queue[bytearray],
         done: dict[int, tuple[str, bytes]],
     ) -> None:
-        body = BufferReader(memoryview(buffer)[:length], content_sha256=part_sha256)
+        body = BufferReader(memoryview(buffer)[:length])
         try:
             response = await self._call(
                 f"UploadPart {number}",
@@ -921,42 +922,34 @@ class S3Store(BaseBatchSink):
             await client.delete_object(Bucket=self.bucket, Key=key)
 
 
-def _load_part(
-    fd: int, offset: int, view: memoryview, whole: Any, signed: bool
-) -> tuple[bytes, str | None]:
-    """Read one part into its buffer and add it to the file's sha256; return its MD5,
-    and its own sha256 when the request signature needs it (see `_sign_known_payload`)."""
+def _load_part(fd: int, offset: int, view: memoryview, whole: Any) -> bytes:
+    """Read one part into its buffer and add it to the file's sha256; return its MD5."""
     read_into(fd, offset, view)
     whole.update(view)
-    part_sha256 = hashlib.sha256(view).hexdigest() if signed else None
-    return hashlib.md5(view, usedforsecurity=False).digest(), part_sha256
+    return hashlib.md5(view, usedforsecurity=False).digest()
 
 
-class _KnownFile(io.BufferedReader):
-    """A file body whose sha256 is already known (and checked), for the signature."""
+def _without_payload_signing(config: Any) -> Any:
+    """`config` with SigV4 payload signing off, for requests `_unsigned_when_md5` picks."""
+    from botocore.config import Config
 
-    content_sha256: str
-
-    @classmethod
-    def open(cls, path: Path, sha256: str) -> _KnownFile:
-        fh = cls(io.FileIO(path, "rb"))
-        fh.content_sha256 = sha256
-        return fh
+    return config.merge(Config(s3={**(config.s3 or {}), "payload_signing_enabled": False}))
 
 
-def _sign_known_payload(request: Any, **_: Any) -> None:
-    """Sign with the body's sha256 when we already know it.
+def _unsigned_when_md5(unsigned_config: Any, request: Any, **_: Any) -> None:
+    """Send bodies that carry a Content-MD5 as `UNSIGNED-PAYLOAD`, over http as well.
 
-    Over plain http SigV4 signs the payload hash, and botocore would compute it by
-    reading the whole body again, synchronously on the event loop (an 8 MiB part
-    blocks every other delivery while it hashes). Bodies that carry `content_sha256`
-    (computed in a worker thread, or checked at intake) skip that; the server still
-    verifies the hash against what it receives. Over https S3 sends UNSIGNED-PAYLOAD
-    with the Content-MD5, and this header is not needed.
+    Over https botocore already does so for uploads with a checksum. Over plain http it
+    signs the payload's sha256, reading the whole body again synchronously on the event
+    loop: 5 ms per 8 MiB part here, during which no other delivery moves, on top of the
+    two hashes the upload already makes (the file's sha256 and each part's MD5). The
+    Content-MD5 header is itself signed and the server checks the body against it, so
+    a changed body is still refused. Bodies without one (CompleteMultipartUpload's
+    part list) keep their signed payload. botocore reads the choice from the request's
+    client config, hence the swap for this request only.
     """
-    known = getattr(request.body, "content_sha256", None)
-    if known and "X-Amz-Content-SHA256" not in request.headers:
-        request.headers["X-Amz-Content-SHA256"] = known
+    if "Content-MD5" in request.headers:
+        request.context["client_config"] = unsigned_config
 
 
 def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:

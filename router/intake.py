@@ -6,12 +6,16 @@ the journal commits, then the spool source moves the bundle.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import stat
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -27,9 +31,12 @@ from router.manifest import (
     parse_manifest,
 )
 
-__all__ = ["AcceptedEvent", "Rejection", "load_bundle", "sha256_file"]
+__all__ = ["AcceptedEvent", "Rejection", "load_bundle", "sha256_file", "sha256_files"]
 
 _CHUNK = 1024 * 1024
+# Below this many bytes in all, a bundle's files are hashed one after another: a hop to
+# the pool costs more than hashing a few small files does.
+_PARALLEL_HASH_BYTES = 32 * _CHUNK
 
 
 class AcceptedEvent(BaseModel):
@@ -70,6 +77,38 @@ def sha256_file(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def sha256_files(paths: Sequence[Path]) -> list[tuple[str, int] | OSError]:
+    """Each file's (sha256, size), or the OSError that stopped reading it.
+
+    hashlib releases the GIL while it hashes, so the shards of a checkpoint hash on
+    every core at once instead of one after another.
+    """
+    if len(paths) > 1 and _total_size(paths) >= _PARALLEL_HASH_BYTES:
+        return list(_hash_pool().map(_sha256_or_error, paths))
+    return [_sha256_or_error(path) for path in paths]
+
+
+def _sha256_or_error(path: Path) -> tuple[str, int] | OSError:
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        return exc
+
+
+def _total_size(paths: Sequence[Path]) -> int:
+    total = 0
+    for path in paths:
+        with contextlib.suppress(OSError):  # reported when it is read
+            total += os.stat(path).st_size
+    return total
+
+
+@functools.cache
+def _hash_pool() -> ThreadPoolExecutor:
+    """One pool for all intake, so bundles read at once share the cores, not multiply."""
+    return ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="router-hash")
 
 
 def _resolve_in_bundle(bundle: Path, rel: str, field: str) -> tuple[Path | None, Problem | None]:
@@ -121,6 +160,16 @@ def _resolve_in_bundle(bundle: Path, rel: str, field: str) -> tuple[Path | None,
     return resolved, None
 
 
+class _Found(NamedTuple):
+    """A bundle file that resolved, waiting for its hash."""
+
+    name: str
+    type: str
+    field: str
+    rel: str
+    resolved: Path
+
+
 def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
     """Validate a complete bundle directory (manifest.json present)."""
     name = bundle.name
@@ -153,10 +202,9 @@ def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
 
     event_id = manifest.id or name
     problems: list[Problem] = []
-    files: list[list[StagedFile]] = []
-    detected: list[dict[str, str]] = []
+    found: list[list[_Found]] = []
     for a_index, artifact in enumerate(manifest.artifacts):
-        staged: list[StagedFile] = []
+        mine: list[_Found] = []
         for f_index, entry in enumerate(artifact.files):
             field = f"artifacts[{a_index}].files[{f_index}]"
             if entry.path is None:
@@ -173,12 +221,27 @@ def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
                 problems.append(problem)
                 continue
             assert resolved is not None and entry.name is not None and entry.type is not None
-            sha, size = sha256_file(resolved)
-            staged.append(
-                StagedFile(
-                    name=entry.name, type=entry.type, path=Path(entry.path), sha256=sha, size=size
-                )
-            )
+            mine.append(_Found(entry.name, entry.type, f"{field}.path", entry.path, resolved))
+        found.append(mine)
+    if problems:  # nothing is hashed for a bundle that is refused anyway
+        return Rejection(source="spool", bundle=name, event_id=event_id, problems=problems)
+    digests = iter(sha256_files([f.resolved for mine in found for f in mine]))
+    files: list[list[StagedFile]] = []
+    detected: list[dict[str, str]] = []
+    for artifact, mine in zip(manifest.artifacts, found, strict=True):
+        staged: list[StagedFile] = []
+        for f in mine:
+            digest = next(digests)
+            if isinstance(digest, OSError):
+                # Not raised: one unreadable file must not stall the bundles read with it.
+                problems.append(Problem(
+                    field=f.field, value=f.rel,
+                    message=f"cannot read: {digest.strerror or digest}; make it readable by "
+                    "the router's user"))
+                continue
+            sha, size = digest
+            staged.append(StagedFile(
+                name=f.name, type=f.type, path=Path(f.rel), sha256=sha, size=size))
         files.append(staged)
         detected.append(_detect(artifact, bundle, staged))
     if problems:

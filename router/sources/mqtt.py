@@ -64,7 +64,7 @@ from router.db import deliveries
 from router.delivery import StagedFile
 from router.detect import detect_dataset_format, detect_framework, detect_framework_bytes
 from router.errors import Problem
-from router.intake import AcceptedEvent, Rejection, sha256_file
+from router.intake import AcceptedEvent, Rejection, sha256_files
 from router.journal import DeliveryJournal, FinishedEvent, Handoff, Planner
 from router.manifest import (
     DatasetArtifact,
@@ -1022,6 +1022,32 @@ class MqttSource:
             return None, Problem(field=where, value=uri, message="is not readable by the router")
         return resolved, None
 
+    def _hash_local_files(
+        self, manifest: Manifest
+    ) -> dict[tuple[int, int], tuple[Path, tuple[str, int]] | Problem]:
+        """Resolve and hash every `file://` file of the manifest in one go, so that the
+        files of a sharded checkpoint hash on every core at once (`sha256_files`)."""
+        out: dict[tuple[int, int], tuple[Path, tuple[str, int]] | Problem] = {}
+        wanted: list[tuple[tuple[int, int], str, Path]] = []
+        for a_index, artifact in enumerate(manifest.artifacts):
+            for f_index, entry in enumerate(artifact.files):
+                if entry.uri is None or not entry.uri.startswith("file://"):
+                    continue
+                field = f"artifacts[{a_index}].files[{f_index}].uri"
+                resolved, problem = self._resolve_file_uri(entry.uri, field)
+                if problem is not None or resolved is None:
+                    out[(a_index, f_index)] = problem or Problem(field=field, message="unreadable")
+                else:
+                    wanted.append(((a_index, f_index), entry.uri, resolved))
+        digests = sha256_files([resolved for *_, resolved in wanted])
+        for (index, uri, resolved), digest in zip(wanted, digests, strict=True):
+            out[index] = (
+                Problem(field=f"artifacts[{index[0]}].files[{index[1]}].uri", value=uri,
+                        message=f"cannot read: {digest.strerror or digest}")
+                if isinstance(digest, OSError) else (resolved, digest)
+            )
+        return out
+
     def _stage(self, event: AcceptedEvent) -> AcceptedEvent | list[Problem]:
         """Write inline content (fsynced) and hash local files: runs in a thread."""
         manifest = event.manifest
@@ -1030,6 +1056,7 @@ class MqttSource:
         files: list[list[StagedFile]] = []
         detected: list[dict[str, str]] = []
         written_dirs: set[Path] = set()
+        local = self._hash_local_files(manifest)
         for a_index, artifact in enumerate(manifest.artifacts):
             staged: list[StagedFile] = []
             for f_index, entry in enumerate(artifact.files):
@@ -1051,16 +1078,11 @@ class MqttSource:
                         name=entry.name, type=entry.type, path=path,
                         sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
                 elif entry.uri is not None and entry.uri.startswith("file://"):
-                    resolved, problem = self._resolve_file_uri(entry.uri, f"{where}.uri")
-                    if problem is not None or resolved is None:
-                        problems.append(problem or Problem(field=where, message="unreadable"))
+                    found = local[(a_index, f_index)]
+                    if isinstance(found, Problem):
+                        problems.append(found)
                         continue
-                    try:
-                        sha, size = sha256_file(resolved)
-                    except OSError as exc:
-                        problems.append(Problem(field=f"{where}.uri", value=entry.uri,
-                                                message=f"cannot read: {exc.strerror}"))
-                        continue
+                    resolved, (sha, size) = found
                     staged.append(StagedFile(
                         name=entry.name, type=entry.type, path=resolved, sha256=sha, size=size))
                 elif entry.uri is not None:

@@ -18,6 +18,12 @@ class Problem(BaseModel):
     value: Any = None
     message: str
 
+    @classmethod
+    def cannot_read(cls, field: str, value: Any, exc: OSError) -> Problem:
+        """A file the router's user could not open, stat or read, and the fix."""
+        return cls(field=field, value=value, message=f"cannot read: {exc.strerror or exc}; "
+                   "make it readable by the router's user")
+
     def render(self) -> str:
         shown = "" if self.value is None else f" = {self.value!r}"
         return f"{self.field}{shown}: {self.message}"

@@ -122,7 +122,7 @@ def _resolve_in_bundle(bundle: Path, rel: str, field: str) -> tuple[Path | None,
             "manifest.json, or fix the path"
         )
     except OSError as exc:
-        return None, Problem(field=field, value=rel, message=f"cannot read: {exc.strerror}")
+        return None, Problem.cannot_read(field, rel, exc)
     if stat.S_ISREG(st.st_mode) and os.sep not in rel and rel not in (".", ".."):
         # The common case, a plain file at the top of the bundle: nothing to resolve
         # (realpath would lstat every component of the path from /).
@@ -146,7 +146,7 @@ def _resolve_in_bundle(bundle: Path, rel: str, field: str) -> tuple[Path | None,
     try:
         st = resolved.stat()
     except OSError as exc:
-        return None, Problem(field=field, value=rel, message=f"cannot read: {exc.strerror}")
+        return None, Problem.cannot_read(field, rel, exc)
     if not stat.S_ISREG(st.st_mode):
         kind = (
             "a directory" if stat.S_ISDIR(st.st_mode)
@@ -197,7 +197,7 @@ def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
             source="spool",
             bundle=name,
             event_id=name,
-            problems=[Problem(field="manifest.json", message=f"cannot read: {exc.strerror}")],
+            problems=[Problem.cannot_read("manifest.json", None, exc)],
         )
 
     event_id = manifest.id or name
@@ -234,10 +234,7 @@ def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
             digest = next(digests)
             if isinstance(digest, OSError):
                 # Not raised: one unreadable file must not stall the bundles read with it.
-                problems.append(Problem(
-                    field=f.field, value=f.rel,
-                    message=f"cannot read: {digest.strerror or digest}; make it readable by "
-                    "the router's user"))
+                problems.append(Problem.cannot_read(f.field, f.rel, digest))
                 continue
             sha, size = digest
             staged.append(StagedFile(

@@ -1014,7 +1014,7 @@ class MqttSource:
         try:
             st = resolved.stat()
         except OSError as exc:
-            return None, Problem(field=where, value=uri, message=f"cannot read: {exc.strerror}")
+            return None, Problem.cannot_read(where, uri, exc)
         if not stat.S_ISREG(st.st_mode):
             return None, Problem(field=where, value=uri,
                                  message="is not a regular file; only regular files can be routed")
@@ -1041,9 +1041,9 @@ class MqttSource:
                     wanted.append(((a_index, f_index), entry.uri, resolved))
         digests = sha256_files([resolved for *_, resolved in wanted])
         for (index, uri, resolved), digest in zip(wanted, digests, strict=True):
+            field = f"artifacts[{index[0]}].files[{index[1]}].uri"
             out[index] = (
-                Problem(field=f"artifacts[{index[0]}].files[{index[1]}].uri", value=uri,
-                        message=f"cannot read: {digest.strerror or digest}")
+                Problem.cannot_read(field, uri, digest)
                 if isinstance(digest, OSError) else (resolved, digest)
             )
         return out

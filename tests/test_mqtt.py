@@ -792,6 +792,42 @@ def test_publish_manifest_inlines_small_files_and_references_large_ones_v311(
     assert inline == [Path("mqtt-done/emit-1/1/metrics.csv")], "delivered: moved aside"
 
 
+def test_a_sharded_checkpoint_by_file_uris_lands_whole_with_each_shards_checksum(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    """Three file:// shards over 32 MiB in all are hashed together on the intake's pool:
+    each stored shard is that shard's bytes, and the catalog holds each one's sha256
+    (a digest handed to the wrong file would show here)."""
+    shards_dir = tmp_path / "ckpt"
+    shards_dir.mkdir()
+    shards = []
+    for i, mib in enumerate((14, 12, 10)):  # 36 MiB: over the parallel-hash threshold
+        shard = shards_dir / f"model-{i:05d}-of-00003.safetensors"
+        shard.write_bytes(os.urandom(mib << 20))
+        shards.append(shard)
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, mqtt={
+        "protocol": "3.1.1", "allowed_roots": [str(shards_dir)], "inline_max_bytes": 4096})
+    settings = MqttSettings(**ws.router["mqtt"])
+    manifest = {"manifest_version": 1, "id": "ckpt-1", "pipeline": "llm", "run_id": "r1",
+                "step_name": "train", "artifacts": [
+                    {"type": "model", "name": "llm", "upload": True,
+                     "files": [{"path": s.name} for s in shards]}]}
+    _, payload = build_publication(settings, manifest, shards)
+    assert [f["uri"] for f in json.loads(payload)["artifacts"][0]["files"]] == [
+        s.as_uri() for s in shards]
+
+    start_subscribed(start_daemon, ws)
+    asyncio.run(publish_manifest(settings, manifest, shards))
+    ws.wait_settled(1, timeout=120)
+    (row,) = json.loads(ws.cli("artifacts", "--json").stdout)
+    want = {s.name: hashlib.sha256(s.read_bytes()).hexdigest() for s in shards}
+    stored = {Path(loc["uri"]).name: Path(loc["uri"].removeprefix("file://"))
+              for loc in row["locations"] if loc["uri"].startswith("file://")}
+    assert {name: hashlib.sha256(p.read_bytes()).hexdigest() for name, p in stored.items()} \
+        == want, row["locations"]
+    assert {loc["file_name"]: loc["sha256"] for loc in row["locations"]} == want
+
+
 @needs_v5
 def test_an_event_with_nothing_to_deliver_gets_its_receipt_and_its_files_served(
     tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon

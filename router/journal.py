@@ -500,33 +500,37 @@ class DeliveryJournal:
         now: float,
     ) -> list[ClaimedDelivery]:
         """Claim up to `limit` due rows; `slots` (if any) are taken row by row, and the
-        sink ids they were taken for are listed in `held` until the commit."""
-        params: dict[str, Any] = {"now": now, "window": limit + 64}
-        if excluded:
-            params["excluded"] = excluded
-        query = _due(locking=not self.db.is_sqlite, excluding=bool(excluded))
-        rows = conn.execute(query, params).all()
-        picked: list[Any] = []
-        for row in rows:
-            if len(picked) >= limit:
-                break
-            if slots is not None:
-                if not slots.take(row.sink_id, row.stack, row.component):
-                    continue  # this sink is saturated; others still get their turn
-                held.append(row.sink_id)
-            picked.append(row)
-        if not picked:
-            return []
-        claimed_keys: list[str] = list(conn.execute(_CLAIM, {
-            "keys": [r.key for r in picked], "claimer": self.owner,
-            "lease": now + lease_seconds, "now": now,
-        }).scalars())
-        if slots is not None and len(claimed_keys) < len(picked):
-            got = set(claimed_keys)  # another daemon took the rest first
-            lost = [r.sink_id for r in picked if r.key not in got]
-            slots.give_back(lost)
-            for sink_id in lost:
-                held.remove(sink_id)
+        sink ids they were taken for are listed in `held` until the commit.
+
+        Due rows are read a window at a time, oldest first. When a window fills with
+        rows of sinks found full (a slow sink's backlog), the next window leaves those
+        sinks out: one sink's backlog never hides another sink's due work. Each pass
+        leaves out at least one more sink, so there are few.
+        """
+        excluded = list(excluded)
+        claimed_keys: list[str] = []
+        while len(claimed_keys) < limit:
+            params: dict[str, Any] = {"now": now, "window": limit - len(claimed_keys) + 64}
+            if excluded:
+                params["excluded"] = excluded
+            query = _due(locking=not self.db.is_sqlite, excluding=bool(excluded))
+            rows = conn.execute(query, params).all()
+            picked: list[Any] = []
+            crowding: set[str] = set()
+            for row in rows:
+                if len(claimed_keys) + len(picked) >= limit:
+                    break
+                if slots is not None:
+                    if not slots.take(row.sink_id, row.stack, row.component):
+                        crowding.add(row.sink_id)
+                        continue  # this sink is saturated; others still get their turn
+                    held.append(row.sink_id)
+                picked.append(row)
+            claimed_keys += self._claim_rows(conn, picked, slots, held, lease_seconds, now)
+            crowding.difference_update(excluded)
+            if len(rows) < params["window"] or not crowding:
+                break  # every due row was seen, or no full sink crowded the window
+            excluded += sorted(crowding)
         if not claimed_keys:
             return []
         full = conn.execute(_CLAIMED_ROWS, {"keys": claimed_keys}).all()
@@ -548,6 +552,31 @@ class DeliveryJournal:
             )
             for r in full
         ]
+
+    def _claim_rows(
+        self,
+        conn: sa.Connection,
+        picked: list[Any],
+        slots: ClaimSlots | None,
+        held: list[str],
+        lease_seconds: float,
+        now: float,
+    ) -> list[str]:
+        """Mark `picked` in flight for this daemon; the keys it got (another daemon may
+        have taken some first: their slots are given back)."""
+        if not picked:
+            return []
+        claimed_keys: list[str] = list(conn.execute(_CLAIM, {
+            "keys": [r.key for r in picked], "claimer": self.owner,
+            "lease": now + lease_seconds, "now": now,
+        }).scalars())
+        if slots is not None and len(claimed_keys) < len(picked):
+            got = set(claimed_keys)
+            lost = [r.sink_id for r in picked if r.key not in got]
+            slots.give_back(lost)
+            for sink_id in lost:
+                held.remove(sink_id)
+        return claimed_keys
 
     async def unmoved(self, source: str) -> list[FinishedEvent]:
         """Finished events of `source` whose follow-up (a receipt) was not confirmed."""

@@ -139,6 +139,22 @@ async def test_claim_respects_prerequisites_and_sink_capacity(journal: DeliveryJ
     assert len(again) == 3
 
 
+async def test_a_full_sinks_backlog_does_not_hide_other_sinks_due_work(
+    journal: DeliveryJournal,
+) -> None:
+    """400 metrics wait for a tracker that takes one at a time, more than one claim's
+    window of due rows; a model accepted after them is still claimed for the store at
+    once, not after the tracker has worked through its backlog."""
+    backlog = [event(f"m{i:03d}", upload=False) for i in range(400)]
+    await journal.accept(backlog, planner)
+    await journal.accept([event("late")], planner)
+    claimed = await journal.claim(
+        255, slots=FixedSlots({"local.experiment_tracker": 1})
+    )
+    assert sorted((c.sink_id, c.event_id) for c in claimed) == [
+        ("local.artifact_store", "late"), ("local.experiment_tracker", "m000")]
+
+
 async def test_accept_claims_what_can_start_at_once_and_hands_it_over(
     journal: DeliveryJournal,
 ) -> None:

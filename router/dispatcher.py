@@ -48,8 +48,12 @@ CLAIM_EVERY = 0.5
 
 
 def backoff_delay(policy: RetryPolicy, attempt: int, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter (AWS architecture blog's recommendation)."""
-    ceiling = min(policy.max_delay, policy.base_delay * (2 ** max(0, attempt - 1)))
+    """Exponential backoff with full jitter (AWS architecture blog's recommendation).
+
+    The exponent stops growing at 60 (any max_delay is reached long before): a policy
+    bounded by max_age may run to thousands of attempts, and 2.0 ** 1025 overflows.
+    """
+    ceiling = min(policy.max_delay, policy.base_delay * 2.0 ** min(60, max(0, attempt - 1)))
     return (rng or random).uniform(0, ceiling)
 
 
@@ -264,6 +268,9 @@ class Dispatcher:
         self._claim_hint = True
         self._last_claim = 0.0
         self._stopping = False
+        self._drained = False  # stop() is past its grace: claimed work is left for later
+        self._idle = asyncio.Event()  # clear while a tick is in its journal transaction
+        self._idle.set()
         self.healthy = True  # false while journal ticks fail (shown by /healthz)
 
     def wake(self) -> None:
@@ -325,6 +332,13 @@ class Dispatcher:
             leases.cancel()
 
     async def _tick(self, batch: list[Completion], free: int) -> list[ClaimedDelivery]:
+        self._idle.clear()
+        try:
+            return await self._tick_once(batch, free)
+        finally:
+            self._idle.set()
+
+    async def _tick_once(self, batch: list[Completion], free: int) -> list[ClaimedDelivery]:
         saturated: list[str] = []
         if free > 0:
             self.slots.refresh()
@@ -385,6 +399,13 @@ class Dispatcher:
     ) -> None:
         """Run claimed deliveries; their slots, taken by the claim, are freed at the end."""
         sink_ids = [d.sink_id for d in deliveries]
+        if self._drained:
+            # Claimed by a transaction that outlived stop()'s grace: they stay in flight
+            # in the journal and are resumed at the next start, as cancelled ones are.
+            work.close()
+            self.slots.give_back(sink_ids)
+            log.info("claimed after the drain; left for the next start", count=len(sink_ids))
+            return
         name = f"deliver {deliveries[0].key} (+{len(deliveries) - 1})"
         task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
@@ -403,12 +424,21 @@ class Dispatcher:
         """
         self._stopping = True
         self.wake()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # A tick in its transaction now starts what it claims when it returns: wait for
+        # it, so that work is drained (or cancelled) with the rest.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=grace)
         if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - loop.time()))
+        self._drained = True  # from here on nothing new starts
+        # Cancel what is left, including work intake handed over during the wait.
+        pending = [task for task in self._tasks if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
 
     @staticmethod
     def _needs_files(d: ClaimedDelivery) -> bool:
@@ -521,7 +551,15 @@ class Dispatcher:
         policy, _ = self.pool.policy(ds[0].stack, ds[0].component)
         elapsed = time.monotonic() - started
         for d, outcome in zip(ds, outcomes, strict=True):
-            completion = self._outcome(d, policy, outcome)
+            try:
+                completion = self._outcome(d, policy, outcome)
+            except Exception as exc:
+                # No outcome recorded would leave the row in flight under a lease this
+                # daemon keeps renewing: never resumed. Retry it after max_delay.
+                log.exception("recording a delivery outcome failed", key=d.key)
+                completion = _completion(
+                    d, "retry", error=f"internal error recording the outcome: {exc!r}",
+                    next_attempt_at=time.time() + policy.max_delay)
             self._done.append(completion)
             self.metrics.duration.labels(sink=d.sink_id).observe(elapsed)
             if d.sink_id in self._backlogged or (

@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from router.config import load_config
 from router.daemon import Daemon
+from router.db import deliveries
 from router.dispatcher import InFlightSlots, SinkPool
 from router.intake import AcceptedEvent
 from router.manifest import parse_manifest
@@ -171,3 +173,89 @@ async def test_a_backlog_is_never_overtaken_by_newer_events(
         await daemon.dispatcher.stop(5)
         await task
     assert done["new"] >= max(t for k, t in done.items() if k != "new")
+
+
+async def test_a_delivery_retried_past_a_thousand_attempts_is_still_retried(
+    tmp_path: Path,
+) -> None:
+    """Retries bounded by max_age, not max_attempts, run to thousands of attempts over
+    a long outage; the backoff must not overflow (2.0 ** 1025) and strand the row in
+    flight. The jsonl tracker's path lies under a regular file: every attempt fails."""
+    ws = Workspace(tmp_path)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    ws.stack["experiment_tracker"]["path"] = str(blocker / "tracking")
+    ws.router["retry"] = {"base_delay": 0.5, "max_delay": 60, "max_attempts": 100_000,
+                          "max_age": 86_400}
+    ws.write()
+    daemon = Daemon(load_config(ws.config_path))
+    await daemon.db.migrate()
+    await daemon.journal.accept([metrics_event("e1")], daemon.plan)
+    await daemon.db.run_write(
+        lambda conn: conn.execute(sa.update(deliveries).values(attempts=1025)))
+    task = asyncio.create_task(daemon.dispatcher.run())
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                async with daemon.db.read() as conn:
+                    row = (await conn.execute(sa.select(
+                        deliveries.c.state, deliveries.c.attempts, deliveries.c.last_error,
+                        deliveries.c.next_attempt_at))).one()
+                if row.attempts == 1026 and row.state == "pending":
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await daemon.dispatcher.stop(5)
+        await task
+        await daemon.pool.close()
+        await daemon.db.dispose()
+    assert "tracking" in (row.last_error or ""), row.last_error
+    assert row.next_attempt_at - time.time() <= 60, "backed off at most max_delay"
+
+
+async def test_stop_bounds_work_that_a_tick_in_progress_claims(tmp_path: Path) -> None:
+    """SIGTERM while a claim tick is in its journal transaction: what that tick claims
+    starts after stop() began, and the drain must still bound it by its grace (it
+    waited forever before). The hung sink is an MLflow tracker whose server accepts
+    connections and never answers; the slow commit is simulated by delaying
+    `journal.cycle`. The cancelled delivery stays in the journal for the next start."""
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ws = Workspace(tmp_path)
+    ws.stack["experiment_tracker"] = {"type": "mlflow", "tracking_uri": f"http://127.0.0.1:{port}"}
+    ws.write()
+    daemon = Daemon(load_config(ws.config_path))
+    await daemon.db.migrate()
+    real_cycle = daemon.journal.cycle
+    claiming = asyncio.Event()
+
+    async def slow_cycle(completions, limit, **kw):  # type: ignore[no-untyped-def]
+        if limit > 0:
+            claiming.set()
+            await asyncio.sleep(0.3)  # a commit that takes a moment
+        return await real_cycle(completions, limit, **kw)
+
+    daemon.journal.cycle = slow_cycle  # type: ignore[method-assign]
+    task = asyncio.create_task(daemon.dispatcher.run())
+    try:
+        await asyncio.sleep(0.7)  # past the first (empty) claim
+        await daemon.journal.accept([metrics_event("e1")], daemon.plan)  # no hand-off
+        claiming.clear()
+        await claiming.wait()
+        started = time.monotonic()
+        await daemon.dispatcher.stop(grace=1.0)
+        await asyncio.wait_for(task, timeout=10)
+        assert time.monotonic() - started < 8, "the drain kept to its grace"
+        async with daemon.db.read() as conn:
+            (state,) = (await conn.execute(sa.select(deliveries.c.state))).one()
+        assert state == "in_flight"
+        assert await daemon.journal.recover() == 1, "resumed at the next start"
+    finally:
+        if not task.done():
+            task.cancel()
+        server.close()
+        await daemon.pool.close()
+        await daemon.db.dispose()

@@ -215,13 +215,23 @@ def _enqueue_deploy(
         sa.select(artifacts.c.artifact_index).where(artifacts.c.id == row.artifact_id)
     ).scalar_one()
     siblings = conn.execute(
-        sa.select(deliveries.c.key, deliveries.c.action).where(
+        sa.select(deliveries.c.key, deliveries.c.action, deliveries.c.state,
+                  deliveries.c.last_error).where(
             deliveries.c.event_id == row.event_id, deliveries.c.artifact_index == index
         )
     ).all()
-    after = next((k for k, a in siblings if a == "register"), None) or next(
-        (k for k, a in siblings if a == "store"), None
+    prereq = next((s for s in siblings if s.action == "register"), None) or next(
+        (s for s in siblings if s.action == "store"), None
     )
+    if prereq is not None and prereq.state == "dead":
+        # A deploy waits for its prerequisite to be done: behind a dead one it would
+        # wait for ever.
+        raise DecisionError(
+            f"{row.name} {row.version} cannot be deployed: its {prereq.action} delivery "
+            f"{prereq.key} is dead ({prereq.last_error}); fix the cause, run "
+            f"`artifact-router retry {prereq.key}`, and deploy once it is done"
+        )
+    after = prereq.key if prereq is not None else None
     key = delivery_key(row.event_id, index, Action.DEPLOY, f"{row.stack}.model_deployer")
     params: dict[str, Any] = {"endpoint_name": endpoint, "forced": force}
     values = {
@@ -229,7 +239,7 @@ def _enqueue_deploy(
         "updated_at": now, "params": params, "last_error": None, "result": None,
         "owner": None, "lease_until": None,
     }
-    if any(k == key for k, _ in siblings):
+    if any(s.key == key for s in siblings):
         conn.execute(sa.update(deliveries).where(deliveries.c.key == key).values(**values))
     else:
         conn.execute(

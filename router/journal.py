@@ -844,18 +844,26 @@ def _retry_dead_tx(conn: sa.Connection, key: str | None) -> int:
                 ),
             )
         )
-    revived: list[str] = list(
-        conn.execute(
-            query.values(
-                state="pending", attempts=0, next_attempt_at=now, created_at=now,
-                updated_at=now,
-            ).returning(deliveries.c.event_id)
-        ).scalars()
-    )
+    revive = {"state": "pending", "attempts": 0, "next_attempt_at": now, "created_at": now,
+              "updated_at": now}
+    back = conn.execute(query.values(**revive).returning(
+        deliveries.c.key, deliveries.c.event_id)).all()
+    revived = list(back)
+    # A revived delivery whose prerequisite stays dead would never be due: bring the
+    # prerequisites back too, up the chain (`retry` of a register whose store died).
+    while back:
+        prereqs = sa.select(deliveries.c.after).where(
+            deliveries.c.key.in_([r.key for r in back]), deliveries.c.after.is_not(None))
+        back = conn.execute(
+            sa.update(deliveries)
+            .where(deliveries.c.state == "dead", deliveries.c.key.in_(prereqs))
+            .values(**revive).returning(deliveries.c.key, deliveries.c.event_id)
+        ).all()
+        revived += back
     if revived:
         conn.execute(
             sa.update(events)
-            .where(events.c.id.in_(set(revived)))
+            .where(events.c.id.in_({r.event_id for r in revived}))
             .values(state="accepted", finished_at=None)
         )
     return len(revived)

@@ -176,3 +176,46 @@ async def test_a_dead_deploy_is_recorded_as_failed(journal: DeliveryJournal) -> 
     await run_all(journal, ok=False)
     row = await state(journal, "1")
     assert row.state == "failed" and row.reason == "deployer down for good"
+
+
+def _outcome(c: Any, outcome: str, **fields: Any) -> Completion:
+    return Completion(key=c.key, event_id=c.event_id, artifact_index=c.artifact_index,
+                      sink_id=c.sink_id, action=c.action, outcome=outcome, **fields)
+
+
+async def test_retrying_a_dependent_brings_its_dead_prerequisite_back(
+    journal: DeliveryJournal,
+) -> None:
+    """The store dies, so register and deploy die unattempted. The operator retries the
+    register `status` lists: the dead store must come back with it (a dependent behind
+    a dead prerequisite is never due), and the chain then runs to the end."""
+    await accept(journal, stack("auto"), model_event("e1", "1", {}))
+    (store,) = await journal.claim(100)
+    await journal.complete([_outcome(store, "dead", error="permanent: access denied")])
+    dead = {d["key"]: d["last_error"] for d in (await journal.status()).dead_letters}
+    register = next(k for k in dead if "/register/" in k)
+    assert dead[register].startswith("not attempted")
+    assert await journal.retry_dead(register) == 3
+    assert await run_all(journal) == ["store", "register", "deploy"]
+    status = await journal.status()
+    assert status.events == {"done": 1} and status.deliveries.dead == 0
+
+
+async def test_a_deploy_behind_a_dead_register_is_refused_with_the_fix(
+    journal: DeliveryJournal,
+) -> None:
+    """`model deploy` when the version's register delivery is dead would queue a deploy
+    that waits for ever: it is refused, naming the dead delivery and the retry."""
+    await accept(journal, stack("manual"), model_event("e1", "1", {}))
+    (store,) = await journal.claim(100)
+    await journal.complete([_outcome(store, "done", result=DeliveryResult(uri="x://s"))])
+    (register,) = await journal.claim(100)
+    await journal.complete([_outcome(register, "dead", error="permanent: bad model")])
+    with pytest.raises(DecisionError, match=f"retry {register.key}"):
+        await journal.decide(action="deploy", name="clf", version="1", by="ops")
+    assert (await state(journal, "1")).state != "deploying"
+    assert await journal.retry_dead(register.key) == 1
+    assert await run_all(journal) == ["register"]
+    await journal.decide(action="deploy", name="clf", version="1", by="ops")
+    assert await run_all(journal) == ["deploy"]
+    assert (await state(journal, "1")).state == "deployed"

@@ -15,13 +15,14 @@ import re
 import string
 import tempfile
 import warnings
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from importlib import resources
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import unquote
 
 import yaml
 from pydantic import (
@@ -53,9 +54,12 @@ __all__ = [
     "discover_config",
     "is_secret_key",
     "load_config",
+    "mask_at",
     "mask_secrets",
+    "mask_url_passwords",
     "select_stack",
     "set_active_stack",
+    "url_passwords",
     "use_stack",
 ]
 
@@ -122,7 +126,23 @@ def is_secret_key(key: str) -> bool:
     return key.lower() not in _NOT_SECRET and bool(_SECRET_KEY.search(key))
 
 
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*:)[^@/\s]+@")
+# `scheme://user:password@`; the password runs to the authority's last `@` (an unescaped
+# `@` in it still parses, as urllib reads it), never past a `/` or a space.
+_URL_PASSWORD = re.compile(
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*:)(?P<password>[^/\s]+)@"
+)
+
+
+def url_passwords(text: str) -> set[str]:
+    """The password of every `scheme://user:password@` in `text`, also percent-decoded
+    (a client may log either form)."""
+    found = {m.group("password") for m in _URL_PASSWORD.finditer(text)}
+    return found | {unquote(p) for p in found}
+
+
+def mask_url_passwords(text: str) -> str:
+    """`text` with the password of every URL in it replaced by '***'."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}***@", text) if "://" in text else text
 
 
 def mask_secrets(value: Any) -> Any:
@@ -138,9 +158,17 @@ def mask_secrets(value: Any) -> Any:
         }
     if isinstance(value, list | tuple):
         return [mask_secrets(v) for v in value]
-    if isinstance(value, str) and "://" in value:
-        return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}***@", value)
+    if isinstance(value, str):
+        return mask_url_passwords(value)
     return value
+
+
+def mask_at(loc: Sequence[Any], value: Any) -> Any:
+    """An invalid input found at key path `loc`, masked for an error message: all of it
+    under a secret-looking key, else its secret keys and URL passwords (a model-level
+    error's input is the whole section, secrets included)."""
+    key = str(loc[-1]) if loc else ""
+    return mask_secrets({key: value})[key]
 
 
 class _Strict(BaseModel):
@@ -629,7 +657,7 @@ def _validation_problems(prefix: str, exc: ValidationError) -> list[Problem]:
     for err in exc.errors(include_url=False):
         loc = tuple(p for p in err["loc"] if p not in _UNION_TAGS)
         message = err["msg"].removeprefix("Value error, ")
-        value = None if err["type"] == "missing" else err.get("input")
+        value = None if err["type"] == "missing" else mask_at(loc, err.get("input"))
         if err["type"] == "literal_error":
             message = f"must be one of {err.get('ctx', {}).get('expected', '')}"
         elif err["type"] == "missing":
@@ -639,7 +667,7 @@ def _validation_problems(prefix: str, exc: ValidationError) -> list[Problem]:
         elif err["type"] == "located":
             ctx = err.get("ctx") or {}
             loc = (*loc, ctx["at"]) if ctx.get("at") else loc
-            message, value = str(ctx.get("message", message)), ctx.get("value")
+            message, value = str(ctx.get("message", message)), mask_at(loc, ctx.get("value"))
         elif err["type"] == "extra_forbidden":
             key = str(loc[-1]) if loc else ""
             hint = did_you_mean(key, _known_fields(RouterConfig, tuple(err["loc"])[:-1]))

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from router.config import RetryPolicy, RouterConfig
+from router.config import RetryPolicy, RouterConfig, mask_url_passwords
 from router.delivery import (
     Action,
     ArtifactView,
@@ -570,9 +570,11 @@ class Dispatcher:
     def _outcome(self, d: ClaimedDelivery, policy: RetryPolicy,
                  outcome: DeliveryResult | Exception) -> Completion:
         if isinstance(outcome, PermanentError):
-            return self._dead(d, f"permanent: {outcome}")
+            # The reason is kept in the journal (`status`, `artifacts --json`): a URL a
+            # sink quotes must not carry its password there.
+            return self._dead(d, f"permanent: {mask_url_passwords(str(outcome))}")
         if isinstance(outcome, Exception):  # transient by default: bugs and surprises retry
-            reason = str(outcome) or type(outcome).__name__
+            reason = mask_url_passwords(str(outcome)) or type(outcome).__name__
             if not isinstance(outcome, TransientError | OSError | TimeoutError):
                 reason = f"{type(outcome).__name__}: {reason}"
             return self._retry_or_dead(d, policy, reason)

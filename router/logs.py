@@ -13,8 +13,9 @@ __all__ = ["add_secrets", "configure_logging", "secret_values"]
 
 
 def secret_values(tree: Any, *, _key: str = "") -> set[str]:
-    """Every value under a secret-looking key of a config tree (to redact from logs)."""
-    from router.config import is_secret_key
+    """Every value under a secret-looking key of a config tree, and every URL password in
+    it (`endpoint_url: http://user:pw@host`), to redact from logs."""
+    from router.config import is_secret_key, url_passwords
 
     found: set[str] = set()
     if isinstance(tree, dict):
@@ -25,6 +26,8 @@ def secret_values(tree: Any, *, _key: str = "") -> set[str]:
     elif isinstance(tree, list):
         for v in tree:
             found |= secret_values(v, _key=_key)
+    elif isinstance(tree, str):
+        found |= {p for p in url_passwords(tree) if len(p) >= 3}
     return found
 
 
@@ -37,6 +40,8 @@ def add_secrets(values: Iterable[str]) -> None:
 
 
 def _redactor(secrets: Iterable[str]) -> Any:
+    from router.config import mask_url_passwords
+
     _SECRETS[:] = []
     add_secrets(secrets)
     ordered = _SECRETS
@@ -46,7 +51,9 @@ def _redactor(secrets: Iterable[str]) -> Any:
             for secret in ordered:
                 if secret in value:
                     value = value.replace(secret, "***")
-            return value
+            # Also any URL password the config did not hold (a redirect, a library's
+            # message): `scheme://user:***@host`.
+            return mask_url_passwords(value)
         if isinstance(value, dict):
             return {k: scrub(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
@@ -54,7 +61,7 @@ def _redactor(secrets: Iterable[str]) -> Any:
         return value
 
     def processor(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        return scrub(event_dict) if ordered else event_dict
+        return scrub(event_dict)
 
     return processor
 

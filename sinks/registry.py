@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from router.config import mask_at
 from router.errors import Problem, did_you_mean
 
 if TYPE_CHECKING:
@@ -82,10 +83,13 @@ def _settings_problems(path: str, exc: ValidationError) -> list[Problem]:
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown setting for this component type; check its spelling in the README"
+        # A model-level error's input is the whole settings dict, secrets included, and its
+        # message names the fields: show no value.  Any other value is masked.
+        hidden = err["type"] == "missing" or not err["loc"]
         problems.append(
             Problem(
                 field=f"{path}.{where}" if where else path,
-                value=None if err["type"] == "missing" else err.get("input"),
+                value=None if hidden else mask_at(err["loc"], err.get("input")),
                 message=message,
             )
         )

@@ -44,7 +44,7 @@ from router.rules import FILE_SLOT, object_key, render_path
 from router.sources.mqtt import MqttSource
 from sinks.stores.local import LocalStore, LocalStoreSettings
 from sinks.trackers.jsonl import JsonlTracker, JsonlTrackerSettings
-from tests.conftest import Workspace, free_port, write_bundle
+from tests.conftest import Workspace, free_port, model_manifest, write_bundle
 
 Start = Callable[..., Any]
 
@@ -492,6 +492,123 @@ def test_secrets_never_appear_in_logs_stack_show_metrics_or_errors(
     for where, text in seen.items():
         for name, secret in secrets.items():
             assert secret not in text, f"{name} leaked into {where}"
+
+
+def _outputs(ws: Workspace, *commands: tuple[str, ...]) -> dict[str, str]:
+    """stdout and stderr of each CLI command (wide, so no secret is wrapped in two)."""
+    ws.env["COLUMNS"] = "400"
+    seen = {}
+    for args in commands:
+        out = ws.cli(*args, check=False)
+        seen[" ".join(args)] = out.stdout + out.stderr
+    return seen
+
+
+@pytest.mark.parametrize("section", ["sink settings", "router section"])
+def test_a_settings_error_names_the_field_and_the_fix_but_never_a_secret(
+    tmp_path: Path, section: str
+) -> None:
+    """A model-level error's input is the whole section, secrets included: `validate`,
+    `run` and `stack show` name the field and the fix and show no secret, not even a
+    password inside a URL."""
+    secret = f"pw-{uuid.uuid4().hex}"
+    ws = Workspace(tmp_path)
+    ws.env["PW"] = secret
+    url = "http://router:${PW}@127.0.0.1:9"
+    stacks: dict[str, Any] = {"local": ws.stack}
+    expected: dict[str, str] = {}  # field -> words of its message
+    if section == "sink settings":
+        stacks |= {
+            "aws": {"artifact_store": {"type": "s3", "bucket": "ml-archive",
+                                       "aws_secret_access_key": "${PW}"}},
+            "kms": {"artifact_store": {"type": "s3", "bucket": "ml-archive",
+                                       "aws_access_key_id": "AKIAROUTERTEST",
+                                       "aws_secret_access_key": "${PW}", "kms_key_id": "k1"}},
+            "sm": {"model_registry": {"type": "sagemaker_model_registry", "region": "us-east-1",
+                                      "endpoint_url": url, "aws_secret_access_key": "${PW}"}},
+            "vx": {"model_registry": {"type": "vertex_model_registry", "project": "p",
+                                      "service_file": "/sa.json", "access_token": "${PW}"}},
+            "vxurl": {"model_registry": {"type": "vertex_model_registry", "project": "p",
+                                         "api_endpoint": "ftp://router:${PW}@127.0.0.1:9"}},
+            "ml": {"model_registry": {"type": "mlflow", "tracking_uri": url,
+                                      "password": ["${PW}"]}},
+        }
+        expected = {
+            "stacks.aws.artifact_store": "aws_access_key_id",
+            "stacks.kms.artifact_store": "kms_key_id needs sse",
+            "stacks.sm.model_registry": "aws_access_key_id",
+            "stacks.vx.model_registry": "service_file or access_token",
+            "stacks.vxurl.model_registry.api_endpoint": "http(s) URL",
+            "stacks.ml.model_registry.password": "valid string",
+        }
+    else:
+        ws.router["mqtt"] = {"host": "127.0.0.1", "username": "router", "password": "${PW}",
+                             "protocol": "3.1.1", "shared_group": "g", "takeover_after": 5}
+        expected = {"router.mqtt": "takeover_after"}
+    ws.config_path.write_text(json.dumps(
+        {"active_stack": "local", "stacks": stacks, "router": ws.router}))
+
+    seen = _outputs(ws, ("validate",), ("validate", "--json"), ("run",), ("stack", "show"),
+                    ("stack", "show", "aws", "--json"))
+    for where, text in seen.items():
+        assert secret not in text, f"the secret leaked into {where}: {text}"
+        assert "stacks." in text or "router.mqtt" in text, (where, text)
+    errors = json.loads(seen["validate --json"])["errors"]
+    assert {e["field"] for e in errors} == set(expected), errors
+    for error in errors:
+        assert expected[error["field"]] in error["message"], error
+    assert "***" in seen["validate --json"]  # what is shown of a secret is masked
+
+
+def test_url_passwords_in_the_config_are_redacted_from_logs(
+    tmp_path: Path, start_daemon: Start
+) -> None:
+    """A password inside a URL setting is under no secret-looking key, yet a sink's error
+    can quote the URL (SageMaker's, for a compose-style host name botocore refuses): the
+    log redacts it, as `stack show` masks it, and the dead letter's reason that `status`
+    shows keeps no password either."""
+    secret = f"pw-{uuid.uuid4().hex}"
+    ws = Workspace(tmp_path)
+    ws.env["URL_PASSWORD"] = secret
+    ws.stack["model_registry"] = {
+        "type": "sagemaker_model_registry", "region": "us-east-1",
+        "endpoint_url": "http://router:${URL_PASSWORD}@sagemaker_mock:5000",
+        "aws_access_key_id": "AKIAROUTERTEST", "aws_secret_access_key": "not-the-url-secret"}
+    ws.stack["artifact_routing"]["Model"]["register"] = True
+    ws.write()
+    daemon = start_daemon(ws)
+    write_bundle(ws.spool, "model", model_manifest("clf"), {"model.pkl": b"model"})
+    status = ws.wait_settled(1, timeout=120)
+    assert status["deliveries"]["dead"] == 1, status  # the registration: a permanent error
+
+    seen = _outputs(ws, ("stack", "show"), ("stack", "show", "--json"), ("validate",),
+                    ("status", "--json"), ("artifacts", "--json"))
+    assert daemon.terminate() == 0
+    seen["daemon log"] = daemon.log()
+    assert "delivery dead-lettered" in seen["daemon log"]
+    for where, text in seen.items():
+        assert secret not in text, f"the URL password leaked into {where}"
+    assert "router:***@sagemaker_mock" in seen["stack show"]
+
+
+def test_the_log_redacts_any_url_password_even_one_not_in_the_config(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A library's message or a redirect can quote a URL the config never held."""
+    import structlog
+
+    from router.logs import configure_logging
+
+    configure_logging(secrets=["configured-secret"], json=True)
+    try:
+        structlog.get_logger("router").warning(
+            "delivery will be retried", error="at https://bob:Hunter2Secret@host:9/x: refused",
+            extra=["postgresql://u:p%40ss@db/router", "configured-secret"])
+    finally:
+        structlog.reset_defaults()
+    line = json.loads(capsys.readouterr().err)
+    assert line["error"] == "at https://bob:***@host:9/x: refused"
+    assert line["extra"] == ["postgresql://u:***@db/router", "***"]
 
 
 def test_http_binds_where_configured(tmp_path: Path, start_daemon: Start) -> None:

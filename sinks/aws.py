@@ -27,10 +27,11 @@ import unicodedata
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from sinks.aws_errors import THROTTLING, TRANSIENT_CODES, error_code, unanswered_error
 from sinks.base import PermanentError, SinkSettings, TransientError
+from sinks.urls import reject_userinfo
 
 __all__ = [
     "SageMakerClient",
@@ -92,6 +93,16 @@ class SageMakerSettings(SinkSettings):
     max_attempts: int = Field(
         default=3, ge=1, le=20, description="attempts per request inside one delivery"
     )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_userinfo(cls, value: str | None) -> str | None:
+        # botocore signs requests itself: userinfo never authenticates, only leaks.
+        return reject_userinfo(
+            value, "endpoint_url",
+            "remove it from the URL: AWS credentials go in aws_access_key_id and "
+            "aws_secret_access_key (or the standard AWS credential chain)",
+        )
 
     @model_validator(mode="after")
     def _credentials_pair(self) -> SageMakerSettings:
@@ -175,7 +186,9 @@ def map_sagemaker_error(exc: BaseException, operation: str, what: str, where: st
         code, status, raw = _code_and_message(exc)
         message = _clean_message(raw)
         detail = f"{code or status}" + (f": {message}" if message and message != code else "")
-        if code in _AUTH_CODES or status == 403:
+        if code in _AUTH_CODES or (status == 403 and code not in _RETRYABLE_CODES):
+            # A retryable code can come as a 403 too (AWS's RequestTimeTooSkewed: a clock
+            # that NTP fixes), so the code decides before the status.
             return PermanentError(
                 f"SageMaker {operation} {what} at {where}: access denied ({detail}); the "
                 "credentials are wrong or lack permission for this call"

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from sinks.base import PermanentError, TransientError
+from sinks.urls import without_userinfo
 
 __all__ = ["THROTTLING", "TRANSIENT_CODES", "error_code", "unanswered_error"]
 
@@ -58,7 +59,13 @@ def unanswered_error(exc: BaseException, doing: str, where: str) -> Exception:
     """A failure without an answer from the service (not a ClientError), in plain words.
 
     `doing` names the call and its object ("PutObject s3://b/k"), `where` the endpoint.
+    botocore quotes the request URL in some errors: any `user:password@` in it is cut.
     """
+    error = _unanswered(exc, doing, where)
+    return type(error)(without_userinfo(str(error)))
+
+
+def _unanswered(exc: BaseException, doing: str, where: str) -> Exception:
     from botocore.exceptions import (
         BotoCoreError,
         NoCredentialsError,

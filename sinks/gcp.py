@@ -14,6 +14,11 @@ until `done`, and maps an operation's `error` by its google.rpc code (UNAVAILABL
 INTERNAL, ABORTED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED are transient). An
 operation still running at `operation_timeout` is transient too: the sinks remember
 it, and the retry resumes polling the same operation instead of starting another.
+What a process remembers dies with it, so before starting a mutation the sinks also
+ask Vertex (`wait_unfinished`: `{resource}/operations`, the documented
+`models.operations.list` / `endpoints.operations.list`) for operations still running
+on the model or endpoint, and wait for them: a replay after a crash, or after an
+answer lost to a timeout or 5xx, then sees what the first attempt made.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import aiohttp
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 
 from sinks.base import PermanentError, SinkSettings, TransientError
+from sinks.urls import reject_userinfo
 
 __all__ = [
     "SCOPE",
@@ -102,6 +108,9 @@ class VertexSettings(SinkSettings):
             raise ValueError(
                 "must be an http(s) URL, e.g. https://us-central1-aiplatform.googleapis.com"
             )
+        # aiohttp refuses URL credentials next to the bearer token: it could never work.
+        value = reject_userinfo(value, "api_endpoint", "Vertex AI authenticates with "
+                                "service_file or access_token")
         return value.rstrip("/") if value else value
 
     @model_validator(mode="after")
@@ -347,6 +356,36 @@ class VertexRest:
             raise failed
         response = operation.get("response")
         return dict(response) if isinstance(response, dict) else {}
+
+    async def wait_unfinished(self, resource: str, what: str) -> int:
+        """Wait for every operation still running on `resource` (a model, an endpoint);
+        how many there were.  Ones that end in an error are ignored (what they did not
+        make, the caller makes); one still running at `operation_timeout` is transient.
+        The list is filtered here, by `done`: Vertex documents no filter syntax for it.
+        """
+        params = {"pageSize": "100"}
+        running: list[dict[str, Any]] = []
+        while True:
+            try:
+                page = await self.request(
+                    "GET", f"{resource}/operations", f"{what} (operations.list)", params=params
+                )
+            except VertexApiError as exc:
+                if exc.status == 404:  # no such resource: nothing runs on it
+                    return 0
+                raise
+            running += [op for op in page.get("operations") or [] if not op.get("done")]
+            next_token = page.get("nextPageToken")
+            if not next_token:
+                break
+            params["pageToken"] = str(next_token)
+        for operation in running:
+            try:
+                await self.wait(operation, f"{what} (an earlier operation)")
+            except Exception as exc:
+                if not operation_finished(exc):
+                    raise
+        return len(running)
 
     async def close(self) -> None:
         if self._session is not None:

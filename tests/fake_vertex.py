@@ -22,8 +22,19 @@ image, machine type or artifact; whether labels, filters and traffic splits beha
 in every corner as in production. Only the recorded contract is checked.
 
 Test hooks: `fail(call, status, times=1)` makes the next calls of `call` answer
-with an error; `fail_operation(call, code, message)` makes its next operation end
-in a google.rpc error; `calls` records every request (call name, path, body, query).
+with an error (with `after=True` the call is carried out first, its answer lost: a
+timeout or 5xx after Vertex accepted it); `fail_operation(call, code, message)`
+makes its next operation end in a google.rpc error; `calls` records every request
+(call name, path, body, query). Operations run until polled `operation_polls` times;
+`advance_operations(polls)` stands for time passing on the server (a crashed
+client's operation goes on without it).
+
+Listing a resource's operations (`{model|endpoint}/operations`) returns every
+operation whose name is under it, done or not, and no filter: Vertex documents the
+filter only as "the standard list filter", so the sinks filter by `done` themselves.
+`endpoints.create` takes the documented `endpointId` query parameter (a letter, then
+up to 62 of `[a-z0-9-]` ending in a letter or digit; or up to 9 digits, no leading
+zero) and answers 409 ALREADY_EXISTS for an id taken or being created.
 """
 
 from __future__ import annotations
@@ -118,6 +129,22 @@ CONTRACT: list[dict[str, Any]] = [
         "response": "Operation; response: DeployModelResponse {deployedModel}",
     },
     {
+        "call": "models.operations.list",
+        "method": "GET",
+        "path": rf"{_PARENT}/models/(?P<model>[^/:@]+)/operations",
+        "required": [],
+        "query": ["filter", "pageSize", "pageToken"],
+        "response": "ListOperationsResponse {operations, nextPageToken}",
+    },
+    {
+        "call": "endpoints.operations.list",
+        "method": "GET",
+        "path": rf"{_PARENT}/endpoints/(?P<endpoint>[^/:]+)/operations",
+        "required": [],
+        "query": ["filter", "pageSize", "pageToken"],
+        "response": "ListOperationsResponse {operations, nextPageToken}",
+    },
+    {
         "call": "operations.get",
         "method": "GET",
         "path": rf"v1/(?P<operation>projects/{_NAME}/locations/{_NAME}/.+/operations/\d+)",
@@ -181,12 +208,14 @@ class _Failure:
     status: int
     times: int
     message: str = "injected by the test"
+    after: bool = False
 
 
 @dataclass
 class _State:
     models: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    endpoint_ids: set[str] = field(default_factory=set)  # taken, or being created
     operations: dict[str, _Operation] = field(default_factory=dict)
 
 
@@ -262,8 +291,19 @@ class VertexRecordedContractFake:
 
     # -- test hooks ---------------------------------------------------------------
 
-    def fail(self, call: str, status: int, times: int = 1, message: str = "") -> None:
-        self._failures[call] = _Failure(status, times, message or "injected by the test")
+    def fail(
+        self, call: str, status: int, times: int = 1, message: str = "", *, after: bool = False
+    ) -> None:
+        self._failures[call] = _Failure(status, times, message or "injected by the test", after)
+
+    def advance_operations(self, polls: int = 0) -> None:
+        """Time passes on the server: every running operation needs at most `polls`
+        more operations.get calls (0: done now)."""
+        for op in self.state.operations.values():
+            if not op.done:
+                op.polls_left = min(op.polls_left, polls)
+                if op.polls_left <= 0:
+                    self._finish(op)
 
     def fail_operation(self, call: str, code: int, message: str) -> None:
         self._operation_failures[call] = {"code": code, "message": message}
@@ -292,9 +332,12 @@ class VertexRecordedContractFake:
                 self.calls.append(Call(call, request.method, path, body, query))
                 self._authorize(request)
                 failure = self._failures.get(call)
+                lost: _Failure | None = None
                 if failure is not None and failure.times > 0:
                     failure.times -= 1
-                    raise _ApiError(failure.status, failure.message)
+                    if not failure.after:
+                        raise _ApiError(failure.status, failure.message)
+                    lost = failure
                 if body is not None:
                     missing = [
                         r
@@ -307,7 +350,10 @@ class VertexRecordedContractFake:
                         )
                 self._check_location(match)
                 handler = getattr(self, "_" + call.replace(".", "_"))
-                return web.json_response(handler(match.groupdict(), body or {}, query))
+                answer = handler(match.groupdict(), body or {}, query)
+                if lost is not None:  # carried out, but the client never hears so
+                    raise _ApiError(lost.status, lost.message)
+                return web.json_response(answer)
             except _ApiError as exc:
                 return _error(exc.status, exc.message)
         return _error(
@@ -379,6 +425,8 @@ class VertexRecordedContractFake:
                 op.response = op.complete()
             except _ApiError as exc:
                 op.error = {"code": _RPC_CODE.get(exc.status, 2), "message": exc.message}
+        if op.error is not None and op.call == "endpoints.create":  # the id is free again
+            self.state.endpoint_ids.discard(op.name.split("/operations/")[0].rsplit("/", 1)[-1])
         op.done = True
 
     def _operation_json(self, op: _Operation) -> dict[str, Any]:
@@ -396,6 +444,24 @@ class VertexRecordedContractFake:
             else:
                 out["response"] = op.response
         return out
+
+    def _list_operations(self, resource: str, query: dict[str, str]) -> dict[str, Any]:
+        if (query.get("filter") or "").strip():
+            raise _ApiError(400, f"Unsupported filter in this fake: {query['filter']}")
+        prefix = f"{resource}/operations/"
+        ops = [self._operation_json(op) for name, op in self.state.operations.items()
+               if name.startswith(prefix)]
+        return self._page(ops, "operations", query)
+
+    def _models_operations_list(
+        self, path: dict[str, str], body: dict[str, Any], query: dict[str, str]
+    ) -> dict[str, Any]:
+        return self._list_operations(self._model_name(path["model"]), query)
+
+    def _endpoints_operations_list(
+        self, path: dict[str, str], body: dict[str, Any], query: dict[str, str]
+    ) -> dict[str, Any]:
+        return self._list_operations(f"{self.parent}/endpoints/{path['endpoint']}", query)
 
     def _operations_get(
         self, path: dict[str, str], body: dict[str, Any], query: dict[str, str]
@@ -512,8 +578,11 @@ class VertexRecordedContractFake:
         self, path: dict[str, str], body: dict[str, Any], query: dict[str, str]
     ) -> dict[str, Any]:
         endpoint_id = query.get("endpointId") or str(next(self._ids))
-        if endpoint_id in self.state.endpoints:
+        if not re.fullmatch(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?|[1-9][0-9]{0,8}", endpoint_id):
+            raise _ApiError(400, f"Invalid endpointId {endpoint_id}")
+        if endpoint_id in self.state.endpoint_ids:
             raise _ApiError(409, f"Endpoint {endpoint_id} already exists")
+        self.state.endpoint_ids.add(endpoint_id)
         name = f"{self.parent}/endpoints/{endpoint_id}"
 
         def complete() -> dict[str, Any]:

@@ -205,6 +205,20 @@ async def test_a_long_or_odd_delivery_key_is_matched_by_its_hash(moto_server: Mo
     assert len(_packages(moto_server, entity_name(name))) == 1
 
 
+async def test_a_key_that_ends_like_another_is_not_taken_for_its_replay(
+    moto_server: MotoServer,
+) -> None:
+    """A description suffix match took the package of event `xrouter.delivery_key=ev-1`
+    for a replay of event `ev-1`: ev-1 was skipped and never registered."""
+    name = _unique()
+    tricky = await _register(moto_server, _register_item(name, "xrouter.delivery_key=ev-1"))
+    real = await _register(moto_server, _register_item(name, "ev-1", version="2.0.0"))
+    assert not real.skipped and real.uri != tricky.uri
+    assert len(_packages(moto_server, entity_name(name))) == 2
+    again = await _register(moto_server, _register_item(name, "ev-1", version="2.0.0"))
+    assert again.skipped and again.uri == real.uri
+
+
 async def test_an_explicit_group_and_a_missing_store_result(moto_server: MotoServer) -> None:
     group = entity_name(_unique("shared"))
     registry = _registry(moto_server, model_package_group=group)
@@ -450,6 +464,28 @@ def test_a_wrong_role_arn_is_a_config_error() -> None:
     assert [p.field for p in missing] == ["stacks.aws.model_deployer.role_arn"]
 
 
+@pytest.mark.parametrize("component", ["sagemaker_model_registry", "sagemaker_endpoint"])
+def test_credentials_in_the_endpoint_url_are_a_config_error(component: str) -> None:
+    """botocore never sends URL userinfo: such an endpoint_url can only fail (it was
+    retried as transient) and put the password into messages."""
+    role, extra = (
+        ("model_registry", {}) if component == "sagemaker_model_registry"
+        else ("model_deployer", {"role_arn": ROLE})
+    )
+    problems = check_component(
+        role,
+        f"stacks.aws.{role}",
+        ComponentConfig.model_validate({
+            "type": component, **extra,
+            "endpoint_url": "http://proxyuser:hunter2@127.0.0.1:5000",
+        }),
+    )
+    assert [p.field for p in problems] == [f"stacks.aws.{role}.endpoint_url"]
+    text = " ".join(str(p) for p in problems) + " ".join(p.message for p in problems)
+    assert "user name or password" in text and "aws_access_key_id" in text
+    assert "hunter2" not in text
+
+
 async def test_access_denied_and_unknown_keys_are_permanent(tmp_path: Path) -> None:
     """A private moto_server with IAM authentication on (INITIAL_NO_AUTH_ACTION_COUNT)."""
     server = MotoServer(tmp_path, env={"INITIAL_NO_AUTH_ACTION_COUNT": "2"})
@@ -578,3 +614,19 @@ def test_the_registry_knows_both_types() -> None:
         ),
     )
     assert problems and "bad-name" in problems[0].message
+
+
+def test_aws_clock_skew_403_is_transient_and_access_denied_stays_permanent() -> None:
+    """AWS answers a skewed clock with a 403 RequestTimeTooSkewed: NTP fixes it, so it is
+    retried, while a plain 403 AccessDenied dead-letters. The ClientError is built by
+    hand: moto does not check request times."""
+    from botocore.exceptions import ClientError
+
+    def answer(code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code},
+                            "ResponseMetadata": {"HTTPStatusCode": 403}}, "CreateModel")
+
+    skewed = map_sagemaker_error(answer("RequestTimeTooSkewed"), "CreateModel", "m", "AWS")
+    denied = map_sagemaker_error(answer("AccessDenied"), "CreateModel", "m", "AWS")
+    assert isinstance(skewed, TransientError), skewed
+    assert isinstance(denied, PermanentError) and "access denied" in str(denied)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -15,7 +16,7 @@ import pytest
 
 import sinks.stores.gcs as gcsmod
 from router.config import ComponentConfig
-from router.delivery import PermanentError, TransientError
+from router.delivery import DeliveryResult, PermanentError, TransientError
 from sinks.registry import KNOWN_UNAVAILABLE, check_component, create_sink
 from sinks.stores.gcs import CHUNK_UNIT, GCSStore, GCSStoreSettings, MiB
 from tests.servers_storage import (
@@ -217,6 +218,91 @@ async def test_conflict_fails_permanently_naming_both_checksums(
     assert sha == old.sha256
 
 
+@pytest.mark.parametrize("size", [200_000, THRESHOLD + 10], ids=["simple", "resumable"])
+async def test_two_deliveries_of_one_key_at_once_never_both_win(
+    size: int, tmp_path: Path, store: GCSStore, storage: Any
+) -> None:
+    """Two different artifacts rendering to one key, delivered at once: both used to find
+    the key free and both uploads succeeded, the second silently replacing the first.
+    Now the second waits for the first and then sees a conflict; a third delivery with
+    a's content is a no-op (or a conflict if b came first)."""
+    a = write_file(tmp_path / "a" / "model.bin", size, seed=1)
+    b = write_file(tmp_path / "b" / "model.bin", size, seed=2)
+    target = f"race/{size}"
+
+    outcomes = await asyncio.gather(
+        store.deliver(make_item(a, target=target)), store.deliver(make_item(b, target=target)),
+        store.deliver(make_item(a, target=target)), return_exceptions=True)
+
+    conflicts = [isinstance(o, PermanentError) and "conflict" in str(o) for o in outcomes]
+    assert conflicts[:2] in ([False, True], [True, False]), outcomes  # whichever came first
+    winner = a if conflicts[1] else b
+    assert conflicts[2] == (winner is b), "a's content again: a no-op unless b won"
+    results = [o for o in outcomes if isinstance(o, DeliveryResult)]
+    assert sorted(r.skipped for r in results) == ([False, True] if winner is a else [False])
+    sha, _ = await remote(storage, "artifacts", f"{target}/model.bin")
+    assert sha == winner.sha256
+
+
+@pytest.mark.parametrize(("size", "same"), [(1000, False), (1000, True), (THRESHOLD + 10, False)],
+                         ids=["simple", "simple-same-content", "resumable"])
+async def test_an_object_created_between_the_look_and_the_upload_is_not_replaced(
+    size: int, same: bool, tmp_path: Path, store: GCSStore, storage: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another writer (another daemon) creates the key after this sink found it free.
+    Uploads of a key found free carry ifGenerationMatch=0, which GCS refuses with 412
+    when the object exists. gcp-storage-emulator ignores preconditions (its source has
+    no ifGenerationMatch), so this test answers 412 itself where GCS would: when the
+    upload carries the precondition and the object exists on the emulator. The sink
+    then looks: different content is a conflict, the same content a no-op."""
+    import aiohttp
+    from gcloud.aio.storage import Storage
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from yarl import URL
+
+    ours = write_file(tmp_path / "ours" / "model.bin", size, seed=1)
+    theirs = ours if same else write_file(tmp_path / "theirs" / "model.bin", size, seed=2)
+    assert theirs.path is not None
+    body, key = theirs.path.read_bytes(), f"late/{size}/{same}/model.bin"
+    upload, request = Storage.upload, GCSStore._request
+    sent: list[str | None] = []
+
+    async def other_writer_then_precondition(params: dict[str, Any]) -> bool:
+        await upload(storage, "artifacts", key, body,
+                     metadata={"metadata": {"sha256": theirs.sha256}})
+        sent.append(params.get("ifGenerationMatch"))
+        return params.get("ifGenerationMatch") == "0" and await exists(storage, "artifacts", key)
+
+    async def gcs_upload(self: Storage, bucket: str, name: str, data: Any, **kw: Any) -> Any:
+        if name == key and await other_writer_then_precondition(kw.get("parameters") or {}):
+            url = URL(f"{store._api_root}/upload/storage/v1/b/{bucket}/o")
+            raise aiohttp.ClientResponseError(
+                aiohttp.RequestInfo(url, "POST", CIMultiDictProxy(CIMultiDict()), url), (),
+                status=412, message="conditionNotMet")
+        return await upload(self, bucket, name, data, **kw)
+
+    async def gcs_request(self: GCSStore, method: str, url: str, action: str, name: str,
+                          **kw: Any) -> Any:
+        if method == "POST" and name == key and await other_writer_then_precondition(
+                kw.get("params") or {}):
+            return 412, {}, b'{"error": {"message": "conditionNotMet"}}'
+        return await request(self, method, url, action, name, **kw)
+
+    monkeypatch.setattr(Storage, "upload", gcs_upload)
+    monkeypatch.setattr(GCSStore, "_request", gcs_request)
+
+    if same:
+        result = await store.deliver(make_item(ours, target=f"late/{size}/{same}"))
+        assert result.skipped
+    else:
+        with pytest.raises(PermanentError, match="conflict"):
+            await store.deliver(make_item(ours, target=f"late/{size}/{same}"))
+    assert sent == ["0"]
+    sha, _ = await remote(storage, "artifacts", key)
+    assert sha == theirs.sha256
+
+
 @pytest.mark.parametrize("size", [1000, THRESHOLD + 10], ids=["simple", "resumable"])
 async def test_conflict_overwrite_replaces(
     size: int, tmp_path: Path, store: GCSStore, storage: Any
@@ -320,7 +406,7 @@ async def test_server_down_mid_upload_resumes_after_restart(
     item = make_item(staged, target="restart")
     reads = record_chunk_reads(monkeypatch)
     original = gcsmod._read_chunk
-    crashed = []
+    crashed: list[bool] = []
 
     def crash_before_fifth(fd: int, offset: int, view: memoryview) -> None:
         if len(reads) == 4 and not crashed:  # about to read the fifth chunk
@@ -484,6 +570,16 @@ def test_registered_and_configurable_with_flowyml_keys() -> None:
     assert isinstance(sink, GCSStore)
     assert sink.settings.project_id == "my-project"
     assert sink.settings.chunk_size == 4 * MiB
+
+
+def test_a_user_and_password_in_api_root_is_a_config_error_that_hides_the_password() -> None:
+    component = ComponentConfig.model_validate(
+        {"type": "gcs", "bucket": "abc", "api_root": "http://u:Hunter2Secret@127.0.0.1:9023"})
+    problems = check_component("artifact_store", "stacks.p.artifact_store", component)
+    assert [p.field for p in problems] == ["stacks.p.artifact_store.api_root"]
+    shown = problems[0].render()
+    assert "Hunter2Secret" not in shown and "u:" not in shown
+    assert "http://127.0.0.1:9023" in shown and "service_file" in shown
 
 
 def test_chunk_size_must_be_a_multiple_of_256_kib() -> None:

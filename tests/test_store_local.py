@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -173,3 +176,60 @@ def test_a_failed_item_claims_no_key_for_the_rest_of_its_batch(
     assert isinstance(out[1], DeliveryResult) and not out[1].skipped
     assert (store.root / "k" / "a.bin").read_bytes() == b"same"
     assert not (store.root / "k" / "b.bin").exists()
+
+
+def _both_batches_check_before_either_places(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hold each batch (in its worker thread) after its checks and copies, until the
+    other batch got there too: the race the dispatcher runs into by chance (several
+    batches in flight per sink), every time."""
+    barrier = threading.Barrier(2, timeout=30)
+    original = LocalStore._commit
+
+    def held(self: LocalStore, ready: list[Any]) -> None:
+        barrier.wait()
+        original(self, ready)
+
+    monkeypatch.setattr(LocalStore, "_commit", held)
+
+
+async def _two_batches(store: LocalStore, a: DeliveryItem, b: DeliveryItem) -> list[Any]:
+    outcomes = await asyncio.gather(store.deliver_batch([a]), store.deliver_batch([b]))
+    return [o for batch in outcomes for o in batch]
+
+
+@pytest.mark.parametrize("no_hard_links", [False, True], ids=["link", "no-hard-links"])
+def test_two_batches_at_once_aiming_at_one_key_never_both_win(
+    store: LocalStore, src: Path, monkeypatch: pytest.MonkeyPatch, no_hard_links: bool
+) -> None:
+    """Both batches find the key free; the file is put in place with link(2), which
+    refuses a taken name, so the second sees the first's file: a conflict, and the
+    first's bytes stay. Where the file system has no hard links (simulated: link fails
+    with EPERM as on such mounts), a lock makes check-and-rename atomic instead."""
+    if no_hard_links:
+        def no_link(src: Any, dst: Any) -> None:
+            raise OSError(errno.EPERM, "Operation not permitted", str(dst))
+
+        monkeypatch.setattr(os, "link", no_link)
+    _both_batches_check_before_either_places(monkeypatch)
+    a, b = staged(src, "m.bin", b"from a"), staged(src, "m.bin", b"from b")
+
+    out = asyncio.run(_two_batches(store, item("a", "race", [a]), item("b", "race", [b])))
+
+    assert sum(isinstance(o, PermanentError) and "conflict" in str(o) for o in out) == 1
+    winner = b"from a" if isinstance(out[0], DeliveryResult) else b"from b"
+    assert (store.root / "race" / "m.bin").read_bytes() == winner
+    assert temp_files(store) == []
+
+
+def test_two_batches_at_once_with_the_same_content_both_succeed(
+    store: LocalStore, src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same bytes raced to one key: one batch places them, the other finds them
+    there (link refuses the name, the content matches) and is a no-op."""
+    _both_batches_check_before_either_places(monkeypatch)
+    out = asyncio.run(_two_batches(store, item("a", "same", [staged(src, "m.bin", b"v")]),
+                                   item("b", "same", [staged(src, "m.bin", b"v")])))
+    assert all(isinstance(o, DeliveryResult) for o in out)
+    assert sorted(o.skipped for o in out) == [False, True]
+    assert (store.root / "same" / "m.bin").read_bytes() == b"v"
+    assert temp_files(store) == []

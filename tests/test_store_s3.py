@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from pydantic import SecretStr
 
 import sinks.stores.s3 as s3mod
 from router.config import ComponentConfig
@@ -228,16 +230,44 @@ async def test_a_partial_object_left_by_our_own_cut_off_attempt_is_replaced(
     tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
 ) -> None:
     """Servers like rclone can expose a torn object when stopped mid-PUT (AWS never
-    does).  Objects the sink writes carry sha256 metadata: one without it, found while
-    retrying our own delivery, is our partial write; on a first attempt it is foreign."""
+    does): no sha256 metadata, and the file's first bytes. Found while retrying our own
+    delivery, it is our partial write; on a first attempt it is foreign."""
     staged = write_file(tmp_path / "model.bin", 1000, seed=3)
     key = "torn/model.bin"
-    await s3_client.put_object(Bucket=rclone_s3.bucket, Key=key, Body=b"partial")
+    assert staged.path is not None
+    await s3_client.put_object(
+        Bucket=rclone_s3.bucket, Key=key, Body=staged.path.read_bytes()[:300])
     with pytest.raises(PermanentError, match="conflict"):
         await store.deliver(make_item(staged, target="torn"))
     retry = make_item(staged, target="torn").model_copy(update={"attempt": 2})
     await store.deliver(retry)
     assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
+
+
+@pytest.mark.parametrize(
+    "body", [b"someone else's model" * 100, b"short", "longer"],
+    ids=["foreign-same-size-class", "not-a-prefix", "longer-than-the-file"],
+)
+async def test_a_retry_never_replaces_an_object_that_is_not_its_own_partial_write(
+    body: bytes | str, tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+) -> None:
+    """A foreign object (no sha256 metadata) at the key after a transient first attempt:
+    unless it is shorter than the file and equal to its first bytes, it is a conflict,
+    on a retry as on a first attempt, and it is left alone."""
+    staged = write_file(tmp_path / "model.bin", 1000, seed=3)
+    assert staged.path is not None
+    if body == "longer":  # the file's bytes and then some: not a cut-off write of it
+        body = staged.path.read_bytes() + b"more"
+    assert isinstance(body, bytes)
+    target = f"notours/{len(body)}"
+    await s3_client.put_object(Bucket=rclone_s3.bucket, Key=f"{target}/model.bin", Body=body)
+    retry = make_item(staged, target=target).model_copy(update={"attempt": 2})
+
+    with pytest.raises(PermanentError, match="conflict"):
+        await store.deliver(retry)
+
+    assert await remote_sha256(s3_client, rclone_s3.bucket, f"{target}/model.bin") == (
+        hashlib.sha256(body).hexdigest())
 
 
 @pytest.mark.parametrize("size", [1000, PART + 10], ids=["single", "multipart"])
@@ -295,6 +325,7 @@ async def test_object_without_sha256_metadata_is_compared_by_md5(
     """Objects written by others (no sha256 metadata): same bytes is still a no-op."""
     staged = write_file(tmp_path / "model.bin", 3000, seed=9)
     other = write_file(tmp_path / "other.bin", 3000, seed=10)
+    assert staged.path is not None and other.path is not None
     await s3_client.put_object(
         Bucket=rclone_s3.bucket, Key="foreign/model.bin", Body=staged.path.read_bytes()
     )
@@ -418,7 +449,8 @@ async def test_a_batch_lists_its_key_range_once_and_heads_only_the_taken_keys(
     assert isinstance(outcomes[2], PermanentError) and "conflict" in str(outcomes[2])
     assert isinstance(outcomes[6], PermanentError) and "sometimes" in str(outcomes[6])
     for i in (0, 3, 4, 5):
-        assert isinstance(outcomes[i], DeliveryResult) and not outcomes[i].skipped
+        outcome = outcomes[i]
+        assert isinstance(outcome, DeliveryResult) and not outcome.skipped
         key = f"batch/r{i}/model.bin"
         assert await remote_sha256(s3_client, rclone_s3.bucket, key) == files[i].sha256
     assert await remote_sha256(s3_client, rclone_s3.bucket, "batch/r2/model.bin") == (
@@ -453,6 +485,101 @@ async def test_keys_past_what_the_listings_covered_are_looked_at_one_by_one(
     for i in range(4):
         key = f"{crowd}/r{i}/model.bin"
         assert await remote_sha256(s3_client, rclone_s3.bucket, key) == files[i].sha256
+
+
+# -- one key, two writers at once ---------------------------------------------------
+
+
+@pytest.mark.parametrize("listed", [False, True], ids=["heads", "listing"])
+async def test_two_items_of_one_batch_aiming_at_one_key_never_both_win(
+    listed: bool, tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+) -> None:
+    """rclone ignores If-None-Match: two different artifacts rendering to one key in one
+    batch (found free by a HEAD each at once, or by one listing) must not both be
+    stored: the second waits for the first's write and then sees a conflict. With the
+    listing, a third item with a's content is a no-op (or a conflict if b won)."""
+    base = f"dupkey-{listed}"
+    a, b = (write_file(tmp_path / n / "model.bin", 1000, seed=i) for i, n in ((1, "a"), (2, "b")))
+    items = [make_item(a, target=f"{base}/same"), make_item(b, target=f"{base}/same")]
+    if listed:  # three keys or more to look at: one listing for the batch
+        items.append(make_item(a, target=f"{base}/same"))
+        items += [make_item(write_file(tmp_path / f"o{i}" / "model.bin", 700, seed=10 + i),
+                            target=f"{base}/o{i}") for i in range(2)]
+
+    outcomes = await store.deliver_batch(items)
+
+    conflicts = [isinstance(o, PermanentError) and "conflict" in str(o) for o in outcomes]
+    assert conflicts[:2] in ([False, True], [True, False]), outcomes  # whichever came first
+    winner = a if conflicts[1] else b
+    if listed:
+        assert conflicts[2] == (winner is b), "a's content again: a no-op unless b won"
+        assert not any(conflicts[3:])
+    same = [o for o in outcomes[:3] if isinstance(o, DeliveryResult)]
+    assert sum(not o.skipped for o in same) == 1, "one write; the rest are no-ops"
+    key = f"{base}/same/model.bin"
+    assert await remote_sha256(s3_client, rclone_s3.bucket, key) == winner.sha256
+
+
+async def test_two_batches_at_once_with_one_key_never_both_win(
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+) -> None:
+    """Two batches list their key ranges before either writes (both find the shared key
+    free); the listing of the one that writes second no longer vouches for that key."""
+    files = [write_file(tmp_path / f"f{i}" / "model.bin", 800, seed=20 + i) for i in range(6)]
+    first = [make_item(files[0], target="twob/same")] + [
+        make_item(f, target=f"twob/a{i}") for i, f in enumerate(files[2:4])]
+    second = [make_item(files[1], target="twob/same")] + [
+        make_item(f, target=f"twob/b{i}") for i, f in enumerate(files[4:6])]
+
+    out1, out2 = await asyncio.gather(store.deliver_batch(first), store.deliver_batch(second))
+
+    shared = [out1[0], out2[0]]
+    assert sum(isinstance(o, PermanentError) and "conflict" in str(o) for o in shared) == 1
+    assert all(isinstance(o, DeliveryResult) for o in out1[1:] + out2[1:])
+    winner = files[0] if isinstance(out1[0], DeliveryResult) else files[1]
+    assert await remote_sha256(s3_client, rclone_s3.bucket, "twob/same/model.bin") == (
+        winner.sha256)
+
+
+async def test_two_processes_writing_one_big_file_at_once_on_a_conditional_server(
+    tmp_path: Path, moto_s3: MotoS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sinks (as in two daemons: no shared claims) both find the key free with a
+    HEAD, then both upload in parts: If-None-Match on CompleteMultipartUpload (moto
+    honours it, as AWS does) lets one win and the other sees a conflict. A barrier
+    holds both uploads until both looked, then they go one after the other (moto's own
+    check is not atomic under truly simultaneous requests; AWS's is), so the race is
+    the same every run."""
+    size, bucket = 2 * PART + 1, "race-multipart"
+    sinks = [S3Store(f"p{i}.s3", S3StoreSettings(**moto_s3.settings(
+        bucket_name=bucket, multipart_threshold=PART, part_size=PART,
+        conditional_writes="always"))) for i in range(2)]
+    barrier, one_by_one = asyncio.Barrier(2), asyncio.Lock()
+    for name in ("_put_single", "_put_multipart"):
+        original = getattr(S3Store, name)
+
+        async def held(self: S3Store, *args: Any, _original: Any = original, **kw: Any) -> Any:
+            await barrier.wait()
+            async with one_by_one:
+                return await _original(self, *args, **kw)
+
+        monkeypatch.setattr(S3Store, name, held)
+    a = write_file(tmp_path / "a" / "model.bin", size, seed=1)
+    b = write_file(tmp_path / "b" / "model.bin", size, seed=2)
+    try:
+        client = await sinks[0]._get_client()
+        await client.create_bucket(Bucket=bucket)
+        outcomes = await asyncio.gather(
+            sinks[0].deliver(make_item(a, target="k")), sinks[1].deliver(make_item(b, target="k")),
+            return_exceptions=True)
+        assert sum(isinstance(o, PermanentError) and "conflict" in str(o)
+                   for o in outcomes) == 1, outcomes
+        winner = a if isinstance(outcomes[0], DeliveryResult) else b
+        assert await remote_sha256(client, bucket, "k/model.bin") == winner.sha256
+        assert await pending_uploads(client, bucket) == [], "the losing upload is aborted"
+    finally:
+        for sink in sinks:
+            await sink.close()
 
 
 # -- verification -------------------------------------------------------------------
@@ -704,6 +831,64 @@ async def test_unreachable_endpoint_is_transient(tmp_path: Path) -> None:
         await sink.close()
 
 
+async def test_a_skewed_clock_is_transient(
+    tmp_path: Path, rclone_s3: RcloneS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This host's clock an hour behind: rclone answers AccessDenied saying so. The
+    clock can be fixed (NTP), so the delivery is retried, not dead-lettered."""
+    import datetime as dt
+
+    import botocore.auth
+
+    real = botocore.auth.get_current_datetime
+    monkeypatch.setattr(botocore.auth, "get_current_datetime",
+                        lambda: real() - dt.timedelta(hours=1))
+    sink = store_for(rclone_s3, max_attempts=1)
+    staged = write_file(tmp_path / "model.bin", 100, seed=1)
+    try:
+        with pytest.raises(TransientError, match="clock"):
+            await sink.deliver(make_item(staged, target="skew", on_conflict="overwrite"))
+    finally:
+        await sink.close()
+
+
+def test_aws_clock_skew_403_is_transient_and_access_denied_stays_permanent() -> None:
+    """AWS answers a skewed clock with 403 RequestTimeTooSkewed, which rclone cannot
+    produce (it says AccessDenied, tested above): the ClientError is built by hand from
+    AWS's documented answer. The code is retryable although the status is a 403."""
+    from botocore.exceptions import ClientError
+
+    sink = S3Store("t.s", S3StoreSettings(bucket_name="abc"))
+
+    def mapped(code: str) -> Exception:
+        exc = ClientError({"Error": {"Code": code, "Message": "m"},
+                           "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutObject")
+        return sink._map_error(exc, "PutObject", "k")
+
+    assert isinstance(mapped("RequestTimeTooSkewed"), TransientError)
+    assert isinstance(mapped("AccessDenied"), PermanentError)
+
+
+async def test_credentials_in_an_endpoint_url_are_kept_out_of_messages(tmp_path: Path) -> None:
+    """Settings refuse them (below); a URL that got past validation anyway is still
+    shown without its user:password in error text."""
+    from tests.servers_storage import free_port
+
+    settings = S3StoreSettings.model_construct(
+        bucket_name="artifacts", region="us-east-1", max_attempts=1, connect_timeout=1,
+        endpoint_url=f"http://proxyuser:Hunter2Secret@127.0.0.1:{free_port()}",
+        aws_access_key_id="abc123", aws_secret_access_key=SecretStr("secret123"))
+    sink = S3Store("test.s3", settings)
+    staged = write_file(tmp_path / "model.bin", 100)
+    try:
+        with pytest.raises((TransientError, PermanentError)) as err:
+            await sink.deliver(make_item(staged))
+    finally:
+        await sink.close()
+    assert "Hunter2Secret" not in str(err.value) and "proxyuser" not in str(err.value)
+    assert "127.0.0.1" in str(err.value)
+
+
 # -- bounded memory --------------------------------------------------------------------
 
 
@@ -856,3 +1041,18 @@ def test_bad_settings_are_config_errors(settings: dict[str, Any], field: str) ->
     problems = check_component("artifact_store", "stacks.p.artifact_store", component)
     assert problems, settings
     assert any(field in p.field for p in problems)
+
+
+def test_a_user_and_password_in_endpoint_url_is_a_config_error_that_hides_the_password(
+) -> None:
+    """aiohttp refuses such a URL, so every delivery would fail (and be retried); the
+    config loader says why, naming the field and the fix, without echoing the secret."""
+    component = ComponentConfig.model_validate({
+        "type": "s3", "bucket": "abc",
+        "endpoint_url": "https://proxyuser:Hunter2Secret@s3.example.com:9000"})
+    problems = check_component("artifact_store", "stacks.p.artifact_store", component)
+    assert [p.field for p in problems] == ["stacks.p.artifact_store.endpoint_url"]
+    shown = problems[0].render()
+    assert "Hunter2Secret" not in shown and "proxyuser" not in shown
+    assert "https://s3.example.com:9000" in shown
+    assert "user name or password" in shown and "aws_secret_access_key" in shown

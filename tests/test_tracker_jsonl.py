@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import multiprocessing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from router.delivery import Action, ArtifactView, DeliveryContext, DeliveryItem
 from router.manifest import ArtifactKind
+from sinks.base import TransientError
 from sinks.trackers.jsonl import JsonlTracker, JsonlTrackerSettings, read_jsonl
 
 
@@ -57,7 +59,7 @@ def test_daemons_sharing_the_files_never_write_a_key_twice(tmp_path: Path) -> No
         written = pool.starmap(_deliver_all, [(str(tmp_path), keys)] * 3)
     assert sum(written) == len(keys)
     lines = read_jsonl(tmp_path / "p" / "r.jsonl")
-    assert sorted(r["key"] for r in lines) == sorted(keys)
+    assert sorted(str(r["key"]) for r in lines) == sorted(keys)
 
 
 def test_batches_skip_keys_written_before_them_by_us_or_by_another_process(
@@ -65,11 +67,12 @@ def test_batches_skip_keys_written_before_them_by_us_or_by_another_process(
 ) -> None:
     tracker = JsonlTracker("t", JsonlTrackerSettings(path=tmp_path))
     first = asyncio.run(tracker.deliver_batch([item("a"), item("b"), item("a")]))
-    assert [r.skipped for r in first] == [False, False, False]  # "a" twice: written once
+    # "a" twice: written once
+    assert [r.skipped for r in first] == [False, False, False]  # type: ignore[union-attr]
     other = JsonlTracker("t", JsonlTrackerSettings(path=tmp_path))  # another daemon
     assert not asyncio.run(other.deliver(item("c"))).skipped
     second = asyncio.run(tracker.deliver_batch([item("b"), item("c"), item("d")]))
-    assert [r.skipped for r in second] == [True, True, False]
+    assert [r.skipped for r in second] == [True, True, False]  # type: ignore[union-attr]
     assert [r["key"] for r in read_jsonl(tracker.file_for("p", "r"))] == ["a", "b", "c", "d"]
 
 
@@ -91,7 +94,7 @@ def test_daemons_sharing_the_files_in_batches_never_write_a_key_twice(tmp_path: 
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         written = pool.starmap(_deliver_batches, [(str(tmp_path), keys, n) for n in (7, 50, 256)])
     assert sum(written) == len(keys)
-    assert sorted(r["key"] for r in read_jsonl(tmp_path / "p" / "r.jsonl")) == sorted(keys)
+    assert sorted(str(r["key"]) for r in read_jsonl(tmp_path / "p" / "r.jsonl")) == sorted(keys)
 
 
 def test_without_syncfs_each_appended_file_is_fsynced(
@@ -105,4 +108,39 @@ def test_without_syncfs_each_appended_file_is_fsynced(
     assert [r.skipped for r in out] == [False, False]  # type: ignore[union-attr]
     assert synced == [tracker.file_for("p", "r")]  # one file, flushed once
     asyncio.run(tracker.deliver_batch([item("a")]))  # a replay writes nothing...
-    assert synced == [tracker.file_for("p", "r")]  # ...and flushes nothing
+    # ...but flushes the file it relies on again (its line may never have been flushed)
+    assert synced == [tracker.file_for("p", "r")] * 2
+
+
+@pytest.mark.parametrize("with_syncfs", [True, False])
+def test_a_retry_after_a_failed_flush_flushes_before_reporting_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_syncfs: bool
+) -> None:
+    """EIO from fsync/syncfs is simulated by monkeypatching the flush calls (the file
+    writes themselves are real).  The retry, and a restarted daemon's replay, find the
+    key already in the file: they must flush it, not report it done unflushed."""
+    flushed: list[object] = []
+    fail = {"left": 1}
+
+    def flush(arg: object) -> None:
+        if fail["left"]:
+            fail["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        flushed.append(arg)
+
+    monkeypatch.setattr("sinks.trackers.jsonl.HAVE_SYNCFS", with_syncfs)
+    monkeypatch.setattr("sinks.trackers.jsonl.syncfs", flush)
+    monkeypatch.setattr("sinks.trackers.jsonl.fsync_paths", lambda paths: flush(list(paths)))
+    tracker = JsonlTracker("t", JsonlTrackerSettings(path=tmp_path))
+    with pytest.raises(TransientError):
+        asyncio.run(tracker.deliver(item("k1")))  # written, flush failed
+    assert asyncio.run(tracker.deliver(item("k1"))).skipped  # the dispatcher's retry
+    assert len(flushed) == 1
+
+    fail["left"] = 1
+    with pytest.raises(TransientError):
+        asyncio.run(tracker.deliver(item("k2")))
+    fresh = JsonlTracker("t", JsonlTrackerSettings(path=tmp_path))  # restarted: no cache
+    assert asyncio.run(fresh.deliver(item("k2"))).skipped
+    assert len(flushed) == 2
+    assert [r["key"] for r in read_jsonl(tracker.file_for("p", "r"))] == ["k1", "k2"]

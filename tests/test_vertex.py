@@ -10,6 +10,7 @@ contract; they cannot prove what Google's servers accept beyond it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +30,7 @@ from router.delivery import (
 )
 from router.manifest import ArtifactKind
 from sinks.base import PermanentError, TransientError
-from sinks.deployers.vertex import VertexEndpointDeployer, VertexEndpointSettings
+from sinks.deployers.vertex import VertexEndpointDeployer, VertexEndpointSettings, endpoint_id
 from sinks.gcp import SCOPE, VertexApiError
 from sinks.registries.vertex import (
     KEY_LABEL,
@@ -161,6 +162,22 @@ async def test_the_fake_refuses_what_the_real_api_refuses(
         async with http.get(f"{parent}/models/nope", headers=auth) as resp:
             assert resp.status == 404
             assert (await resp.json())["error"]["status"] == "NOT_FOUND"
+        body = {"displayName": "x"}
+        for bad in ("1x", "x-", "Prod", "0123", "x" * 64):
+            async with http.post(
+                f"{parent}/endpoints", params={"endpointId": bad}, json=body, headers=auth
+            ) as resp:
+                assert resp.status == 400, bad
+        statuses = []
+        for _ in range(2):  # the same id twice: 409, even while the first is being made
+            async with http.post(
+                f"{parent}/endpoints", params={"endpointId": "x-1"}, json=body, headers=auth
+            ) as resp:
+                statuses.append(resp.status)
+        assert statuses == [200, 409]
+        async with http.get(f"{parent}/endpoints/x-1/operations", headers=auth) as resp:
+            [operation] = (await resp.json())["operations"]
+            assert operation["name"].startswith(f"{vertex_fake.parent}/endpoints/x-1/operations/")
 
 
 # -- registry -----------------------------------------------------------------------------
@@ -235,6 +252,54 @@ async def test_an_operation_still_running_is_resumed_not_repeated(tmp_path: Path
         await fake.stop()
 
 
+@pytest.mark.parametrize(
+    ("cut_off", "model_exists"),
+    [("crash", True), ("crash", False), ("lost_answer", True)],
+)
+async def test_a_register_replay_waits_for_the_upload_it_lost_track_of(
+    cut_off: str, model_exists: bool
+) -> None:
+    """The first attempt's upload keeps running on Vertex while the sink forgets it: a
+    crash (the daemon gave up waiting, then died: a fresh sink replays) or a 503 after
+    Vertex accepted the upload.  listVersions does not show a version being uploaded,
+    so a replay that only looked there uploaded a second version for one key."""
+    fake = VertexRecordedContractFake(operation_polls=1)
+    await fake.start()
+    try:
+        if model_exists:
+            await _register(fake, _register_item("fraud_detector", "ev-1"))
+        item = _register_item("fraud_detector", "ev-2")
+        uploads = fake.count("models.upload")
+        fake.operation_polls = 1000  # a slow upload
+        first = _registry(fake, operation_timeout=0.05)
+        if cut_off == "crash":
+            with pytest.raises(TransientError, match="still running"):
+                await first.deliver(item)
+            await first.close()  # the daemon dies, and what it remembered with it
+            first = _registry(fake)
+        else:
+            fake.fail("models.upload", 503, after=True)
+            with pytest.raises(TransientError, match="503"):
+                await first.deliver(item)
+        fake.advance_operations(3)  # Vertex goes on with the upload meanwhile
+        fake.operation_polls = 1
+        try:
+            result = await first.deliver(item)  # the replay / retry
+        finally:
+            await first.close()
+        fake.advance_operations(0)  # anything still running ends now
+        label = key_label(item.key)
+        versions = fake.state.models["fraud_detector"]
+        same_key = [v["versionId"] for v in versions if v["labels"][KEY_LABEL] == label]
+        assert same_key == [result.details["version_id"]]
+        assert result.skipped and fake.count("models.upload") == uploads + 1
+        listing = [c for c in fake.calls if c.call == "models.operations.list"][-1]
+        assert listing.path == f"v1/{fake.parent}/models/fraud_detector/operations"
+        assert "filter" not in listing.query
+    finally:
+        await fake.stop()
+
+
 async def test_register_needs_a_gcs_location_and_an_image(
     vertex_fake: VertexRecordedContractFake,
 ) -> None:
@@ -303,6 +368,121 @@ async def test_deploy_creates_or_reuses_the_endpoint_and_moves_all_traffic(
         (model_name, "1"),
         (model_name, "2"),
     ]
+
+
+async def test_a_deploy_replay_waits_for_the_deployment_a_crash_cut_off() -> None:
+    """deployedModels does not list a deployment in progress: a replay that only looked
+    there deployed the same version a second time."""
+    fake = VertexRecordedContractFake(operation_polls=1)
+    await fake.start()
+    try:
+        v1 = await _register(fake, _register_item("clf", "ev-1"))
+        v2 = await _register(fake, _register_item("clf", "ev-2"))
+        params = {"endpoint_name": "prod"}
+        setup = _deployer(fake)
+        try:
+            await setup.deliver(_item(Action.DEPLOY, "clf", "ev-1", params=params, upstream=v1))
+        finally:
+            await setup.close()
+        item = _item(Action.DEPLOY, "clf", "ev-2", params=params, upstream=v2)
+        fake.operation_polls = 1000  # a slow deployment
+        crashed = _deployer(fake, operation_timeout=0.05)
+        with pytest.raises(TransientError, match="still running"):
+            await crashed.deliver(item)
+        await crashed.close()  # the daemon dies
+        fake.advance_operations(3)
+        fake.operation_polls = 1
+        replay = _deployer(fake)
+        try:
+            result = await replay.deliver(item)
+        finally:
+            await replay.close()
+        fake.advance_operations(0)
+        [endpoint] = fake.state.endpoints.values()
+        assert [d["modelVersionId"] for d in endpoint["deployedModels"]] == ["1", "2"]
+        assert result.skipped and fake.count("endpoints.deployModel") == 2
+        assert result.details["deployed_model_id"] == endpoint["deployedModels"][1]["id"]
+        assert result.details["traffic_split"] == {result.details["deployed_model_id"]: 100}
+    finally:
+        await fake.stop()
+
+
+@pytest.mark.parametrize("cut_off", ["crash", "lost_answer"])
+async def test_an_endpoint_create_cut_off_is_found_by_its_id_not_made_twice(
+    cut_off: str,
+) -> None:
+    """endpoints.list does not show an endpoint being created: a replay that only
+    looked there made a second endpoint with the same display name."""
+    fake = VertexRecordedContractFake(operation_polls=1)
+    await fake.start()
+    try:
+        registered = await _register(fake, _register_item("clf", "ev-1"))
+        item = _item(
+            Action.DEPLOY, "clf", "ev-1", params={"endpoint_name": "Fraud Prod"},
+            upstream=registered,
+        )
+        fake.operation_polls = 1000  # a slow create
+        first = _deployer(fake, operation_timeout=0.05)
+        if cut_off == "crash":
+            with pytest.raises(TransientError, match="still running"):
+                await first.deliver(item)
+            await first.close()
+            first = _deployer(fake)
+        else:
+            fake.fail("endpoints.create", 503, after=True)
+            with pytest.raises(TransientError, match="503"):
+                await first.deliver(item)
+        fake.advance_operations(3)
+        fake.operation_polls = 1
+        try:
+            result = await first.deliver(item)
+        finally:
+            await first.close()
+        fake.advance_operations(0)
+        ident = endpoint_id("Fraud Prod")
+        endpoints = fake.state.endpoints.values()
+        named = [e["name"] for e in endpoints if e["displayName"] == "Fraud Prod"]
+        assert named == [f"{fake.parent}/endpoints/{ident}"]
+        assert fake.count("endpoints.create") == 1
+        create = next(c for c in fake.calls if c.call == "endpoints.create")
+        assert create.query == {"endpointId": ident}
+        assert result.details["endpoint_resource_name"] == named[0]
+        assert fake.count("endpoints.deployModel") == 1
+    finally:
+        await fake.stop()
+
+
+async def test_a_taken_endpoint_id_is_retried_and_a_renamed_endpoint_is_refused(
+    vertex_fake: VertexRecordedContractFake,
+) -> None:
+    registered = await _register(vertex_fake, _register_item("clf", "ev-1"))
+    item = _item(Action.DEPLOY, "clf", "ev-1", params={"endpoint_name": "prod"},
+                 upstream=registered)
+    deployer = _deployer(vertex_fake)
+    try:
+        # 409 ALREADY_EXISTS with nothing there yet: another create is under way
+        vertex_fake.fail("endpoints.create", 409, message="Endpoint already exists")
+        with pytest.raises(TransientError, match="being created by another request"):
+            await deployer.deliver(item)
+        result = await deployer.deliver(item)  # the retry
+        name = result.details["endpoint_resource_name"]
+        vertex_fake.state.endpoints[name.rsplit("/", 1)[-1]]["displayName"] = "renamed"
+        with pytest.raises(PermanentError, match="is now named 'renamed'"):
+            await deployer.deliver(item)
+    finally:
+        await deployer.close()
+    assert len(vertex_fake.state.endpoints) == 1
+
+
+def test_endpoint_ids_keep_to_the_documented_rule() -> None:
+    """endpointId: a letter first, [a-z0-9-], at most 63, a letter or digit last."""
+    rule = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
+    names = ["prod", "Fraud Prod", "fraud-prod", "1st", "", "--", "Modèle ü", "x" * 128]
+    ids = [endpoint_id(n) for n in names]
+    assert all(rule.fullmatch(i) for i in ids), ids
+    assert len(set(ids)) == len(ids)  # names that read alike stay apart
+    assert endpoint_id("Fraud Prod") == endpoint_id("Fraud Prod")
+    assert endpoint_id("Fraud Prod").startswith("fraud-prod-")
 
 
 async def test_vertex_endpoints_is_the_same_deployer_and_the_artifact_names_the_endpoint(

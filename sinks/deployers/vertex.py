@@ -6,10 +6,15 @@ documented REST API (`sinks.gcp`):
 1. the endpoint is the one whose display name is the rule's `endpoint_name`, else
    the `endpoint_name` setting, else the artifact name: `endpoints.list` with the
    filter `display_name="<name>"` reuses it, `endpoints.create` (a long-running
-   operation) makes it when there is none;
-2. when the endpoint already has a deployed model of this model version, the deploy
-   is done: a replay is a no-op (`skipped`), and traffic a person moved since is
-   left alone;
+   operation) makes it when there is none, with an `endpointId` derived from the
+   display name (`endpoint_id`): a create cut off by a crash is found again by that
+   id (after waiting for its operation), and a second create of it answers 409
+   ALREADY_EXISTS instead of making a second endpoint of the same name;
+2. the endpoint's operations still running (`endpoints.operations.list`) are waited
+   for: deployedModels does not list a deployment in progress, such as one a crash
+   cut off. When the endpoint then has a deployed model of this model version, the
+   deploy is done: a replay is a no-op (`skipped`), and traffic a person moved since
+   is left alone;
 3. otherwise `endpoints.deployModel` deploys `<model>@<version>` on dedicated
    resources (`machine_type`, `min_replica_count`..`max_replica_count`) with the
    traffic split `{"0": 100}`: all traffic goes to the newly deployed model ("0"
@@ -18,19 +23,23 @@ documented REST API (`sinks.gcp`):
 
 Long-running operations are polled with `operations.get`; one still running when a
 delivery gives up is remembered, and the retry resumes waiting for it instead of
-deploying twice. Deliveries to the same endpoint are serialized in the sink.
+deploying twice (after a restart, steps 1 and 2 find it on Vertex). Deliveries to the
+same endpoint are serialized in the sink.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
 
 from pydantic import Field, model_validator
 
 from router.delivery import Action
-from sinks.base import BaseSink, DeliveryItem, DeliveryResult, PermanentError
+from sinks.base import BaseSink, DeliveryItem, DeliveryResult, PermanentError, TransientError
 from sinks.gcp import (
     KeyedLocks,
+    VertexApiError,
     VertexRest,
     VertexSettings,
     filter_string,
@@ -40,9 +49,10 @@ from sinks.gcp import (
 )
 from sinks.mlflow_rest import LruCache
 
-__all__ = ["VertexEndpointDeployer", "VertexEndpointSettings"]
+__all__ = ["VertexEndpointDeployer", "VertexEndpointSettings", "endpoint_id"]
 
 MAX_DISPLAY_NAME = 128
+_ENDPOINT_ID_BAD = re.compile(r"[^a-z0-9]+")
 
 
 class VertexEndpointSettings(VertexSettings):
@@ -58,6 +68,20 @@ class VertexEndpointSettings(VertexSettings):
         if self.max_replica_count is not None and self.max_replica_count < self.min_replica_count:
             raise ValueError("max_replica_count must be at least min_replica_count")
         return self
+
+
+def endpoint_id(display: str) -> str:
+    """The endpointId of the endpoint named `display`, the same on every replay.
+
+    Vertex's rule for ids that start with a letter: `[a-z0-9-]`, at most 63
+    characters, a letter or digit last.  8 hex digits of the name's sha256 keep names
+    that read alike ("Fraud Prod", "fraud-prod") apart.
+    """
+    slug = _ENDPOINT_ID_BAD.sub("-", display.lower()).strip("-")
+    if not slug[:1].isalpha():
+        slug = f"ep-{slug}".rstrip("-")
+    digest = hashlib.sha256(display.encode()).hexdigest()[:8]
+    return f"{slug[:54].rstrip('-')}-{digest}"
 
 
 def _same_version(deployed: dict[str, Any], model: str, version: str) -> bool:
@@ -100,6 +124,10 @@ class VertexEndpointDeployer(BaseSink):
         async with self._locks(f"{parent}/{display}"):
             endpoint, created = await self._endpoint(parent, display)
             name = str(endpoint["name"])
+            if self._pending.get(item.key) is None and await self.api.wait_unfinished(
+                name, f"endpoints.deployModel on {display}"
+            ):  # a deployment in progress (ours, cut off?) is not in deployedModels yet
+                endpoint = await self.api.request("GET", name, f"endpoints.get {display}")
             previous = dict(endpoint.get("trafficSplit") or {})
             already = [
                 d for d in endpoint.get("deployedModels") or [] if _same_version(d, model, version)
@@ -132,18 +160,35 @@ class VertexEndpointDeployer(BaseSink):
         if found is not None:
             self._pending.pop(pending_key)
             return found, False
+        ident = endpoint_id(display)
         operation = self._pending.get(pending_key)
         if operation is None:
-            operation = await self.api.request(
-                "POST",
-                f"{parent}/endpoints",
-                f"endpoints.create {display}",
-                body={
-                    "displayName": display,
-                    "description": "managed by artifact-router",
-                    "labels": {"managed_by": "artifact-router"},
-                },
-            )
+            # A create cut off by a crash (or whose answer was lost) made this id.
+            existing = await self._by_id(parent, ident, display)
+            if existing is not None:
+                return existing, False
+            try:
+                operation = await self.api.request(
+                    "POST",
+                    f"{parent}/endpoints",
+                    f"endpoints.create {display}",
+                    params={"endpointId": ident},
+                    body={
+                        "displayName": display,
+                        "description": "managed by artifact-router",
+                        "labels": {"managed_by": "artifact-router"},
+                    },
+                )
+            except VertexApiError as exc:
+                if exc.status != 409:
+                    raise
+                existing = await self._by_id(parent, ident, display)  # a racing create
+                if existing is not None:
+                    return existing, False
+                raise TransientError(
+                    f"{exc}; endpoint {ident} is being created by another request, the "
+                    "retry waits for it"
+                ) from exc
             self._pending.put(pending_key, operation)
         try:
             response = await self.api.wait(operation, f"endpoints.create {display}")
@@ -157,6 +202,19 @@ class VertexEndpointDeployer(BaseSink):
             raise PermanentError(f"Vertex AI endpoints.create {display} returned no endpoint name")
         endpoint = await self.api.request("GET", str(name), f"endpoints.get {display}")
         return endpoint, True
+
+    async def _by_id(self, parent: str, ident: str, display: str) -> dict[str, Any] | None:
+        """The endpoint `ident` once its operations are done; None if it does not exist."""
+        name = f"{parent}/endpoints/{ident}"
+        await self.api.wait_unfinished(name, f"endpoints.create {display}")
+        endpoint = await self.api.get_or_none(name, f"endpoints.get {display}")
+        if endpoint is not None and endpoint.get("displayName") != display:
+            raise PermanentError(
+                f"Vertex AI endpoint {ident}, which artifact-router creates for endpoints "
+                f"named {display!r}, is now named {endpoint.get('displayName')!r}; name it "
+                f"{display!r} again or delete it"
+            )
+        return endpoint
 
     async def _find_endpoint(self, parent: str, display: str) -> dict[str, Any] | None:
         params = {"filter": f"display_name={filter_string(display)}", "pageSize": "100"}

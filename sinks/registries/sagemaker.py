@@ -7,8 +7,8 @@ Registering a model artifact (aiobotocore, the SageMaker API):
    it is created when `DescribeModelPackageGroup` says it does not exist (a racing
    creator's "already exists" counts as success);
 2. the group's packages are listed (`ListModelPackages`, newest first) looking for
-   one whose description ends with `router.delivery_key=<key>`: a replay finds the
-   version it created before and creates nothing (`skipped`);
+   one whose description ends with `router.delivery_key=<key>`, that exact key: a
+   replay finds the version it created before and creates nothing (`skipped`);
 3. otherwise `CreateModelPackage` makes the next version, in one request with
    everything a version must never lack: the delivery key (in the description, which
    SageMaker never changes afterwards, and as the customer metadata property
@@ -253,7 +253,7 @@ class SageMakerRegistry(BaseSink):
     async def _find(self, group: str, token: str) -> dict[str, Any] | None:
         """The version of `group` created for this delivery key, if any."""
         client = await self.api.client()
-        suffix = f"{DESCRIPTION_MARK}{token}"
+        mark = f" | {DESCRIPTION_MARK}"
         kwargs: dict[str, Any] = {
             "ModelPackageGroupName": group,
             "SortBy": "CreationTime",
@@ -265,7 +265,11 @@ class SageMakerRegistry(BaseSink):
                 "ListModelPackages", f"of group {group!r}", client.list_model_packages(**kwargs)
             )
             for summary in page.get("ModelPackageSummaryList") or []:
-                if str(summary.get("ModelPackageDescription") or "").endswith(suffix):
+                # The token after the last mark, compared whole (tokens hold no space):
+                # a suffix match took key "xrouter.delivery_key=ev-1" for "ev-1".
+                description = str(summary.get("ModelPackageDescription") or "")
+                _, found, tail = description.rpartition(mark)
+                if found and tail == token:
                     return dict(summary)
             token_next = page.get("NextToken")
             if not token_next:

@@ -18,7 +18,10 @@ Registering a model artifact, over the documented REST API (`sinks.gcp`):
 4. the upload is a long-running operation, polled with `operations.get` until done;
    its response names the model and the new `modelVersionId`. An operation still
    running when a delivery gives up is remembered, and the retry waits for it
-   rather than uploading a second version.
+   rather than uploading a second version. Before step 2 the model's operations
+   still running (`models.operations.list`) are waited for too, so a replay after a
+   crash, or after a timeout or 5xx that lost the upload's answer, finds the version
+   that upload makes instead of uploading another.
 
 Vertex AI reads model artifacts from Cloud Storage: route registered models to a
 `gcs` store. Result details (what `vertex_endpoint` reads): `model_resource_name`,
@@ -122,6 +125,9 @@ class VertexModelRegistry(BaseSink):
         async with self._locks(model_name):
             operation = self._pending.get(item.key)
             if operation is None:
+                # An upload cut off by a crash (or whose answer a timeout or 5xx lost) is
+                # known only to Vertex, and listVersions shows it only once done: wait.
+                await self.api.wait_unfinished(model_name, f"models.upload {model_id}")
                 exists = await self.api.get_or_none(model_name, f"models.get {model_id}")
                 if exists is not None:
                     found = await self._find_version(model_name, label)

@@ -47,6 +47,7 @@ from sinks.base import (
     StoredObject,
     TransientError,
 )
+from sinks.stores.claims import KeyClaims
 from sinks.stores.files import (
     HASH_CHUNK,
     BufferReader,
@@ -57,6 +58,7 @@ from sinks.stores.files import (
     read_into,
 )
 from sinks.stores.local import versioned_key
+from sinks.urls import reject_userinfo, without_userinfo
 
 __all__ = ["GCSStore", "GCSStoreSettings"]
 
@@ -100,12 +102,25 @@ class GCSStoreSettings(SinkSettings):
             raise ValueError("prefix may not contain '..' segments")
         return "/".join(segments)
 
+    @field_validator("api_root")
+    @classmethod
+    def _no_userinfo(cls, value: str | None) -> str | None:
+        return reject_userinfo(
+            value, "api_root",
+            "remove it from the URL: GCS credentials go in service_file (or "
+            "GOOGLE_APPLICATION_CREDENTIALS)",
+        )
+
     @field_validator("chunk_size")
     @classmethod
     def _chunk_unit(cls, value: ByteSize) -> ByteSize:
         if value % CHUNK_UNIT:
             raise ValueError("chunk_size must be a multiple of 256 KiB (262144 bytes)")
         return value
+
+
+class _ObjectExists(PermanentError):
+    """An upload with ifGenerationMatch=0 found the key taken (412): look at it."""
 
 
 @dataclass
@@ -133,8 +148,10 @@ class GCSStore(BaseSink):
         self._http: aiohttp.ClientSession | None = None
         self._is_dev = False
         self._api_root = ""
+        self._shown_root = ""
         self._lock = asyncio.Lock()
         self._sessions: dict[str, _Session] = {}
+        self._claims = KeyClaims()  # one writer per key at a time (see claims.py)
 
     # -- client -------------------------------------------------------------------
 
@@ -172,6 +189,7 @@ class GCSStore(BaseSink):
                         f"gcs sink {self.sink_id}: cannot set up GCS credentials: {exc}"
                     ) from exc
                 self._http, self._is_dev, self._api_root = http, is_dev, api_root.rstrip("/")
+                self._shown_root = without_userinfo(self._api_root)  # for messages
                 self._storage = storage
         return self._storage
 
@@ -243,9 +261,11 @@ class GCSStore(BaseSink):
             )
         if status == 404:
             return PermanentError(
-                f"{action} {uri}: bucket {self.bucket!r} does not exist at {self._api_root} "
+                f"{action} {uri}: bucket {self.bucket!r} does not exist at {self._shown_root} "
                 f"(404: {message}); create it or fix bucket_name"
             )
+        if status == 412:  # only uploads carry a precondition (ifGenerationMatch=0)
+            return _ObjectExists(f"{action} {uri}: another writer created the object first")
         if status in (408, 429) or status >= 500:
             kind = "throttled" if status == 429 else "failed"
             return TransientError(f"{action} {uri} {kind} ({status}: {message})")
@@ -261,9 +281,10 @@ class GCSStore(BaseSink):
             return exc
         if isinstance(exc, aiohttp.ClientResponseError):
             return self._status_error(exc.status, exc.message, action, key)
+        text = without_userinfo(str(exc))
         if isinstance(exc, aiohttp.ClientError | TimeoutError | ConnectionError):
-            return TransientError(f"{action} {self._uri(key)}: {type(exc).__name__}: {exc}")
-        return TransientError(f"{action} {self._uri(key)}: unexpected {type(exc).__name__}: {exc}")
+            return TransientError(f"{action} {self._uri(key)}: {type(exc).__name__}: {text}")
+        return TransientError(f"{action} {self._uri(key)}: unexpected {type(exc).__name__}: {text}")
 
     # -- delivery -----------------------------------------------------------------
 
@@ -321,35 +342,74 @@ class GCSStore(BaseSink):
                 f"{staged.size}); emit a new bundle instead of editing an accepted one"
             )
 
-        existing = await self._metadata(key)
-        if existing is not None:
-            same, description = await self._same_content(key, existing, path, staged.sha256)
-            if same:
-                stored = StoredObject(
-                    file_name=staged.name,
-                    uri=uri,
-                    size=staged.size,
-                    sha256=staged.sha256,
-                    version_id=str(existing.get("generation") or "unchanged"),
-                )
-                return stored, True
-            if on_conflict != "overwrite":
-                raise PermanentError(
-                    f"conflict: {uri} already holds different content ({description}, this "
-                    f"artifact sha256 {staged.sha256}); set on_conflict: overwrite or version "
-                    "on the rule, or add {version} or {run_id} to its path"
-                )
+        async with self._claims.hold(key):
+            existing = await self._metadata(key)
+            if existing is not None:
+                found = await self._look(key, existing, path, staged, on_conflict)
+                if found is not None:
+                    return found, True
+            # A key found free is created only if still free (ifGenerationMatch=0): a
+            # writer in another process may have taken it since the look.
+            guard = existing is None and on_conflict != "overwrite"
+            try:
+                resource = await self._upload(path, key, size, staged.sha256, guard)
+            except _ObjectExists:
+                existing = await self._metadata(key)
+                if existing is None:
+                    raise TransientError(
+                        f"{uri} was created and removed by another writer while this "
+                        "delivery wrote it; retrying"
+                    ) from None
+                found = await self._look(key, existing, path, staged, "fail")
+                assert found is not None  # "fail": a different object raised a conflict
+                return found, True
+        stored = StoredObject(
+            file_name=staged.name,
+            uri=uri,
+            size=size,
+            sha256=staged.sha256,
+            version_id=str(resource["generation"]) if resource.get("generation") else None,
+        )
+        return stored, False
 
+    async def _look(
+        self, key: str, existing: dict[str, Any], path: Path, staged: StagedFile,
+        on_conflict: str,
+    ) -> StoredObject | None:
+        """The stored object if `existing` already holds this file, None if it is to be
+        replaced (overwrite); a conflict is a PermanentError."""
+        uri = self._uri(key)
+        same, description = await self._same_content(key, existing, path, staged.sha256)
+        if same:
+            return StoredObject(
+                file_name=staged.name,
+                uri=uri,
+                size=staged.size,
+                sha256=staged.sha256,
+                version_id=str(existing.get("generation") or "unchanged"),
+            )
+        if on_conflict != "overwrite":
+            raise PermanentError(
+                f"conflict: {uri} already holds different content ({description}, this "
+                f"artifact sha256 {staged.sha256}); set on_conflict: overwrite or version "
+                "on the rule, or add {version} or {run_id} to its path"
+            )
+        return None
+
+    async def _upload(
+        self, path: Path, key: str, size: int, sha256: str, if_absent: bool
+    ) -> dict[str, Any]:
+        """Upload and verify the file; with `if_absent`, _ObjectExists if the key is taken."""
         try:
             digests = await asyncio.to_thread(hash_file, path)
-            if digests.sha256 != staged.sha256 or digests.size != size:
+            if digests.sha256 != sha256 or digests.size != size:
                 raise FileChanged(
-                    f"sha256 now {digests.sha256[:12]}..., journaled {staged.sha256[:12]}..."
+                    f"sha256 now {digests.sha256[:12]}..., journaled {sha256[:12]}..."
                 )
             if size >= self.settings.resumable_threshold:
-                resource = await self._upload_resumable(path, key, digests)
+                resource = await self._upload_resumable(path, key, digests, if_absent)
             else:
-                resource = await self._upload_simple(path, key, digests)
+                resource = await self._upload_simple(path, key, digests, if_absent)
         except FileChanged as exc:
             self._forget_session(key)
             raise PermanentError(
@@ -359,14 +419,7 @@ class GCSStore(BaseSink):
         except OSError as exc:  # the local file (network errors are mapped before this)
             raise TransientError(f"cannot read {path}: {exc}") from exc
         await self._verify(key, resource, digests)
-        stored = StoredObject(
-            file_name=staged.name,
-            uri=uri,
-            size=size,
-            sha256=staged.sha256,
-            version_id=str(resource["generation"]) if resource.get("generation") else None,
-        )
-        return stored, False
+        return resource
 
     async def _metadata(self, key: str) -> dict[str, Any] | None:
         try:
@@ -421,7 +474,9 @@ class GCSStore(BaseSink):
             "metadata": {"sha256": digests.sha256},
         }
 
-    async def _upload_simple(self, path: Path, key: str, digests: FileDigests) -> dict[str, Any]:
+    async def _upload_simple(
+        self, path: Path, key: str, digests: FileDigests, if_absent: bool = False
+    ) -> dict[str, Any]:
         resource = self._resource(key, digests)
         fh = await asyncio.to_thread(open, path, "rb")
         try:
@@ -431,6 +486,7 @@ class GCSStore(BaseSink):
                 fh,
                 content_type=resource.pop("contentType"),
                 metadata=resource,
+                parameters={"ifGenerationMatch": "0"} if if_absent else None,
                 headers=await self._auth_headers(),
                 force_resumable_upload=False,
                 timeout=int(self.settings.timeout),
@@ -468,7 +524,9 @@ class GCSStore(BaseSink):
             message = json.loads(message)["error"]["message"]
         raise self._status_error(status, message, action, key)
 
-    async def _upload_resumable(self, path: Path, key: str, digests: FileDigests) -> dict[str, Any]:
+    async def _upload_resumable(
+        self, path: Path, key: str, digests: FileDigests, if_absent: bool = False
+    ) -> dict[str, Any]:
         session = self._sessions.get(key)
         offset = 0
         if session is not None and (session.sha256, session.size) == (
@@ -486,7 +544,7 @@ class GCSStore(BaseSink):
         else:
             session = None
         if session is None:
-            session = await self._start_session(key, digests)
+            session = await self._start_session(key, digests, if_absent)
             while len(self._sessions) >= _MAX_SESSIONS:  # forget the oldest unfinished one
                 self._sessions.pop(next(iter(self._sessions)))
             self._sessions[key] = session
@@ -501,14 +559,16 @@ class GCSStore(BaseSink):
         finally:
             os.close(fd)
 
-    async def _start_session(self, key: str, digests: FileDigests) -> _Session:
+    async def _start_session(self, key: str, digests: FileDigests, if_absent: bool) -> _Session:
         resource = self._resource(key, digests)
         status, headers, body = await self._request(
             "POST",
             f"{self._api_root}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o",
             "start resumable upload of",
             key,
-            params={"uploadType": "resumable", "name": key},
+            params={"uploadType": "resumable", "name": key,
+                    # GCS checks it when the session starts and when the upload completes.
+                    **({"ifGenerationMatch": "0"} if if_absent else {})},
             data=json.dumps(resource).encode("utf-8"),
             headers={
                 "Content-Type": "application/json; charset=UTF-8",

@@ -5,6 +5,11 @@ made durable, then renamed into place, so a reader never sees half a file and a
 SIGKILL leaves at worst a temp file that a later attempt removes.  Deliveries come in
 batches (`max_batch`): one thread hop per batch, and on Linux one `syncfs` before the
 renames and one after instead of two fsyncs per file.
+
+Unless the rule says `on_conflict: overwrite`, a file is put in place with a hard link
+(`link(2)` fails if the name exists) rather than a rename (which replaces it): the
+check for a taken key happens again, atomically, at the moment of placing, so two
+deliveries racing for one key (two batches at once, two daemons) never both win.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import errno
 import hashlib
 import os
 import stat
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,6 +46,8 @@ TMP_DIR = ".router-tmp"  # in-progress copies; reserved: no key may start with i
 # A full disk or a read-only mount can be fixed by an operator: keep retrying.
 _TRANSIENT_ERRNOS = {errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EPERM, errno.EIO}
 _CLEAN_EVERY = 600.0  # seconds between sweeps of stale temp files
+# link(2) refused because the file system has no hard links (some FUSE, SMB, FAT mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
 
 
 class LocalStoreSettings(SinkSettings):
@@ -63,6 +71,14 @@ def versioned_key(key: str, version: str) -> str:
     return f"{head}/{named}" if head else named
 
 
+def _conflict(dest: Path, existing: str, sha256: str) -> PermanentError:
+    return PermanentError(
+        f"conflict: {dest} already holds different content (sha256 {existing[:12]}..., "
+        f"this artifact {sha256[:12]}...); set on_conflict: overwrite or version on the "
+        "rule, or add {version} or {run_id} to its path"
+    )
+
+
 def _os_error(root: Path, exc: OSError) -> Exception:
     if exc.errno in _TRANSIENT_ERRNOS:
         return TransientError(f"{root}: {exc.strerror} ({exc.filename})")
@@ -71,11 +87,12 @@ def _os_error(root: Path, exc: OSError) -> Exception:
 
 @dataclass
 class _Pending:
-    """One item of a batch: its objects, and the temp files still to rename into place."""
+    """One item of a batch: its objects, and the temp files still to put in place (with
+    the index of their object)."""
 
     item: DeliveryItem
     objects: list[StoredObject] = field(default_factory=list)
-    renames: list[tuple[Path, Path]] = field(default_factory=list)
+    renames: list[tuple[Path, Path, int]] = field(default_factory=list)
     error: Exception | None = None
 
 
@@ -91,6 +108,8 @@ class LocalStore(BaseBatchSink):
         super().__init__(sink_id, settings)
         self.root = settings.path.expanduser().resolve()
         self._cleaned_at = -_CLEAN_EVERY
+        # Check-then-rename where hard links are missing; batches run in worker threads.
+        self._place_lock = threading.Lock()
 
     def _path_for(self, key: str) -> Path:
         parts = key.split("/")
@@ -146,7 +165,7 @@ class LocalStore(BaseBatchSink):
                     pending.error = _os_error(self.root, exc)
         finally:
             for pending in batch:
-                for tmp, _ in pending.renames:
+                for tmp, _, _ in pending.renames:
                     tmp.unlink(missing_ok=True)
         return [p.error or self._result(p) for p in batch]
 
@@ -189,14 +208,10 @@ class LocalStore(BaseBatchSink):
                         or (file_sha256(dest) if dest.exists() else None))
             unchanged = existing == staged.sha256
             if existing is not None and not unchanged and on_conflict != "overwrite":
-                raise PermanentError(
-                    f"conflict: {dest} already holds different content (sha256 "
-                    f"{existing[:12]}..., this artifact {staged.sha256[:12]}...); set "
-                    "on_conflict: overwrite or version on the rule, or add {version} "
-                    "or {run_id} to its path"
-                )
+                raise _conflict(dest, existing, staged.sha256)
             if not unchanged:
-                pending.renames.append((self._copy(staged.path, dest, staged.sha256), dest))
+                tmp = self._copy(staged.path, dest, staged.sha256)
+                pending.renames.append((tmp, dest, len(pending.objects)))
                 mine[dest] = staged.sha256
             pending.objects.append(
                 StoredObject(
@@ -254,11 +269,43 @@ class LocalStore(BaseBatchSink):
         self._flush()
         parents = set()
         for pending in ready:
-            for tmp, dest in pending.renames:
-                os.replace(tmp, dest)
-                parents.add(dest.parent)
+            exclusive = pending.item.params.get("on_conflict", "fail") != "overwrite"
+            try:
+                for tmp, dest, index in pending.renames:
+                    parents.add(dest.parent)
+                    if exclusive:
+                        self._place_new(tmp, dest, pending.objects, index)
+                    else:
+                        os.replace(tmp, dest)
+            except PermanentError as exc:
+                # A conflict: this item alone fails; _deliver_batch removes its temp files.
+                pending.error = exc
+                continue
             pending.renames.clear()
         self._flush(parents)
+
+    def _place_new(self, tmp: Path, dest: Path, objects: list[StoredObject], index: int) -> None:
+        """Put `tmp` at `dest` unless something is there already (checked atomically by
+        link(2), which refuses an existing name); same content there is a no-op."""
+        try:
+            try:
+                os.link(tmp, dest)
+                return
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                with self._place_lock:  # the same check, atomic within this process
+                    if not os.path.lexists(dest):
+                        os.replace(tmp, dest)
+                        return
+            existing = file_sha256(dest)
+            if existing != objects[index].sha256:
+                raise _conflict(dest, existing, objects[index].sha256)
+            objects[index] = objects[index].model_copy(update={"version_id": "unchanged"})
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _flush(self, directories: set[Path] | None = None) -> None:
         if not self.settings.fsync:

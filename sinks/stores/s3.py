@@ -21,7 +21,9 @@ Deliveries come in batches (`max_batch`). Where the server does not honour
 `If-None-Match` (rclone), the conflict check needs to know whether each key is taken:
 a `ListObjectsV2` over the batch's key range (usually one) answers that for the whole
 batch, and only keys found taken get a `HEAD` (to read their sha256). Each item still
-uploads, succeeds and fails on its own.
+uploads, succeeds and fails on its own. Two deliveries of one key in this process (one
+batch or two) never both take it as free: each file is written under the key's claim
+(claims.py), and a listing vouches only for keys nobody here wrote since it began.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import math
 import os
 import re
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Literal, TypeVar
 
@@ -55,6 +58,7 @@ from sinks.base import (
     StoredObject,
     TransientError,
 )
+from sinks.stores.claims import KeyClaims
 from sinks.stores.files import (
     HASH_CHUNK,
     BufferReader,
@@ -65,6 +69,7 @@ from sinks.stores.files import (
     read_small,
 )
 from sinks.stores.local import versioned_key
+from sinks.urls import reject_userinfo, without_userinfo
 
 __all__ = ["S3Store", "S3StoreSettings", "content_md5"]
 
@@ -86,6 +91,8 @@ LIST_PAGE_KEYS = 100  # keys per listing: parsing a page costs about what a HEAD
 _UNSUPPORTED_CODES = {"NotImplemented", "Unimplemented", "MethodNotAllowed", "501", "405"}
 _MD5_ETAG = re.compile(r"[0-9a-f]{32}")
 _MULTIPART_ETAG = re.compile(r"([0-9a-f]{32})-(\d+)")
+# AWS says RequestTimeTooSkewed (403); rclone and some others AccessDenied with this text.
+_CLOCK_SKEW = re.compile(r"difference between the request time and", re.IGNORECASE)
 
 
 class S3StoreSettings(SinkSettings):
@@ -132,6 +139,15 @@ class S3StoreSettings(SinkSettings):
             raise ValueError("prefix may not contain '..' segments")
         return "/".join(segments)
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_userinfo(cls, value: str | None) -> str | None:
+        return reject_userinfo(
+            value, "endpoint_url",
+            "remove it from the URL: S3 credentials go in aws_access_key_id and "
+            "aws_secret_access_key (or the standard AWS credential chain)",
+        )
+
     @model_validator(mode="after")
     def _consistent(self) -> S3StoreSettings:
         if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
@@ -175,6 +191,17 @@ class _ObjectExists(Exception):
     """A conditional put found the key taken: look at what is there."""
 
 
+@dataclass(eq=False)
+class _Listing:
+    """A batch's listing: keys it found free, less those written since it began."""
+
+    free: set[str] = field(default_factory=set)
+    written: set[str] = field(default_factory=set)
+
+    def vouches(self, key: str) -> bool:
+        return key in self.free and key not in self.written
+
+
 class S3Store(BaseBatchSink):
     Settings = S3StoreSettings
     settings: S3StoreSettings
@@ -195,6 +222,7 @@ class S3Store(BaseBatchSink):
             settings.conditional_writes
         )
         self._probe_lock = asyncio.Lock()
+        self._claims = KeyClaims()  # one writer per key at a time (see claims.py)
 
     # -- client -------------------------------------------------------------------
 
@@ -243,7 +271,7 @@ class S3Store(BaseBatchSink):
                 except Exception as exc:  # bad region / endpoint: nothing a retry fixes
                     raise PermanentError(
                         f"s3 sink {self.sink_id}: cannot create an S3 client for bucket "
-                        f"{self.bucket!r}: {exc}"
+                        f"{self.bucket!r}: {without_userinfo(str(exc))}"
                     ) from exc
         return self._client
 
@@ -270,7 +298,9 @@ class S3Store(BaseBatchSink):
         return f"s3://{self.bucket}/{key}" if key else f"s3://{self.bucket}"
 
     def _where(self) -> str:
-        return self.settings.endpoint_url or (
+        if self.settings.endpoint_url:
+            return without_userinfo(self.settings.endpoint_url)
+        return (
             f"AWS region {self.settings.region}" if self.settings.region else "AWS"
         )
 
@@ -297,10 +327,12 @@ class S3Store(BaseBatchSink):
                     f"{action} {uri}: the secret key does not match the access key id "
                     "(SignatureDoesNotMatch); check aws_secret_access_key"
                 )
-            if code in ("AccessDenied", "AllAccessDisabled", "403") or status == 403:
-                return PermanentError(
-                    f"{action} {uri}: access denied ({detail}); the credentials are wrong or "
-                    f"lack permission for {action} on bucket {self.bucket!r}"
+            if code == "RequestTimeTooSkewed" or _CLOCK_SKEW.search(message):
+                # Before the 403 rule: AWS sends it as a 403, yet NTP (or an operator)
+                # fixes the clock, and then the retry goes through.
+                return TransientError(
+                    f"{action} {uri}: this host's clock is too far from the server's "
+                    f"({detail}); check the clock (NTP); retrying"
                 )
             if code == "NoSuchUpload":
                 return TransientError(
@@ -314,8 +346,14 @@ class S3Store(BaseBatchSink):
                     f"({detail})"
                 )
             if code in TRANSIENT_CODES or status == 429 or (status or 0) >= 500:
+                # Codes first: some retryable ones come with a 403 status.
                 kind = "throttled" if code in THROTTLING or status == 429 else "failed"
                 return TransientError(f"{action} {uri} {kind} ({detail})")
+            if code in ("AccessDenied", "AllAccessDisabled", "403") or status == 403:
+                return PermanentError(
+                    f"{action} {uri}: access denied ({detail}); the credentials are wrong or "
+                    f"lack permission for {action} on bucket {self.bucket!r}"
+                )
             if code in ("InvalidBucketName",):
                 return PermanentError(f"{action} {uri}: invalid bucket name ({detail})")
             return PermanentError(f"{action} {uri} failed ({detail})")
@@ -379,15 +417,20 @@ class S3Store(BaseBatchSink):
             if not await self._puts_first(
                 client, item.params.get("on_conflict", "fail"), item.attempt > 1, staged.size)
         ]
-        free = await self._free_keys(client, looks) if len(looks) >= 3 else set()
-        outcomes = await asyncio.gather(
-            *(
-                self._deliver_item(client, item, files, free)
-                for item, files in zip(items, planned, strict=True)
-                if not isinstance(files, Exception)
-            ),
-            return_exceptions=True,
-        )
+        with self._claims.watch() as written:
+            # Watched from before the listing: a key this sink writes meanwhile (another
+            # item of this batch, another batch) is no longer vouched for as free.
+            listing = _Listing(written=written)
+            if len(looks) >= 3:
+                listing.free = await self._free_keys(client, looks)
+            outcomes = await asyncio.gather(
+                *(
+                    self._deliver_item(client, item, files, listing)
+                    for item, files in zip(items, planned, strict=True)
+                    if not isinstance(files, Exception)
+                ),
+                return_exceptions=True,
+            )
         results = iter(outcomes)
         out: list[DeliveryResult | Exception] = []
         for files in planned:
@@ -413,7 +456,7 @@ class S3Store(BaseBatchSink):
 
     async def _deliver_item(
         self, client: Any, item: DeliveryItem, files: list[tuple[StagedFile, Path, str]],
-        free: set[str],
+        listing: _Listing,
     ) -> DeliveryResult:
         on_conflict = item.params.get("on_conflict", "fail")
         objects: list[StoredObject] = []
@@ -421,7 +464,7 @@ class S3Store(BaseBatchSink):
         for staged, path, key in files:
             stored, same = await self._deliver_file(
                 client, path, staged, key, on_conflict, retrying=item.attempt > 1,
-                free=key in free,
+                listing=listing,
             )
             objects.append(stored)
             if same:
@@ -446,8 +489,9 @@ class S3Store(BaseBatchSink):
         them when it is not truncated). The next listing skips ahead to the first key
         past that, so other objects crowding the range cost a page, not a walk through
         them. After LIST_CALLS listings, or when listing fails, the keys left are not
-        vouched for: their delivery looks with a HEAD, as before. A listing is as much a
-        snapshot as a HEAD: a writer racing us to the PUT is the same race either way.
+        vouched for: their delivery looks with a HEAD, as before. Keys this sink writes
+        while the batch runs drop out of what the listing vouches for (_Listing);
+        writers in other processes race a listing as they race a HEAD.
         """
         if self._cannot_list_objects:
             return set()
@@ -480,9 +524,9 @@ class S3Store(BaseBatchSink):
 
     async def _deliver_file(
         self, client: Any, path: Path, staged: StagedFile, key: str, on_conflict: str,
-        retrying: bool = False, free: bool = False,
+        retrying: bool = False, listing: _Listing | None = None,
     ) -> tuple[StoredObject, bool]:
-        """Upload one file; `free`: a listing just now found no object at the key."""
+        """Upload one file, alone among this sink's writers of `key` (see claims.py)."""
         uri = self._uri(key)
         try:
             size = (await asyncio.to_thread(os.stat, path)).st_size
@@ -498,44 +542,88 @@ class S3Store(BaseBatchSink):
                 f"{staged.size}); emit a new bundle instead of editing an accepted one"
             )
 
-        if await self._puts_first(client, on_conflict, retrying, size):
-            blind = on_conflict == "overwrite" and not retrying
+        async with self._claims.hold(key):
+            # A listing found the key free and nothing wrote it since: no HEAD needed.
+            free = listing is not None and listing.vouches(key)
+            if await self._puts_first(client, on_conflict, retrying, size):
+                blind = on_conflict == "overwrite" and not retrying
+                try:
+                    version_id = await self._upload(client, path, key, size, staged.sha256,
+                                                    if_absent=not blind)
+                except _ObjectExists:
+                    free = False
+                else:
+                    return self._stored(staged, uri, size, version_id), False
+
+            head = None if free else await self._head(client, key)
+            if head is not None:
+                found = await self._look(client, key, head, path, staged, on_conflict,
+                                         retrying)
+                if found is not None:
+                    return found, True
+            # Where the server honours If-None-Match, a key found free stays guarded
+            # against writers in other processes (multipart: on the completion).
+            guard = (head is None and on_conflict != "overwrite"
+                     and await self._conditional_puts(client))
             try:
                 version_id = await self._upload(client, path, key, size, staged.sha256,
-                                                if_absent=not blind)
+                                                if_absent=guard)
             except _ObjectExists:
-                pass
-            else:
-                return self._stored(staged, uri, size, version_id), False
+                head = await self._head(client, key)
+                if head is None:
+                    raise TransientError(
+                        f"{uri} was created and removed by another writer while this "
+                        "delivery wrote it; retrying"
+                    ) from None
+                found = await self._look(client, key, head, path, staged, "fail", False)
+                assert found is not None  # "fail": a different object raised a conflict
+                return found, True
+            return self._stored(staged, uri, size, version_id), False
 
-        head = None if free else await self._head(client, key)
-        if head is not None:
-            same, existing = await self._same_content(client, key, head, path, staged.sha256)
-            if same:
-                version = head.get("VersionId")
-                stored = StoredObject(
-                    file_name=staged.name,
-                    uri=uri,
-                    size=staged.size,
-                    sha256=staged.sha256,
-                    version_id=version if version and version != "null" else "unchanged",
-                )
-                return stored, True
-            torn = retrying and not _router_written(head)
-            if torn:
-                # Our own earlier attempt was cut off, and this server (unlike AWS S3)
-                # left a partial object; ours carry the sha256 metadata, this one doesn't.
-                log.warning("s3 sink %s: replacing a partial object at %s left by an earlier "
-                            "attempt", self.sink_id, uri)
-            elif on_conflict != "overwrite":
-                raise PermanentError(
-                    f"conflict: {uri} already holds different content ({existing}, this "
-                    f"artifact sha256 {staged.sha256}); set on_conflict: overwrite or version "
-                    "on the rule, or add {version} or {run_id} to its path"
-                )
+    async def _look(
+        self, client: Any, key: str, head: dict[str, Any], path: Path, staged: StagedFile,
+        on_conflict: str, retrying: bool,
+    ) -> StoredObject | None:
+        """What to do about the object at `key`: the stored object if it already holds
+        this file, None if it is to be replaced; a conflict is a PermanentError."""
+        uri = self._uri(key)
+        same, existing = await self._same_content(client, key, head, path, staged.sha256)
+        if same:
+            version = head.get("VersionId")
+            return StoredObject(
+                file_name=staged.name,
+                uri=uri,
+                size=staged.size,
+                sha256=staged.sha256,
+                version_id=version if version and version != "null" else "unchanged",
+            )
+        if on_conflict == "overwrite":
+            return None
+        if retrying and await self._own_partial_write(client, key, head, path, staged.size):
+            # Our own earlier attempt was cut off, and this server (unlike AWS S3) left
+            # a partial object: no sha256 metadata, shorter than the file, and its bytes
+            # are the file's first ones. Anything else is someone else's object.
+            log.warning("s3 sink %s: replacing a partial object at %s left by an earlier "
+                        "attempt", self.sink_id, uri)
+            return None
+        raise PermanentError(
+            f"conflict: {uri} already holds different content ({existing}, this "
+            f"artifact sha256 {staged.sha256}); set on_conflict: overwrite or version "
+            "on the rule, or add {version} or {run_id} to its path"
+        )
 
-        version_id = await self._upload(client, path, key, size, staged.sha256)
-        return self._stored(staged, uri, size, version_id), False
+    async def _own_partial_write(
+        self, client: Any, key: str, head: dict[str, Any], path: Path, size: int
+    ) -> bool:
+        """Whether the object could be a cut-off upload of `path`: written without our
+        metadata, shorter than the file, and equal to its first bytes (one ranged GET)."""
+        remote_size = head.get("ContentLength")
+        if _router_written(head) or remote_size is None or not 0 <= remote_size < size:
+            return False
+        if remote_size == 0:
+            return True  # created, then cut off before the first byte
+        remote = await self._remote_sha256(client, key, first_bytes=remote_size)
+        return remote == await asyncio.to_thread(_prefix_sha256, path, remote_size)
 
     async def _upload(
         self, client: Any, path: Path, key: str, size: int, sha256: str, if_absent: bool = False
@@ -544,7 +632,8 @@ class S3Store(BaseBatchSink):
         try:
             if size >= self.settings.multipart_threshold and size > 0:
                 async with self._multipart_slots:
-                    return await self._put_multipart(client, path, key, size, sha256)
+                    return await self._put_multipart(client, path, key, size, sha256,
+                                                     if_absent)
             return await self._put_single(client, path, key, size, sha256, if_absent)
         except FileChanged as exc:
             raise PermanentError(
@@ -662,9 +751,11 @@ class S3Store(BaseBatchSink):
         remote = await self._remote_sha256(client, key)
         return remote == sha256, f"sha256 {remote}"
 
-    async def _remote_sha256(self, client: Any, key: str) -> str:
+    async def _remote_sha256(self, client: Any, key: str, first_bytes: int | None = None) -> str:
+        """The object's sha256, read back; of its first `first_bytes` bytes if given."""
+        span = {"Range": f"bytes=0-{first_bytes - 1}"} if first_bytes else {}
         response = await self._call(
-            "GetObject", key, client.get_object(Bucket=self.bucket, Key=key)
+            "GetObject", key, client.get_object(Bucket=self.bucket, Key=key, **span)
         )
         digest = hashlib.sha256()
         body = response["Body"]
@@ -741,8 +832,10 @@ class S3Store(BaseBatchSink):
         return part
 
     async def _put_multipart(
-        self, client: Any, path: Path, key: str, size: int, sha256: str
+        self, client: Any, path: Path, key: str, size: int, sha256: str, if_absent: bool = False
     ) -> Any:
+        """A multipart upload; with `if_absent`, completed with If-None-Match: * (the
+        upload is then aborted and _ObjectExists raised if the key holds anything)."""
         part_size = self._part_size_for(size)
         await self._abort_stale_uploads(client, key)
         created = await self._call(
@@ -758,18 +851,24 @@ class S3Store(BaseBatchSink):
             )
             if local_sha != sha256:
                 raise FileChanged(f"sha256 now {local_sha[:12]}..., journaled {sha256[:12]}...")
-            response = await self._call(
-                "CompleteMultipartUpload",
-                key,
-                client.complete_multipart_upload(
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    MultipartUpload={
-                        "Parts": [{"PartNumber": n, "ETag": etag} for n, etag, _ in parts]
-                    },
-                ),
-            )
+            try:
+                response = await self._call(
+                    "CompleteMultipartUpload",
+                    key,
+                    client.complete_multipart_upload(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        MultipartUpload={
+                            "Parts": [{"PartNumber": n, "ETag": etag} for n, etag, _ in parts]
+                        },
+                        **({"IfNoneMatch": "*"} if if_absent else {}),
+                    ),
+                )
+            except PermanentError as exc:
+                if if_absent and error_code(exc.__cause__)[1] == 412:
+                    raise _ObjectExists(key) from None
+                raise
             completed = True
         finally:
             if not completed:
@@ -920,6 +1019,16 @@ class S3Store(BaseBatchSink):
     async def _discard(self, client: Any, key: str) -> None:
         with contextlib.suppress(Exception):
             await client.delete_object(Bucket=self.bucket, Key=key)
+
+
+def _prefix_sha256(path: Path, length: int) -> str:
+    """The sha256 of the first `length` bytes of `path` (fewer if it is shorter)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while length > 0 and (chunk := fh.read(min(length, HASH_CHUNK))):
+            digest.update(chunk)
+            length -= len(chunk)
+    return digest.hexdigest()
 
 
 def _load_part(fd: int, offset: int, view: memoryview, whole: Any) -> bytes:

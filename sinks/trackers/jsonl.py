@@ -1,8 +1,9 @@
 """`jsonl` tracker: metrics and parameters as JSON lines, one file per run.
 
 The local default so a fresh install logs metrics with no server.  Each line carries
-its delivery key; a replay finds the key already in the file and writes nothing, so a
-SIGKILL between the append and the journal update never duplicates a metric point.
+its delivery key; a replay finds the key already in the file and writes nothing (but
+flushes the file again), so a SIGKILL between the append and the journal update never
+duplicates a metric point.
 A batch of deliveries is appended file by file and made durable with one flush.
 """
 
@@ -94,7 +95,11 @@ class JsonlTracker(BaseBatchSink):
         """Append to each file under its lock, then make the whole batch durable with one
         flush (syncfs) before any delivery is reported done."""
         out: list[DeliveryResult | Exception] = [TransientError("not attempted")] * n
-        appended: list[Path] = []
+        # Every file the batch relies on is flushed, not only those appended to: a key
+        # already present may be a line whose own flush failed (the attempt raised
+        # TransientError) or whose writer died before flushing; skipping it unflushed
+        # would mark it delivered though it was never known durable.
+        touched: list[Path] = []
         for path, rows in by_path.items():
             try:
                 with self._locks[hash(path) % _LOCK_STRIPES]:
@@ -103,16 +108,15 @@ class JsonlTracker(BaseBatchSink):
                 for index, _, _ in rows:
                     out[index] = TransientError(f"{path}: {exc.strerror}")
                 continue
-            if written:
-                appended.append(path)
+            touched.append(path)
             for index, key, _ in rows:
                 out[index] = DeliveryResult(uri=f"file://{path}", skipped=key not in written)
-        if appended and self.settings.fsync:
+        if touched and self.settings.fsync:
             try:
                 if HAVE_SYNCFS:
                     syncfs(self.root)
                 else:
-                    fsync_paths(appended)
+                    fsync_paths(touched)
             except OSError as exc:  # not known durable: retried (a replay writes nothing)
                 return [TransientError(f"{self.root}: {exc.strerror}")] * n
         return out

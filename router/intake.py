@@ -7,6 +7,7 @@ the journal commits, then the spool source moves the bundle.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -17,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from router.delivery import StagedFile
 from router.detect import detect_dataset_format, detect_framework
@@ -28,10 +29,15 @@ from router.manifest import (
     Manifest,
     ManifestError,
     ModelArtifact,
+    SafeName,
     parse_manifest,
+    problems_from_validation,
 )
 
-__all__ = ["AcceptedEvent", "Rejection", "load_bundle", "sha256_file", "sha256_files"]
+__all__ = [
+    "AcceptedEvent", "CheckedFile", "FileChanged", "Rejection", "load_bundle", "not_utf8",
+    "open_regular", "sha256_file", "sha256_files",
+]
 
 _CHUNK = 1024 * 1024
 # Below this many bytes in all, a bundle's files are hashed one after another: a hop to
@@ -69,19 +75,53 @@ class Rejection(BaseModel):
         return "; ".join(p.render() for p in self.problems)
 
 
-def sha256_file(path: Path) -> tuple[str, int]:
+# Never follow a final symlink, never block on a FIFO (O_NONBLOCK: a FIFO opens at once
+# and fstat shows what it is); O_NONBLOCK changes nothing for reading a regular file.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class FileChanged(OSError):
+    """The file opened is not the regular file that was checked: it was swapped (for a
+    FIFO, a device, a symlink or another file) between the check and the read."""
+
+
+class CheckedFile(NamedTuple):
+    """A path and the stat its checks passed on: the file read must be that very file."""
+
+    path: Path
+    st: os.stat_result
+
+
+def open_regular(path: Path, expected: os.stat_result | None = None) -> int:
+    """A descriptor on the regular file at `path`, and, given `expected`, the same file
+    (st_dev, st_ino) that was checked; else FileChanged (or ELOOP for a final symlink)."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileChanged(errno.EINVAL, "is not a regular file")
+        if expected is not None and (st.st_dev, st.st_ino) != (expected.st_dev, expected.st_ino):
+            raise FileChanged(errno.ESTALE, "is not the file that was checked")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def sha256_file(path: Path, expected: os.stat_result | None = None) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb") as fh:
+    with os.fdopen(open_regular(path, expected), "rb") as fh:  # hashed from the checked fd
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
 
 
-def sha256_files(paths: Sequence[Path]) -> list[tuple[str, int] | OSError]:
+def sha256_files(paths: Sequence[Path | CheckedFile]) -> list[tuple[str, int] | OSError]:
     """Each file's (sha256, size), or the OSError that stopped reading it.
 
+    A CheckedFile must still be the file its checks passed on (FileChanged otherwise).
     hashlib releases the GIL while it hashes, so the shards of a checkpoint hash on
     every core at once instead of one after another.
     """
@@ -90,18 +130,23 @@ def sha256_files(paths: Sequence[Path]) -> list[tuple[str, int] | OSError]:
     return [_sha256_or_error(path) for path in paths]
 
 
-def _sha256_or_error(path: Path) -> tuple[str, int] | OSError:
+def _sha256_or_error(item: Path | CheckedFile) -> tuple[str, int] | OSError:
     try:
-        return sha256_file(path)
+        if isinstance(item, CheckedFile):
+            return sha256_file(item.path, item.st)
+        return sha256_file(item)
     except OSError as exc:
         return exc
 
 
-def _total_size(paths: Sequence[Path]) -> int:
+def _total_size(paths: Sequence[Path | CheckedFile]) -> int:
     total = 0
-    for path in paths:
+    for item in paths:
+        if isinstance(item, CheckedFile):
+            total += item.st.st_size
+            continue
         with contextlib.suppress(OSError):  # reported when it is read
-            total += os.stat(path).st_size
+            total += os.stat(item).st_size
     return total
 
 
@@ -111,22 +156,33 @@ def _hash_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="router-hash")
 
 
-def _resolve_in_bundle(bundle: Path, rel: str, field: str) -> tuple[Path | None, Problem | None]:
-    """The file a bundle path names, refusing anything that leaves the bundle."""
+def _missing(field: str, rel: str) -> Problem:
+    return Problem(field=field, value=rel, message="no such file in the bundle; write it "
+                   "before manifest.json, or fix the path")
+
+
+def _changed(field: str, rel: str) -> Problem:
+    return Problem(field=field, value=rel, message="changed while the router read it (replaced "
+                   "by a symlink, FIFO or another file after it was checked); write every file "
+                   "before manifest.json and leave the bundle alone until it moves")
+
+
+def _resolve_in_bundle(
+    bundle: Path, rel: str, field: str
+) -> tuple[CheckedFile | None, Problem | None]:
+    """The file a bundle path names, refusing anything that leaves the bundle; with the
+    stat the checks passed on, so that the file hashed is that file (see open_regular)."""
     candidate = bundle / rel
     try:
         st = candidate.lstat()
     except FileNotFoundError:
-        return None, Problem(
-            field=field, value=rel, message="no such file in the bundle; write it before "
-            "manifest.json, or fix the path"
-        )
+        return None, _missing(field, rel)
     except OSError as exc:
         return None, Problem.cannot_read(field, rel, exc)
     if stat.S_ISREG(st.st_mode) and os.sep not in rel and rel not in (".", ".."):
         # The common case, a plain file at the top of the bundle: nothing to resolve
         # (realpath would lstat every component of the path from /).
-        return candidate, None
+        return CheckedFile(candidate, st), None
     root = bundle.resolve()
     try:
         resolved = candidate.resolve(strict=True)
@@ -157,7 +213,7 @@ def _resolve_in_bundle(bundle: Path, rel: str, field: str) -> tuple[Path | None,
             field=field, value=rel, message=f"is {kind}, not a regular file; only regular "
             "files can be routed"
         )
-    return resolved, None
+    return CheckedFile(resolved, st), None
 
 
 class _Found(NamedTuple):
@@ -167,12 +223,30 @@ class _Found(NamedTuple):
     type: str
     field: str
     rel: str
-    resolved: Path
+    resolved: CheckedFile
 
 
 def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
     """Validate a complete bundle directory (manifest.json present)."""
     name = bundle.name
+    if (shown := not_utf8(name)) is not None:
+        # The journal stores names as UTF-8: refused here, before anything is read.
+        return Rejection(source="spool", bundle=name, problems=[Problem(
+            field="bundle", value=shown, message="the directory name is not valid UTF-8; "
+            "rename it to UTF-8 (the router journals names as text)")])
+    id_problem = _name_as_id(name)
+    fallback_id = name if id_problem is None else None
+    try:
+        root_st = os.lstat(bundle)
+    except OSError as exc:
+        return Rejection(source="spool", bundle=name, event_id=fallback_id,
+                         problems=[Problem.cannot_read("bundle", name, exc)])
+    if not stat.S_ISDIR(root_st.st_mode):
+        # A symlink would make its target (anywhere) the bundle root.
+        kind = "a symlink" if stat.S_ISLNK(root_st.st_mode) else "not a directory"
+        return Rejection(source="spool", bundle=name, event_id=fallback_id, problems=[Problem(
+            field="bundle", value=name, message=f"is {kind}; a bundle must be a real directory "
+            "in incoming/: move or copy the directory there instead of linking to it")])
     manifest_path = bundle / "manifest.json"
     try:
         st = manifest_path.lstat()
@@ -187,19 +261,27 @@ def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
                 field="manifest.json", value=f"{st.st_size} bytes",
                 message=f"is over the {LIMITS.manifest_bytes} byte limit; put large values "
                 "in files")])
-        with open(manifest_path, "rb") as fh:  # bounded even if it grows meanwhile
-            raw = fh.read(LIMITS.manifest_bytes + 1)
+        # The file checked above, not whatever was swapped in since (a FIFO, a symlink).
+        with os.fdopen(open_regular(manifest_path, st), "rb") as fh:
+            raw = fh.read(LIMITS.manifest_bytes + 1)  # bounded even if it grows meanwhile
         manifest = parse_manifest(raw)
     except ManifestError as exc:
-        return Rejection(source="spool", bundle=name, event_id=name, problems=exc.problems)
+        return Rejection(source="spool", bundle=name, event_id=fallback_id,
+                         problems=exc.problems)
+    except (FileChanged, FileNotFoundError) as exc:
+        return Rejection(source="spool", bundle=name, event_id=fallback_id, problems=[Problem(
+            field="manifest.json", message=f"{exc.strerror or exc} (replaced or removed "
+            "while the router read it); write manifest.json.tmp, then rename it, once")])
     except OSError as exc:
         return Rejection(
             source="spool",
             bundle=name,
-            event_id=name,
+            event_id=fallback_id,
             problems=[Problem.cannot_read("manifest.json", None, exc)],
         )
 
+    if manifest.id is None and id_problem is not None:
+        return Rejection(source="spool", bundle=name, problems=[id_problem])
     event_id = manifest.id or name
     problems: list[Problem] = []
     found: list[list[_Found]] = []
@@ -234,13 +316,18 @@ def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
             digest = next(digests)
             if isinstance(digest, OSError):
                 # Not raised: one unreadable file must not stall the bundles read with it.
-                problems.append(Problem.cannot_read(f.field, f.rel, digest))
+                problems.append(_read_problem(f.field, f.rel, digest))
                 continue
             sha, size = digest
             staged.append(StagedFile(
                 name=f.name, type=f.type, path=Path(f.rel), sha256=sha, size=size))
         files.append(staged)
-        detected.append(_detect(artifact, bundle, staged))
+        detected.append(_detect(artifact, [f.resolved for f in mine], staged))
+    if not problems and _identity(bundle) != (root_st.st_dev, root_st.st_ino):
+        # Swapped for another directory (or a symlink) while it was read.
+        problems.append(Problem(field="bundle", value=name, message="was replaced while the "
+                                "router read it; build bundles under incoming/.tmp-<name>/ "
+                                "and rename the directory once"))
     if problems:
         return Rejection(source="spool", bundle=name, event_id=event_id, problems=problems)
     return AcceptedEvent(
@@ -255,12 +342,55 @@ def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
     )
 
 
-def _detect(artifact: object, bundle: Path, staged: list[StagedFile]) -> dict[str, str]:
+def _read_problem(field: str, rel: str, exc: OSError) -> Problem:
+    """Why a checked file could not be hashed, with the fix that fits."""
+    if isinstance(exc, FileNotFoundError):
+        return _missing(field, rel)  # removed after it was checked
+    if isinstance(exc, FileChanged) or exc.errno == errno.ELOOP:
+        return _changed(field, rel)  # ELOOP: O_NOFOLLOW met a symlink swapped in
+    return Problem.cannot_read(field, rel, exc)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def not_utf8(name: str) -> str | None:
+    """For a name that is not valid UTF-8, the name with its raw bytes escaped ('\\xff');
+    None for a valid one. (os.scandir hands undecodable bytes over as lone surrogates.)"""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    return None
+
+
+_SAFE_NAME: TypeAdapter[str] = TypeAdapter(SafeName)
+
+
+def _name_as_id(name: str) -> Problem | None:
+    """A directory name stands in for a manifest without `id`: the same rules apply."""
+    try:
+        _SAFE_NAME.validate_python(name)
+    except ValidationError as exc:
+        first = problems_from_validation(exc)[0]
+        return Problem(field="id", value=first.value, message=f"the manifest has no 'id', so "
+                       f"the bundle directory name is the event id, and it {first.message}; "
+                       "set 'id' in the manifest or rename the directory")
+    return None
+
+
+def _detect(
+    artifact: object, checked: list[CheckedFile], staged: list[StagedFile]
+) -> dict[str, str]:
     out: dict[str, str] = {}
     if isinstance(artifact, ModelArtifact) and not artifact.framework and staged:
-        for f in staged:
-            assert f.path is not None
-            found = detect_framework(bundle / f.path, f.name)
+        for c, f in zip(checked, staged, strict=True):
+            found = _detect_checked(c, f.name)
             if found:
                 out["framework"] = found
                 break
@@ -269,6 +399,17 @@ def _detect(artifact: object, bundle: Path, staged: list[StagedFile]) -> dict[st
         if found:
             out["format"] = found
     return out
+
+
+def _detect_checked(checked: CheckedFile, name: str) -> str | None:
+    """detect_framework on the checked file itself: it opens a path, which a writer
+    could have swapped for a FIFO (blocking forever) since. /dev/fd/N reopens our fd."""
+    try:
+        fd = open_regular(checked.path, checked.st)
+    except OSError:
+        return detect_framework(os.devnull, name)  # judged by its name, as when unreadable
+    with os.fdopen(fd, "rb"):
+        return detect_framework(f"/dev/fd/{fd}", name)
 
 
 def bundle_path_ok(name: str) -> bool:

@@ -375,6 +375,131 @@ def test_a_huge_sparse_manifest_is_refused_without_reading_it(tmp_path: Path) ->
     assert out.stdout.startswith("Rejection") and "byte limit" in out.stdout
 
 
+# --- simulated races: a bundle changed between intake's checks and its reads ---------------
+
+
+def _swap_after_check(monkeypatch: pytest.MonkeyPatch, victim: str,
+                      swap: Callable[[Path], None]) -> None:
+    """Simulated race: `swap` the bundle file `victim` right after intake checked it
+    (lstat, resolve) and before it is hashed, exactly where a concurrent writer could."""
+    import router.intake as intake
+
+    real = intake._resolve_in_bundle
+
+    def checked_then_swapped(bundle: Path, rel: str, field: str) -> Any:
+        result = real(bundle, rel, field)
+        if rel == victim:
+            swap(bundle / rel)
+        return result
+
+    monkeypatch.setattr(intake, "_resolve_in_bundle", checked_then_swapped)
+
+
+def _to_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("size", [1, 9 * 1024 * 1024], ids=["small", "parallel-hashing"])
+@pytest.mark.parametrize("swap", ["fifo", "symlink-outside", "another-file"])
+def test_a_file_swapped_after_its_check_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap: str, size: int
+) -> None:
+    """Simulated race (see _swap_after_check): the file hashed must be the one checked.
+    A FIFO swapped in blocked the reader forever; a symlink to a file outside the bundle,
+    or another file renamed over it, was hashed and accepted. With four 9 MiB files the
+    bundle is hashed on several threads (sha256_files' parallel path). Fails without the
+    fix: the FIFO case times out, the others are accepted."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"outside the bundle")
+    files = {f"shard-{i}.bin": bytes([i + 1]) * size for i in range(4)}
+    bundle = write_bundle(tmp_path / "spool", "b1", {
+        "manifest_version": 1, "pipeline": "p", "run_id": "r", "step_name": "s",
+        "artifacts": [{"type": "artifact", "name": "a", "files": [
+            {"path": name} for name in files]}]}, files)
+
+    def swapped(path: Path) -> None:
+        if swap == "fifo":
+            _to_fifo(path)
+        elif swap == "symlink-outside":
+            path.unlink()
+            path.symlink_to(secret)
+        else:
+            (path.parent / "new").write_bytes(b"other bytes")
+            os.replace(path.parent / "new", path)
+
+    _swap_after_check(monkeypatch, "shard-2.bin", swapped)
+    result = _load_with_timeout(bundle)
+    assert isinstance(result, Rejection), result
+    (problem,) = result.problems
+    assert (problem.field, problem.value) == ("artifacts[0].files[2].path", "shard-2.bin")
+    assert "changed while the router read it" in problem.message
+
+
+def test_a_file_removed_after_its_check_says_to_write_it_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulated race: the file vanishes after its check, before its hash. The fix given is
+    the one for a missing file. Fails without the fix: 'make it readable'."""
+    bundle = write_bundle(tmp_path / "spool", "b1", {
+        "manifest_version": 1, "pipeline": "p", "run_id": "r", "step_name": "s",
+        "artifacts": [{"type": "artifact", "name": "a", "files": [{"path": "m.bin"}]}]},
+        {"m.bin": b"m"})
+    _swap_after_check(monkeypatch, "m.bin", Path.unlink)
+    result = _load_with_timeout(bundle)
+    assert isinstance(result, Rejection), result
+    assert "no such file in the bundle; write it before manifest.json" in result.summary
+    assert "readable" not in result.summary
+
+
+def test_a_manifest_swapped_for_a_fifo_after_its_check_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulated race: manifest.json passes its lstat (a regular file), then a FIFO takes
+    its place before it is opened. Fails without the fix: the open blocked forever."""
+    bundle = write_bundle(tmp_path / "spool", "b1", {
+        "manifest_version": 1, "pipeline": "p", "run_id": "r", "step_name": "s",
+        "artifacts": [{"type": "metrics", "name": "m", "values": {"a": 1}}]})
+    real_lstat = Path.lstat
+    swapped: list[bool] = []
+
+    def lstat_then_swap(path: Path) -> os.stat_result:
+        result = real_lstat(path)
+        if path.name == "manifest.json" and not swapped:
+            swapped.append(True)
+            _to_fifo(path)
+        return result
+
+    monkeypatch.setattr(Path, "lstat", lstat_then_swap)
+    result = _load_with_timeout(bundle)
+    assert swapped
+    assert isinstance(result, Rejection), result
+    (problem,) = result.problems
+    assert problem.field == "manifest.json"
+    assert "replaced or removed while the router read it" in problem.message
+
+
+@pytest.mark.parametrize("name", ["run\x01\n1", "tab\there", "del\x7f", " "])
+def test_a_bundle_name_standing_in_for_the_id_follows_the_id_rules(
+    tmp_path: Path, name: str
+) -> None:
+    """Without a manifest `id` the directory name is the event id: control characters (or
+    a blank name) are refused as they are in `id`; with an `id` the bundle is accepted.
+    Fails without the fix: the name became the event id as it was."""
+    manifest: dict[str, Any] = {
+        "manifest_version": 1, "pipeline": "p", "run_id": "r", "step_name": "s",
+        "artifacts": [{"type": "metrics", "name": "m", "values": {"a": 1}}]}
+    bundle = write_bundle(tmp_path / "spool", name, manifest)
+    result = _load_with_timeout(bundle)
+    assert isinstance(result, Rejection), result
+    (problem,) = result.problems
+    assert problem.field == "id" and problem.value == name
+    assert "the bundle directory name is the event id" in problem.message
+    assert "set 'id' in the manifest or rename the directory" in problem.message
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "id": "fine"}))
+    assert isinstance(_load_with_timeout(bundle), AcceptedEvent)
+
+
 # --- MQTT payload corpus -----------------------------------------------------------------------
 
 

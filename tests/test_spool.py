@@ -3,12 +3,14 @@ intake's hashing of a bundle's files."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 
 from router.intake import AcceptedEvent, Rejection, load_bundle, sha256_files
 from router.metrics import RouterMetrics
+from router.sources import spool as spool_module
 from router.sources.spool import SpoolPaths, SpoolSource
 from tests.conftest import model_manifest, write_bundle
 
@@ -229,3 +232,239 @@ def _outcome(bundle: Path) -> dict[str, Any]:
     if isinstance(result, Rejection):
         return {"type": "rejection", "problems": [p.model_dump() for p in result.problems]}
     return {"type": "accepted"}
+
+
+# -- intake through a real SpoolSource and SQLite journal: hostile incoming/ entries ----
+
+
+def _spool(tmp_path: Path) -> SpoolPaths:
+    paths = SpoolPaths(tmp_path / "spool")
+    paths.ensure()
+    return paths
+
+
+def _with_source(tmp_path: Path, scenario: Callable[[SpoolSource], Awaitable[None]],
+                 timeout: float = 20.0) -> None:
+    """Run `scenario` against a SpoolSource on a real SQLite journal, in a thread of its
+    own: an event loop blocked for good (a FIFO opened on it) fails the test, not hang it."""
+    import asyncio
+    import threading
+
+    from router.db import Database
+    from router.journal import DeliveryJournal
+    from tests.test_journal import planner
+
+    async def main() -> None:
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'j.db'}")
+        await db.migrate()
+        source = SpoolSource(_spool(tmp_path), DeliveryJournal(db), planner,
+                             preflight=lambda e: None, metrics=RouterMetrics())
+        try:
+            await scenario(source)
+        finally:
+            await db.dispose()
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        for fifo in (tmp_path / "spool").rglob("*"):  # let a writer stuck on a FIFO go
+            if fifo.is_fifo():
+                with contextlib.suppress(OSError):
+                    os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail(f"the spool source was blocked for over {timeout}s")
+    if failure:
+        raise failure[0]
+
+
+def _process(tmp_path: Path, names: list[str]) -> dict[str, Any]:
+    """One intake batch of `names`; then the journal's status and each event's bundle."""
+    seen: dict[str, Any] = {}
+
+    async def scenario(source: SpoolSource) -> None:
+        await source._process(names)
+        status = await source.journal.status()
+        seen["events"], seen["rejected"] = status.events, status.rejected
+
+    _with_source(tmp_path, scenario)
+    return seen
+
+
+def _listing(paths: SpoolPaths) -> dict[str, list[str]]:
+    return {folder.name: sorted(os.listdir(folder)) for folder in (
+        paths.incoming, paths.accepted, paths.done, paths.rejected)}
+
+
+def test_a_symlink_loop_in_incoming_is_rejected_alone(tmp_path: Path) -> None:
+    """os.lstat(loop/manifest.json) raises ELOOP: that entry is rejected, naming it; the
+    valid bundle read in the same batch is journaled. Fails without the fix: the ELOOP
+    escaped _process, failing (and retrying) the whole batch forever."""
+    paths = _spool(tmp_path)
+    os.symlink("loop", paths.incoming / "loop")
+    write_bundle(paths.root, "good", model_manifest("clf"), {"model.pkl": b"x"})
+
+    seen = _process(tmp_path, ["good", "loop"])
+
+    assert _listing(paths) == {"incoming": [], "accepted": ["good"], "done": [],
+                               "rejected": ["loop"]}
+    assert (paths.rejected / "loop").is_symlink()  # moved as it is, never followed
+    assert seen["events"] == {"accepted": 1, "rejected": 1}
+    (rejected,) = seen["rejected"]
+    assert rejected["bundle"] == "loop" and "is a symlink" in rejected["error"]
+
+
+def test_a_symlinked_bundle_directory_is_refused_not_read(tmp_path: Path) -> None:
+    """incoming/linked -> a valid bundle outside the spool: refused (in the watcher's path,
+    _process, and listed by the scan so it does not linger), nothing read or written
+    outside. Fails without the fix: the target was read, accepted and its files staged."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "model.pkl").write_bytes(b"not the spool's")
+    (outside / "manifest.json").write_text(json.dumps(model_manifest("clf")))
+    paths = _spool(tmp_path)
+    os.symlink(outside, paths.incoming / "linked")
+
+    seen = _process(tmp_path, ["linked"])
+
+    assert _listing(paths)["rejected"] == ["linked"]
+    assert sorted(os.listdir(outside)) == ["manifest.json", "model.pkl"]  # no error.json
+    assert seen["events"] == {"rejected": 1}
+    assert "must be a real directory" in seen["rejected"][0]["error"]
+    os.symlink(outside, paths.incoming / "again")
+    scan = SpoolSource(paths, _NoJournal(), lambda e, v: None,  # type: ignore[arg-type,return-value]
+                       preflight=lambda e: None, metrics=RouterMetrics())
+    assert scan._complete_bundles() == ["again"]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_error_json_replaces_whatever_the_writer_left_never_following_it(
+    tmp_path: Path, kind: str
+) -> None:
+    """A rejected bundle already holding an `error.json`: a symlink to a file outside (it
+    was overwritten), a FIFO (it blocked the event loop for good) or a directory (the
+    write raised and the rejection was lost). Fails without the fix in each case."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("do not touch\n")
+    paths = _spool(tmp_path)
+    staged = paths.incoming / ".tmp-bad"
+    staged.mkdir()
+    if kind == "symlink":
+        os.symlink(victim, staged / "error.json")
+    elif kind == "fifo":
+        os.mkfifo(staged / "error.json")
+    else:
+        (staged / "error.json").mkdir()
+        (staged / "error.json" / "keep").write_text("writer's")
+    (staged / "manifest.json").write_text("{not json")
+    os.rename(staged, paths.incoming / "bad")
+    write_bundle(paths.root, "good", model_manifest("clf"), {"model.pkl": b"x"})
+
+    seen = _process(tmp_path, ["bad", "good"])
+
+    written = paths.rejected / "bad" / "error.json"
+    assert written.is_file() and not written.is_symlink()
+    assert "not valid JSON" in json.loads(written.read_text())["summary"]
+    assert victim.read_text() == "do not touch\n"
+    if kind == "directory":
+        (kept,) = (paths.rejected / "bad").glob("error.json.*.bundled")
+        assert (kept / "keep").read_text() == "writer's"
+    assert [p for p in (paths.rejected / "bad").iterdir() if p.name.endswith(".tmp")] == []
+    assert _listing(paths)["accepted"] == ["good"]
+    assert seen["events"] == {"accepted": 1, "rejected": 1}
+
+
+def test_a_bundle_name_that_is_not_utf8_is_rejected_and_intake_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A directory name with a byte that is not UTF-8: rejected (saying to rename it),
+    journaled under its escaped name, and the bundle read with it is journaled. Fails
+    without the fix: SQLite raised UnicodeEncodeError and the batch was retried forever."""
+    paths = _spool(tmp_path)
+    raw = os.fsencode(paths.incoming) + b"/run-\xff"
+    os.mkdir(raw)
+    with open(raw + b"/model.pkl", "wb") as fh:
+        fh.write(b"x")
+    with open(raw + b"/manifest.json", "w") as fh:
+        fh.write(json.dumps(model_manifest("clf")))
+    write_bundle(paths.root, "good", model_manifest("clf"), {"model.pkl": b"y"})
+
+    seen = _process(tmp_path, sorted(os.listdir(paths.incoming)))
+
+    assert os.listdir(os.fsencode(paths.rejected)) == [b"run-\xff"]
+    error = json.loads((paths.rejected / os.fsdecode(b"run-\xff") / "error.json").read_text())
+    assert error["bundle"] == "run-\\xff"
+    assert "not valid UTF-8; rename it to UTF-8" in error["summary"]
+    assert seen["events"] == {"accepted": 1, "rejected": 1}
+    assert seen["rejected"][0]["bundle"] == "run-\\xff"
+
+
+def test_a_reused_directory_name_is_journaled_under_the_name_it_moves_to(
+    tmp_path: Path,
+) -> None:
+    """Two events (ids train-1, train-2) in directories both named `train` while the first
+    is still in accepted/: the second is journaled, and moved, as `train-<ns>`, so its
+    deliveries read its own files. Also after a crash between its commit and its move
+    (simulated: the move is skipped once): the restart moves it to that journaled name.
+    Fails without the fix: the journal kept `train`, which leads to the first's files."""
+    paths = _spool(tmp_path)
+    seen: dict[str, Any] = {}
+
+    def emit(run: str) -> None:
+        manifest = model_manifest("clf", run_id=run)
+        manifest["id"] = f"train-{run}"
+        write_bundle(paths.root, "train", manifest, {"model.pkl": f"run {run}".encode()})
+
+    async def scenario(source: SpoolSource) -> None:
+        emit("1")
+        await source._process(["train"])
+        emit("2")
+        with pytest.MonkeyPatch.context() as patch:  # the crash: the move never runs
+            patch.setattr(spool_module, "_move_all", lambda moves: None)
+            await source._process(["train"])
+        seen["left"] = list(paths.incoming.iterdir())
+        await source._process(["train"])  # the restart reads it again: a duplicate
+        second = (await source.journal.event_record("train-2"))["bundle"]
+        seen["second"] = second
+        seen["found"] = await source.locate_many(["train", second])
+
+    _with_source(tmp_path, scenario)
+
+    second = seen["second"]
+    assert seen["left"] == [paths.incoming / "train"]
+    assert second.startswith("train-") and second != "train"
+    assert seen["found"] == {"train": paths.accepted / "train", second: paths.accepted / second}
+    assert (paths.accepted / "train" / "model.pkl").read_bytes() == b"run 1"
+    assert (paths.accepted / second / "model.pkl").read_bytes() == b"run 2"
+    assert _listing(paths)["incoming"] == []
+
+
+def test_two_bundles_with_one_id_in_a_batch_are_both_settled(tmp_path: Path) -> None:
+    """Bundles `a` and `b` carry the same id and manifest, read in one batch: `a` is
+    journaled and moved to accepted/, `b` (a duplicate) to done/; none is left behind.
+    Fails without the fix: outcomes were matched by id, so `a` stayed in incoming/ and
+    `b` sat in accepted/ under a name the journal does not know."""
+    paths = _spool(tmp_path)
+    manifest = model_manifest("clf")
+    manifest["id"] = "same"
+    for name in ("a", "b"):
+        write_bundle(paths.root, name, manifest, {"model.pkl": b"x"})
+    seen: dict[str, Any] = {}
+
+    async def scenario(source: SpoolSource) -> None:
+        await source._process(["a", "b"])
+        seen["record"] = await source.journal.event_record("same")
+
+    _with_source(tmp_path, scenario)
+
+    assert _listing(paths) == {"incoming": [], "accepted": ["a"], "done": ["b"],
+                               "rejected": []}
+    assert seen["record"]["bundle"] == "a"

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,7 @@ import structlog
 import watchfiles
 
 from router.errors import Problem
-from router.intake import AcceptedEvent, Rejection, bundle_path_ok, load_bundle
+from router.intake import AcceptedEvent, Rejection, bundle_path_ok, load_bundle, not_utf8
 from router.journal import AcceptOutcome, DeliveryJournal, FinishedEvent, Handoff, Planner
 from router.metrics import RouterMetrics
 
@@ -57,35 +59,91 @@ class SpoolPaths:
 
 
 def _load_if_complete(path: Path) -> AcceptedEvent | Rejection | None:
-    """Read a bundle if it is one (a directory with manifest.json), in a worker thread."""
+    """Read a bundle if it is one (a directory with manifest.json), in a worker thread.
+
+    A symlink is refused (load_bundle says why), whether or not it leads to a manifest;
+    an entry that cannot be looked into (a symlink loop, a directory without search
+    permission) is rejected alone, never failing the batch it was read with."""
     try:
         os.lstat(path / "manifest.json")  # one stat: is it a directory with a manifest?
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError:
+        return load_bundle(path, time.time()) if os.path.islink(path) else None
+    except NotADirectoryError:
+        if os.path.islink(path):
+            return load_bundle(path, time.time())
+        _not_a_bundle(path.name)
         return None
+    except OSError:
+        pass  # ELOOP, EACCES...: load_bundle rejects it, naming the entry and the error
     return load_bundle(path, time.time())
+
+
+@functools.lru_cache(maxsize=256)  # once per name: a file being written changes often
+def _not_a_bundle(name: str) -> None:
+    log.warning("not a bundle: only directories are read from incoming/; ignored",
+                entry=not_utf8(name) or name)
 
 
 def _load_many(paths: list[Path]) -> list[AcceptedEvent | Rejection | None]:
     return [_load_if_complete(p) for p in paths]
 
 
-def _move_all(moves: list[tuple[Path, Path]]) -> None:
-    for src, dest_dir in moves:
+def _move_all(moves: list[tuple[Path, Path, str]]) -> None:
+    for src, dest_dir, name in moves:
         try:
-            _move(src, dest_dir)
+            _move(src, dest_dir, name)
         except OSError:
             log.exception("could not move bundle", bundle=src.name)
 
 
-def _move(src: Path, dest_dir: Path) -> Path:
-    """Rename keeping the directory name; never overwrite an older bundle of that name."""
-    dest = dest_dir / src.name
-    if dest.exists():
-        dest = dest_dir / f"{src.name}-{time.time_ns()}"
+def _fresh_name(name: str) -> str:
+    """`<name>-<ns>`, within the 255 bytes a file name may take."""
+    return f"{name.encode()[:200].decode(errors='ignore')}-{time.time_ns()}"
+
+
+def _move(src: Path, dest_dir: Path, name: str | None = None) -> Path:
+    """Rename keeping the directory name (or the given one, the name it is journaled
+    under); never overwrite an older bundle of that name."""
+    dest = dest_dir / (name or src.name)
+    if os.path.lexists(dest):
+        dest = dest_dir / _fresh_name(dest.name)
     os.replace(src, dest)
     with contextlib.suppress(OSError):
-        os.utime(dest)  # retention counts from the move, not from the writer's mtime
+        # Retention counts from the move, not from the writer's mtime. No follow: a
+        # refused symlink is moved too, and its target is not ours to touch.
+        os.utime(dest, follow_symlinks=False)
     return dest
+
+
+_ERROR_JSON = "error.json"
+
+
+def _write_error_json(bundle: Path, body: bytes) -> None:
+    """Write bundle/error.json whatever the writer left at that name (a symlink, a FIFO,
+    a directory), never following it: a new file made in the bundle directory, opened
+    without following links, renamed over the old entry. OSError if it cannot be done."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    dir_fd = os.open(bundle, flags)  # a symlink in place of the bundle: ELOOP/ENOTDIR
+    try:
+        tmp = f".error.json.{os.getpid()}.{time.time_ns()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(body)
+            try:
+                os.rename(tmp, _ERROR_JSON, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except IsADirectoryError:
+                # A directory named error.json: keep it, under another name.
+                os.rename(_ERROR_JSON, f"{_ERROR_JSON}.{time.time_ns()}.bundled",
+                          src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                os.rename(tmp, _ERROR_JSON, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
 
 
 class SpoolSource:
@@ -195,8 +253,9 @@ class SpoolSource:
             entry.name
             for entry in entries
             if bundle_path_ok(entry.name)
-            and entry.is_dir(follow_symlinks=False)
-            and os.path.exists(os.path.join(entry.path, "manifest.json"))
+            and (entry.is_symlink()  # never a bundle: refused, as when the watcher sees it
+                 or (entry.is_dir(follow_symlinks=False)
+                     and os.path.exists(os.path.join(entry.path, "manifest.json"))))
         ]
 
     def _scan(self) -> None:
@@ -271,47 +330,69 @@ class SpoolSource:
 
     async def _process(self, names: list[str]) -> None:
         results = await self._read_all(names)
-        accepted = [r for r in results if isinstance(r, AcceptedEvent)]
+        pairs = [(n, r) for n, r in zip(names, results, strict=True)
+                 if isinstance(r, AcceptedEvent)]
         rejected = [r for r in results if isinstance(r, Rejection)]
-        self.metrics.received.labels(component="spool").inc(len(accepted) + len(rejected))
+        self.metrics.received.labels(component="spool").inc(len(pairs) + len(rejected))
         for rejection in rejected:
             await self._reject(rejection)
-        if not accepted:
+        if not pairs:
             return
+        sources = [n for n, _ in pairs]  # directory names in incoming/, by position
+        accepted = [e for _, e in pairs]
+        await asyncio.to_thread(self._name_uniquely, accepted)
         moved = asyncio.Event()
         for event in accepted:
             assert event.bundle is not None
             self._in_transit[event.bundle] = moved
         try:
             outcomes = await self.journal.accept(accepted, self.planner, self.handoff)
-            await self._settle(accepted, outcomes)
+            await self._settle(accepted, sources, outcomes)
         finally:
             for event in accepted:
                 assert event.bundle is not None
                 self._in_transit.pop(event.bundle, None)
             moved.set()
 
-    async def _settle(self, accepted: list[AcceptedEvent], outcomes: list[AcceptOutcome]) -> None:
-        """Move each journaled bundle to where its outcome says."""
-        by_id = {e.event_id: e for e in accepted}
-        moves: list[tuple[Path, Path]] = []
-        for outcome in outcomes:
-            event = by_id[outcome.event_id]
+    def _name_uniquely(self, accepted: list[AcceptedEvent]) -> None:
+        """Journal each bundle under the name it will have in accepted/ or failed/.
+
+        Deliveries and moves find a bundle by its journaled name. A name still held by an
+        older bundle (in accepted/, failed/ or done/) would lead them to that bundle's
+        files, so the newcomer is journaled, and moved, as `<name>-<ns>` instead.
+        (For a replay of an already journaled event the journal keeps its first name:
+        see _settle_duplicate.)"""
+        held = (self.paths.accepted, self.paths.failed, self.paths.done)
+        for event in accepted:
             assert event.bundle is not None
-            src = self.paths.incoming / event.bundle
+            if any(os.path.lexists(folder / event.bundle) for folder in held):
+                fresh = _fresh_name(event.bundle)
+                log.info("bundle name in use by an older bundle: journaled and moved under "
+                         "a new name", bundle=event.bundle, renamed=fresh,
+                         event_id=event.event_id)
+                event.bundle = fresh
+
+    async def _settle(self, accepted: list[AcceptedEvent], sources: list[str],
+                      outcomes: list[AcceptOutcome]) -> None:
+        """Move each journaled bundle to where its outcome says. Outcomes come in batch
+        order; paired by position, since two bundles may carry the same id."""
+        moves: list[tuple[Path, Path, str]] = []
+        for event, source, outcome in zip(accepted, sources, outcomes, strict=True):
+            assert event.bundle is not None
+            src = self.paths.incoming / source
             if outcome.outcome == "accepted":
                 if outcome.detail:
                     log.warning("event accepted with plan errors", event_id=event.event_id,
                                 errors=outcome.detail)
                 moves.append((src, self.paths.done if outcome.deliveries == 0
-                               else self.paths.accepted))
+                               else self.paths.accepted, event.bundle))
             elif outcome.outcome == "duplicate":
-                await self._settle_duplicate(event)
+                await self._settle_duplicate(event, source)
             else:
                 await self._reject(
                     Rejection(
                         source="spool",
-                        bundle=event.bundle,
+                        bundle=source,
                         event_id=event.event_id,
                         problems=[Problem(field="id", value=event.event_id,
                                           message=outcome.detail or "duplicate id")],
@@ -336,30 +417,36 @@ class SpoolSource:
 
         return await asyncio.to_thread(lambda: {b: where(b) for b in bundles})
 
-    async def _settle_duplicate(self, event: AcceptedEvent) -> None:
+    async def _settle_duplicate(self, event: AcceptedEvent, source: str) -> None:
         """Same id, same content: a replay (or our own crash between commit and move)."""
-        assert event.bundle is not None
         state = (await self.journal.known_events([event.event_id])).get(event.event_id)
-        src = self.paths.incoming / event.bundle
-        if state == "accepted" and self.paths.locate(event.bundle) == src:
-            _move(src, self.paths.accepted)
-        elif state == "failed":
-            _move(src, self.paths.failed)
+        record = await self.journal.event_record(event.event_id) if state else {}
+        # The name the journal knows it by (it may differ from `source`: _name_uniquely).
+        journaled: str = (record.get("source") == "spool" and record.get("bundle")) or source
+        src = self.paths.incoming / source
+        here = await asyncio.to_thread(self.paths.locate, journaled)
+        # The journaled bundle itself, left in incoming/ by a crash, or a replay whose
+        # first copy is gone: it goes where its deliveries look for it. A second copy of
+        # a bundle that is elsewhere is finished.
+        own = here is None or here == src
+        target = {"accepted": self.paths.accepted, "failed": self.paths.failed}.get(state or "")
+        if own and target is not None:
+            await asyncio.to_thread(_move, src, target, journaled)
         else:
-            _move(src, self.paths.done)
+            await asyncio.to_thread(_move, src, self.paths.done)
         log.info("duplicate bundle: already journaled", event_id=event.event_id, state=state)
 
     async def _reject(self, rejection: Rejection) -> None:
         assert rejection.bundle is not None
+        src_name = rejection.bundle
+        if (shown := not_utf8(src_name)) is not None:
+            # The journal and the log take text: the name with its bytes escaped.
+            rejection = rejection.model_copy(update={"bundle": shown})
         log.warning(
             "bundle rejected", bundle=rejection.bundle, errors=rejection.summary
         )
         self.metrics.discarded.labels(component="spool", reason="invalid").inc()
         self.metrics.errors.labels(component="spool", error_type="invalid", stage="intake").inc()
-        src = self.paths.incoming / rejection.bundle
-        if not src.exists():
-            return
-        dest = _move(src, self.paths.rejected)
         body = {
             "bundle": rejection.bundle,
             "event_id": rejection.event_id,
@@ -367,8 +454,35 @@ class SpoolSource:
             "errors": [p.model_dump(mode="json") for p in rejection.problems],
             "summary": rejection.summary,
         }
-        (dest / "error.json").write_text(json.dumps(body, indent=2, default=str) + "\n")
+        data = (json.dumps(body, indent=2, default=str) + "\n").encode()
+        src = self.paths.incoming / src_name
+        if not await asyncio.to_thread(self._file_rejected, src, data):
+            return
         await self.journal.reject(rejection)
+
+    def _file_rejected(self, src: Path, error_json: bytes) -> bool:
+        """Move a refused bundle to rejected/ and write its error.json (a thread: the
+        writer controls what is there). False when the bundle is gone already."""
+        if not os.path.lexists(src):  # lexists: a refused symlink may well dangle
+            return False
+        try:
+            dest = _move(src, self.paths.rejected)
+        except OSError:
+            log.exception("could not move rejected bundle", bundle=not_utf8(src.name) or
+                          src.name)
+            return True  # still journaled: status shows why it stays in incoming/
+        try:
+            if stat.S_ISDIR(os.lstat(dest).st_mode):
+                _write_error_json(dest, error_json)
+            else:
+                log.warning("no error.json: the rejected entry is not a directory; the "
+                            "reason is in this log and in `artifact-router status`",
+                            bundle=not_utf8(dest.name) or dest.name)
+        except OSError as exc:
+            log.warning("could not write error.json; the reason is in this log and in "
+                        "`artifact-router status`", bundle=not_utf8(dest.name) or dest.name,
+                        error=f"{exc.strerror or exc}")
+        return True
 
     # --- completion -----------------------------------------------------------------
 

@@ -26,9 +26,13 @@ from pydantic import ValidationError
 
 from router.config import MqttSettings
 from router.db import Database, artifacts
+from router.journal import FinishedEvent
 from router.manifest import ManifestError, parse_manifest
+from router.metrics import RouterMetrics
+from router.sources import mqtt as mqtt_source
 from router.sources.mqtt import (
     MqttPublishError,
+    MqttSource,
     build_publication,
     derive_event_id,
     publish_manifest,
@@ -392,6 +396,32 @@ def test_only_the_lowest_live_member_takes_over_after_the_grace_period() -> None
     assert pool.due(time.monotonic() + 100) == ["router-a", "router-d"]
 
 
+def test_a_hashed_folder_name_is_never_another_events_id() -> None:
+    """Ids over 200 bytes get a hashed folder name; an id chosen to equal that name must
+    not share the folder (its inline files would land in the other event's)."""
+    long_id = "x" * 250
+    hashed = mqtt_source._segment(long_id)
+    assert hashed.startswith("~sha256-") and len(hashed) < 64
+    assert mqtt_source._segment(hashed) not in (hashed, long_id)
+    assert mqtt_source._segment("run-1") == "run-1"
+
+
+def test_only_a_cleared_status_makes_the_pool_forget_a_dead_member() -> None:
+    """Anything else on a member's status topic (a receipt a publisher aimed there with its
+    ResponseTopic, garbage) must not make the survivors forget it: its session would never
+    be taken over."""
+    settings = MqttSettings(client_id="router-a", shared_group="g", takeover_after=10)
+    pool = Pool(SimpleNamespace(settings=settings))  # type: ignore[arg-type]
+    pool._on_status("router-b", status_payload("router-b", "offline"))
+    since = pool.members["router-b"].since
+    receipt = json.dumps({"event_id": "evt-1", "state": "done", "artifacts": []}).encode()
+    for payload in (receipt, b"not json", b"[1]", json.dumps({"state": "gone"}).encode()):
+        pool._on_status("router-b", payload)
+        assert pool.due(since + 10) == ["router-b"], payload
+    pool._on_status("router-b", b"")  # cleared by the taker once drained
+    assert pool.due(since + 100) == []
+
+
 @needs_v5
 async def test_member_returning_during_a_takeover_loses_and_duplicates_nothing(
     tmp_path: Path, mqtt_broker: Broker, monkeypatch: pytest.MonkeyPatch
@@ -580,6 +610,9 @@ def malformed_corpus(allowed: Path, outside: Path) -> dict[str, tuple[bytes, str
             _bad("uri_directory", artifacts=report({"uri": (allowed / "subdir").as_uri(),
                                                     "type": "bin"})),
             "not a regular file"),
+        "uri_bracketed_host": (
+            _bad("uri_bracketed_host", artifacts=report({"uri": "file://[::1/x.bin"})),
+            "files[0].uri = 'file://[::1/x.bin': is not a valid file:// URI"),
         "uri_remote_host": (
             _bad("uri_remote_host", artifacts=report({"uri": "file://otherhost/data/x.bin"})),
             "names host"),
@@ -671,9 +704,9 @@ def test_malformed_corpus_is_rejected_with_reasons_and_valid_messages_flow(
     for name, (payload, words) in corpus.items():
         topic = f"artifacts/bad/{name}"
         if name == "id_conflict":
-            rows = [r for i, r in by_id.items() if i.startswith("ok-conflict#rejected-")]
-            assert len(rows) == 1, (name, sorted(by_id))
-            row = rows[0]
+            found = [r for i, r in by_id.items() if i.startswith("ok-conflict#rejected-")]
+            assert len(found) == 1, (name, sorted(by_id))
+            row = found[0]
         else:
             row = by_id.get(expected_rejection_id(topic, payload))
             assert row is not None, f"{name}: no rejection recorded; have {sorted(by_id)}"
@@ -706,6 +739,75 @@ def test_malformed_corpus_is_rejected_with_reasons_and_valid_messages_flow(
 
 
 # --- security ----------------------------------------------------------------------------------
+
+
+def _file_uri_source(tmp_path: Path, allowed: Path) -> MqttSource:
+    settings = MqttSettings(allowed_roots=[str(allowed)])
+    return MqttSource(settings, SimpleNamespace(), SimpleNamespace(),  # type: ignore[arg-type]
+                      preflight=lambda _e: None, metrics=RouterMetrics(),
+                      state_dir=tmp_path / "state")
+
+
+def _swap_setup(tmp_path: Path) -> tuple[Path, Path, Any, Callable[[], None]]:
+    """allowed/run/model.bin, and a swap that turns allowed/run into a symlink to
+    outside/run, whose model.bin holds a secret."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "run").mkdir(parents=True)
+    (outside / "run").mkdir(parents=True)
+    (allowed / "run" / "model.bin").write_bytes(b"inside " * 100)
+    (outside / "run" / "model.bin").write_bytes(b"SECRET " * 100)
+    manifest = parse_manifest(json.dumps(_valid("race", artifacts=[
+        {"type": "model", "name": "m", "upload": True,
+         "files": [{"uri": (allowed / "run" / "model.bin").as_uri()}]}])).encode())
+
+    def swap() -> None:
+        os.rename(allowed / "run", allowed / "run.real")
+        os.symlink(outside / "run", allowed / "run")
+
+    return allowed, outside, manifest, swap
+
+
+def test_a_directory_swapped_after_the_check_is_not_hashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race is simulated at its exact point: the check of the file:// URI passed, and
+    a directory of its path becomes a symlink out of allowed_roots before the hash opens
+    the file by name.  The identity checked (device, inode) no longer matches."""
+    allowed, _outside, manifest, swap = _swap_setup(tmp_path)
+    source = _file_uri_source(tmp_path, allowed)
+    real = mqtt_source.sha256_files
+
+    def swapped_then_hashed(items: Any) -> Any:
+        swap()
+        return real(items)
+
+    monkeypatch.setattr(mqtt_source, "sha256_files", swapped_then_hashed)
+    found = source._hash_local_files(manifest)[(0, 0)]
+    assert not isinstance(found, tuple), f"hashed {found[0]} with the outside file's content"
+    assert found.field == "artifacts[0].files[0].uri"
+    assert "changed while the router read it" in found.message
+
+
+def test_a_directory_swapped_between_resolve_and_stat_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same swap, simulated right after the URI's path resolved under allowed_roots:
+    a stat by path would follow the new symlink and vouch for the outside file."""
+    allowed, _outside, manifest, swap = _swap_setup(tmp_path)
+    source = _file_uri_source(tmp_path, allowed)
+    target = allowed / "run" / "model.bin"
+    real = Path.resolve
+
+    def resolve_then_swap(self: Path, strict: bool = False) -> Path:
+        out = real(self, strict=strict)
+        if self == target:
+            swap()
+        return out
+
+    monkeypatch.setattr(Path, "resolve", resolve_then_swap)
+    found = source._hash_local_files(manifest)[(0, 0)]
+    assert not isinstance(found, tuple), f"hashed {found[0]} with the outside file's content"
+    assert "changed while the router read it" in found.message
 
 
 @needs_v5
@@ -918,6 +1020,136 @@ def test_receipts_go_to_the_response_topic_or_the_receipt_topic(
     assert other["artifacts"][0]["type"] == "metrics"
     status = ws.wait_settled(2)
     assert status["events"].get("rejected", 0) == 0, "a receipt was read as a manifest"
+
+
+@needs_v5
+def test_receipt_topics_that_cannot_be_used_fall_back_and_later_receipts_flow(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    """An id with # or + and a ResponseTopic with a wildcard, under $ or on a pool status
+    topic: each receipt goes to receipt_topic (the id made topic-safe) and the receipts
+    after them still flow (a wildcard used to kill the receipt task for good)."""
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, mqtt={"receipts": True})
+    replies = Collector(mqtt_broker, "artifacts/receipts/#", "replies/#",
+                        "artifact-router/pool/#")
+    daemon = start_subscribed(start_daemon, ws)
+    hashed, plus = _valid("x"), _valid("y")
+    hashed["id"], plus["id"] = "run#1", "run+2"
+    responses = {"ok-rt-wild": "replies/#", "ok-rt-plus": "replies/+/x",
+                 "ok-rt-dollar": "$SYS/x", "ok-rt-pool": "artifact-router/pool/routers/router-b"}
+    first = [("artifacts/a", json.dumps(hashed).encode()),
+             ("artifacts/a", json.dumps(plus).encode())] + [
+        ("artifacts/a", json.dumps(_valid(name.removeprefix("ok-"))).encode())
+        for name in responses]
+    topics = list(responses.values())
+    publish_all(mqtt_broker, first, properties=lambda i: v5_properties(
+        ResponseTopic=topics[i - 2], CorrelationData=b"c") if i >= 2 else None)
+    ws.wait_settled(len(first))
+    publish_all(mqtt_broker, [("artifacts/b", json.dumps(metrics_manifest(i)).encode())
+                              for i in range(3)])
+    expected = {"artifacts/receipts/run_1", "artifacts/receipts/run_2"} | {
+        f"artifacts/receipts/{name}" for name in responses} | {
+        f"artifacts/receipts/evt-{i:05d}" for i in range(3)}
+    try:
+        got = replies.wait_for(len(expected), timeout=60)
+    except AssertionError:
+        raise AssertionError(f"receipts: {[m.topic for m in replies.messages]}; "
+                             f"{daemon.log()[-3000:]}") from None
+    time.sleep(1)
+    replies.close()
+    assert {m.topic for m in replies.messages} == expected
+    by_topic = {m.topic: m for m in got}
+    assert json.loads(by_topic["artifacts/receipts/run_1"].payload)["event_id"] == "run#1"
+    assert by_topic["artifacts/receipts/ok-rt-wild"].properties.CorrelationData == b"c"
+    refused = {row["topic"] for row in log_events(daemon, "mqtt response topic refused; the "
+                                                  "receipt goes to receipt_topic")}
+    assert refused == set(responses.values())
+
+
+async def test_a_receipt_paho_refuses_is_dropped_and_the_others_still_go_out(
+    tmp_path: Path, mqtt_broker: Broker
+) -> None:
+    """A receipt whose topic paho refuses (ValueError: a wildcard, say, in a reply_to
+    journaled before topics were checked) is logged and dropped; the receipt task lives on.
+    """
+    settings = MqttSettings(**mqtt_broker.mqtt_settings(receipts=True))
+    moved: list[str] = []
+
+    async def mark_moved(ids: Any) -> None:
+        moved.extend(ids)
+
+    source = MqttSource(settings, SimpleNamespace(mark_moved=mark_moved),  # type: ignore[arg-type]
+                        SimpleNamespace(), preflight=lambda _e: None,  # type: ignore[arg-type]
+                        metrics=RouterMetrics(), state_dir=tmp_path / "state")
+
+    async def receipt(event: FinishedEvent) -> tuple[str, bytes, Any]:
+        assert event.reply_to is not None
+        return event.reply_to["topic"], event.event_id.encode(), None
+
+    source._receipt = receipt  # type: ignore[method-assign]
+    replies = await asyncio.to_thread(Collector, mqtt_broker, "ok/#")
+    client = mqtt_source._make_client(settings, client_id=f"{settings.client_id}-t",
+                                      persistent=False)
+    async with client:
+        task = asyncio.create_task(source._receipt_loop(client))
+        source._queue_receipts([
+            FinishedEvent(event_id=name, bundle=None, source="mqtt", state="done",
+                          reply_to={"topic": topic})
+            for name, topic in (("bad", "replies/#"), ("one", "ok/1"), ("two", "ok/2"))])
+        got = await asyncio.to_thread(replies.wait_for, 2, 20)
+        assert not task.done(), task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    replies.close()
+    assert sorted(m.topic for m in got) == ["ok/1", "ok/2"]
+    assert moved == ["bad", "one", "two"]  # dropped for good: not tried again at next start
+
+
+@needs_v5
+def test_a_manifest_on_a_topic_like_the_receipt_topic_is_read_on_v5(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    """Pipeline "receipts" publishes to artifacts/receipts/run-1, which receipt_topic could
+    render: under v5 only the router's user property marks its own messages."""
+    mqtt = {"receipts": True, "topics": ["artifacts/+/+"]}
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, mqtt=mqtt)
+    replies = Collector(mqtt_broker, "artifacts/receipts/#")
+    start_subscribed(start_daemon, ws)
+    settings = MqttSettings(**mqtt_broker.mqtt_settings(**mqtt))
+    asyncio.run(publish_manifest(settings, metrics_manifest(1, pipeline="receipts"), []))
+    status = ws.wait_settled(1, timeout=30)
+    assert status["events"].get("done") == 1, status
+    receipts = [m for m in replies.wait_for(2) if m.topic == "artifacts/receipts/evt-00001"]
+    replies.close()
+    assert receipts, "no receipt"
+    time.sleep(1)  # our receipt on artifacts/receipts/evt-00001 is not read as a manifest
+    assert ws.status()["events"].get("rejected", 0) == 0
+
+
+def test_a_manifest_on_the_receipt_topic_is_rejected_with_the_reason_on_v311(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    """MQTT 3.1.1 has no user properties: a manifest on a topic receipt_topic could render
+    is recorded as rejected, saying why, instead of acknowledged and dropped; the router's
+    own receipts and dead letters there are still skipped."""
+    mqtt = {"receipts": True, "topics": ["artifacts/+/+"], "protocol": "3.1.1",
+            "dead_letter_topic": "artifacts/dead/letters"}
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, mqtt=mqtt)
+    dead = Collector(mqtt_broker, "artifacts/dead/letters", "artifacts/receipts/#")
+    start_subscribed(start_daemon, ws)
+    settings = MqttSettings(**mqtt_broker.mqtt_settings(**mqtt))
+    asyncio.run(publish_manifest(settings, metrics_manifest(1, pipeline="receipts"), []))
+    asyncio.run(publish_manifest(settings, metrics_manifest(2), []))
+    status = ws.wait_settled(2, timeout=30)
+    dead.wait_for(3)  # the dead letter, the receipt of evt-00002, the manifest itself
+    time.sleep(1)  # both came back through our subscription: neither is a new rejection
+    dead.close()
+    status = ws.status()
+    assert status["events"].get("done") == 1 and status["events"].get("rejected") == 1, status
+    (row,) = json.loads(ws.cli("artifacts", "--rejected", "--json").stdout)
+    assert row["id"] == "evt-00001"
+    assert "topic = 'artifacts/receipts/run-1': matches router.mqtt.receipt_topic" in row["error"]
 
 
 # --- the crash window between commit and PUBACK, deterministically ------------------------------

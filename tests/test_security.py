@@ -360,7 +360,7 @@ def test_file_uris_outside_the_allowed_roots_are_refused(tmp_path: Path) -> None
     def check(uri: str) -> str | None:
         resolved, problem = source._resolve_file_uri(uri, "artifacts[0].files[0].uri")
         if problem is None:
-            assert resolved is not None and resolved.is_relative_to(allowed)
+            assert resolved is not None and resolved.path.is_relative_to(allowed)
             return None
         assert problem.field == "artifacts[0].files[0].uri" and problem.value == uri
         return problem.message

@@ -31,6 +31,7 @@ import base64
 import binascii
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -64,7 +65,7 @@ from router.db import deliveries
 from router.delivery import StagedFile
 from router.detect import detect_dataset_format, detect_framework, detect_framework_bytes
 from router.errors import Problem
-from router.intake import AcceptedEvent, Rejection, sha256_files
+from router.intake import AcceptedEvent, CheckedFile, FileChanged, Rejection, sha256_files
 from router.journal import DeliveryJournal, FinishedEvent, Handoff, Planner
 from router.manifest import (
     DatasetArtifact,
@@ -428,6 +429,21 @@ def _backoff(attempt: int, base: float = 0.2, cap: float = 30.0) -> float:
     return ceiling * random.uniform(0.5, 1.0)
 
 
+def _unusable_reply_topic(topic: str) -> str | None:
+    """Why a publisher's ResponseTopic must not get our receipt, or None.
+
+    Wildcards make paho's publish raise; `$` topics are the broker's; the pool's status
+    topics are read by the members, and a receipt there would unsettle a takeover.
+    """
+    if "+" in topic or "#" in topic or "\x00" in topic:
+        return "contains a wildcard (+ or #) or a NUL character"
+    if topic.startswith("$"):
+        return "starts with $ (reserved for the broker)"
+    if topic == POOL_PREFIX or topic.startswith(POOL_PREFIX + "/"):
+        return f"is under {POOL_PREFIX}/, the pool's status topics"
+    return None
+
+
 def _template_pattern(template: str) -> re.Pattern[str]:
     """`artifacts/receipts/{event_id}` -> a regex matching the topics it renders to."""
     parts = []
@@ -446,12 +462,46 @@ def _template_pattern(template: str) -> re.Pattern[str]:
 # --- payload ------------------------------------------------------------------------
 
 
+# Starts every hashed name; a value starting with it is hashed too, so no id or name
+# kept as it is can equal another one's hashed name.
+_HASHED = "~sha256-"
+
+
 def _segment(value: str) -> str:
     """A safe, short directory or file name for a (validated) manifest id or name."""
-    if len(value.encode("utf-8")) <= 200 and value not in (".", ".."):
+    if (
+        len(value.encode("utf-8")) <= 200
+        and value not in (".", "..")
+        and not value.startswith(_HASHED)
+    ):
         return value
     ext = os.path.splitext(value)[1][:20]
-    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:32] + ext
+    return _HASHED + hashlib.sha256(value.encode("utf-8")).hexdigest()[:32] + ext
+
+
+def _lstat_under(root: Path, resolved: Path) -> os.stat_result:
+    """lstat of `resolved` (a path under `root`, symlinks already resolved), reached
+    from `root` one directory at a time without following symlinks: a directory swapped
+    for a symlink since resolve() raises ELOOP or ENOTDIR instead of leading outside."""
+    names = resolved.relative_to(root).parts
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    fd = os.open(root, flags)
+    try:
+        if not names:
+            return os.fstat(fd)  # the root itself: a directory, refused by the caller
+        for name in names[:-1]:
+            child = os.open(name, flags | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        return os.stat(names[-1], dir_fd=fd, follow_symlinks=False)
+    finally:
+        os.close(fd)
+
+
+def _changed(where: str, uri: str) -> Problem:
+    return Problem(field=where, value=uri, message="changed while the router read it (a "
+                   "directory or the file replaced, say by a symlink, after it was checked); "
+                   "write the file completely before publishing and leave it in place")
 
 
 def _inline_size(content: str) -> int:
@@ -868,28 +918,46 @@ class MqttSource:
     # --- intake -------------------------------------------------------------------
 
     def _is_own(self, message: aiomqtt.Message, topic: str) -> bool:
-        if topic == self.settings.dead_letter_topic or topic.startswith(POOL_PREFIX + "/"):
-            return True
-        if self.settings.receipts and self._receipt_pattern.match(topic):
+        """A message the router published itself (receipt, dead letter, pool status).
+
+        MQTT v5 messages of ours carry the MARKER user property: a topic that merely looks
+        like ours (a pipeline named "receipts") is read as a manifest.  Under 3.1.1 the
+        topic is the only clue: see `_reserved_topic`.
+        """
+        if topic.startswith(POOL_PREFIX + "/"):
             return True
         props = message.properties
         users = getattr(props, "UserProperty", None) if props is not None else None
-        if not users:
-            return False
-        return any(k == MARKER for k, _ in users)
+        return any(k == MARKER for k, _ in users or ())
+
+    def _reserved_topic(self, topic: str) -> str | None:
+        """Under MQTT 3.1.1, which of our own publishing settings `topic` matches."""
+        if self.settings.protocol == "5":
+            return None
+        if topic == self.settings.dead_letter_topic:
+            return "router.mqtt.dead_letter_topic"
+        if self.settings.receipts and self._receipt_pattern.match(topic):
+            return "router.mqtt.receipt_topic"
+        return None
 
     def _reply_to(self, message: aiomqtt.Message, event_id: str) -> dict[str, str] | None:
         if not self.settings.receipts:
             return None
         props = message.properties
         response = getattr(props, "ResponseTopic", None) if props is not None else None
+        reply: dict[str, str] = {}
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        if correlation:
+            reply["correlation_data"] = base64.b64encode(bytes(correlation)).decode()
         if response:
-            reply = {"topic": str(response)}
-            correlation = getattr(props, "CorrelationData", None)
-            if correlation:
-                reply["correlation_data"] = base64.b64encode(bytes(correlation)).decode()
-            return reply
-        return {"topic": self.settings.receipt_topic.format(event_id=event_id)}
+            refused = _unusable_reply_topic(str(response))
+            if refused is None:
+                return reply | {"topic": str(response)}
+            log.warning("mqtt response topic refused; the receipt goes to receipt_topic",
+                        topic=str(response), event_id=event_id, reason=refused)
+        # An id may hold + or # (a valid name), which no published topic may.
+        safe_id = _topic_segment(event_id)
+        return reply | {"topic": self.settings.receipt_topic.format(event_id=safe_id)}
 
     def _parse(self, message: aiomqtt.Message, received_at: float) -> _Item:
         topic = message.topic.value
@@ -899,6 +967,7 @@ class MqttSource:
             return item
         raw = _payload_bytes(message)
         fallback_id = derive_event_id(topic, raw)
+        reserved = self._reserved_topic(topic)
         try:
             if not raw.strip():
                 raise ManifestError(
@@ -907,11 +976,22 @@ class MqttSource:
                 )
             manifest = parse_manifest(raw)
         except ManifestError as exc:
+            if reserved is not None:
+                item.ignored = True  # our own receipt or dead letter (never a manifest)
+                return item
             item.event_id = fallback_id
             item.rejection = Rejection(source="mqtt", event_id=fallback_id, problems=exc.problems)
             return item
         event_id = manifest.id or fallback_id
         item.event_id = event_id
+        if reserved is not None:
+            # A real manifest where we publish: acknowledged, so it must not vanish.
+            item.rejection = Rejection(source="mqtt", event_id=event_id, problems=[Problem(
+                field="topic", value=topic, message=f"matches {reserved}, where the router "
+                "publishes (under MQTT 3.1.1 it cannot tell such a manifest from its own "
+                "messages); publish the manifest to another topic, change "
+                f"{reserved}, or use protocol \"5\"")])
+            return item
         problems = self._check_entries(manifest)
         event = AcceptedEvent(
             event_id=event_id,
@@ -976,8 +1056,16 @@ class MqttSource:
                         )
         return problems
 
-    def _resolve_file_uri(self, uri: str, where: str) -> tuple[Path | None, Problem | None]:
-        parts = urlsplit(uri)
+    def _resolve_file_uri(
+        self, uri: str, where: str
+    ) -> tuple[CheckedFile | None, Problem | None]:
+        """The file a `file://` URI names, under an allowed root, with the stat the checks
+        passed on: hashing through CheckedFile then reads that very file or fails."""
+        try:
+            parts = urlsplit(uri)
+        except ValueError as exc:  # say, an unclosed [ in the host: file://[::1/x
+            return None, Problem(field=where, value=uri, message=f"is not a valid file:// "
+                                 f"URI: {exc}; use file:///absolute/path")
         if parts.netloc not in ("", "localhost"):
             return None, Problem(
                 field=where,
@@ -1004,7 +1092,10 @@ class MqttSource:
             return None, Problem(field=where, value=uri, message="no such file")
         except (OSError, RuntimeError) as exc:
             return None, Problem(field=where, value=uri, message=f"cannot be resolved: {exc}")
-        if not any(resolved == root or root in resolved.parents for root in self.allowed_roots):
+        root = next(
+            (r for r in self.allowed_roots if resolved == r or r in resolved.parents), None
+        )
+        if root is None:
             return None, Problem(
                 field=where,
                 value=uri,
@@ -1012,15 +1103,19 @@ class MqttSource:
                 f"({', '.join(str(r) for r in self.allowed_roots)})",
             )
         try:
-            st = resolved.stat()
+            st = _lstat_under(root, resolved)
+        except FileNotFoundError:
+            return None, Problem(field=where, value=uri, message="no such file")
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                return None, _changed(where, uri)
             return None, Problem.cannot_read(where, uri, exc)
         if not stat.S_ISREG(st.st_mode):
             return None, Problem(field=where, value=uri,
                                  message="is not a regular file; only regular files can be routed")
         if not os.access(resolved, os.R_OK):
             return None, Problem(field=where, value=uri, message="is not readable by the router")
-        return resolved, None
+        return CheckedFile(resolved, st), None
 
     def _hash_local_files(
         self, manifest: Manifest
@@ -1028,24 +1123,30 @@ class MqttSource:
         """Resolve and hash every `file://` file of the manifest in one go, so that the
         files of a sharded checkpoint hash on every core at once (`sha256_files`)."""
         out: dict[tuple[int, int], tuple[Path, tuple[str, int]] | Problem] = {}
-        wanted: list[tuple[tuple[int, int], str, Path]] = []
+        wanted: list[tuple[tuple[int, int], str, CheckedFile]] = []
         for a_index, artifact in enumerate(manifest.artifacts):
             for f_index, entry in enumerate(artifact.files):
                 if entry.uri is None or not entry.uri.startswith("file://"):
                     continue
                 field = f"artifacts[{a_index}].files[{f_index}].uri"
-                resolved, problem = self._resolve_file_uri(entry.uri, field)
-                if problem is not None or resolved is None:
+                checked, problem = self._resolve_file_uri(entry.uri, field)
+                if problem is not None or checked is None:
                     out[(a_index, f_index)] = problem or Problem(field=field, message="unreadable")
                 else:
-                    wanted.append(((a_index, f_index), entry.uri, resolved))
-        digests = sha256_files([resolved for *_, resolved in wanted])
-        for (index, uri, resolved), digest in zip(wanted, digests, strict=True):
+                    wanted.append(((a_index, f_index), entry.uri, checked))
+        # CheckedFile: the file hashed must be the one checked (same device and inode),
+        # not whatever a path component swapped for a symlink leads to now.
+        digests = sha256_files([checked for *_, checked in wanted])
+        for (index, uri, checked), digest in zip(wanted, digests, strict=True):
             field = f"artifacts[{index[0]}].files[{index[1]}].uri"
-            out[index] = (
-                Problem.cannot_read(field, uri, digest)
-                if isinstance(digest, OSError) else (resolved, digest)
-            )
+            if isinstance(digest, FileChanged) or (
+                isinstance(digest, OSError) and digest.errno == errno.ELOOP
+            ):
+                out[index] = _changed(field, uri)
+            elif isinstance(digest, OSError):
+                out[index] = Problem.cannot_read(field, uri, digest)
+            else:
+                out[index] = (checked.path, digest)
         return out
 
     def _stage(self, event: AcceptedEvent) -> AcceptedEvent | list[Problem]:
@@ -1410,6 +1511,12 @@ class MqttSource:
                 log.warning("receipt not published; will retry after reconnect",
                             event_id=event.event_id, error=str(exc))
                 return  # the session is ending; the receipt stays queued
+            except ValueError as exc:
+                # paho refuses the topic itself (a wildcard, say, in a reply_to journaled
+                # before topics were checked): retrying cannot help, and the receipts
+                # queued behind this one must still go out.
+                log.error("receipt dropped: its topic cannot be published to",
+                          event_id=event.event_id, topic=topic, error=str(exc))
             self._receipts.popleft()
             with contextlib.suppress(Exception):
                 await self.journal.mark_moved([event.event_id])

@@ -68,7 +68,7 @@ def status_payload(client_id: str, state: str, **extra: Any) -> bytes:
 
 
 def _parse_status(payload: Any) -> dict[str, Any] | None:
-    """The status document, or None for a cleared status (empty) or garbage."""
+    """The status document, or None for an empty payload or garbage."""
     if not isinstance(payload, bytes | bytearray | str) or not payload:
         return None
     try:
@@ -149,9 +149,14 @@ class Pool:
                 self._on_status(message.topic.value.rsplit("/", 1)[-1], message.payload)
 
     def _on_status(self, key: str, payload: Any) -> None:
+        if not payload:  # a cleared (empty retained) status: drained, or gone for good
+            self.members.pop(key, None)
+            return
         status = _parse_status(payload)
         if status is None:
-            self.members.pop(key, None)
+            # Not a status (say, something another client published here): forgetting
+            # the member for it would leave a dead member's session never taken over.
+            log.warning("mqtt pool: not a member status; ignored", member=key)
             return
         known = self.members.get(key)
         if known is None or known.state != status["state"]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
@@ -27,6 +29,7 @@ __all__ = [
     "LocationRow",
     "RunRow",
     "artifact_checksum",
+    "file_uri_paths",
     "list_artifacts",
     "list_runs",
     "record_events",
@@ -43,6 +46,13 @@ class LocationRow(BaseModel):
     sha256: str | None = None
     size: int | None = None
     version_id: str | None = None
+
+
+def file_uri_paths(uri: str) -> list[Path]:
+    """The paths a file:// location may name: percent-decoded (`Path.as_uri()`), then as
+    written (the local store used to write `file://{dest}` unencoded)."""
+    raw = [unquote(urlparse(uri).path), uri[len("file://"):]]
+    return [Path(p) for p in dict.fromkeys(raw)]
 
 
 class ArtifactRow(BaseModel):

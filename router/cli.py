@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
 import re
@@ -18,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from router.config import LoadedConfig, load_config, mask_secrets
+from router.config import LoadedConfig, load_config, mask_secrets, mask_url_passwords
 from router.errors import ConfigError
 
 app = typer.Typer(
@@ -72,16 +74,35 @@ def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _fail(code: int, message: str) -> typer.Exit:
+    """Print one line for a shell user (no traceback); raise the returned Exit."""
+    err_console.print(message, highlight=False, markup=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
 async def _with_journal(loaded: LoadedConfig, fn: Callable[[Any], Awaitable[T]]) -> T:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from router.db import Database
     from router.journal import DeliveryJournal
 
-    db = Database(loaded.config.router.database_url())
+    url = loaded.config.router.database_url()
+    db = Database(url)
     try:
         await db.migrate()
         return await fn(DeliveryJournal(db))
+    except (SQLAlchemyError, OSError) as exc:
+        # A corrupt file, a directory, a server that is down: say which setting, not where.
+        cause = getattr(exc, "orig", None) or exc
+        setting = ("router.journal_url" if loaded.config.router.journal_url
+                   else "router.journal_url (unset: SQLite under router.state_dir)")
+        raise _fail(1, mask_url_passwords(
+            f"cannot open the journal {setting}={url}: {type(cause).__name__}: {cause}; "
+            "check that it names a SQLite file or a reachable PostgreSQL database"
+        )) from None
     finally:
-        await db.dispose()
+        with contextlib.suppress(SQLAlchemyError, OSError):
+            await db.dispose()
 
 
 # --- run / validate / schema ------------------------------------------------------------
@@ -333,24 +354,55 @@ def emit(
     if mqtt:
         _emit_mqtt(loaded, manifest, [Path(f).resolve() for f in files or []], topic, as_json)
         return
+    if bundle_name.startswith("."):  # DESIGN 2: the daemon never reads dot-names
+        raise _fail(2, f"--id {bundle_name!r}: a bundle name starting with '.' is never "
+                       "read by the daemon; choose an --id that does not start with '.'")
     incoming = Path(spool) / "incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
-    tmp = incoming / f".tmp-{bundle_name}"
-    tmp.mkdir()
-    try:
-        for f in files or []:
-            if not f.is_file():
-                raise typer.BadParameter(f"{f}: no such file", param_hint="FILES")
-            shutil.copyfile(f, tmp / f.name)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        os.rename(tmp, incoming / bundle_name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _write_bundle(incoming, bundle_name, files or [], manifest)
     if as_json:
         _emit_json({"event_id": bundle_name, "bundle": str(incoming / bundle_name)})
     else:
         print(f"emitted {bundle_name} -> {incoming / bundle_name}")
+
+
+def _write_bundle(incoming: Path, bundle_name: str, files: list[Path],
+                  manifest: dict[str, Any]) -> None:
+    """Build `incoming/.tmp-<id>/`, then rename it to `incoming/<id>`; a taken id or an
+    unusable spool is one line on stderr and a non-zero exit, never a traceback."""
+    final, tmp = incoming / bundle_name, incoming / f".tmp-{bundle_name}"
+    taken = (f"--id {bundle_name!r} is taken: {final} exists (the daemon has not picked "
+             "it up yet); choose another --id")
+    try:
+        incoming.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _fail(1, f"spool {incoming.parent} is unusable: cannot create {incoming} "
+                       f"({exc.strerror or exc}); fix --spool or router.spool") from None
+    if final.exists():
+        raise _fail(2, taken)
+    try:
+        tmp.mkdir()
+    except FileExistsError:
+        raise _fail(2, f"--id {bundle_name!r}: {tmp} exists (an emit of this id is running "
+                       "or was interrupted); remove it or choose another --id") from None
+    except OSError as exc:
+        raise _fail(1, f"spool {incoming.parent} is unusable: cannot create {tmp} "
+                       f"({exc.strerror or exc}); fix --spool or router.spool") from None
+    try:
+        for f in files:
+            if not f.is_file():
+                raise typer.BadParameter(f"{f}: no such file", param_hint="FILES")
+            shutil.copyfile(f, tmp / f.name)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        os.rename(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and final.exists():
+            raise _fail(2, taken) from None  # another emit of this id won the race
+        raise _fail(1, f"cannot write the bundle {tmp}: {exc.strerror or exc} "
+                       f"({exc.filename or tmp})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _emit_mqtt(loaded: LoadedConfig | None, manifest: dict[str, Any], files: list[Path],

@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
 import urllib.error
@@ -38,8 +39,15 @@ from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from router.catalog import ArtifactRow, LocationRow, RunRow, artifact_checksum
+from router.catalog import (
+    ArtifactRow,
+    LocationRow,
+    RunRow,
+    artifact_checksum,
+    file_uri_paths,
+)
 from router.config import LoadedConfig, load_config
+from router.intake import sha256_file
 from router.sources import LocalCopies
 
 __all__ = [
@@ -176,7 +184,9 @@ class _SqlBackend:
         result: dict[str, str] = self._run(bundles_of, list(event_ids))
         return result
 
-    def fetch_file(self, row: ArtifactRow, file_name: str, dest: Path) -> bool:
+    def fetch_file(
+        self, row: ArtifactRow, file_name: str, dest: Path, sha256: str | None
+    ) -> bool:
         return False
 
     def close(self) -> None:
@@ -253,11 +263,15 @@ class _HttpBackend:
     def bundles(self, event_ids: Iterable[str]) -> dict[str, str]:
         return {}
 
-    def fetch_file(self, row: ArtifactRow, file_name: str, dest: Path) -> bool:
+    def fetch_file(
+        self, row: ArtifactRow, file_name: str, dest: Path, sha256: str | None
+    ) -> bool:
+        """Download into `dest`; an OSError, and nothing at `dest`, when the bytes are not
+        `sha256` (so another version is never cached under this one's checksum)."""
         url = f"{self.url}/api/v1/artifacts/{row.id}/files/{self._quote(file_name)}"
         try:
             with urllib.request.urlopen(url, timeout=self.timeout) as resp:
-                _write_stream(resp, dest)
+                _write_stream(resp, dest, sha256, source=url)
         except urllib.error.HTTPError:
             return False
         return True
@@ -266,8 +280,11 @@ class _HttpBackend:
         return None
 
 
-def _write_stream(stream: Any, dest: Path) -> str:
-    """Copy a readable stream into `dest` atomically; returns the sha256."""
+def _write_stream(
+    stream: Any, dest: Path, sha256: str | None = None, *, source: str = ""
+) -> str:
+    """Copy a readable stream into `dest` atomically; returns the sha256.  With `sha256`,
+    content that differs is discarded before it reaches `dest` (a checksum OSError)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(prefix=".part-", dir=dest.parent)
@@ -276,11 +293,31 @@ def _write_stream(stream: Any, dest: Path) -> str:
             while chunk := stream.read(_CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
+        if sha256 and digest.hexdigest() != sha256:
+            raise _checksum_error(source or str(dest), digest.hexdigest(), sha256)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return digest.hexdigest()
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _checked_sha256(value: Any, what: str) -> str | None:
+    """`value` when it is a sha256 (64 lowercase hex digits) or None; it names a cache
+    folder, so anything else (from a remote catalog: `../x`) is refused."""
+    if value is None or (isinstance(value, str) and _SHA256.fullmatch(value)):
+        return value
+    raise ValueError(f"{what}: sha256={value!r} is not 64 lowercase hex digits; the "
+                     "catalog entry is corrupt or the server is not an artifact-router")
+
+
+def _checksum_error(source: str, got: str, expected: str) -> OSError:
+    return OSError(f"{source}: content has sha256 {got[:12]}..., the catalog says "
+                   f"{expected[:12]}...; the object changed after it was stored (another "
+                   "version written to the same key?)")
 
 
 def _safe_url(url: str) -> str:
@@ -349,14 +386,22 @@ class Client:
         """A local path holding the object at `uri` (file://, s3://, gs://).
 
         A `file://` URI is its own path; remote objects are downloaded once into the
-        cache (by checksum when known) and verified against `sha256` when given.
+        cache (by checksum when known).  Both are verified against `sha256` when given:
+        another version's bytes at the same key raise a checksum OSError.
         """
+        sha256 = _checked_sha256(sha256, uri)
         parsed = urllib.parse.urlparse(uri)
         if parsed.scheme == "file":
-            path = Path(urllib.parse.unquote(parsed.path))
-            if not path.is_file():
+            paths = [p for p in file_uri_paths(uri) if p.is_file()]
+            if not paths:
                 raise FileNotFoundError(f"{uri}: no such file on this machine")
-            return path
+            if not sha256:
+                return paths[0]
+            got = ""
+            for path in paths:
+                if (got := sha256_file(path.resolve())[0]) == sha256:
+                    return path
+            raise _checksum_error(uri, got, sha256)
         if parsed.scheme not in ("s3", "gs"):
             raise ValueError(f"cannot read {uri!r}: only file://, s3:// and gs:// URIs")
         bucket, key = parsed.netloc, urllib.parse.unquote(parsed.path.lstrip("/"))
@@ -402,7 +447,8 @@ class Client:
     def local_file(self, row: ArtifactRow, file_name: str) -> Path:
         """A local path of one file of a catalogued artifact, from wherever it landed."""
         staged = next((f for f in row.files if f.get("name") == file_name), None)
-        sha = staged.get("sha256") if staged else None
+        sha = _checked_sha256(staged.get("sha256") if staged else None,
+                              f"files[{file_name!r}] of {_ref(row)}")
         stores = [
             loc for loc in row.locations if loc.action == "store" and loc.file_name == file_name
         ]
@@ -421,11 +467,16 @@ class Client:
         dest = self.cache_dir / (sha or f"artifact-{row.id}") / file_name
         if sha and dest.is_file():
             return dest
-        if self.backend.fetch_file(row, file_name, dest):
-            return dest
+        try:
+            if self.backend.fetch_file(row, file_name, dest, sha):
+                return dest
+        except OSError as exc:
+            errors.append(str(exc))
         found = self._from_spool(row, staged)
         if found is not None:
-            return found
+            if not sha or (got := sha256_file(found.resolve())[0]) == sha:
+                return found
+            errors.append(str(_checksum_error(str(found), got, sha)))
         where = "; ".join(errors) or "no store location, and its spool bundle is gone"
         raise FileNotFoundError(f"file {file_name!r} of {_ref(row)} (v{row.version}): {where}")
 

@@ -170,10 +170,11 @@ class Daemon:
             app = web.Application()
             app.router.add_get("/healthz", self._healthz)
             app.router.add_get("/metrics", self._metrics)
-            from router.http_api import add_routes
+            from router.http_api import add_routes, local_store_roots
             from router.sources import LocalCopies
 
-            add_routes(app, self.db, copies=LocalCopies.of(self.config.router))
+            add_routes(app, self.db, copies=LocalCopies.of(self.config.router),
+                       store_roots=lambda: local_store_roots(self.config))
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
             await web.TCPSite(self._runner, host, port).start()

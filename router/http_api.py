@@ -14,20 +14,23 @@ Artifacts carry metadata, checksum, version, files, locations and lineage inputs
 catalog says the router itself wrote or accepted: a `file://` store location, the file
 in the artifact's spool bundle, or for MQTT the inline file intake wrote (also once
 retired to mqtt-done) or the `file://` file it accepted under `router.mqtt.allowed_roots`
-(re-checked, symlinks resolved, on every request).  Errors are JSON: {"error": "..."}.
+(re-checked, symlinks resolved, on every request); a store location only under a local
+store root (`store_roots`), and any file only while its content has the catalog's sha256
+(else the next place, else 404).  Errors are JSON: {"error": "..."}.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import hashlib
+import os
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlparse
+from typing import Any, BinaryIO
 
 from aiohttp import web
 
-from router.catalog import ArtifactRow, list_runs
+from router.catalog import ArtifactRow, file_uri_paths, list_runs
 from router.catalog_read import (
     artifact_by_id,
     bundles_of,
@@ -36,13 +39,15 @@ from router.catalog_read import (
     query_artifacts,
     resolve_refs,
 )
+from router.config import RouterConfig
 from router.db import Database
 from router.sources import LocalCopies
 
-__all__ = ["API_PREFIX", "LocalCopies", "add_routes"]
+__all__ = ["API_PREFIX", "LocalCopies", "add_routes", "local_store_roots"]
 
 API_PREFIX = "/api/v1"
 _MAX_LIMIT = 100_000
+_CHUNK = 1 << 20
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -84,32 +89,118 @@ def _dump(rows: list[Any]) -> list[dict[str, Any]]:
     return [r.model_dump(mode="json") for r in rows]
 
 
-def _local_file(
-    row: ArtifactRow, name: str, bundles: dict[str, str], copies: LocalCopies
-) -> Path | None:
-    """The file on this machine: a file:// store location, else the copy intake kept."""
-    for loc in row.locations:
-        if loc.action != "store" or loc.file_name != name:
+def local_store_roots(config: RouterConfig) -> list[Path]:
+    """The roots of every `local` store in `config` (resolved as the store resolves them)."""
+    return [
+        Path(str(comp.settings["path"])).expanduser().resolve()
+        for stack in config.stacks.values()
+        for _, comp in stack.components()
+        if comp.type == "local" and comp.settings.get("path")
+    ]
+
+
+def _store_paths(uri: str, roots: Sequence[Path] | None) -> Iterator[Path]:
+    """The paths a file:// store location may name, symlinks resolved, under `roots`.
+
+    The local store wrote `file://{dest}` unencoded and now writes `dest.as_uri()`
+    (percent-encoded): both readings are tried; the checks, and the sha256 check when
+    the file is served, decide.  Without `roots` (an app that passed none) a path with
+    `..` is still refused.
+    """
+    if not uri.startswith("file://"):
+        return
+    for path in file_uri_paths(uri):
+        if not path.is_absolute() or ".." in path.parts:
             continue
-        parsed = urlparse(loc.uri)
-        if parsed.scheme == "file":
-            path = Path(unquote(parsed.path))
-            if path.is_file():
-                return path
+        resolved = path.resolve()
+        if roots is not None and not any(r == resolved or r in resolved.parents for r in roots):
+            continue
+        if resolved.is_file():
+            yield resolved
+
+
+def _local_files(
+    row: ArtifactRow, name: str, bundles: dict[str, str], copies: LocalCopies,
+    store_roots: Sequence[Path] | None = None,
+) -> Iterator[Path]:
+    """The file on this machine: file:// store locations, then the copy intake kept."""
+    for loc in row.locations:
+        if loc.action == "store" and loc.file_name == name:
+            yield from _store_paths(loc.uri, store_roots)
     staged = next((f for f in row.files if f.get("name") == name), None)
-    if not staged or not staged.get("path"):
+    if staged and staged.get("path"):
+        found = copies.find(str(staged["path"]), bundles.get(row.event_id))
+        if found is not None:
+            yield found
+
+
+def _local_file(
+    row: ArtifactRow, name: str, bundles: dict[str, str], copies: LocalCopies,
+    store_roots: Sequence[Path] | None = None,
+) -> Path | None:
+    """The first candidate of `_local_files`, unverified (the endpoint verifies)."""
+    return next(_local_files(row, name, bundles, copies, store_roots), None)
+
+
+def _catalog_sha256(row: ArtifactRow, name: str) -> set[str]:
+    """The checksums the catalog holds for file `name` of `row`."""
+    shas = {f.get("sha256") for f in row.files if f.get("name") == name}
+    shas |= {loc.sha256 for loc in row.locations
+             if loc.action == "store" and loc.file_name == name}
+    return {s for s in shas if isinstance(s, str) and s}
+
+
+def _open_verified(
+    row: ArtifactRow, name: str, bundles: dict[str, str], copies: LocalCopies,
+    store_roots: Sequence[Path] | None,
+) -> tuple[BinaryIO, int] | None:
+    """An open file (and its size) whose content has the catalog's sha256, else None.
+
+    The file is hashed through the handle that is then served, so a file replaced in
+    between (another version written to the same key) is never sent as this one.
+    """
+    expected = _catalog_sha256(row, name)
+    if not expected:
         return None
-    return copies.find(str(staged["path"]), bundles.get(row.event_id))
+    for path in _local_files(row, name, bundles, copies, store_roots):
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - handed to the response, closed there
+        except OSError:
+            continue
+        digest = hashlib.sha256()
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+        if digest.hexdigest() in expected:
+            fh.seek(0)
+            return fh, os.fstat(fh.fileno()).st_size
+        fh.close()
+    return None
+
+
+async def _send(request: web.Request, fh: BinaryIO, size: int) -> web.StreamResponse:
+    """Stream an open file (already verified) and close it."""
+    with fh:
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = size
+        await resp.prepare(request)
+        while chunk := await asyncio.to_thread(fh.read, _CHUNK):
+            await resp.write(chunk)
+        await resp.write_eof()
+    return resp
 
 
 def add_routes(
     app: web.Application, db: Database, *, spool: str | Path | None = None,
     copies: LocalCopies | None = None,
+    store_roots: Callable[[], Iterable[Path]] | None = None,
 ) -> None:
     """Register the read-only catalog endpoints on `app` (GET only).
 
     `copies` (or just `spool`, the daemon's spool root) lets the file endpoint serve
     files of artifacts that were not uploaded to a store, where intake kept them.
+    `store_roots` (called per request, so a reloaded config counts: the daemon passes
+    `lambda: local_store_roots(config)`) limits file:// store locations to those roots.
+    Whatever the path, a file is served only when its sha256 is the catalog's.
     """
     copies = copies or LocalCopies(spool=Path(spool) if spool is not None else None)
 
@@ -176,9 +267,10 @@ def add_routes(
             bundles = await bundles_of(conn, [row.event_id]) if row is not None else {}
         if row is None:
             return _error(404, f"no artifact {request.match_info['id']} in the catalog")
-        path = await asyncio.to_thread(_local_file, row, name, bundles, copies)
-        if path is not None:
-            return web.FileResponse(path)
+        roots = list(store_roots()) if store_roots is not None else None
+        opened = await asyncio.to_thread(_open_verified, row, name, bundles, copies, roots)
+        if opened is not None:
+            return await _send(request, *opened)
         remote = [loc.uri for loc in row.locations if loc.file_name == name]
         return _error(
             404,

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar, overload
 
 from router.config import current_stack
-from router.manifest import ManifestError, parse_manifest
+from router.manifest import ManifestError, _check_name, parse_manifest
 
 __all__ = [
     "DATA",
@@ -418,6 +418,7 @@ def _write_object(
             target = Path(obj).name
         else:
             target = f"{stem}.{ser.extension}"
+        _check_plain_name(target, "file_name", "a plain file name such as 'model.pkl'")
         path = directory / target
         try:
             ser.dump(obj, path)
@@ -434,6 +435,15 @@ def _write_object(
         f"cannot serialize {_type_name(obj)} ({'; '.join(errors)}); pass serializer= "
         f"(one of {', '.join(SERIALIZERS)}) or a pathlib.Path to a file"
     )
+
+
+def _check_plain_name(value: str, field: str, fix: str) -> None:
+    """`value` names one entry in a bundle folder (no '/', '..', absolute path): checked
+    before anything is written, so a bad name never writes outside the spool."""
+    try:
+        _check_name(value)
+    except ValueError as exc:
+        raise ValueError(f"{field}={value!r} {exc}; give {fix}") from None
 
 
 def load_file(path: Path, serializer: str | None, python_type: str | None = None) -> Any:
@@ -1158,6 +1168,11 @@ def _emit(
     if transport not in ("spool", "mqtt"):
         raise ValueError(f"transport {transport!r} is not 'spool' or 'mqtt'")
     event_id = event_id or _new_event_id(ctx)
+    # Both name folders (incoming/.tmp-<id>, the MQTT staging folder): check first.
+    _check_plain_name(event_id, "event_id", "another event_id")
+    if transport == "spool" and event_id.startswith("."):
+        raise ValueError(f"event_id={event_id!r}: the daemon never reads a bundle whose name "
+                         "starts with '.' (DESIGN 2); give an event_id without a leading '.'")
     stack = stack or current_stack()
     if transport == "mqtt":
         return _emit_mqtt(items, ctx, inputs=inputs, stack=stack, cache_key=cache_key,

@@ -139,3 +139,62 @@ def test_readme_demo_command_runs_and_shows_where_artifacts_landed(tmp_path: Pat
     assert "prep/train_data/train.csv" in result.stdout
     assert "train/fraud_detector/model.pkl" in result.stdout
     assert '"accuracy":0.97' in result.stdout
+
+
+def test_emit_refuses_an_id_it_cannot_deliver_and_an_unusable_spool(tmp_path: Path) -> None:
+    """One line and a non-zero exit, never a traceback: an id starting with '.' (the
+    daemon never reads it: DESIGN 2; it used to exit 0), an id already in incoming/,
+    a leftover .tmp-<id>, a --spool that is a file."""
+    (tmp_path / "m.pkl").write_bytes(b"x")
+    spool = tmp_path / "spool"
+
+    def emit(*args: str) -> subprocess.CompletedProcess[str]:
+        return cli("emit", "--pipeline", "p", "--run-id", "r", "--step", "s", *args,
+                   "m.pkl", cwd=tmp_path)
+
+    hidden = emit("--spool", str(spool), "--id", ".hidden")
+    assert hidden.returncode == 2 and "--id '.hidden'" in hidden.stderr, hidden
+    assert not (spool / "incoming").exists() or not list((spool / "incoming").iterdir())
+
+    assert emit("--spool", str(spool), "--id", "dup").returncode == 0
+    again = emit("--spool", str(spool), "--id", "dup")
+    assert again.returncode == 2 and "--id 'dup' is taken" in again.stderr, again
+    assert sorted(p.name for p in (spool / "incoming").iterdir()) == ["dup"]
+
+    (spool / "incoming" / ".tmp-left").mkdir()
+    left = emit("--spool", str(spool), "--id", "left")
+    assert left.returncode == 2 and ".tmp-left" in left.stderr and "--id" in left.stderr
+
+    (tmp_path / "spoolfile").write_text("")
+    unusable = emit("--spool", "spoolfile")
+    assert unusable.returncode == 1, unusable
+    assert "spool spoolfile is unusable" in unusable.stderr
+    assert "Not a directory" in unusable.stderr or "File exists" in unusable.stderr
+    for out in (hidden, again, left, unusable):
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_journal_commands_say_which_setting_names_an_unopenable_journal(
+    tmp_path: Path,
+) -> None:
+    """A corrupt SQLite file, a directory, a PostgreSQL server that is down: every
+    journal command exits 1 naming router.journal_url (password masked) and the cause."""
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not a database " * 10)
+    (tmp_path / "dir.db").mkdir()
+    urls = {
+        f"sqlite+aiosqlite:///{corrupt}": "file is not a database",
+        f"sqlite+aiosqlite:///{tmp_path / 'dir.db'}": "unable to open database file",
+        "postgresql+asyncpg://u:sekret@127.0.0.1:1/db": "Connect call failed",
+    }
+    commands = (["status"], ["runs"], ["artifacts"], ["retry", "--all"], ["model", "list"],
+                ["model", "approve", "m", "--version", "1"])
+    for i, (url, cause) in enumerate(urls.items()):
+        config = tmp_path / f"router{i}.yaml"
+        config.write_text(f"router:\n  journal_url: {url}\n")
+        for cmd in commands if i == 0 else commands[:1]:
+            out = cli(*cmd, "--config", str(config), cwd=tmp_path)
+            assert out.returncode == 1, (cmd, out)
+            assert "Traceback" not in out.stderr, (cmd, out.stderr)
+            assert "router.journal_url=" in out.stderr and cause in out.stderr, out.stderr
+            assert "sekret" not in out.stderr

@@ -9,6 +9,7 @@ import hashlib
 import json
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +22,10 @@ from sklearn.linear_model import LogisticRegression
 import router
 from router import Artifact, Dataset, Flow, Metrics, Model, Run, emit, merge_artifacts
 from router.client import Client, NotFound
+from router.config import load_config
 from router.db import Database
-from router.http_api import add_routes
-from tests.conftest import DaemonProcess, Workspace, free_port
+from router.http_api import add_routes, local_store_roots
+from tests.conftest import DaemonProcess, Workspace, free_port, model_manifest, write_bundle
 from tests.servers_storage import GcsEmulator, RcloneS3, gcs_emulator, rclone_s3
 
 __all__ = ["gcs_emulator", "rclone_s3"]  # fixtures used here
@@ -188,7 +190,9 @@ def test_catalog_queries_on_sqlite_and_postgresql(
 class ApiServer:
     """`add_routes` on an aiohttp app of our own, in a thread with its own loop."""
 
-    def __init__(self, database_url: str, spool: Path) -> None:
+    def __init__(self, database_url: str, spool: Path,
+                 store_roots: list[Path] | None = None) -> None:
+        self._store_roots = store_roots
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
@@ -204,7 +208,9 @@ class ApiServer:
         asyncio.set_event_loop(self._loop)
         db = Database(self._database_url)
         app = web.Application()
-        add_routes(app, db, spool=self._spool)
+        roots = self._store_roots
+        add_routes(app, db, spool=self._spool,
+                   store_roots=None if roots is None else (lambda: roots))
         runner = web.AppRunner(app)
         self._loop.run_until_complete(runner.setup())
         self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
@@ -296,6 +302,143 @@ def test_http_api_served_by_the_daemon(
     url = f"http://{workspace.router['listen']}"
     emit_lineage_run(workspace)
     check_read_path(url, workspace, monkeypatch)
+
+
+# --- files come back only as the catalog has them ---------------------------------------
+
+SECRET = b"TOP SECRET: outside every root\n"
+
+
+def get_bytes(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def file_url(base: str, artifact_id: int, name: str) -> str:
+    return f"{base}/api/v1/artifacts/{artifact_id}/files/{urllib.parse.quote(name, safe='')}"
+
+
+def test_http_file_endpoint_never_serves_a_file_outside_the_store(
+    tmp_path: Path, start_daemon: StartDaemon
+) -> None:
+    """A file named '%2e%2e%2f...' (its file:// location once held it unencoded, and the
+    endpoint decoded it to '../') and a stored file swapped for a symlink to a file
+    outside the store: the endpoint sends the artifact's own bytes or 404, never the
+    outside file."""
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    workspace = Workspace(tmp_path, listen=f"127.0.0.1:{free_port()}")
+    start_daemon(workspace)
+    evil = "%2e%2e%2f" * 5 + "secret.txt"  # <store>/fraud/run-1/train/evil/ is 5 below tmp_path
+    manifest = model_manifest("evil")
+    manifest["artifacts"][0]["files"] = [{"path": "model.pkl", "name": evil}]
+    write_bundle(workspace.spool, "evil", manifest, {"model.pkl": b"evil model"})
+    write_bundle(workspace.spool, "linked", model_manifest("linked"), {"model.pkl": b"linked"})
+    assert workspace.wait_settled(2)["events"] == {"done": 2}
+    base = f"http://{workspace.router['listen']}"
+    listed = get_json(f"{base}/api/v1/artifacts?pipeline=fraud")[1]["artifacts"]
+    rows = {a["name"]: a for a in listed}
+
+    status, body = get_bytes(file_url(base, rows["evil"]["id"], evil))
+    assert body != SECRET and (status, body) in ((200, b"evil model"), (404, body)), body
+
+    stored = workspace.store / "fraud" / "run-1" / "train" / "linked" / "model.pkl"
+    stored.unlink()
+    stored.symlink_to(tmp_path / "secret.txt")
+    # Also without the spool copy, which the endpoint would rightly fall back to.
+    (workspace.spool / "done" / "linked" / "model.pkl").unlink()
+    status, body = get_bytes(file_url(base, rows["linked"]["id"], "model.pkl"))
+    assert (status, body != SECRET) == (404, True), body
+
+
+def test_file_endpoint_serves_store_locations_only_under_the_store_roots(
+    workspace: Workspace, start_daemon: StartDaemon
+) -> None:
+    """`add_routes(store_roots=...)`: a file:// location outside every local store root
+    is not served, however intact; inside one of the config's (local_store_roots) it is."""
+    start_daemon(workspace)
+    write_bundle(workspace.spool, "b1", model_manifest("m"), {"model.pkl": b"in the store"})
+    assert workspace.wait_settled(1)["events"] == {"done": 1}
+    elsewhere, nowhere = workspace.root / "elsewhere", workspace.root / "no-spool"
+    elsewhere.mkdir()
+    configured = local_store_roots(load_config(workspace.config_path).config)
+    assert configured == [workspace.store.resolve()]
+    for roots, expected in (([elsewhere], 404), (configured, 200)):
+        server = ApiServer(workspace.journal_url, nowhere, store_roots=roots)
+        try:
+            (art,) = get_json(f"{server.url}/api/v1/artifacts?name=m")[1]["artifacts"]
+            status, body = get_bytes(file_url(server.url, art["id"], "model.pkl"))
+        finally:
+            server.stop()
+        assert status == expected, (roots, body)
+        assert status == 404 or body == b"in the store"
+
+
+def overwritten_versions(workspace: Workspace, start_daemon: StartDaemon) -> None:
+    """Versions 1 and 2 of model m stored at one key (`on_conflict: overwrite`): the
+    store's file holds version 2, version 1's catalog entry still points at it."""
+    workspace.stack["artifact_routing"]["Model"] = {
+        "store": "local", "path": "{pipeline}/latest/{name}", "on_conflict": "overwrite"}
+    workspace.write()
+    start_daemon(workspace)
+    for run_id, data in (("r1", b"version one"), ("r2", b"version two")):
+        write_bundle(workspace.spool, run_id, model_manifest("m", run_id=run_id,
+                     version=run_id[1]), {"model.pkl": data})
+        workspace.wait_settled(int(run_id[1]))
+    assert workspace.status()["events"] == {"done": 2}
+
+
+def test_an_overwritten_version_is_never_read_back_with_the_newer_bytes(
+    workspace: Workspace, start_daemon: StartDaemon
+) -> None:
+    """The local client and the HTTP endpoint check the file:// file against the
+    catalog's sha256: version 1 comes from its spool bundle, or not at all (a checksum
+    error), never with version 2's bytes."""
+    overwritten_versions(workspace, start_daemon)
+    server = ApiServer(workspace.journal_url, workspace.spool, store_roots=[workspace.store])
+    try:
+        with client_for(workspace) as client:
+            (v1,) = [r for r in client.backend.artifacts(name="m") if r.version == "1"]
+            assert client.local_file(v1, "model.pkl").read_bytes() == b"version one"
+            assert get_bytes(file_url(server.url, v1.id, "model.pkl")) == (200, b"version one")
+            # Without the spool copy: 404 from the server, a checksum error from the client.
+            (workspace.spool / "done" / "r1" / "model.pkl").unlink()
+            assert get_bytes(file_url(server.url, v1.id, "model.pkl"))[0] == 404
+            with pytest.raises(FileNotFoundError, match="catalog says"):
+                client.local_file(v1, "model.pkl")
+    finally:
+        server.stop()
+
+
+def test_http_client_checks_fetched_files_and_catalog_checksums(
+    workspace: Workspace, start_daemon: StartDaemon
+) -> None:
+    """Files fetched over HTTP are checked against the catalog's sha256 before they are
+    cached, and a `files[].sha256` that is not one never names a cache path.  The client
+    is made a remote reader (its `read` finds no file:// path) and, as the reviewer's
+    repro does, holds a catalog row whose checksum the served bytes do not match."""
+    overwritten_versions(workspace, start_daemon)
+    server = ApiServer(workspace.journal_url, workspace.spool)
+    cache = workspace.root / "http-cache"
+    try:
+        with Client(url=server.url, cache_dir=cache) as client:
+            client.read = lambda uri, **kw: (_ for _ in ()).throw(  # type: ignore[method-assign]
+                FileNotFoundError(uri))
+            (v1,) = [r for r in client.backend.artifacts(name="m") if r.version == "1"]
+            v2_sha = hashlib.sha256(b"version two").hexdigest()
+            stale = v1.model_copy(update={"files": [{**v1.files[0], "sha256": v2_sha}]})
+            with pytest.raises(FileNotFoundError, match="catalog says"):
+                client.local_file(stale, "model.pkl")
+            assert not (cache / v2_sha / "model.pkl").exists()
+            assert client.local_file(v1, "model.pkl").read_bytes() == b"version one"
+            bad = v1.model_copy(update={"files": [{**v1.files[0], "sha256": "../escaped"}]})
+            with pytest.raises(ValueError, match="64 lowercase hex"):
+                client.local_file(bad, "model.pkl")
+            assert not (workspace.root / "escaped").exists()
+    finally:
+        server.stop()
 
 
 # --- S3 -----------------------------------------------------------------------------------

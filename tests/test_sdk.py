@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -541,3 +542,33 @@ def test_emit_over_mqtt_when_configured(
         assert data.small == {"inline": True}
         assert data.notes == "kept where it is"
         assert data.eval == {"accuracy": 0.5}
+
+
+def test_a_file_name_that_leaves_the_bundle_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    """`file_name="../.."` or an absolute path once wrote the file there, then raised (or
+    not at all): now emit raises naming file_name, and nothing is written anywhere."""
+    spool = tmp_path / "spool"
+    target = tmp_path / "elsewhere" / "abs.bin"
+    target.parent.mkdir()
+    for bad in ("../../../../escaped.bin", str(target), "..", "sub/model.bin"):
+        with pytest.raises(ValueError, match=r"file_name=.*plain file name"):
+            emit(Model(b"model bytes", name="m", file_name=bad),
+                 pipeline="p", run_id="r", step_name="s", spool=spool)
+    assert not (tmp_path / "escaped.bin").exists() and not target.exists()
+    assert not list((spool / "incoming").iterdir())  # no bundle, no .tmp- left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "spool"]
+
+
+def test_an_event_id_the_daemon_would_never_read_is_refused(tmp_path: Path) -> None:
+    """DESIGN 2: names starting with '.' are never read, so emit(event_id=".x") was an
+    event silently lost; an id with '/' named a folder elsewhere."""
+    spool = tmp_path / "spool"
+    for bad, reason in ((".x", "starts with '.'"), ("a/../../x", "must not contain '/'")):
+        with pytest.raises(ValueError, match=f"event_id='{re.escape(bad)}'.*{reason}"):
+            emit(Model(b"m", name="m"), pipeline="p", run_id="r", step_name="s",
+                 spool=spool, event_id=bad)
+    assert not (spool / "incoming").exists() or not list((spool / "incoming").iterdir())
+    assert emit(Model(b"m", name="m"), pipeline="p", run_id="r", step_name="s", spool=spool,
+                event_id="x.1").bundle == spool / "incoming" / "x.1"

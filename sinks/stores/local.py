@@ -174,7 +174,7 @@ class LocalStore(BaseBatchSink):
         return DeliveryResult(
             objects=objects,
             uri=objects[0].uri if len(objects) == 1 else (
-                f"file://{self.root}/{target.replace('{file}', '').rstrip('/')}"
+                (self.root / target.replace("{file}", "").strip("/")).as_uri()
             ),
             skipped=all(o.version_id == "unchanged" for o in objects),
         )
@@ -216,7 +216,7 @@ class LocalStore(BaseBatchSink):
             pending.objects.append(
                 StoredObject(
                     file_name=staged.name,
-                    uri=f"file://{dest}",
+                    uri=dest.as_uri(),  # percent-encoded: a '%' in a name stays itself
                     size=staged.size,
                     sha256=staged.sha256,
                     version_id="unchanged" if unchanged else None,

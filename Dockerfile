@@ -7,7 +7,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    ROUTER_CONFIG=/etc/artifact-router/router.yaml
+    ROUTER_CONFIG=/etc/artifact-router/router.yaml \
+    ROUTER_LISTEN=0.0.0.0:9464
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -24,7 +25,7 @@ WORKDIR /data
 VOLUME ["/data/spool", "/data/state", "/data/artifacts"]
 EXPOSE 9464
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9464/healthz', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ['ROUTER_LISTEN'].rsplit(':', 1)[1]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["artifact-router"]
 CMD ["run"]

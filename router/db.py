@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
+import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -256,8 +258,16 @@ class Database:
         """Bring the schema to the newest Alembic revision."""
         from router.migrations import upgrade_head
 
-        async with self.engine.begin() as conn:
-            if not self.is_sqlite:
+        async with contextlib.AsyncExitStack() as stack:
+            if self.is_sqlite:
+                await stack.enter_async_context(_sqlite_migration_lock(self.url))
+            conn = await stack.enter_async_context(self.engine.begin())
+            if self.is_sqlite:
+                # One transaction for all of it (our connections autocommit, so begin()
+                # alone sends no BEGIN): a migration cut off by a crash leaves nothing
+                # half-made that the next start would trip over.
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
                 # Several daemons may start at once against one PostgreSQL.
                 await conn.execute(sa.text("SELECT pg_advisory_xact_lock(727274)"))
             await conn.run_sync(upgrade_head)
@@ -269,6 +279,24 @@ class Database:
         if self._writer is not None:
             self._writer.dispose()
         await self.engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def _sqlite_migration_lock(url: str) -> AsyncIterator[None]:
+    """One migrating process at a time per SQLite file (the daemon starting while a CLI
+    command runs): a lock file next to it. BEGIN IMMEDIATE alone still lost the race
+    to "database is locked" when both started the transaction at once."""
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    if not path or path == ":memory:":
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.migrate-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _sqlite_pragmas(engine: sa.Engine) -> None:

@@ -11,18 +11,20 @@ import contextlib
 import fcntl
 import functools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 import sqlalchemy as sa
+import structlog
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 __all__ = ["Database", "metadata"]
 
+log = structlog.get_logger("router.db")
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -297,6 +299,29 @@ async def _sqlite_migration_lock(url: str) -> AsyncIterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+async def until_it_answers(
+    operation: Callable[[], Awaitable[T]], what: str, set_healthy: Callable[[bool], None]
+) -> T:
+    """`await operation()` until it succeeds, unhealthy meanwhile, backing off to 10 s.
+
+    For the start-up steps that read the journal (recover in-flight work, finish moves a
+    crash cut off): a journal that is busy or down when the daemon starts is a state to
+    report and wait out, as during a run, not a reason to exit.
+    """
+    delay = 0.5
+    while True:
+        try:
+            result = await operation()
+        except Exception as exc:
+            set_healthy(False)
+            log.warning(f"{what} failed; retrying", error=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        else:
+            set_healthy(True)
+            return result
 
 
 def _sqlite_pragmas(engine: sa.Engine) -> None:

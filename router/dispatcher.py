@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 
 from router.config import RetryPolicy, RouterConfig, mask_url_passwords
+from router.db import until_it_answers
 from router.delivery import (
     Action,
     ArtifactView,
@@ -304,7 +305,9 @@ class Dispatcher:
         work may be due (or every CLAIM_EVERY seconds), claims it in the same journal
         transaction (`DeliveryJournal.cycle`).
         """
-        recovered = await self.journal.recover()
+        recovered = await until_it_answers(
+            self.journal.recover, "resuming deliveries left in flight",
+            lambda ok: setattr(self, "healthy", ok))
         if recovered:
             log.info("resumed deliveries left in flight", count=recovered)
         leases = asyncio.create_task(self._maintain_leases(), name="leases")

@@ -259,3 +259,50 @@ async def test_stop_bounds_work_that_a_tick_in_progress_claims(tmp_path: Path) -
         server.close()
         await daemon.pool.close()
         await daemon.db.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_journal_unreachable_at_start_is_waited_out_not_a_crash(tmp_path: Path) -> None:
+    """The journal refuses connections when the dispatcher starts (PostgreSQL with
+    connections to the database turned off): it reports unhealthy and retries, then
+    resumes the work left in flight once the journal answers, instead of ending."""
+    import asyncpg
+
+    from tests.conftest import _PG_REASON, PG_ADMIN_DSN, create_pg_database, drop_pg_database
+
+    if _PG_REASON:
+        pytest.skip(_PG_REASON)
+    url = await asyncio.to_thread(create_pg_database)
+    name = url.rsplit("/", 1)[1]
+
+    async def allow(on: bool) -> None:
+        admin = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(on).lower()}')
+        finally:
+            await admin.close()
+
+    ws = Workspace(tmp_path, journal_url=url)
+    ws.write()
+    daemon = Daemon(load_config(ws.config_path))
+    task = None
+    try:
+        await daemon.db.migrate()
+        await daemon.journal.accept([metrics_event("e1")], daemon.plan)
+        await daemon.journal.claim(10)  # left in flight, as by a crash
+        await daemon.db.engine.dispose()  # no pooled connection left to reuse
+        await allow(False)
+        task = asyncio.create_task(daemon.dispatcher.run())
+        await wait_for(lambda: not daemon.dispatcher.healthy)
+        assert not task.done()
+        await allow(True)
+        await wait_finished(daemon, {}, 1)  # resumed and delivered
+        assert daemon.dispatcher.healthy
+    finally:
+        await allow(True)
+        if task is not None:
+            await daemon.dispatcher.stop(5)
+            await task
+        await daemon.pool.close()
+        await daemon.db.dispose()
+        await asyncio.to_thread(drop_pg_database, url)

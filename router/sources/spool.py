@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 import watchfiles
 
+from router.db import until_it_answers
 from router.errors import Problem
 from router.intake import AcceptedEvent, Rejection, bundle_path_ok, load_bundle, not_utf8
 from router.journal import AcceptOutcome, DeliveryJournal, FinishedEvent, Handoff, Planner
@@ -181,7 +182,8 @@ class SpoolSource:
 
     async def run(self) -> None:
         self.paths.ensure()
-        await self._recover()
+        await until_it_answers(self._recover, "finishing bundle moves a crash cut off",
+                               lambda ok: setattr(self, "healthy", ok))
         tasks = [asyncio.create_task(self._watch(), name="spool-watch")]
         # The watcher first, then the scan: a bundle renamed in between would otherwise
         # wait for the next rescan, behind bundles that came after it. watchfiles sets

@@ -25,6 +25,7 @@ __all__ = [
     "DecisionError",
     "DecisionRow",
     "decide",
+    "deploy_may_start",
     "deploy_superseded",
     "list_decisions",
     "record_decision",
@@ -189,6 +190,16 @@ def decide(
             f"{name} {version} is {row.state}, not pending approval"
             + ("; use `model deploy` for manual deploys" if row.condition != "on_approval" else "")
         )
+    if action == "deploy" and row.state in ("pending_approval", "rejected") and not force:
+        # `model deploy` must not bypass the approval on_approval asks for.
+        raise DecisionError(
+            f"{name} {version} is {row.state} (deploy_condition {row.condition}): "
+            + (f"approve it with `artifact-router model approve {name} --version {version}`, "
+               "or pass --force to deploy it without approval"
+               if row.state == "pending_approval" else
+               f"it was rejected by {row.decided_by or 'an approver'}; pass --force to deploy "
+               "it anyway")
+        )
     if row.state == "deploying":
         raise DecisionError(f"{name} {version} is already being deployed")
     if row.state == "deployed" and not force:
@@ -264,32 +275,78 @@ def _update(conn: sa.Connection, row: DecisionRow, *, now: float, **values: Any)
     )
 
 
-async def deploy_superseded(conn: AsyncConnection, key: str) -> str | None:
-    """Why a deploy delivery must not run now (a newer version went live), or None."""
-    found = (
-        await conn.execute(sa.select(model_decisions).where(model_decisions.c.deploy_key == key))
-    ).first()
-    if found is None:
-        return None
-    row = DecisionRow.model_validate({**found._mapping, "metrics": found.metrics or {}})
+def _newer_deployed(conn: sa.Connection, row: Any) -> str | None:
+    """The version of a newer deployed row of the same model, unless `row` was forced."""
     if row.forced:
         return None
-    newer = await conn.execute(
+    version: str | None = conn.execute(
         sa.select(model_decisions.c.version).where(
             model_decisions.c.pipeline == row.pipeline,
             model_decisions.c.name == row.name,
             model_decisions.c.stack == row.stack,
             model_decisions.c.artifact_id > row.artifact_id,
             model_decisions.c.state == "deployed",
-        )
-    )
-    version = newer.scalar()
-    if version is None:
+        ).order_by(model_decisions.c.artifact_id.desc()).limit(1)
+    ).scalar()
+    return version
+
+
+def _superseded_reason(conn: sa.Connection, key: str) -> str | None:
+    found = conn.execute(
+        sa.select(model_decisions).where(model_decisions.c.deploy_key == key)
+    ).first()
+    version = _newer_deployed(conn, found) if found is not None else None
+    if found is None or version is None:
         return None
     return (
-        f"superseded: version {version} of {row.name} is deployed and newer than "
-        f"{row.version}; `model deploy --force` rolls back on purpose"
+        f"superseded: version {version} of {found.name} is deployed and newer than "
+        f"{found.version}; `model deploy --force` rolls back on purpose"
     )
+
+
+async def deploy_superseded(conn: AsyncConnection, key: str) -> str | None:
+    """Why a deploy delivery must not run now (a newer version went live), or None."""
+    return await conn.run_sync(_superseded_reason, key)
+
+
+def deploy_may_start(conn: sa.Connection, key: str, starting: set[tuple[str, str, str]]) -> bool:
+    """Whether the deploy delivery `key` may be claimed now; `starting` collects the models
+    whose deploy this claim takes.
+
+    Deploys of one model (pipeline, name, stack) run one at a time: two in flight land
+    in any order, and whichever lands last is live. One at a time, the check before each
+    deploy (`deploy_superseded`) skips an older version once a newer one is deployed.
+    """
+    found = conn.execute(
+        sa.select(model_decisions.c.pipeline, model_decisions.c.name, model_decisions.c.stack)
+        .where(model_decisions.c.deploy_key == key)
+    ).first()
+    if found is None:
+        return True
+    model = (found.pipeline, found.name, found.stack)
+    if model in starting:
+        return False
+    if conn.dialect.name == "postgresql" and not conn.execute(sa.select(
+        # Pools: daemons claiming at once cannot see each other's uncommitted claims;
+        # this lock (held until commit, never waited for) lets one of them at a time look.
+        sa.func.pg_try_advisory_xact_lock(sa.func.hashtext("/".join(("deploy", *model))))
+    )).scalar():
+        return False
+    busy = conn.execute(
+        sa.select(deliveries.c.key)
+        .select_from(model_decisions.join(
+            deliveries, deliveries.c.key == model_decisions.c.deploy_key))
+        .where(
+            model_decisions.c.pipeline == found.pipeline,
+            model_decisions.c.name == found.name,
+            model_decisions.c.stack == found.stack,
+            deliveries.c.state == "in_flight",
+        ).limit(1)
+    ).first()
+    if busy is not None:
+        return False
+    starting.add(model)
+    return True
 
 
 def record_deploy_outcome(
@@ -300,12 +357,27 @@ def record_deploy_outcome(
     ).first()
     if found is None:
         return
+    newer = _newer_deployed(conn, found)
     if not ok:
+        # Dead-lettered because a newer version is live (the dispatcher's check): that
+        # is not a failure of this version.
         conn.execute(
             sa.update(model_decisions)
             .where(model_decisions.c.artifact_id == found.artifact_id)
-            .values(state="failed", reason=error, updated_at=now)
+            .values(state="superseded" if newer else "failed", reason=error, updated_at=now)
         )
+        return
+    if newer is not None:
+        # An older deploy landed after a newer one went live (its lease expired while
+        # the deployer was slow): the endpoint now serves the older model. The newest
+        # wins: deploy it again, and this one is superseded.
+        conn.execute(
+            sa.update(model_decisions)
+            .where(model_decisions.c.artifact_id == found.artifact_id)
+            .values(state="superseded", updated_at=now,
+                    reason=f"landed after version {newer}, which is deployed again")
+        )
+        _redeploy_newest(conn, found, now)
         return
     conn.execute(
         sa.update(model_decisions)
@@ -323,4 +395,33 @@ def record_deploy_outcome(
             model_decisions.c.state == "deployed",
         )
         .values(state="superseded", updated_at=now)
+    )
+
+
+def _redeploy_newest(conn: sa.Connection, older: Any, now: float) -> None:
+    """Queue the deploy of the newest deployed version of `older`'s model again."""
+    newest = conn.execute(
+        sa.select(model_decisions).where(
+            model_decisions.c.pipeline == older.pipeline,
+            model_decisions.c.name == older.name,
+            model_decisions.c.stack == older.stack,
+            model_decisions.c.state == "deployed",
+        ).order_by(model_decisions.c.artifact_id.desc()).limit(1)
+    ).first()
+    if newest is None or newest.deploy_key is None:
+        return
+    conn.execute(
+        sa.update(deliveries).where(deliveries.c.key == newest.deploy_key).values(
+            state="pending", attempts=0, next_attempt_at=now, updated_at=now,
+            last_error=None, owner=None, lease_until=None,
+        )
+    )
+    conn.execute(
+        sa.update(events).where(events.c.id == newest.event_id)
+        .values(state="accepted", finished_at=None)
+    )
+    conn.execute(
+        sa.update(model_decisions)
+        .where(model_decisions.c.artifact_id == newest.artifact_id)
+        .values(state="deploying", updated_at=now)
     )

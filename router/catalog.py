@@ -32,9 +32,11 @@ __all__ = [
     "file_uri_paths",
     "list_artifacts",
     "list_runs",
+    "raise_version_counter",
     "record_events",
     "record_locations_batch",
     "reserve_versions",
+    "whole_version",
 ]
 
 
@@ -111,6 +113,24 @@ def reserve_versions(
     return [str(v) for v in range(last - count + 1, last + 1)]
 
 
+# Explicit versions up to this raise the counter; larger ones (timestamps such as
+# 1733390000) would push every later automatic version past them, and near the
+# column's 32-bit limit.
+_MAX_COUNTED_VERSION = 10**9
+
+
+def whole_version(version: str) -> int | None:
+    """An explicit version that is a whole number ("3", "007"), as one; else None."""
+    if version.isascii() and version.isdigit() and int(version) <= _MAX_COUNTED_VERSION:
+        return int(version)
+    return None
+
+
+def raise_version_counter(conn: sa.Connection, pipeline: str, name: str, floor: int) -> None:
+    """Make the next automatic version of (pipeline, name) at least `floor + 1`."""
+    conn.execute(_raise_counter(conn.dialect.name), {"p": pipeline, "n": name, "floor": floor})
+
+
 # Statements of the journal's hot transactions, built once (see router/journal.py).
 _BUMP_COUNTER = (
     sa.update(version_counters)
@@ -142,6 +162,18 @@ def _new_counter(dialect: str) -> Any:
     return _insert(dialect, version_counters).values(
         pipeline=sa.bindparam("p"), name=sa.bindparam("n"), last=sa.bindparam("count"),
     ).on_conflict_do_nothing()
+
+
+@functools.cache
+def _raise_counter(dialect: str) -> Any:
+    upsert = _insert(dialect, version_counters).values(
+        pipeline=sa.bindparam("p"), name=sa.bindparam("n"), last=sa.bindparam("floor"),
+    )
+    last, floor = version_counters.c.last, upsert.excluded.last
+    return upsert.on_conflict_do_update(
+        index_elements=["pipeline", "name"], set_={"last": sa.case((last < floor, floor),
+                                                                   else_=last)},
+    )
 
 
 @functools.cache

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from router.config import LoadedConfig, load_config, mask_secrets, mask_url_passwords
-from router.errors import ConfigError
+from router.errors import ConfigError, did_you_mean
 
 app = typer.Typer(
     help="Route ML pipeline artifacts from a spool directory or MQTT to stores, "
@@ -121,9 +121,16 @@ def run(
 
     loaded = _load(config)
     configure_logging(log_level, secrets=secret_values(loaded.raw))
-    if stack is not None and stack not in loaded.config.stacks:
-        err_console.print(f"no stack named {stack!r}; known: {', '.join(loaded.config.stacks)}")
-        raise typer.Exit(EX_CONFIG)
+    # The stack the daemon routes to by default, by select_stack's precedence: an unknown
+    # name is a config error whether it comes from the flag or the environment.
+    for origin, name in (("--stack", stack), ("ROUTER_STACK", os.environ.get("ROUTER_STACK")),
+                         ("FLOWYML_STACK", os.environ.get("FLOWYML_STACK"))):
+        if name:
+            if name not in loaded.config.stacks:
+                raise _fail(EX_CONFIG, f"{origin}: no stack named {name!r}"
+                            f"{did_you_mean(name, loaded.config.stacks)}; known: "
+                            f"{', '.join(loaded.config.stacks)}")
+            break
     for warning in loaded.warnings:
         import structlog
 
@@ -594,7 +601,8 @@ def _decide(action: str, name: str, version: str, pipeline: str | None, by: str 
 def model_deploy(
     name: str, version: VersionOpt, pipeline: PipelineOpt = None,
     force: Annotated[bool, typer.Option("--force", help="replace a newer deployed "
-                                        "version (roll back)")] = False,
+                                        "version (roll back), or deploy a version that "
+                                        "awaits approval or was rejected")] = False,
     by: Annotated[str | None, typer.Option(help="who asks (default $USER)")] = None,
     config: ConfigOpt = None, as_json: JsonOpt = False,
 ) -> None:

@@ -801,10 +801,25 @@ def _validate_stack_semantics(stack: StackConfig, problems: list[Problem]) -> No
                 problems.append(Problem(field=f"{epath}.store", value=export.store,
                                         message="names no store of this stack"
                                         + did_you_mean(export.store, list(stack.artifact_stores))))
+        listed: dict[str, str | None] = {}  # component -> the name that first chose it
         for store in rule.stores:
+            resolved = stack.resolve_store(store)
+            if resolved is not None and resolved[0] in listed:
+                # Two names for one store would plan two deliveries with one key: the
+                # journal could not take the event, nor the rest of its batch.
+                problems.append(
+                    Problem(
+                        field=f"{rpath}.store",
+                        value=rule.store,
+                        message=f"lists the store {resolved[0]} twice ({listed[resolved[0]]!r} "
+                        f"and {store!r}); list each store once",
+                    )
+                )
+            elif resolved is not None:
+                listed[resolved[0]] = store
             if store is None:
                 continue  # the stack's artifact_store, if any; planning reports its absence
-            if stack.resolve_store(store) is None:
+            if resolved is None:
                 known = sorted(stack.artifact_stores) + (
                     [stack.artifact_store.type] if stack.artifact_store else []
                 )
@@ -880,6 +895,11 @@ def _build(raw: Any, source: str) -> tuple[RouterConfig, list[str]]:
     else:
         defaults = _embedded_defaults()
         stacks_raw = defaults["stacks"]
+        if "artifact_routing" in raw:
+            # As FlowyML: a top-level artifact_routing is the routing of the default
+            # stack (here the embedded `local` one), replacing its rules.
+            local = defaults["active_stack"]
+            stacks_raw[local] = {**stacks_raw[local], "artifact_routing": raw["artifact_routing"]}
         raw = {**raw, "active_stack": raw.get("active_stack", defaults["active_stack"])}
     if not isinstance(stacks_raw, dict) or not stacks_raw:
         problems.append(

@@ -110,6 +110,7 @@ def _due(locking: bool, excluding: bool) -> sa.Select[Any]:
     query = (
         sa.select(
             deliveries.c.key, deliveries.c.sink_id, deliveries.c.stack, deliveries.c.component,
+            deliveries.c.action,
         )
         .select_from(deliveries.outerjoin(_PREREQ, deliveries.c.after == _PREREQ.c.key))
         .where(
@@ -364,13 +365,22 @@ class DeliveryJournal:
 
     @staticmethod
     def _versions(conn: sa.Connection, fresh: Sequence[AcceptedEvent]) -> dict[str, list[str]]:
-        """Explicit versions as given; the rest reserved per (pipeline, name) in one go."""
+        """Explicit versions as given; the rest reserved per (pipeline, name) in one go.
+
+        A whole-number explicit version raises its counter first, so that no later
+        automatic version repeats it (an explicit "3", then automatic "4").
+        """
         wanted: dict[tuple[str, str], int] = {}
+        floors: dict[tuple[str, str], int] = {}
         for event in fresh:
             for artifact in event.manifest.artifacts:
+                key = (event.manifest.pipeline, artifact.name)
                 if not artifact.version:
-                    key = (event.manifest.pipeline, artifact.name)
                     wanted[key] = wanted.get(key, 0) + 1
+                elif (number := catalog.whole_version(artifact.version)) is not None:
+                    floors[key] = max(floors.get(key, 0), number)
+        for key, floor in sorted(floors.items()):
+            catalog.raise_version_counter(conn, key[0], key[1], floor)
         pools = {
             key: iter(catalog.reserve_versions(conn, key[0], key[1], count))
             for key, count in sorted(wanted.items())
@@ -509,6 +519,7 @@ class DeliveryJournal:
         """
         excluded = list(excluded)
         claimed_keys: list[str] = []
+        deploying: set[tuple[str, str, str]] = set()  # models whose deploy this claim takes
         while len(claimed_keys) < limit:
             params: dict[str, Any] = {"now": now, "window": limit - len(claimed_keys) + 64}
             if excluded:
@@ -520,6 +531,9 @@ class DeliveryJournal:
             for row in rows:
                 if len(claimed_keys) + len(picked) >= limit:
                     break
+                if row.action == Action.DEPLOY.value and not approvals.deploy_may_start(
+                        conn, row.key, deploying):
+                    continue  # another deploy of this model is in flight: one at a time
                 if slots is not None:
                     if not slots.take(row.sink_id, row.stack, row.component):
                         crowding.add(row.sink_id)

@@ -262,12 +262,14 @@ def plan_event(
                     continue
                 component, _ = resolved
                 sink_id = f"{stack.name}.{component}"
+                key = delivery_key(event_id, index, Action.STORE, sink_id)
+                if any(d.key == key for d in plan.deliveries):
+                    continue  # one store named twice (config validation refuses it)
                 try:
                     target = render_path(rule.path, {**values, "file": FILE_SLOT})
                 except ValueError as exc:
                     plan.errors.append(str(exc))
                     continue
-                key = delivery_key(event_id, index, Action.STORE, sink_id)
                 plan.deliveries.append(
                     PlannedDelivery(
                         key=key,

@@ -74,6 +74,20 @@ async def run_all(journal: DeliveryJournal, ok: bool = True) -> list[str]:
     return done
 
 
+async def run_all_but_deploys(journal: DeliveryJournal) -> int:
+    """Complete every claimable delivery except deploys (left pending); how many."""
+    count = 0
+    while claimed := [c for c in await journal.claim(100) if c.action != "deploy"]:
+        await journal.complete([
+            Completion(key=c.key, event_id=c.event_id, artifact_index=c.artifact_index,
+                       sink_id=c.sink_id, action=c.action, outcome="done",
+                       result=DeliveryResult(uri=f"x://{c.key}"))
+            for c in claimed])
+        count += len(claimed)
+    await journal.recover()  # deploys claimed on the way go back to pending
+    return count
+
+
 async def state(journal: DeliveryJournal, version: str) -> Any:
     return next(r for r in await journal.decisions(name="clf") if r.version == version)
 
@@ -154,21 +168,97 @@ async def test_a_late_approval_never_replaces_a_newer_deployed_version(
 async def test_an_older_deploy_queued_behind_a_newer_one_is_superseded(
     journal: DeliveryJournal,
 ) -> None:
+    """Version 1's deploy fails transiently; version 2's deploy lands meanwhile. When
+    version 1 comes round again the dispatcher's check dead-letters it as superseded,
+    and it is recorded `superseded`, not `failed`."""
     await accept(journal, stack("on_approval"), model_event("e1", "1", {}),
                  model_event("e2", "2", {}))
     await run_all(journal)
-    await journal.decide(action="approve", name="clf", version="1")  # queued, not yet run
-    v1_key = (await state(journal, "1")).deploy_key
+    await journal.decide(action="approve", name="clf", version="1")
     await journal.decide(action="approve", name="clf", version="2")
-    # version 2's deploy finishes first
-    claimed = await journal.claim(10)
-    v2 = next(c for c in claimed if c.key != v1_key)
-    await journal.complete([Completion(key=v2.key, event_id=v2.event_id, artifact_index=0,
-                                       sink_id=v2.sink_id, action="deploy", outcome="done",
-                                       result=DeliveryResult())])
-    assert v1_key is not None
-    reason = await journal.deploy_superseded(v1_key)
+    (v1,) = await journal.claim(10)  # one deploy of a model at a time: the older first
+    assert v1.event_id == "e1"
+    await journal.complete([_outcome(v1, "retry", error="deployer timed out",
+                                     next_attempt_at=time.time())])
+    (v2,) = await journal.claim(10)  # due before version 1's retry
+    assert v2.event_id == "e2"
+    await journal.complete([_outcome(v2, "done", result=DeliveryResult())])
+    (again,) = await journal.claim(10)
+    assert again.key == v1.key
+    reason = await journal.deploy_superseded(v1.key)
     assert reason is not None and "version 2" in reason
+    # what the dispatcher does with it: a PermanentError, dead-lettered
+    await journal.complete([_outcome(again, "dead", error=f"permanent: {reason}")])
+    row = await state(journal, "1")
+    assert (row.state, row.reason) == ("superseded", f"permanent: {reason}")
+    assert (await state(journal, "2")).state == "deployed"
+
+
+async def test_deploys_of_one_model_run_one_at_a_time(journal: DeliveryJournal) -> None:
+    """Two deploys of one model in flight land in any order, and the last one is live:
+    the claim takes one deploy per model, and the next once it has finished."""
+    st = stack("auto")
+    await accept(journal, st, model_event("e1", "1", {}))
+    await accept(journal, st, model_event("e2", "2", {}))
+    assert await run_all_but_deploys(journal) == 4  # store, register for each
+    (v1,) = await journal.claim(100)
+    assert (v1.action, v1.event_id) == ("deploy", "e1")
+    assert await journal.claim(100) == []  # version 2 waits while version 1 is in flight
+    await journal.complete([_outcome(v1, "done", result=DeliveryResult())])
+    (v2,) = await journal.claim(100)
+    assert (v2.action, v2.event_id) == ("deploy", "e2")
+    await journal.complete([_outcome(v2, "done", result=DeliveryResult())])
+    assert [(r.version, r.state) for r in await journal.decisions(name="clf")] == [
+        ("2", "deployed"), ("1", "superseded")]
+
+
+async def test_an_older_deploy_landing_after_a_newer_one_deploys_the_newer_again(
+    journal: DeliveryJournal,
+) -> None:
+    """Version 1's deploy outlives its lease and is run again; version 2 deploys after
+    it; then the first, stale attempt of version 1 lands: the endpoint now serves
+    version 1. The newest wins: version 2 is deployed again, version 1 is superseded."""
+    st = stack("auto")
+    await accept(journal, st, model_event("e1", "1", {}))
+    await accept(journal, st, model_event("e2", "2", {}))
+    await run_all_but_deploys(journal)
+    (stale,) = await journal.claim(100, lease_seconds=-1)  # its lease already ran out
+    assert await journal.reap_expired_leases() == 1
+    (v1,) = await journal.claim(100)
+    assert v1.key == stale.key
+    await journal.complete([_outcome(v1, "done", result=DeliveryResult())])
+    (v2,) = await journal.claim(100)
+    await journal.complete([_outcome(v2, "done", result=DeliveryResult())])
+    assert (await state(journal, "2")).state == "deployed"
+    await journal.complete([_outcome(stale, "done", result=DeliveryResult())])  # lands late
+    assert ((await state(journal, "1")).state, (await state(journal, "2")).state) == (
+        "superseded", "deploying")
+    (redeploy,) = await journal.claim(100)
+    assert redeploy.key == v2.key
+    await journal.complete([_outcome(redeploy, "done", result=DeliveryResult())])
+    assert ((await state(journal, "1")).state, (await state(journal, "2")).state) == (
+        "superseded", "deployed")
+    assert (await journal.status()).events == {"done": 2}
+
+
+async def test_model_deploy_does_not_bypass_an_approval(journal: DeliveryJournal) -> None:
+    """`model deploy` of a version pending approval, or rejected, is refused unless
+    --force, naming the state and the command to use."""
+    await accept(journal, stack("on_approval"), model_event("e1", "1", {}),
+                 model_event("e2", "2", {}))
+    await run_all(journal)
+    with pytest.raises(DecisionError, match=r"clf 1 is pending_approval .*"
+                       r"`artifact-router model approve clf --version 1`, or pass --force"):
+        await journal.decide(action="deploy", name="clf", version="1", by="mallory")
+    await journal.decide(action="reject", name="clf", version="2", by="bob")
+    with pytest.raises(DecisionError, match=r"clf 2 is rejected .*rejected by bob; pass --force"):
+        await journal.decide(action="deploy", name="clf", version="2", by="mallory")
+    assert [(r.version, r.state) for r in await journal.decisions(name="clf")] == [
+        ("2", "rejected"), ("1", "pending_approval")]
+    assert await journal.claim(10) == []
+    row = await journal.decide(action="deploy", name="clf", version="2", by="ops", force=True)
+    assert (row.state, row.forced) == ("deploying", True)
+    assert await run_all(journal) == ["deploy"]
 
 
 async def test_a_dead_deploy_is_recorded_as_failed(journal: DeliveryJournal) -> None:

@@ -92,6 +92,24 @@ def test_stack_list_show_set(tmp_path: Path) -> None:
     assert bad.returncode == 78 and "staging" in bad.stderr
 
 
+def test_run_with_an_unknown_stack_exits_78_from_the_flag_or_the_environment(
+    tmp_path: Path,
+) -> None:
+    """`--stack`, ROUTER_STACK and FLOWYML_STACK naming no stack: the same one-line
+    config error and exit 78 (the variables used to end in a KeyError traceback)."""
+    (tmp_path / "router.yaml").write_text(
+        "stacks:\n  prod:\n    artifact_store: {type: local, path: ./art}\n"
+        "router:\n  spool: ./spool\n  state_dir: ./.router\n")
+    for origin, args, env in (("--stack", ("--stack", "prdo"), {}),
+                              ("ROUTER_STACK", (), {"ROUTER_STACK": "prdo"}),
+                              ("FLOWYML_STACK", (), {"FLOWYML_STACK": "prdo"})):
+        result = cli("run", *args, cwd=tmp_path, env=env)
+        assert result.returncode == 78, (origin, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert " ".join(result.stderr.split()) == (
+            f"{origin}: no stack named 'prdo' (did you mean 'prod'?); known: prod")
+
+
 def test_stack_show_masks_secrets(tmp_path: Path) -> None:
     (tmp_path / "router.yaml").write_text(
         "stacks:\n  local:\n    artifact_store: {type: local, path: ./a}\n"

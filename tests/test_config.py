@@ -422,6 +422,21 @@ def test_flowyml_keys_are_accepted_and_reported_unused(tmp_path: Path) -> None:
     assert list(loaded.config.stacks["s"].artifact_routing) == ["Model"]
 
 
+def test_top_level_routing_without_stacks_routes_the_embedded_stack(tmp_path: Path) -> None:
+    """As FlowyML: with neither stacks: nor plugins:, a top-level artifact_routing is the
+    default stack's routing (it was silently ignored)."""
+    loaded = load_text(tmp_path, "artifact_routing:\n"
+                       "  Model: {store: local, path: 'custom/{name}/{file}'}\n")
+    assert loaded.config.active_stack == "local"
+    stack = loaded.config.stacks["local"]
+    assert stack.artifact_store is not None and stack.artifact_store.type == "local"
+    rule = stack.rule_for(ArtifactKind.MODEL)
+    assert rule is not None and rule.path == "custom/{name}/{file}"
+    assert list(stack.artifact_routing) == ["Model"]  # it replaces the default rules
+    with pytest.raises(ConfigError, match=r"stacks.local.artifact_routing.Model.path"):
+        load_text(tmp_path, "artifact_routing:\n  Model: {path: '{nope}'}\n")
+
+
 def test_legacy_plugins_layout_is_a_stack_named_default(tmp_path: Path) -> None:
     loaded = load_text(
         tmp_path,
@@ -549,6 +564,14 @@ BAD_CONFIGS: list[tuple[str, str, str, Any, str]] = [
         "stacks.s.artifact_routing.Model.store",
         "gcs",
         "names no store",
+    ),
+    (
+        # two deliveries with one key: the journal could take no batch holding it
+        "store listed twice",
+        one_stack("Model: {store: [local, archive, local]}\n"),
+        "stacks.s.artifact_routing.Model.store",
+        ["local", "archive", "local"],
+        "lists the store artifact_store twice ('local' and 'local'); list each store once",
     ),
     (
         "store typo",

@@ -180,6 +180,11 @@ def test_on_approval_approve_reject_and_late_approval(
     reject = workspace.cli("model", "reject", name, "--version", "3", "--by", "bob",
                            "--comment", "leaks labels", "--json")
     assert json.loads(reject.stdout)["state"] == "rejected"
+    # `model deploy` does not bypass the approval: pending or rejected needs --force
+    for version, words in (("1", f"`artifact-router model approve {name} --version 1`"),
+                           ("3", "rejected by bob; pass --force")):
+        bypass = workspace.cli("model", "deploy", name, "--version", version, check=False)
+        assert bypass.returncode == 1 and words in " ".join(bypass.stderr.split())
     workspace.cli("model", "approve", name, "--version", "2", "--by", "carol",
                   "--comment", "offline eval ok")
     workspace.wait_until(lambda s: s["deliveries"]["pending"] + s["deliveries"]["in_flight"] == 0)

@@ -116,6 +116,22 @@ async def test_replayed_event_is_a_duplicate_and_changed_one_a_conflict(
     assert (await journal.status()).deliveries.pending == 2  # nothing planned twice
 
 
+async def test_automatic_versions_never_repeat_an_explicit_whole_number(
+    journal: DeliveryJournal,
+) -> None:
+    """An explicit "3" raises the counter: the next automatic version is 4, in a later
+    batch or the same one; versions that are no whole number leave it alone."""
+    await journal.accept([event("e1", version="3")], planner)
+    await journal.accept([event("e2"), event("e3", version="1")], planner)
+    await journal.accept([event("e4", version="1.0.0"), event("e5", version="9999999999"),
+                          event("e6")], planner)
+    async with journal.db.read() as conn:
+        rows = await list_artifacts(conn, pipeline="fraud")
+    versions = {r.event_id: r.version for r in rows if r.name == "clf"}
+    assert versions == {"e1": "3", "e2": "4", "e3": "1", "e4": "1.0.0", "e5": "9999999999",
+                        "e6": "5"}
+
+
 async def test_explicit_versions_are_kept(journal: DeliveryJournal) -> None:
     await journal.accept([event("e1", version="1.0.0")], planner)
     async with journal.db.read() as conn:

@@ -430,6 +430,19 @@ def test_several_stores_each_get_a_delivery(tmp_path: Path) -> None:
     assert len({d.key for d in p.deliveries}) == 2
 
 
+def test_a_store_named_twice_gets_one_delivery() -> None:
+    """A stack built in code skips config validation (which refuses the list): the plan
+    still holds each key once, or the journal could not take the event."""
+    s = StackConfig.model_validate({
+        "name": "s", "artifact_store": {"type": "local", "path": "./a"},
+        "artifact_stores": {"archive": {"type": "local", "path": "./b"}},
+        "artifact_routing": {"Model": {"store": ["local", "archive", "local", "archive"]}},
+    })
+    p = plan(manifest(MODEL), s)
+    assert actions(p) == [("store", "artifact_store"), ("store", "artifact_stores.archive")]
+    assert len({d.key for d in p.deliveries}) == len(p.deliveries)
+
+
 def test_upload_false_is_catalog_only(tmp_path: Path) -> None:
     s = stack(tmp_path, "Model: {store: local}\nMetrics: {log_to_tracker: true}\n")
     p = plan(

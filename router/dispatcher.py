@@ -257,6 +257,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._done: list[Completion] = []  # outcomes waiting for the next tick
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[str, int] = {}  # delivery key -> tasks running it (leases)
         self.lease_seconds = config.router.lease_seconds
         self.slots = InFlightSlots(pool, config.router.concurrency, self.lease_seconds)
         # Intake claims its new events' deliveries itself (slots_for_intake) only while
@@ -412,10 +413,16 @@ class Dispatcher:
         name = f"deliver {deliveries[0].key} (+{len(deliveries) - 1})"
         task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
+        keys = [d.key for d in deliveries]
+        for key in keys:
+            self._running[key] = self._running.get(key, 0) + 1
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
             self.slots.give_back(sink_ids)
+            for key in keys:
+                if (left := self._running.pop(key) - 1) > 0:
+                    self._running[key] = left
 
         task.add_done_callback(done)
 
@@ -615,7 +622,7 @@ class Dispatcher:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             try:
-                await self.journal.renew_leases(self.lease_seconds)
+                await self.journal.renew_leases(self.lease_seconds, list(self._running))
                 reaped = await self.journal.reap_expired_leases()
                 if reaped:
                     log.warning("took over deliveries whose lease expired", count=reaped)

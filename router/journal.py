@@ -427,8 +427,12 @@ class DeliveryJournal:
         return await self.db.run_write(
             _release_in_flight, deliveries.c.lease_until < time.time())
 
-    async def renew_leases(self, lease_seconds: float) -> None:
-        await self.db.run_write(_renew_leases_tx, self.owner, lease_seconds)
+    async def renew_leases(self, lease_seconds: float, keys: Sequence[str]) -> None:
+        """Extend the leases of the deliveries this daemon is running (`keys`) only: a row
+        it claimed but never started (the commit's answer was lost) must expire, so
+        that it is taken over instead of being renewed for ever."""
+        if keys:
+            await self.db.run_write(_renew_leases_tx, self.owner, lease_seconds, list(keys))
 
     async def claim(
         self,
@@ -754,12 +758,17 @@ def _release_in_flight(conn: sa.Connection, which: sa.ColumnElement[bool]) -> in
     return int(result.rowcount or 0)
 
 
-def _renew_leases_tx(conn: sa.Connection, owner: str, lease_seconds: float) -> None:
-    conn.execute(
-        sa.update(deliveries)
-        .where(deliveries.c.state == "in_flight", deliveries.c.owner == owner)
-        .values(lease_until=time.time() + lease_seconds)
-    )
+def _renew_leases_tx(
+    conn: sa.Connection, owner: str, lease_seconds: float, keys: list[str]
+) -> None:
+    until = time.time() + lease_seconds
+    for start in range(0, len(keys), 500):
+        conn.execute(
+            sa.update(deliveries)
+            .where(deliveries.c.state == "in_flight", deliveries.c.owner == owner,
+                   deliveries.c.key.in_(keys[start:start + 500]))
+            .values(lease_until=until)
+        )
 
 
 def _complete_in(

@@ -20,6 +20,7 @@ from router.intake import AcceptedEvent
 from router.manifest import parse_manifest
 from sinks.trackers.jsonl import read_jsonl
 from tests.conftest import Workspace
+from tests.test_journal import FixedSlots
 
 TRACKER = "local.experiment_tracker"
 STORE = "local.artifact_store"
@@ -306,3 +307,32 @@ async def test_a_journal_unreachable_at_start_is_waited_out_not_a_crash(tmp_path
         await daemon.pool.close()
         await daemon.db.dispose()
         await asyncio.to_thread(drop_pg_database, url)
+
+
+async def test_a_claim_nobody_started_expires_and_is_taken_over(tmp_path: Path) -> None:
+    """A claim committed whose answer was lost (the connection dropped after COMMIT)
+    leaves a row in flight under this daemon that no task runs; its lease must not be
+    renewed with the running ones, so it expires and is delivered. The lost answer is
+    played by an intake hand-off that claims and never starts the work."""
+    ws = Workspace(tmp_path, lease_seconds=3)
+    ws.write()
+    daemon = Daemon(load_config(ws.config_path))
+    await daemon.db.migrate()
+    task = asyncio.create_task(daemon.dispatcher.run())
+    try:
+        await asyncio.sleep(0.5)  # past recover(), which would release it at once
+        lost = FixedSlots({})  # claims at intake, then never hands the work over
+        lost.lease_seconds = 3.0
+        await daemon.journal.accept([metrics_event("e1")], daemon.plan, lost)
+        assert [c.event_id for c in lost.adopted] == ["e1"]
+        assert daemon.dispatcher.in_flight == 0
+        done: dict[str, float] = {}
+        async with asyncio.timeout(30):  # a lease of 3 s, renewed every second: never
+            while "e1" not in done:
+                done.update(await finished(daemon))
+                await asyncio.sleep(0.1)
+    finally:
+        await daemon.dispatcher.stop(5)
+        await task
+        await daemon.pool.close()
+        await daemon.db.dispose()

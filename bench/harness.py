@@ -11,13 +11,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["DaemonUnderTest", "Figure", "ScenarioResult", "median", "p99", "run_peer"]
+__all__ = [
+    "DaemonUnderTest", "Figure", "ScenarioResult", "median", "p99", "peer_startup", "run_peer",
+    "steady_rate",
+]
 
 
 @dataclass
@@ -77,6 +81,28 @@ def run_peer(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, 
         err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
         raise RuntimeError(f"{cmd[0]} failed ({code}): {err}")
     return elapsed, rss
+
+
+def peer_startup(
+    command: Callable[[Path, int], list[str]], work: Path, env: dict[str, str] | None = None,
+    reps: int = 3,
+) -> float:
+    """Median seconds a peer takes for one 4 KiB file: its start-up (interpreter, SDK,
+    client set-up), which the router, a daemon already running, does not pay per batch.
+
+    Scenarios subtract it from the peer's timed runs, so that both sides are compared
+    in steady state (`aws s3 cp` spends about 0.5 s starting, a quarter of a 500-file
+    run). `command(src, i)` is the peer's command line for source directory `src`.
+    """
+    src = work / "startup-src"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "one.bin").write_bytes(os.urandom(4096))
+    return median([run_peer(command(src, i), env)[0] for i in range(reps)])
+
+
+def steady_rate(n: int, seconds: float, startup: float) -> float:
+    """Items per second once started: the start-up taken off, never below 10 % of the run."""
+    return n / max(seconds - startup, seconds / 10)
 
 
 class DaemonUnderTest:

@@ -10,7 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.harness import DaemonUnderTest, ScenarioResult, median, p99, run_peer
+from bench.harness import (
+    DaemonUnderTest,
+    ScenarioResult,
+    median,
+    p99,
+    peer_startup,
+    run_peer,
+    steady_rate,
+)
 
 __all__ = ["SCENARIOS"]
 
@@ -68,6 +76,8 @@ LOCAL_STACK: Callable[[Path], dict[str, Any]] = lambda store: {  # noqa: E731
 def small_to_local(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
     n = 1000 if quick else 5000
     router_rates, peer_rates, router_rss, peer_rss = [], [], [], []
+    startup = peer_startup(
+        lambda src, i: [_rclone(), "copy", str(src), str(work / f"startup-dest-{i}")], work)
     for rep in range(reps):
         # alternate who goes first, so that page-cache warmth favours neither
         order = ["router", "peer"] if rep % 2 == 0 else ["peer", "router"]
@@ -83,7 +93,7 @@ def small_to_local(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
             else:
                 flat = _flat_copy(bundles, root / "flat")
                 seconds, rss = run_peer([_rclone(), "copy", str(flat), str(root / "dest")])
-                peer_rates.append(n / seconds)
+                peer_rates.append(steady_rate(n, seconds, startup))
                 peer_rss.append(rss)
             shutil.rmtree(root, ignore_errors=True)
 
@@ -95,7 +105,7 @@ def small_to_local(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
         peer_value=p, ratio=r / p, router_peak_rss_mib=max(router_rss),
         peer_peak_rss_mib=max(peer_rss), target="ratio >= 1.0; p99 < 100 ms at 200/s",
         met=r / p >= 1.0 and latency["p99_ms"] < 100, repetitions=reps,
-        details={"bundles": n, "file_bytes": 4096, **latency,
+        details={"bundles": n, "file_bytes": 4096, **latency, "peer_startup_s": startup,
                  "router_runs": router_rates, "peer_runs": peer_rates},
     )]
 
@@ -166,15 +176,21 @@ def _s3_stack(server: Any, prefix: str, **rule: str) -> dict[str, Any]:
     }
 
 
-def _peer_s3(tool: str, server: Any, src: Path, prefix: str) -> tuple[float, float]:
-    env = _s3_env(server)
+def _s3_command(tool: str, server: Any, src: Path, prefix: str) -> list[str]:
     dest = f"s3://{server.bucket}/{prefix}/"
     if tool == "s5cmd":
-        cmd = [_bin("s5cmd"), "--endpoint-url", server.url, "cp", f"{src}/*", dest]
-    else:
-        cmd = [_bin("aws"), "--endpoint-url", server.url, "s3", "cp", "--recursive",
-               "--only-show-errors", str(src), dest]
-    return run_peer(cmd, env)
+        return [_bin("s5cmd"), "--endpoint-url", server.url, "cp", f"{src}/*", dest]
+    return [_bin("aws"), "--endpoint-url", server.url, "s3", "cp", "--recursive",
+            "--only-show-errors", str(src), dest]
+
+
+def _peer_s3(tool: str, server: Any, src: Path, prefix: str) -> tuple[float, float]:
+    return run_peer(_s3_command(tool, server, src, prefix), _s3_env(server))
+
+
+def _s3_startup(tool: str, server: Any, work: Path) -> float:
+    return peer_startup(lambda src, i: _s3_command(tool, server, src, f"startup-{tool}-{i}"),
+                        work / f"startup-{tool}", _s3_env(server))
 
 
 def small_to_s3(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
@@ -186,7 +202,9 @@ def small_to_s3(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
     tools = ["router", "s5cmd", "overwrite", "aws"]
     runs: dict[str, list[float]] = {who: [] for who in tools}
     rss: dict[str, list[float]] = {who: [] for who in tools}
+    startup: dict[str, float] = {"router": 0.0, "overwrite": 0.0}
     try:
+        startup |= {tool: _s3_startup(tool, server, work) for tool in ("s5cmd", "aws")}
         for rep in range(reps):
             order = tools[rep % len(tools):] + tools[:rep % len(tools)]
             for who in order:
@@ -203,7 +221,7 @@ def small_to_s3(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
                     flat = _flat_copy(bundles, root / "flat")
                     seconds, peak = _peer_s3(who, server, flat, prefix)
                     rss[who].append(peak)
-                runs[who].append(n / seconds)
+                runs[who].append(steady_rate(n, seconds, startup[who]))
                 shutil.rmtree(root, ignore_errors=True)
     finally:
         server.stop()
@@ -222,7 +240,7 @@ def small_to_s3(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
             peer_peak_rss_mib=max(rss[peer]), target=f"ratio >= {target}",
             met=r / p >= target, repetitions=reps,
             details={"files": n, "file_bytes": 16 * 1024, "router_runs": runs[mine],
-                     "peer_runs": runs[peer]},
+                     "peer_runs": runs[peer], "peer_startup_s": startup[peer]},
         ))
     return out
 
@@ -239,7 +257,9 @@ def large_to_s3(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
     runs: dict[str, list[float]] = {"router": [], "s5cmd": []}
     rss: dict[str, list[float]] = {"router": [], "s5cmd": []}
     mib = size / (1024 * 1024)
+    startup = {"router": 0.0}
     try:
+        startup["s5cmd"] = _s3_startup("s5cmd", server, work)
         for rep in range(reps):
             for who in (["router", "s5cmd"] if rep % 2 == 0 else ["s5cmd", "router"]):
                 prefix = f"{who}-{rep}"
@@ -261,7 +281,7 @@ def large_to_s3(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
                 else:
                     seconds, peak = _peer_s3("s5cmd", server, src, prefix)
                     rss[who].append(peak)
-                runs[who].append(mib / seconds)
+                runs[who].append(steady_rate(int(mib), seconds, startup[who]))
                 for leftover in (server.root / server.bucket).glob(f"{prefix}*"):
                     shutil.rmtree(leftover, ignore_errors=True)  # keep the disk from filling
     finally:
@@ -273,7 +293,8 @@ def large_to_s3(work: Path, quick: bool, reps: int) -> list[ScenarioResult]:
         ratio=r / p, router_peak_rss_mib=router_rss, peer_peak_rss_mib=max(rss["s5cmd"]),
         target="ratio >= 0.9; router RSS < 200 MiB", met=r / p >= 0.9 and router_rss < 200,
         repetitions=reps,
-        details={"file_mib": mib, "router_runs": runs["router"], "peer_runs": runs["s5cmd"]},
+        details={"file_mib": mib, "router_runs": runs["router"], "peer_runs": runs["s5cmd"],
+                 "peer_startup_s": startup["s5cmd"]},
     )]
 
 

@@ -58,7 +58,10 @@ _EXISTING_EVENTS = sa.select(events.c.id, events.c.state, events.c.digest).where
 _INSERT_EVENTS = sa.insert(events)
 _INSERT_DELIVERIES = sa.insert(deliveries)
 _MARK_MOVED = sa.update(events).where(events.c.id.in_(_each("ids"))).values(moved=True)
-_OWN_ATTEMPT = (deliveries.c.key == sa.bindparam("k"), deliveries.c.state == "in_flight")
+# An outcome counts only from the daemon that holds the row: one whose lease expired
+# and was taken over (a pool) must not reset the new holder's attempt.
+_OWN_ATTEMPT = (deliveries.c.key == sa.bindparam("k"), deliveries.c.state == "in_flight",
+                deliveries.c.owner == sa.bindparam("o"))
 _CLEARED = {"updated_at": _NOW, "owner": None, "lease_until": None}
 _MARK_DONE = sa.update(deliveries).where(*_OWN_ATTEMPT).values(
     state="done", result=sa.bindparam("r"), last_error=None, **_CLEARED)
@@ -496,7 +499,7 @@ class DeliveryJournal:
         now = time.time()  # after the lock: finished_at is when it really commits
         for start in range(0, len(moved), 500):
             conn.execute(_MARK_MOVED, {"ids": moved[start:start + 500]})
-        finished = _complete_in(conn, completions, now) if completions else []
+        finished = _complete_in(conn, completions, now, self.owner) if completions else []
         claimed = (
             self._claim_in(conn, limit, slots, held, excluded, lease_seconds, now)
             if limit > 0 else []
@@ -772,7 +775,7 @@ def _renew_leases_tx(
 
 
 def _complete_in(
-    conn: sa.Connection, completions: Sequence[Completion], now: float
+    conn: sa.Connection, completions: Sequence[Completion], now: float, owner: str
 ) -> list[FinishedEvent]:
     """Outcomes of a burst of attempts; a done delivery's locations in the same commit."""
     touched = {c.event_id for c in completions}
@@ -782,7 +785,7 @@ def _complete_in(
     if done:
         conn.execute(_MARK_DONE, [
             {"k": c.key, "r": c.result.model_dump(mode="json") if c.result else None,
-             "now": now}
+             "now": now, "o": owner}
             for c in done
         ])
         catalog.record_locations_batch(
@@ -793,11 +796,12 @@ def _complete_in(
         )
     if retry:
         conn.execute(_MARK_RETRY, [
-            {"k": c.key, "n": c.next_attempt_at or now, "e": c.error, "now": now}
+            {"k": c.key, "n": c.next_attempt_at or now, "e": c.error, "now": now, "o": owner}
             for c in retry
         ])
     if dead:
-        conn.execute(_MARK_DEAD, [{"k": c.key, "e": c.error, "now": now} for c in dead])
+        conn.execute(_MARK_DEAD, [{"k": c.key, "e": c.error, "now": now, "o": owner}
+                                  for c in dead])
         for c in dead:
             _kill_dependents(conn, c.key, now)
     for c in completions:

@@ -294,6 +294,30 @@ async def test_expired_leases_of_a_dead_peer_are_taken_over(journal: DeliveryJou
     assert len(await peer.claim(10)) == 2
 
 
+async def test_a_late_outcome_from_a_daemon_whose_lease_was_taken_over_is_ignored(
+    journal: DeliveryJournal,
+) -> None:
+    """A slow daemon's lease expires and a peer takes the delivery over; the slow one's
+    outcome, arriving late, must not reset the peer's attempt (a "retry" would let a
+    third attempt start beside it). The peer's own outcome then counts."""
+    await journal.accept([event("e1", upload=False)], planner)
+    (slow,) = await journal.claim(10, lease_seconds=-1)  # its lease runs out
+    peer = DeliveryJournal(journal.db, owner="other-daemon")
+    assert await peer.reap_expired_leases() == 1
+    (taken,) = await peer.claim(10)
+    assert taken.key == slow.key
+    await journal.complete([Completion(
+        key=slow.key, event_id="e1", artifact_index=slow.artifact_index, sink_id=slow.sink_id,
+        action=slow.action, outcome="retry", error="timed out", next_attempt_at=0)])
+    status = await journal.status()
+    assert status.deliveries.in_flight == 1 and status.deliveries.pending == 0
+    finished = await peer.complete([Completion(
+        key=taken.key, event_id="e1", artifact_index=taken.artifact_index,
+        sink_id=taken.sink_id, action=taken.action, outcome="done",
+        result=DeliveryResult(uri="x://e1"))])
+    assert [f.state for f in finished] == ["done"]
+
+
 async def test_rejections_are_visible_in_status(journal: DeliveryJournal) -> None:
     from router.errors import Problem
     from router.intake import Rejection

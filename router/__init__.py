@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         Model,
         Parameters,
         Report,
+        UntrustedFileError,
         emit,
         step,
     )
@@ -47,6 +48,7 @@ __all__ = [
     "RoutePlan",
     "RouterConfig",
     "Run",
+    "UntrustedFileError",
     "cached",
     "current_stack",
     "emit",
@@ -62,7 +64,7 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(
         ("DATA", "MODEL", "REPORT", "Artifact", "Dataset", "Metrics", "Model", "Parameters",
-         "Report", "emit", "step"),
+         "Report", "UntrustedFileError", "emit", "step"),
         "router.sdk",
     ),
     **dict.fromkeys(("Flow", "Run", "cached", "merge_artifacts"), "router.client"),

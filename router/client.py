@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import threading
 import urllib.error
@@ -314,6 +315,21 @@ def _checked_sha256(value: Any, what: str) -> str | None:
                      "catalog entry is corrupt or the server is not an artifact-router")
 
 
+def _cached(path: Path, sha256: str) -> bool:
+    """Whether the cache holds `path` with this content; a file with other bytes
+    (corrupt, stale, planted) is discarded so it is fetched again."""
+    try:
+        if sha256_file(path)[0] == sha256:  # a regular file, not followed through a link
+            return True
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return False
+
+
 def _checksum_error(source: str, got: str, expected: str) -> OSError:
     return OSError(f"{source}: content has sha256 {got[:12]}..., the catalog says "
                    f"{expected[:12]}...; the object changed after it was stored (another "
@@ -341,6 +357,11 @@ class Client:
     database named by the config (`config`, else ROUTER_CONFIG and the usual discovery).
     The config also gives the store settings used to download s3:// and gs:// files
     and the spool root for artifacts that were not uploaded.
+
+    `trust_pickle=True` (or ROUTER_TRUST_PICKLE=1 when left None) lets `.data` load
+    formats that run code from the file (pickle, joblib, skops, whole torch objects):
+    their serializer is recorded in manifest metadata, which anyone who can write to the
+    spool or publish a manifest controls, so only opt in when you trust those writers.
     """
 
     def __init__(
@@ -350,19 +371,48 @@ class Client:
         config: str | os.PathLike[str] | None = None,
         database_url: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        trust_pickle: bool | None = None,
     ) -> None:
         self._config_arg = config
         self._loaded: LoadedConfig | None = None
+        self._trust_pickle = trust_pickle
         self.cache_dir = Path(
             cache_dir or os.environ.get("ROUTER_CACHE_DIR")
             or Path(tempfile.gettempdir()) / f"artifact-router-cache-{os.getuid()}"
         )
+        self._cache_checked = False
         self.backend: _SqlBackend | _HttpBackend
         if url:
             self.backend = _HttpBackend(url)
         else:
             self.backend = _SqlBackend(database_url or self.config.config.router.database_url())
         self._store_loop = _Loop()
+
+    @property
+    def trust_pickle(self) -> bool:
+        """Whether code-running formats load (read at each load: the default client
+        outlives changes to the environment)."""
+        if self._trust_pickle is not None:
+            return self._trust_pickle
+        from router.sdk import TRUST_PICKLE_ENV
+
+        return os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+    def _cache(self) -> Path:
+        """The cache dir, created 0700; refused when another user owns it or others can
+        write it (a file planted there would be read back)."""
+        if not self._cache_checked:
+            self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = self.cache_dir.lstat()  # a symlink is refused, not followed
+            if st.st_uid != os.getuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
+                raise PermissionError(
+                    f"cache dir {self.cache_dir} is not a directory (not a symlink) owned by "
+                    f"this user and writable only by it (owner uid {st.st_uid}, mode "
+                    f"{st.st_mode & 0o777:o}): another user could plant files in it; "
+                    "remove it, or set ROUTER_CACHE_DIR / Client(cache_dir=) elsewhere"
+                )
+            self._cache_checked = True
+        return self.cache_dir
 
     @property
     def config(self) -> LoadedConfig:
@@ -407,8 +457,8 @@ class Client:
         bucket, key = parsed.netloc, urllib.parse.unquote(parsed.path.lstrip("/"))
         name = os.path.basename(key) or "object"
         slot = sha256 or hashlib.sha256(uri.encode()).hexdigest()
-        dest = self.cache_dir / slot / name
-        if dest.is_file() and sha256:
+        dest = self._cache() / slot / name
+        if sha256 and _cached(dest, sha256):
             return dest
         settings = self._store_settings(parsed.scheme, bucket, sink_id)
         if parsed.scheme == "s3":
@@ -464,8 +514,8 @@ class Client:
                 return self.read(str(staged["uri"]), sha256=sha)
             except (OSError, ValueError, ImportError) as exc:
                 errors.append(str(exc))
-        dest = self.cache_dir / (sha or f"artifact-{row.id}") / file_name
-        if sha and dest.is_file():
+        dest = self._cache() / (sha or f"artifact-{row.id}") / file_name
+        if sha and _cached(dest, sha):
             return dest
         try:
             if self.backend.fetch_file(row, file_name, dest, sha):
@@ -781,7 +831,8 @@ class DataArtifact:
         row, _ = self.files[file_name]
         recorded = (row.metadata.get(META_FILES) or {}).get(file_name) or {}
         return load_file(self.path(file_name), recorded.get("serializer"),
-                         recorded.get("python_type"))
+                         recorded.get("python_type"), trusted=self._client.trust_pickle,
+                         what=f"file {file_name!r} of artifact {_ref(row)}")
 
     @property
     def data(self) -> Any:
@@ -791,6 +842,8 @@ class DataArtifact:
         object emitted by the SDK: that object.  Named files (Domino-style artifacts,
         several files): a mapping of file name -> loaded value.  One file written by
         another emitter: its data if it is parquet/npy/json/text, else its local Path.
+        Formats that can run code when loaded (pickle, joblib, ...) need the client's
+        `trust_pickle` (router.sdk.UntrustedFileError otherwise; `.path()` still works).
         """
         if self._data is _UNSET:
             self._data = self._load()
@@ -1133,6 +1186,9 @@ class MergedData:
 
 
 def _branch_artifacts(branch: Any) -> dict[str, DataArtifact]:
+    if isinstance(branch, str | bytes):  # iterable, and each character is one too
+        raise TypeError(f"cannot merge the string {branch!r}: pass the branches "
+                        "themselves, e.g. merge_artifacts([run['a'], run['b']])")
     if isinstance(branch, Step | Run):
         return {a.name: a for a in branch.artifacts}
     if isinstance(branch, DataView):

@@ -51,6 +51,7 @@ __all__ = [
     "MODEL",
     "REPORT",
     "SERIALIZERS",
+    "TRUST_PICKLE_ENV",
     "Artifact",
     "Dataset",
     "Emission",
@@ -60,6 +61,7 @@ __all__ = [
     "Model",
     "Parameters",
     "Report",
+    "UntrustedFileError",
     "content_key",
     "emit",
     "load_file",
@@ -227,9 +229,19 @@ def _dump_skops(obj: Any, path: Path) -> None:
 def _load_skops(path: Path, _python_type: str | None) -> Any:
     import skops.io
 
-    # The catalog is trusted as much as joblib would be: the types the file holds are
-    # exactly those the writing step recorded.
+    # Only for a reader that trusts the artifact's writer (as joblib): every type the
+    # file names is allowed, and those types' constructors run.
     return skops.io.load(path, trusted=skops.io.get_untrusted_types(file=path))
+
+
+def _load_skops_safe(path: Path, _python_type: str | None) -> Any:
+    import skops.io
+    from skops.io.exceptions import UntrustedTypesFoundException
+
+    try:
+        return skops.io.load(path)  # skops' default trusted types only (sklearn, numpy)
+    except UntrustedTypesFoundException:
+        return _UNSAFE
 
 
 def _dump_torch(obj: Any, path: Path) -> None:
@@ -242,6 +254,15 @@ def _load_torch(path: Path, _python_type: str | None) -> Any:
     import torch
 
     return torch.load(path, weights_only=False)
+
+
+def _load_torch_safe(path: Path, _python_type: str | None) -> Any:
+    import torch
+
+    try:  # tensors and state dicts; a whole module needs the full (pickle) load
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        return _UNSAFE
 
 
 def _dump_json(obj: Any, path: Path) -> None:
@@ -323,6 +344,10 @@ class Serializer:
     dump: Callable[[Any, Path], None]
     load: Callable[[Path, str | None], Any]
     dataset_format: str | None = None
+    # `load` can run code from the file (pickle underneath): only for a trusting reader.
+    runs_code: bool = False
+    # What such a format can still load without running code; _UNSAFE when it cannot.
+    safe_load: Callable[[Path, str | None], Any] | None = None
 
 
 SERIALIZERS: dict[str, Serializer] = {
@@ -331,16 +356,18 @@ SERIALIZERS: dict[str, Serializer] = {
         Serializer("parquet", "parquet", _dump_parquet, _load_parquet, "parquet"),
         Serializer("csv", "csv", _dump_csv, _load_csv, "csv"),
         Serializer("npy", "npy", _dump_npy, _load_npy, "numpy"),
-        Serializer("joblib", "joblib", _dump_joblib, _load_joblib),
-        Serializer("skops", "skops", _dump_skops, _load_skops),
-        Serializer("torch", "pt", _dump_torch, _load_torch),
+        Serializer("joblib", "joblib", _dump_joblib, _load_joblib, runs_code=True),
+        Serializer("skops", "skops", _dump_skops, _load_skops, runs_code=True,
+                   safe_load=_load_skops_safe),
+        Serializer("torch", "pt", _dump_torch, _load_torch, runs_code=True,
+                   safe_load=_load_torch_safe),
         Serializer("json", "json", _dump_json, _load_json, "json"),
         Serializer("text", "txt", _dump_text, _load_text, "text"),
         Serializer("lines", "txt", _dump_lines, _load_lines, "text"),
         Serializer("bytes", "bin", _dump_bytes, _load_bytes),
         Serializer("file", "", _dump_file, _load_path),
         Serializer("png", "png", _dump_png, _load_path),
-        Serializer("pickle", "pkl", _dump_pickle, _load_pickle, "pickle"),
+        Serializer("pickle", "pkl", _dump_pickle, _load_pickle, "pickle", runs_code=True),
     )
 }
 
@@ -446,22 +473,53 @@ def _check_plain_name(value: str, field: str, fix: str) -> None:
         raise ValueError(f"{field}={value!r} {exc}; give {fix}") from None
 
 
-def load_file(path: Path, serializer: str | None, python_type: str | None = None) -> Any:
+TRUST_PICKLE_ENV = "ROUTER_TRUST_PICKLE"
+_UNSAFE = object()  # a safe_load's answer: this file needs the code-running loader
+
+
+class UntrustedFileError(PermissionError):
+    """A file whose recorded format runs code when loaded, read without opting in."""
+
+
+def load_file(
+    path: Path, serializer: str | None, python_type: str | None = None, *,
+    trusted: bool = False, what: str | None = None,
+) -> Any:
     """Read one file back as its recorded serializer wrote it.
 
+    Formats whose loader can run code from the file (pickle, joblib, skops beyond its
+    default types, torch beyond tensors and state dicts) load only when `trusted`:
+    the record naming the serializer is manifest metadata, which whoever writes to the
+    spool or publishes a manifest sets; otherwise UntrustedFileError.
     Without a recorded serializer (a bash or foreign emitter), plain data formats are
-    read (parquet, npy, json, text) and anything else is returned as its local Path:
-    files this SDK did not write are never unpickled.
+    read (parquet, npy, json, text) and anything else, or a file that does not parse
+    as its extension says, is returned as its local Path.
     """
     if serializer is None:
         ext = path.suffix.lstrip(".").lower()
-        serializer = {
-            "parquet": "parquet", "npy": "npy", "json": "json", "txt": "text",
-        }.get(ext, "file")
+        loader = {"parquet": _load_parquet, "npy": _load_npy, "json": _load_json,
+                  "txt": _load_text}.get(ext)
+        if loader is None:
+            return path
+        try:  # a foreign file is only named by its extension: a latin-1 log, JSON lines
+            return loader(path, python_type)
+        except (ValueError, OSError, ImportError):  # UnicodeDecodeError, JSONDecodeError
+            return path
     ser = SERIALIZERS.get(serializer)
     if ser is None:
         return path
-    return ser.load(path, python_type)
+    if not ser.runs_code or trusted:
+        return ser.load(path, python_type)
+    if ser.safe_load is not None and (value := ser.safe_load(path, python_type)) is not _UNSAFE:
+        return value
+    raise UntrustedFileError(
+        f"{what or path}: recorded serializer {serializer!r} can run arbitrary code when "
+        "loading, and that record is only manifest metadata: anyone who can write to the "
+        "spool or publish a manifest can forge it, so it was not loaded. If you trust "
+        "who wrote this artifact, opt in with Client(trust_pickle=True) or "
+        f"{TRUST_PICKLE_ENV}=1; or load it yourself from its local file ({path}, also "
+        "the artifact's .path())"
+    )
 
 
 def content_key(*parts: Any) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import pickle
 import threading
 import urllib.error
 import urllib.parse
@@ -25,6 +27,7 @@ from router.client import Client, NotFound
 from router.config import load_config
 from router.db import Database
 from router.http_api import add_routes, local_store_roots
+from router.sdk import UntrustedFileError
 from tests.conftest import DaemonProcess, Workspace, free_port, model_manifest, write_bundle
 from tests.servers_storage import GcsEmulator, RcloneS3, gcs_emulator, rclone_s3
 
@@ -39,7 +42,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
                 "ROUTER_URL", "ROUTER_CONFIG", "ROUTER_TRANSPORT", "ROUTER_STACK",
                 "FLOWYML_STACK", "AIRFLOW_CTX_DAG_ID", "AIRFLOW_CTX_DAG_RUN_ID",
                 "AIRFLOW_CTX_TASK_ID", "ARGO_WORKFLOW_NAME", "ARGO_TEMPLATE",
-                "FLOWYML_UPLOAD_ALL_ARTIFACTS"):
+                "FLOWYML_UPLOAD_ALL_ARTIFACTS", "ROUTER_TRUST_PICKLE", "ROUTER_CACHE_DIR"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -69,6 +72,8 @@ def test_flow_runs_artifacts_versions_and_not_found(
              pipeline="fraud", run_id=run_id, step_name="train", spool=workspace.spool)
         workspace.wait_settled(1 if run_id == "run-a" else 2)
     monkeypatch.setenv("ROUTER_CONFIG", str(workspace.config_path))
+    monkeypatch.setenv("ROUTER_TRUST_PICKLE", "1")  # our own joblib models: opt in
+    monkeypatch.setenv("ROUTER_CACHE_DIR", str(workspace.root / "cache"))
 
     flow = Flow("fraud")  # the default client: ROUTER_CONFIG names the catalog
     assert [r.id for r in flow.runs()] == ["run-b", "run-a"]
@@ -122,7 +127,7 @@ def test_merge_artifacts_gathers_three_parallel_branches(
          step_name="start", spool=workspace.spool)
     workspace.wait_settled(4)
 
-    with client_for(workspace) as client:
+    with client_for(workspace, trust_pickle=True) as client:
         run = Run("join/r1", client=client)
         inputs = [run[name] for name in branches]
         merged = merge_artifacts(inputs)
@@ -267,6 +272,7 @@ def check_read_path(api_url: str, workspace: Workspace, monkeypatch: pytest.Monk
     # The Python client through ROUTER_URL: the catalog over HTTP, files where they are.
     monkeypatch.setenv("ROUTER_URL", api_url)
     monkeypatch.setenv("ROUTER_CACHE_DIR", str(workspace.root / "http-cache"))
+    monkeypatch.setenv("ROUTER_TRUST_PICKLE", "1")  # clf is our own joblib model
     run = Flow("http").latest_run
     assert run is not None and [s.name for s in run.steps()] == ["prep", "train"]
     assert run.data["train data"].tolist() == list(range(6))
@@ -441,6 +447,135 @@ def test_http_client_checks_fetched_files_and_catalog_checksums(
         server.stop()
 
 
+# --- what the reader trusts ----------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling it creates `marker`: proof that code from the file ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def test_formats_that_run_code_load_only_when_the_reader_opts_in(
+    workspace: Workspace, start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest author (any bash emitter) set router.files metadata naming pickle for
+    its file, and `.data` unpickled it: code from the spool ran in the reader."""
+    start_daemon(workspace)
+    marker = workspace.root / "code-ran"
+    payload = pickle.dumps(Payload(marker))
+    manifest = {"manifest_version": 1, "pipeline": "p", "run_id": "r1", "step_name": "bash",
+                "artifacts": [{"type": "report", "name": "notes", "upload": True,
+                               "files": [{"path": "notes.txt"}],
+                               "metadata": {"router.files": {"notes.txt": {
+                                   "serializer": "pickle"}}}}]}
+    write_bundle(workspace.spool, "ev-1", manifest, {"notes.txt": payload})
+    emit(Model(fitted(), name="clf", upload=True),
+         Model(fitted(), name="clf_skops", serializer="skops", upload=True),
+         Dataset(np.arange(3), name="arr", upload=True),
+         pipeline="p", run_id="r1", step_name="sdk", spool=workspace.spool)
+    workspace.wait_settled(2)
+
+    with client_for(workspace) as client:
+        run = Run("p/r1", client=client)
+        with pytest.raises(UntrustedFileError) as exc:
+            _ = run["bash"].data.notes
+        assert isinstance(exc.value, PermissionError) and not marker.exists()
+        message = str(exc.value)
+        for part in ("file 'notes.txt' of artifact p/r1/bash/notes", "'pickle'",
+                     "publish a manifest", "Client(trust_pickle=True)",
+                     "ROUTER_TRUST_PICKLE=1", ".path()"):
+            assert part in message, part
+        assert run["bash"]["notes"].path().read_bytes() == payload  # load it yourself
+        with pytest.raises(UntrustedFileError, match="'joblib'"):
+            _ = run["sdk"].data.clf
+        # Safe formats stay automatic: skops' default types cover sklearn, npy without pickle.
+        assert run["sdk"].data.clf_skops.predict(np.array([[3.0]])).tolist() == [1]
+        assert run["sdk"].data.arr.tolist() == [0, 1, 2]
+
+        monkeypatch.setenv("ROUTER_TRUST_PICKLE", "1")  # read at load time
+        assert Run("p/r1", client=client)["sdk"].data.clf.predict(
+            np.array([[3.0]])).tolist() == [1]
+        _ = Run("p/r1", client=client)["bash"].data.notes
+        assert marker.exists()  # opting in trusts whoever wrote the spool
+    with client_for(workspace, trust_pickle=False) as client, \
+            pytest.raises(UntrustedFileError):  # the argument wins over the environment
+        _ = Run("p/r1", client=client)["sdk"].data.clf
+    with client_for(workspace, trust_pickle=True) as client:
+        monkeypatch.delenv("ROUTER_TRUST_PICKLE")
+        assert Run("p/r1", client=client)["sdk"].data.clf.predict(
+            np.array([[0.0]])).tolist() == [0]
+
+
+def test_a_cached_file_is_hashed_again_and_the_cache_dir_is_private(
+    workspace: Workspace, start_daemon: StartDaemon
+) -> None:
+    """The cache (by default /tmp/artifact-router-cache-<uid>, created 0755 unchecked)
+    returned whatever file sat at <sha256>/<name>, whatever its content."""
+    start_daemon(workspace)
+    emit(Artifact(name="notes", data="from the spool"),  # not uploaded: read from the spool
+         pipeline="p", run_id="r1", step_name="s", spool=workspace.spool)
+    workspace.wait_settled(1)
+    cache = workspace.root / "fresh" / "cache"
+    with Client(config=workspace.config_path, cache_dir=cache) as client:
+        notes = Run("p/r1", client=client)["s"]["notes"]
+        assert notes.data == "from the spool"
+        assert cache.stat().st_mode & 0o777 == 0o700  # created private
+        entry = notes.row.files[0]
+        planted = cache / entry["sha256"] / entry["name"]
+        planted.parent.mkdir()
+        planted.write_bytes(b"planted")
+        assert Run("p/r1", client=client)["s"].data.notes == "from the spool"
+        assert not planted.exists()
+
+    shared = workspace.root / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    owners = [(shared, "mode 777")]
+    if os.getuid() == 0:  # root can give a directory away, as another user's would be
+        foreign = workspace.root / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 65534, -1)
+        owners.append((foreign, "owner uid 65534"))
+    for directory, why in owners:
+        with Client(config=workspace.config_path, cache_dir=directory) as client, \
+                pytest.raises(PermissionError, match=f"cache dir .*{why}.*ROUTER_CACHE_DIR"):
+            _ = Run("p/r1", client=client)["s"].data.notes
+
+
+def test_foreign_files_that_do_not_parse_as_their_extension_come_back_as_paths(
+    workspace: Workspace, start_daemon: StartDaemon
+) -> None:
+    """No serializer recorded: a latin-1 .txt raised UnicodeDecodeError and JSON lines in
+    a .json JSONDecodeError, where the docstring promises the local Path."""
+    start_daemon(workspace)
+    files = {"train.log.txt": "café résumé\n".encode("latin-1"),
+             "summary.json": b'{"step": 1}\n{"step": 2}\n',
+             "plain.txt": "naïve\n".encode(), "config.json": b'{"a": 1}'}
+    manifest = {"manifest_version": 1, "pipeline": "p", "run_id": "r1", "step_name": "s",
+                "artifacts": [{"type": "report", "name": name.split(".")[0], "upload": True,
+                               "files": [{"path": name}]} for name in files]}
+    write_bundle(workspace.spool, "ev-1", manifest, files)
+    workspace.wait_settled(1)
+    with client_for(workspace) as client:
+        data = Run("p/r1", client=client)["s"].data
+        assert isinstance(data.train, Path) and data.train.read_bytes() == files["train.log.txt"]
+        assert isinstance(data.summary, Path)
+        assert data.summary.read_bytes() == files["summary.json"]
+        assert data.plain == "naïve\n" and data.config == {"a": 1}  # these still parse
+
+
+def test_merge_artifacts_refuses_a_string() -> None:
+    """merge_artifacts(["branch_a"]) recursed into the string's characters forever."""
+    for inputs in (["branch_a"], "branch_a"):
+        with pytest.raises(TypeError, match=r"string 'b.*merge_artifacts\(\[run\['a'\]"):
+            merge_artifacts(inputs)
+
+
 # --- S3 -----------------------------------------------------------------------------------
 
 
@@ -468,7 +603,7 @@ def test_object_store_round_trip(
 
     scheme = "s3" if store == "s3" else "gs"
     key = f"{prefix}/objflow/r1/train/clf/model.joblib"
-    with client_for(workspace) as client:
+    with client_for(workspace, trust_pickle=True) as client:
         step = Run("objflow/r1", client=client)["train"]
         clf = step["clf"]
         assert clf.uri == f"{scheme}://{server.bucket}/{key}"
@@ -484,5 +619,9 @@ def test_object_store_round_trip(
         finally:
             fresh_client.close()
         assert client.read(clf.uri or "", sha256=clf.checksum) == local
+        # A cached file is hashed again before use: other bytes are fetched anew.
+        local.write_bytes(b"corrupt or planted")
+        assert client.read(clf.uri or "", sha256=clf.checksum) == local
+        assert sha256(local) == clf.checksum
         with pytest.raises(OSError, match="sha256"):
             client.read(clf.uri or "", sha256="0" * 64)

@@ -44,7 +44,7 @@ from router import (
 )
 from router.client import Client
 from router.manifest import ManifestError
-from router.sdk import content_key, resolve_context, run_context
+from router.sdk import UntrustedFileError, content_key, resolve_context, run_context
 from tests.conftest import ROOT, DaemonProcess, Workspace, write_bundle
 from tests.servers_mqtt import Broker, mqtt_broker, mqtt_broker_factory
 
@@ -70,13 +70,16 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("ROUTER_RUN_ID", "ROUTER_STEP_NAME", "ROUTER_PIPELINE", "ROUTER_SPOOL",
                 "ROUTER_URL", "ROUTER_TRANSPORT", "ROUTER_STACK", "FLOWYML_STACK",
                 "AIRFLOW_CTX_DAG_ID", "AIRFLOW_CTX_DAG_RUN_ID", "AIRFLOW_CTX_TASK_ID",
-                "ARGO_WORKFLOW_NAME", "ARGO_TEMPLATE", "FLOWYML_UPLOAD_ALL_ARTIFACTS"):
+                "ARGO_WORKFLOW_NAME", "ARGO_TEMPLATE", "FLOWYML_UPLOAD_ALL_ARTIFACTS",
+                "ROUTER_TRUST_PICKLE", "ROUTER_CACHE_DIR"):
         monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture
 def client(workspace: Workspace) -> Iterator[Client]:
-    with Client(config=workspace.config_path, cache_dir=workspace.root / "cache") as c:
+    """Opted in to pickle-based formats: these tests read back the SDK's own objects."""
+    with Client(config=workspace.config_path, cache_dir=workspace.root / "cache",
+                trust_pickle=True) as c:
         yield c
 
 
@@ -189,6 +192,17 @@ def test_torch_round_trip(workspace: Workspace, start_daemon: StartDaemon,
     workspace.wait_settled(1)
     back = Run("t/r", client=client)["s"].data.net
     assert torch.equal(back.weight, net.weight)
+
+    # Without opting in to pickle, tensors and state dicts still load (weights_only=True);
+    # a whole module needs the full load, which can run code from the file.
+    emit(Model(net.state_dict(), name="weights", serializer="torch", upload=True),
+         pipeline="t", run_id="r2", step_name="s", spool=workspace.spool)
+    workspace.wait_settled(2)
+    with Client(config=workspace.config_path, cache_dir=workspace.root / "cache") as untrusted:
+        assert torch.equal(Run("t/r2", client=untrusted)["s"].data.weights["weight"],
+                           net.weight)
+        with pytest.raises(UntrustedFileError, match="'torch'"):
+            _ = Run("t/r", client=untrusted)["s"].data.net
 
 
 # --- @step, the environment, lineage ----------------------------------------------------
@@ -471,8 +485,8 @@ def test_example_pipelines_in_python_and_bash(
     start_daemon(workspace)
     env = {**os.environ, "ROUTER_CONFIG": str(workspace.config_path), "ROUTER_RUN_ID": "py-1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    subprocess.run([sys.executable, str(ROOT / "examples" / "pipeline.py")], check=True,
-                   env=env, cwd=workspace.root, timeout=120, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "examples" / "pipeline.py"), "--read"],
+                   check=True, env=env, cwd=workspace.root, timeout=120, capture_output=True)
     subprocess.run(["bash", str(ROOT / "examples" / "pipeline.sh")], check=True,
                    env={**env, "ROUTER_RUN_ID": "sh-1"}, cwd=workspace.root, timeout=120,
                    capture_output=True)

@@ -85,8 +85,26 @@ def _not_a_bundle(name: str) -> None:
                 entry=not_utf8(name) or name)
 
 
-def _load_many(paths: list[Path]) -> list[AcceptedEvent | Rejection | None]:
-    return [_load_if_complete(p) for p in paths]
+def _load_many(paths: list[Path], held: tuple[Path, ...]
+               ) -> list[AcceptedEvent | Rejection | None]:
+    return [_named_uniquely(_load_if_complete(p), held) for p in paths]
+
+
+def _named_uniquely(result: AcceptedEvent | Rejection | None, held: tuple[Path, ...]
+                    ) -> AcceptedEvent | Rejection | None:
+    """Journal a bundle under the name it will have in accepted/ or failed/.
+
+    Deliveries and moves find a bundle by its journaled name. A name still held by an
+    older bundle (in one of the `held` folders) would lead them to that bundle's files,
+    so the newcomer is journaled, and moved, as `<name>-<ns>` instead. (A replay of an
+    already journaled event keeps its first name: see SpoolSource._settle_duplicate.)"""
+    if isinstance(result, AcceptedEvent) and result.bundle is not None and any(
+            os.path.lexists(folder / result.bundle) for folder in held):
+        fresh = _fresh_name(result.bundle)
+        log.info("bundle name in use by an older bundle: journaled and moved under a new "
+                 "name", bundle=result.bundle, renamed=fresh, event_id=result.event_id)
+        result.bundle = fresh
+    return result
 
 
 def _move_all(moves: list[tuple[Path, Path, str]]) -> None:
@@ -322,8 +340,9 @@ class SpoolSource:
         """Read a batch in `READERS` threads, one hop each: a task and a hop per bundle
         cost more loop time than reading a small bundle does."""
         chunks = [chunk for i in range(READERS) if (chunk := names[i::READERS])]
+        held = (self.paths.accepted, self.paths.failed, self.paths.done)
         loaded = await asyncio.gather(*(
-            asyncio.to_thread(_load_many, [self.paths.incoming / n for n in chunk])
+            asyncio.to_thread(_load_many, [self.paths.incoming / n for n in chunk], held)
             for chunk in chunks
         ))
         by_name = {n: r for chunk, results in zip(chunks, loaded, strict=True)
@@ -342,7 +361,6 @@ class SpoolSource:
             return
         sources = [n for n, _ in pairs]  # directory names in incoming/, by position
         accepted = [e for _, e in pairs]
-        await asyncio.to_thread(self._name_uniquely, accepted)
         moved = asyncio.Event()
         for event in accepted:
             assert event.bundle is not None
@@ -355,24 +373,6 @@ class SpoolSource:
                 assert event.bundle is not None
                 self._in_transit.pop(event.bundle, None)
             moved.set()
-
-    def _name_uniquely(self, accepted: list[AcceptedEvent]) -> None:
-        """Journal each bundle under the name it will have in accepted/ or failed/.
-
-        Deliveries and moves find a bundle by its journaled name. A name still held by an
-        older bundle (in accepted/, failed/ or done/) would lead them to that bundle's
-        files, so the newcomer is journaled, and moved, as `<name>-<ns>` instead.
-        (For a replay of an already journaled event the journal keeps its first name:
-        see _settle_duplicate.)"""
-        held = (self.paths.accepted, self.paths.failed, self.paths.done)
-        for event in accepted:
-            assert event.bundle is not None
-            if any(os.path.lexists(folder / event.bundle) for folder in held):
-                fresh = _fresh_name(event.bundle)
-                log.info("bundle name in use by an older bundle: journaled and moved under "
-                         "a new name", bundle=event.bundle, renamed=fresh,
-                         event_id=event.event_id)
-                event.bundle = fresh
 
     async def _settle(self, accepted: list[AcceptedEvent], sources: list[str],
                       outcomes: list[AcceptOutcome]) -> None:
@@ -423,7 +423,7 @@ class SpoolSource:
         """Same id, same content: a replay (or our own crash between commit and move)."""
         state = (await self.journal.known_events([event.event_id])).get(event.event_id)
         record = await self.journal.event_record(event.event_id) if state else {}
-        # The name the journal knows it by (it may differ from `source`: _name_uniquely).
+        # The name the journal knows it by (it may differ from `source`: _named_uniquely).
         journaled: str = (record.get("source") == "spool" and record.get("bundle")) or source
         src = self.paths.incoming / source
         here = await asyncio.to_thread(self.paths.locate, journaled)

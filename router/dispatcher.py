@@ -564,8 +564,8 @@ class Dispatcher:
             try:
                 completion = self._outcome(d, policy, outcome)
             except Exception as exc:
-                # No outcome recorded would leave the row in flight under a lease this
-                # daemon keeps renewing: never resumed. Retry it after max_delay.
+                # No outcome recorded would leave the row in flight until its lease
+                # ran out (or a restart). Retry it after max_delay.
                 log.exception("recording a delivery outcome failed", key=d.key)
                 completion = _completion(
                     d, "retry", error=f"internal error recording the outcome: {exc!r}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 import threading
 import time
@@ -46,6 +47,9 @@ OPEN_TIMEOUT = 30.0  # seconds a sink may take to open at start (SinkPool.warm_u
 # CLI's retry, approve; a pool member) or the clock (a retry's backoff) makes due is
 # claimed within this.
 CLAIM_EVERY = 0.5
+# A delivery still running after this many seconds is logged once, with where it waits:
+# a hung request (a server that accepts and never answers) shows in the log by itself.
+SLOW_DELIVERY = 60.0
 
 
 def backoff_delay(policy: RetryPolicy, attempt: int, rng: random.Random | None = None) -> float:
@@ -70,6 +74,42 @@ def _sink_class_or_none(type_name: str) -> Any:
         return sink_class(type_name)
     except (KeyError, ImportError):
         return None
+
+
+def _waiting_in(task: asyncio.Task[Any]) -> str:
+    """The innermost await a task is suspended in, as `function (file:line)` links
+    (Task.get_stack shows only the outermost coroutine). Follows awaited coroutines and
+    tasks, the first unfinished child of a gather, and the task a wait_for runs."""
+    where: list[str] = []
+    awaited: Any = task.get_coro()
+    frame: Any = None
+    while awaited is not None and len(where) < 40:
+        if isinstance(awaited, asyncio.Task):
+            awaited = awaited.get_coro()
+            continue
+        if isinstance(awaited, asyncio.Future):
+            # A gather's children; else a task the awaiting frame holds (wait_for's).
+            children = getattr(awaited, "_children", None) or [
+                v for v in (frame.f_locals.values() if frame else ())
+                if isinstance(v, asyncio.Task)]
+            awaited = next((c for c in children if not c.done()), None)
+            continue
+        inner = next((f for a in ("cr_frame", "ag_frame", "gi_frame")
+                      if (f := getattr(awaited, a, None)) is not None), None)
+        if inner is None:
+            # `await future` suspends in the future's iterator, which only the garbage
+            # collector's view of its references leads back to the future.
+            awaited = next((r for r in gc.get_referents(awaited)
+                            if isinstance(r, asyncio.Future)), None)
+            continue
+        frame = inner
+        code = frame.f_code
+        where.append(f"{code.co_name} ({Path(code.co_filename).name}:{frame.f_lineno})")
+        awaited = next((w for a in ("cr_await", "ag_await", "gi_yieldfrom")
+                        if (w := getattr(awaited, a, None)) is not None), None)
+    if len(where) > 8:  # where it entered the sink, and the innermost awaits
+        where = [*where[:3], "...", *where[-5:]]
+    return " -> ".join(where)
 
 
 class SinkPool:
@@ -258,6 +298,7 @@ class Dispatcher:
         self._done: list[Completion] = []  # outcomes waiting for the next tick
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[str, int] = {}  # delivery key -> tasks running it (leases)
+        self._started: dict[asyncio.Task[None], float] = {}  # until reported slow
         self.lease_seconds = config.router.lease_seconds
         self.slots = InFlightSlots(pool, config.router.concurrency, self.lease_seconds)
         # Intake claims its new events' deliveries itself (slots_for_intake) only while
@@ -413,12 +454,14 @@ class Dispatcher:
         name = f"deliver {deliveries[0].key} (+{len(deliveries) - 1})"
         task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
+        self._started[task] = time.monotonic()
         keys = [d.key for d in deliveries]
         for key in keys:
             self._running[key] = self._running.get(key, 0) + 1
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
+            self._started.pop(t, None)
             self.slots.give_back(sink_ids)
             for key in keys:
                 if (left := self._running.pop(key) - 1) > 0:
@@ -618,9 +661,20 @@ class Dispatcher:
         ).inc()
         return _completion(d, "retry", error=reason, next_attempt_at=time.time() + delay)
 
+    def _report_slow(self) -> None:
+        """Log each delivery running past SLOW_DELIVERY once, with the code it waits in."""
+        now = time.monotonic()
+        for task, started in list(self._started.items()):
+            if now - started < SLOW_DELIVERY:
+                continue
+            del self._started[task]
+            log.warning("delivery still running", task=task.get_name(),
+                        seconds=round(now - started), waiting_in=_waiting_in(task))
+
     async def _maintain_leases(self) -> None:
         while True:
-            await asyncio.sleep(self.lease_seconds / 3)
+            await asyncio.sleep(min(self.lease_seconds / 3, SLOW_DELIVERY / 2))
+            self._report_slow()
             try:
                 await self.journal.renew_leases(self.lease_seconds, list(self._running))
                 reaped = await self.journal.reap_expired_leases()

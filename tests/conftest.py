@@ -118,6 +118,7 @@ class Workspace:
         self.config_path = root / "router.yaml"
         self.env: dict[str, str] = {}  # for ${VAR} in the config, given to every process
         self.journal_url = journal_url or f"sqlite+aiosqlite:///{root / 'state' / 'router.db'}"
+        self.daemons: list[DaemonProcess] = []  # started on this workspace (their logs)
         self.router = {
             "spool": str(self.spool),
             "state_dir": str(root / "state"),
@@ -169,10 +170,21 @@ class Workspace:
         status = self.status()
         while not predicate(status):
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting; last status: {status}")
+                raise AssertionError(
+                    f"timed out waiting; last status: {status}{self.daemon_logs()}")
             time.sleep(0.3)
             status = self.status()
         return status
+
+    def daemon_logs(self, lines: int = 80) -> str:
+        """The end of each daemon's log: what a timed-out wait needs to be diagnosed
+        from CI output alone."""
+        out = []
+        for daemon in self.daemons:
+            tail = daemon.log_path.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"\n--- {daemon.log_path.name} (last {len(tail)} lines) ---\n"
+                       + "\n".join(tail))
+        return "".join(out)
 
     def wait_settled(self, events: int, timeout: float = 120.0) -> dict[str, Any]:
         """Until `events` events are finished (done, failed or rejected) and none pending."""
@@ -191,6 +203,7 @@ class DaemonProcess:
     def __init__(self, workspace: Workspace, *extra: str, env: dict[str, str] | None = None):
         self.workspace = workspace
         self.log_path = workspace.root / f"daemon-{time.time_ns()}.log"
+        workspace.daemons.append(self)
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "router.cli", "run", "--config", str(workspace.config_path),

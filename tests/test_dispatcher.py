@@ -4,6 +4,7 @@ journal (SQLite) and the real jsonl tracker, the dispatcher's loop running in-pr
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import structlog.testing
 
+import router.dispatcher as dispatcher_module
 from router.config import load_config
 from router.daemon import Daemon
 from router.db import deliveries
@@ -336,3 +339,43 @@ async def test_a_claim_nobody_started_expires_and_is_taken_over(tmp_path: Path) 
         await task
         await daemon.pool.close()
         await daemon.db.dispose()
+
+
+async def test_a_delivery_hung_on_a_silent_server_is_logged_with_where_it_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that accepts the connection and never answers holds a delivery until the
+    sink's own timeout: the log says so long before, naming the await it hangs in."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepted by the kernel, never read, never answered
+    monkeypatch.setattr(dispatcher_module, "SLOW_DELIVERY", 0.5)
+    ws = Workspace(tmp_path)
+    ws.stack["experiment_tracker"] = {
+        "type": "mlflow", "tracking_uri": f"http://127.0.0.1:{silent.getsockname()[1]}",
+        "request_timeout": 600}
+    ws.write()
+    daemon = Daemon(load_config(ws.config_path))
+    await daemon.db.migrate()
+    task = asyncio.create_task(daemon.dispatcher.run())
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await daemon.journal.accept([metrics_event("e1")], daemon.plan)
+            daemon.dispatcher.wake()
+            await wait_for(lambda: any(e["event"] == "delivery still running" for e in logs))
+        (slow,) = [e for e in logs if e["event"] == "delivery still running"]
+        assert slow["log_level"] == "warning" and slow["seconds"] >= 0.5
+        assert "e1" in slow["task"]
+        # The chain reaches into the sink, down to the HTTP request it waits for.
+        # From the dispatcher's attempt, through the sink, to the socket read it waits in.
+        where = slow["waiting_in"]
+        assert where.startswith("_attempt (dispatcher.py:"), where
+        assert " -> deliver (mlflow.py:" in where, where
+        assert " -> read (streams.py:" in where, where
+        assert await finished(daemon) == {}, "still waiting for the server, not given up"
+    finally:
+        await daemon.dispatcher.stop(0.1)
+        await task
+        await daemon.pool.close()
+        await daemon.db.dispose()
+        silent.close()

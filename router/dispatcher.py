@@ -417,7 +417,12 @@ class Dispatcher:
                 self._claim_hint = True  # a full claim: more may be due
         self._start_all(claimed)
         if finished:
-            await self.on_finished(finished)
+            try:
+                await self.on_finished(finished)
+            except Exception:
+                # Moving bundles and sending receipts is redone at the next start (events
+                # finish with moved=False); a failure here must not end the dispatcher.
+                log.exception("handling finished events failed", events=len(finished))
         return claimed
 
     def _start_all(self, claimed: list[ClaimedDelivery]) -> None:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -379,3 +380,37 @@ async def test_a_delivery_hung_on_a_silent_server_is_logged_with_where_it_waits(
         await daemon.pool.close()
         await daemon.db.dispose()
         silent.close()
+
+
+async def test_a_failure_handling_finished_events_does_not_end_the_dispatcher(
+    daemon_parts: Callable[[int], Daemon],
+) -> None:
+    """Moving bundles and sending receipts after events finish may fail (a disk error,
+    a bug); the dispatcher logs it and goes on delivering (the moves are redone at the
+    next start from the journal's moved flag)."""
+    daemon = daemon_parts(4)
+    calls: list[list[str]] = []
+
+    async def fails_once(finished_events: list[Any]) -> None:
+        calls.append([e.event_id for e in finished_events])
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+
+    daemon.dispatcher.on_finished = fails_once
+    task = await run_dispatcher(daemon)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await daemon.journal.accept([metrics_event("e1")], daemon.plan, daemon.dispatcher)
+            done: dict[str, float] = {}
+            await wait_finished(daemon, done, 1)
+            await wait_for(lambda: calls)
+            await daemon.journal.accept([metrics_event("e2")], daemon.plan, daemon.dispatcher)
+            await wait_finished(daemon, done, 2)
+            await wait_for(lambda: len(calls) >= 2)
+        assert not task.done(), "the dispatcher is still running"
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+            "handling finished events failed"]
+        assert sorted(e for call in calls for e in call) == ["e1", "e2"]
+    finally:
+        await daemon.dispatcher.stop(5)
+        await task

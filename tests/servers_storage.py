@@ -144,13 +144,19 @@ class RcloneS3(_Server):
         ]
 
     def settings(self, **overrides: object) -> dict[str, object]:
-        """S3 store settings pointing at this server."""
+        """S3 store settings pointing at this server.
+
+        A read timeout well under a test's wait: should a request ever go unanswered
+        (seen once in CI: two deliveries in flight past a 120 s wait), the attempt times
+        out and is retried within the wait, as it would be against AWS, instead of
+        outlasting it at the default 60 s x 3 botocore attempts."""
         values: dict[str, object] = {
             "bucket_name": self.bucket,
             "endpoint_url": self.url,
             "region": "us-east-1",
             "aws_access_key_id": self.access_key,
             "aws_secret_access_key": self.secret_key,
+            "read_timeout": 15,
         }
         values.update(overrides)
         return values

@@ -65,7 +65,7 @@ def backoff_delay(policy: RetryPolicy, attempt: int, rng: random.Random | None =
 def _completion(d: ClaimedDelivery, outcome: str, **fields: Any) -> Completion:
     return Completion(
         key=d.key, event_id=d.event_id, artifact_index=d.artifact_index, sink_id=d.sink_id,
-        action=d.action, outcome=outcome, **fields,
+        action=d.action, outcome=outcome, attempts=d.attempts, **fields,
     )
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
 import sqlalchemy as sa
+import structlog
 from pydantic import BaseModel, Field
 
 from router import approvals, catalog
@@ -33,6 +34,8 @@ __all__ = [
     "Handoff",
     "StatusReport",
 ]
+
+log = structlog.get_logger("router.journal")
 
 # Snapshot counters share the version counters table under this reserved pipeline name.
 DATASET_SNAPSHOTS = "(dataset snapshots)"
@@ -58,10 +61,28 @@ _EXISTING_EVENTS = sa.select(events.c.id, events.c.state, events.c.digest).where
 _INSERT_EVENTS = sa.insert(events)
 _INSERT_DELIVERIES = sa.insert(deliveries)
 _MARK_MOVED = sa.update(events).where(events.c.id.in_(_each("ids"))).values(moved=True)
-# An outcome counts only from the daemon that holds the row: one whose lease expired
-# and was taken over (a pool) must not reset the new holder's attempt.
+# An outcome counts only from the attempt that holds the row, (owner, attempts): one
+# whose lease expired and was taken over (by a peer, or by this same daemon claiming it
+# again) must not reset the new holder's attempt. A completion without an attempt
+# number (`attempts` None) matches whichever attempt this owner holds.
 _OWN_ATTEMPT = (deliveries.c.key == sa.bindparam("k"), deliveries.c.state == "in_flight",
-                deliveries.c.owner == sa.bindparam("o"))
+                deliveries.c.owner == sa.bindparam("o"),
+                deliveries.c.attempts == sa.func.coalesce(
+                    sa.bindparam("a", type_=sa.Integer), deliveries.c.attempts))
+# Who holds a burst's rows, locked (PostgreSQL: FOR UPDATE, so a reaper cannot release
+# them between this and the updates; SQLite renders none, BEGIN IMMEDIATE already
+# serializes writers). Read only for bursts with side effects beyond their own rows
+# (see _complete_in). By key alone: with state and owner in the WHERE too, SQLite
+# chose the (state, next_attempt_at) index over the primary key for more than a few
+# keys and walked every in-flight row (32 keys among 2000 in flight: 280 us; by
+# key alone, 90 us).
+_HOLDERS = (
+    sa.select(deliveries.c.key, deliveries.c.state, deliveries.c.owner,
+              deliveries.c.attempts)
+    .where(deliveries.c.key.in_(_each("keys")))
+    .order_by(deliveries.c.key)
+    .with_for_update()
+)
 _CLEARED = {"updated_at": _NOW, "owner": None, "lease_until": None}
 _MARK_DONE = sa.update(deliveries).where(*_OWN_ATTEMPT).values(
     state="done", result=sa.bindparam("r"), last_error=None, **_CLEARED)
@@ -196,6 +217,10 @@ class Completion(BaseModel):
     result: DeliveryResult | None = None
     error: str | None = None
     next_attempt_at: float | None = None
+    # The claim's attempt number (ClaimedDelivery.attempts): with the owner, it tells
+    # this attempt from an earlier one whose lease expired. None: not checked, the
+    # outcome counts for whichever attempt this daemon holds (the dispatcher sets it).
+    attempts: int | None = None
 
 
 class FinishedEvent(BaseModel):
@@ -774,18 +799,69 @@ def _renew_leases_tx(
         )
 
 
+def _has_side_effects(c: Completion) -> bool:
+    """Whether recording `c` writes more than its own row, for its attempt only: a done
+    delivery's catalog locations; a dead one's dependents killed, or its deploy failed."""
+    if c.outcome == "dead":
+        return True
+    return c.outcome == "done" and c.result is not None and bool(
+        c.result.objects or c.result.uri)
+
+
+def _held_only(
+    conn: sa.Connection, completions: Sequence[Completion], owner: str
+) -> list[Completion]:
+    """The completions of attempts this transaction holds (row in flight, this owner,
+    this attempt number), their rows locked until the commit. The others are stale:
+    attempts whose lease expired and that were taken over (by a peer, or by this daemon
+    claiming again); each is logged once, at info."""
+    keys = list({c.key for c in completions})
+    held: dict[str, int] = {}
+    for start in range(0, len(keys), 500):
+        rows = conn.execute(_HOLDERS, {"keys": keys[start:start + 500]})
+        held.update((r.key, r.attempts) for r in rows
+                    if r.state == "in_flight" and r.owner == owner)
+    kept = []
+    for c in completions:
+        attempt = held.get(c.key)
+        if attempt is not None and c.attempts in (None, attempt):
+            kept.append(c)
+            continue
+        log.info("outcome of an attempt whose lease was taken over: left to the new "
+                 "holder", key=c.key, attempt=c.attempts, outcome=c.outcome,
+                 deploy_recorded=c.action == "deploy" and c.outcome == "done")
+    return kept
+
+
 def _complete_in(
     conn: sa.Connection, completions: Sequence[Completion], now: float, owner: str
 ) -> list[FinishedEvent]:
-    """Outcomes of a burst of attempts; a done delivery's locations in the same commit."""
+    """Outcomes of a burst of attempts; a done delivery's locations in the same commit.
+
+    An outcome counts only from the attempt that holds its row (owner and attempt
+    number): the row updates check that themselves (_OWN_ATTEMPT). When the burst also
+    writes elsewhere (a done delivery's locations, a dead one's dependents, a deploy's
+    decision), the held attempts are read first (locked) and only theirs have those
+    effects: a stale "dead" must not kill the dependents the new holder's attempt is
+    about to unblock, nor a stale "done" catalog a location in place of the new
+    holder's. Bursts without such effects (retries) skip that read: this transaction
+    is on the hot path.
+
+    One exception: a deploy that landed ("done") is recorded on the model's decision
+    whichever attempt it came from, since the endpoint now serves that version; if a
+    newer one was deployed meanwhile, that one is deployed again (the newest wins).
+    """
     touched = {c.event_id for c in completions}
-    done = [c for c in completions if c.outcome == "done"]
-    retry = [c for c in completions if c.outcome == "retry"]
-    dead = [c for c in completions if c.outcome == "dead"]
+    held = completions
+    if any(_has_side_effects(c) for c in completions):
+        held = _held_only(conn, completions, owner)
+    done = [c for c in held if c.outcome == "done"]
+    retry = [c for c in held if c.outcome == "retry"]
+    dead = [c for c in held if c.outcome == "dead"]
     if done:
         conn.execute(_MARK_DONE, [
             {"k": c.key, "r": c.result.model_dump(mode="json") if c.result else None,
-             "now": now, "o": owner}
+             "now": now, "o": owner, "a": c.attempts}
             for c in done
         ])
         catalog.record_locations_batch(
@@ -796,17 +872,23 @@ def _complete_in(
         )
     if retry:
         conn.execute(_MARK_RETRY, [
-            {"k": c.key, "n": c.next_attempt_at or now, "e": c.error, "now": now, "o": owner}
+            {"k": c.key, "n": c.next_attempt_at or now, "e": c.error, "now": now, "o": owner,
+             "a": c.attempts}
             for c in retry
         ])
     if dead:
-        conn.execute(_MARK_DEAD, [{"k": c.key, "e": c.error, "now": now, "o": owner}
-                                  for c in dead])
+        conn.execute(_MARK_DEAD, [
+            {"k": c.key, "e": c.error, "now": now, "o": owner, "a": c.attempts}
+            for c in dead])
         for c in dead:
             _kill_dependents(conn, c.key, now)
-    for c in completions:
-        if c.action == "deploy" and c.outcome != "retry":
-            approvals.record_deploy_outcome(conn, c.key, c.outcome == "done", c.error, now)
+    deploys = [c for c in completions if c.action == "deploy" and c.outcome != "retry"]
+    if deploys:
+        counted = {id(c) for c in held}
+        for c in deploys:
+            if c.outcome == "done" or id(c) in counted:
+                approvals.record_deploy_outcome(
+                    conn, c.key, c.outcome == "done", c.error, now)
     return _finish_events(conn, touched, now)
 
 

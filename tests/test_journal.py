@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from router.catalog import list_artifacts, list_runs
-from router.config import load_config
+from router.config import StackConfig, load_config
 from router.db import Database
 from router.delivery import DeliveryResult, StagedFile, StoredObject
 from router.intake import AcceptedEvent
@@ -329,3 +329,143 @@ async def test_rejections_are_visible_in_status(journal: DeliveryJournal) -> Non
     assert "artifacts[0].type = 'modle'" in status.rejected[0]["error"]
     # a fixed event with the same id is accepted over the rejection
     assert (await journal.accept([event("bad-1")], planner))[0].outcome == "accepted"
+
+
+# --- stale outcomes: an attempt is (owner, attempt number) ----------------------------
+
+
+def outcome_of(c: ClaimedDelivery, outcome: str, **fields: object) -> Completion:
+    """What the dispatcher records for claim `c` (router.dispatcher._completion)."""
+    return Completion.model_validate({
+        "key": c.key, "event_id": c.event_id, "artifact_index": c.artifact_index,
+        "sink_id": c.sink_id, "action": c.action, "outcome": outcome, "attempts": c.attempts,
+        **fields})
+
+
+def metrics_after_store(ev: AcceptedEvent, versions: list[str]):  # type: ignore[no-untyped-def]
+    """The event's metrics are logged only once its model is stored (a register's wait)."""
+    plan = planner(ev, versions)
+    plan.artifacts[1].deliveries[0].after = plan.artifacts[0].deliveries[0].key
+    return plan
+
+
+def stored(uri: str, version_id: str) -> DeliveryResult:
+    return DeliveryResult(objects=[StoredObject(
+        file_name="model.pkl", uri=uri, size=10, sha256="ab" * 32, version_id=version_id)])
+
+
+async def test_a_stale_dead_letter_does_not_kill_what_waits_for_the_new_holder(
+    journal: DeliveryJournal,
+) -> None:
+    """A slow daemon gives up on a store whose lease a peer took over: its "dead" must
+    not kill the delivery waiting for that store, which the peer's "done" unblocks."""
+    await journal.accept([event("e1")], metrics_after_store)
+    (slow,) = await journal.claim(10, lease_seconds=-1)  # the store; the metrics wait
+    peer = DeliveryJournal(journal.db, owner="other-daemon")
+    assert await peer.reap_expired_leases() == 1
+    (taken,) = await peer.claim(10)
+    assert (taken.key, taken.action) == (slow.key, "store")
+
+    finished = await journal.complete([outcome_of(slow, "dead", error="permanent: gone")])
+    assert finished == []
+    status = await journal.status()
+    assert status.sinks["local.experiment_tracker"].model_dump() == {
+        "pending": 1, "in_flight": 0, "done": 0, "dead": 0}, "the metrics still wait"
+    assert status.sinks["local.artifact_store"].in_flight == 1
+    assert status.dead_letters == []
+
+    await peer.complete([outcome_of(taken, "done", result=stored("s3://b/m", "v1"))])
+    (metrics,) = await peer.claim(10)
+    assert metrics.artifact_index == 1
+    finished = await peer.complete([outcome_of(metrics, "done", result=DeliveryResult(
+        uri="file:///t.jsonl"))])
+    assert [(f.event_id, f.state) for f in finished] == [("e1", "done")]
+
+
+async def test_a_stale_done_records_no_location(journal: DeliveryJournal) -> None:
+    """The slow daemon's store lands after a peer took the delivery over: the catalog
+    lists the location of the attempt that holds the row (one location per delivery and
+    file name: a stale one recorded first would hide the new holder's version)."""
+    await journal.accept([event("e1")], planner)
+    slow = next(c for c in await journal.claim(10, lease_seconds=-1) if c.action == "store")
+    peer = DeliveryJournal(journal.db, owner="other-daemon")
+    await peer.reap_expired_leases()
+    taken = next(c for c in await peer.claim(10) if c.key == slow.key)
+
+    await journal.complete([outcome_of(slow, "done", result=stored("s3://b/m", "v-stale"))])
+    async with journal.db.read() as conn:
+        model = next(r for r in await list_artifacts(conn, name="clf"))
+    assert model.locations == []
+    assert (await journal.status()).sinks["local.artifact_store"].in_flight == 1
+
+    await peer.complete([outcome_of(taken, "done", result=stored("s3://b/m", "v-new"))])
+    async with journal.db.read() as conn:
+        model = next(r for r in await list_artifacts(conn, name="clf"))
+    assert [(loc.uri, loc.version_id) for loc in model.locations] == [("s3://b/m", "v-new")]
+
+
+async def test_the_same_daemon_claiming_again_ignores_its_first_attempts_outcome(
+    journal: DeliveryJournal,
+) -> None:
+    """This daemon's own lease expires (its reaper puts the row back to pending) and it
+    claims the store again: the owner is the same, the attempt number tells the first
+    attempt's late outcomes (a retry, a dead letter) from the second's, which counts."""
+    await journal.accept([event("e1")], metrics_after_store)
+    (first,) = await journal.claim(10, lease_seconds=-1)
+    assert await journal.reap_expired_leases() == 1
+    (second,) = await journal.claim(10)
+    assert (second.key, first.attempts, second.attempts) == (first.key, 1, 2)
+
+    await journal.complete([outcome_of(first, "retry", error="timed out", next_attempt_at=0)])
+    await journal.complete([outcome_of(first, "dead", error="permanent: gone")])
+    status = await journal.status()
+    assert status.sinks["local.artifact_store"].in_flight == 1
+    assert status.sinks["local.experiment_tracker"].pending == 1
+    assert status.dead_letters == []
+    assert await journal.claim(10) == [], "the second attempt still holds the store"
+
+    await journal.complete([outcome_of(second, "done", result=stored("s3://b/m", "v2"))])
+    assert [c.artifact_index for c in await journal.claim(10)] == [1]
+    async with journal.db.read() as conn:
+        model = next(r for r in await list_artifacts(conn, name="clf"))
+    assert [loc.version_id for loc in model.locations] == ["v2"]
+
+
+async def test_a_stale_failed_deploy_does_not_fail_the_decision(
+    journal: DeliveryJournal,
+) -> None:
+    """A deploy's lease runs out and a peer deploys again: the slow attempt's dead letter
+    must not record the version failed while the peer's attempt runs (a late "done", by
+    contrast, counts: the endpoint serves that version, tests/test_approvals.py)."""
+    st = StackConfig.model_validate({
+        "name": "prod",
+        "artifact_store": {"type": "local", "path": "/tmp/unused"},
+        "model_registry": {"type": "mlflow", "tracking_uri": "http://127.0.0.1:1"},
+        "model_deployer": {"type": "mlflow_alias", "tracking_uri": "http://127.0.0.1:1"},
+        "artifact_routing": {"Model": {"store": "local", "register": True, "deploy": True,
+                                       "deploy_condition": "auto"}},
+    })
+
+    def deploying(ev: AcceptedEvent, versions: list[str]):  # type: ignore[no-untyped-def]
+        return plan_event(ev.manifest, event_id=ev.event_id, stack=st, versions=versions,
+                          received_at=datetime.now(UTC))
+
+    async def decision() -> str:
+        (row,) = await journal.decisions(name="clf")
+        return row.state
+
+    await journal.accept([event("e1", version="1")], deploying)
+    for action in ("store", "register"):
+        (c,) = [c for c in await journal.claim(10) if c.artifact_index == 0]
+        assert c.action == action
+        await journal.complete([outcome_of(c, "done", result=DeliveryResult(uri=f"x://{action}"))])
+    (slow,) = await journal.claim(10, lease_seconds=-1)
+    assert slow.action == "deploy" and await decision() == "deploying"
+    peer = DeliveryJournal(journal.db, owner="other-daemon")
+    assert await peer.reap_expired_leases() == 1
+    (taken,) = await peer.claim(10)
+
+    await journal.complete([outcome_of(slow, "dead", error="permanent: endpoint gone")])
+    assert await decision() == "deploying"
+    await peer.complete([outcome_of(taken, "done", result=DeliveryResult(uri="x://deploy"))])
+    assert await decision() == "deployed"

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -115,7 +116,12 @@ def run(
                                               "through this stack")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
-    """Run the daemon until SIGTERM or SIGINT (then drain and exit 0)."""
+    """Run the daemon until SIGTERM or SIGINT (then drain and exit 0); SIGHUP reloads
+    the config file."""
+    # First of all: a signal that arrives while the daemon starts (the imports, the
+    # config, the journal's migrations) is noted here and acted on by the daemon once it
+    # has started, instead of killing it (SIGHUP's and SIGTERM's default action).
+    noted = _note_signals()
     from router.daemon import Daemon
     from router.logs import configure_logging, secret_values
 
@@ -144,9 +150,22 @@ def run(
             from router.sources.mqtt import MqttSource
 
             daemon.extra_sources.append(MqttSource.from_daemon(daemon))
-        return await daemon.run()
+        return await daemon.run(noted_signals=noted)
 
     raise typer.Exit(_run_loop(main()))
+
+
+def _note_signals() -> list[int]:
+    """SIGHUP, SIGTERM and SIGINT noted, in the order they arrive, until the daemon's
+    event loop handles them (`Daemon.run(noted_signals=...)` then reads the list)."""
+    noted: list[int] = []
+    for name in ("SIGHUP", "SIGTERM", "SIGINT"):
+        sig = getattr(signal, name, None)  # no SIGHUP on Windows
+        if sig is not None:
+            # Only the main thread may set handlers (ValueError elsewhere).
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, lambda signum, _frame: noted.append(signum))
+    return noted
 
 
 @app.command()

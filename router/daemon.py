@@ -2,7 +2,11 @@
 
 SIGTERM or SIGINT: stop taking new work, let in-flight deliveries finish within
 `router.drain_seconds`, then exit 0.  Anything cut off stays in the journal and is
-resumed at the next start.
+resumed at the next start.  SIGHUP: re-read the config file (`Daemon.reload`).
+
+Signals are handled from the moment `run` begins (and, through `noted_signals`, from
+whenever its caller began noting them): one that arrives while the daemon starts is
+acted on once it has started, before it takes any work.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import gc
 import os
 import signal
 import socket
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -90,7 +95,11 @@ class Daemon:
         self._stop = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._warm_up: asyncio.Task[None] | None = None
-        self._reloads: set[asyncio.Task[bool]] = set()
+        # SIGHUPs coalesce into one reload at a time (see request_reload).
+        self._reload_lock = asyncio.Lock()
+        self._reload_wanted = False
+        self._reloader: asyncio.Task[None] | None = None
+        self._started = False  # reloads asked for before this wait for it
         self.upload_all = upload_override()
         # Read once, like the flag: os.environ lookups were 3 % of MQTT intake's CPU.
         self.stack_env = {k: os.environ[k] for k in ("ROUTER_STACK", "FLOWYML_STACK")
@@ -180,26 +189,65 @@ class Daemon:
             await web.TCPSite(self._runner, host, port).start()
             log.info("http listening", address=f"{host}:{port}")
 
-    async def run(self) -> int:
+    def _handle_signals(self) -> dict[int, Callable[[], None]]:
+        """SIGTERM and SIGINT stop, SIGHUP reloads: from before start(), which may take
+        a while (a journal to migrate), so that none of them meets its default action
+        (death for SIGTERM and SIGHUP) while the daemon starts.  Returns what each
+        signal does."""
+        loop = asyncio.get_running_loop()
+        handlers: dict[int, Callable[[], None]] = {
+            signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop}
+        if hasattr(signal, "SIGHUP"):  # not on Windows: reload by restarting there
+            handlers[signal.SIGHUP] = self.request_reload
+        for sig, handler in handlers.items():
+            try:
+                loop.add_signal_handler(sig, handler)
+            except (NotImplementedError, RuntimeError, ValueError):
+                # Windows: a plain handler that hands over to the loop (in place of the
+                # CLI's, which only notes signals while starting). Off the main thread
+                # there is none either (ValueError): stop via request_stop().
+                def forward(_sig: int, _frame: Any, call: Callable[[], None] = handler) -> None:
+                    loop.call_soon_threadsafe(call)
+
+                with contextlib.suppress(ValueError, OSError):
+                    signal.signal(sig, forward)
+        return handlers
+
+    async def run(self, *, noted_signals: Sequence[int] = ()) -> int:
+        """Start, route until request_stop() (SIGTERM, SIGINT), drain, close; the exit
+        code.  `noted_signals`: signals the caller caught (and noted, in order) before
+        this loop handled them, such as the CLI while it loaded the config; read once
+        the loop's own handlers are in place, so that none falls between the two."""
         loop = asyncio.get_running_loop()
         # Sinks and intake do blocking file I/O (copy, fsync, hash) in threads; the
         # default pool (cores + 4) would cap deliveries in flight far below the limits.
         loop.set_default_executor(
             ThreadPoolExecutor(max_workers=32, thread_name_prefix="router-io")
         )
-        await self.start()
+        handlers = self._handle_signals()
+        for sig in list(noted_signals):
+            if sig in handlers:
+                handlers[sig]()
+        # A stop asked for while starting is honoured once start() is done (a migration
+        # is not cut off), before any work is taken: what waits stays where it is.
+        if not self._stop.is_set():
+            await self.start()
+        if self._stop.is_set():
+            log.info("stop requested while starting; no work was taken")
+            await self.close()
+            log.info("stopped")
+            return 0
+        self._started = True
+        if self._reload_wanted:
+            # A SIGHUP while starting: the newest file is in force before the first event.
+            self.request_reload()
+            if self._reloader is not None:
+                await self._reloader
         # Everything built so far (modules, models, the schema) lives as long as the
         # process: keep it out of the collector's full passes, which otherwise stop
         # every thread for 60-80 ms and were the tail of intake latency.
         gc.collect()
         gc.freeze()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            # Not available off the main thread or on Windows: stop via request_stop().
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_stop)
-        # No SIGHUP on Windows (AttributeError): reload by restarting there.
-        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
-            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         log.info(
             "artifact-router started",
             config=self.loaded.source,
@@ -240,17 +288,42 @@ class Daemon:
         self._stop.set()
 
     def request_reload(self) -> None:
-        """SIGHUP: re-read the config file (see `reload`)."""
-        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
-        self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
+        """SIGHUP: re-read the config file (see `reload`), one reload at a time.
+
+        Requests coalesce: a reload reads the file after the requests before it, and
+        those that arrive while it runs are served by one more reload once it is done,
+        so after a burst of SIGHUPs the file as it was at the last one is in force (a
+        reload that read an older file is never applied after one that read a newer).
+        Before the daemon has started, the reload waits for it (see `run`)."""
+        self._reload_wanted = True
+        if self._started and (self._reloader is None or self._reloader.done()):
+            self._reloader = asyncio.get_running_loop().create_task(
+                self._reload_while_wanted(), name="reload")
+
+    async def _reload_while_wanted(self) -> None:
+        while self._reload_wanted:
+            self._reload_wanted = False  # before the file is read: later SIGHUPs count
+            try:
+                await self.reload()
+            except Exception as exc:  # the running config stays; the next SIGHUP retries
+                log.error("config reload failed; the running config stays",
+                          error=repr(exc))
+                self.metrics.errors.labels(
+                    component="daemon", error_type="config", stage="reload").inc()
 
     async def reload(self) -> bool:
         """Re-read the config: its stacks and routing rules apply to events accepted from
         now on (journaled events keep the plan they were accepted with). `router:`
         settings (spool, journal, MQTT, concurrency) need a restart and are kept. A file
         that does not load, or whose default stack needs a sink this build lacks, is
-        refused with the reason, and the running config stays."""
+        refused with the reason, and the running config stays.
+
+        One at a time: a reload waits for the one running (its read, the sinks it
+        replaces and their warm-up) before it reads the file."""
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         # Before anything is logged about the new file: its secrets are redacted too.
         add_secrets(await asyncio.to_thread(config_secrets, self.loaded.path))
         try:
@@ -282,7 +355,7 @@ class Daemon:
         return True
 
     async def close(self) -> None:
-        pending = [t for t in (self._warm_up, *self._reloads) if t is not None]
+        pending = [t for t in (self._warm_up, self._reloader) if t is not None]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

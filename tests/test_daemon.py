@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -471,3 +472,245 @@ def test_secrets_never_reach_the_logs(tmp_path: Path, pg_url: str,
     log = daemon.log()
     assert "delivery will be retried" in log and "postgres:***@" in log
     assert secret not in log
+
+
+# --- signals: a burst of SIGHUPs, and signals that arrive while the daemon starts -------
+
+# `artifact-router run` with the first `load_config` call in one module held: it reads the
+# file, then waits (as a slow disk or a big config might) until the test releases it.
+# router.cli: the config read at start; router.daemon: the first reload's.
+HOLD_FIRST_LOAD = """
+import importlib, os, sys, time
+from pathlib import Path
+
+module = importlib.import_module(os.environ["HOLD_LOAD_IN"])
+real = module.load_config
+calls = []
+
+def load_config(*args, **kwargs):
+    loaded = real(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 1:
+        Path(os.environ["HOLD_LOAD_READ"]).touch()
+        while not Path(os.environ["HOLD_LOAD_GO"]).exists():
+            time.sleep(0.01)
+    return loaded
+
+module.load_config = load_config
+from router.cli import main
+
+sys.argv = ["artifact-router", *sys.argv[1:]]
+main()
+"""
+
+
+class HeldLoadDaemon(DaemonProcess):
+    """A real daemon process whose first config load in `module` is held (see above)."""
+
+    def __init__(self, workspace: Workspace, module: str) -> None:
+        import sys
+
+        self.workspace = workspace
+        self.log_path = workspace.root / f"daemon-{time.time_ns()}.log"
+        self.read_mark = workspace.root / f"held-{time.time_ns()}.read"
+        self.go_mark = self.read_mark.with_suffix(".go")
+        workspace.daemons.append(self)
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD_FIRST_LOAD, "run", "--config",
+             str(workspace.config_path)],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=workspace.root,
+            env={**os.environ, **workspace.env, "HOLD_LOAD_IN": module,
+                 "HOLD_LOAD_READ": str(self.read_mark), "HOLD_LOAD_GO": str(self.go_mark)},
+        )
+
+    def wait_read(self, timeout: float = 30.0) -> None:
+        """Until the held load has read the file (and waits)."""
+        deadline = time.monotonic() + timeout
+        while not self.read_mark.exists():
+            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}: {self.log()}"
+            assert time.monotonic() < deadline, f"the config load was not reached: {self.log()}"
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        self.go_mark.touch()
+
+
+@pytest.fixture
+def start_held() -> Iterator[Any]:
+    started: list[HeldLoadDaemon] = []
+
+    def start(workspace: Workspace, module: str) -> HeldLoadDaemon:
+        daemon = HeldLoadDaemon(workspace, module)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.release()
+        daemon.stop()
+
+
+def _route_models_to(workspace: Workspace, prefix: str) -> None:
+    workspace.stack["artifact_routing"]["Model"]["path"] = prefix + "/{run_id}/{name}"
+    workspace.write()
+
+
+def _landed(workspace: Workspace, run_id: str, timeout: float = 60) -> Path:
+    """Where the model of run `run_id` (written with _route_models_to's template) landed."""
+    deadline = time.monotonic() + timeout
+    while not (found := list(workspace.store.glob(f"*/{run_id}/clf/model.pkl"))):
+        assert time.monotonic() < deadline, f"not delivered{workspace.daemon_logs()}"
+        time.sleep(0.05)
+    assert len(found) == 1, found
+    return found[0].relative_to(workspace.store)
+
+
+def _wait_count(daemon: DaemonProcess, text: str, count: int, after: int,
+                timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (log := daemon.log())[after:].count(text) < count:
+        assert daemon.proc.poll() is None, log
+        assert time.monotonic() < deadline, (
+            f"{count} x {text!r} expected after the mark: {log[after:]}")
+        time.sleep(0.05)
+
+
+def test_a_burst_of_sighups_ends_with_the_newest_file_in_force(
+    workspace: Workspace, start_held  # type: ignore[no-untyped-def]
+) -> None:
+    """The first reload is slow (it read v1, then waits); meanwhile the file is rewritten
+    five times, each followed by a SIGHUP. The reload that read v1 must not be applied
+    last: the reloads run one after the other, the ones asked for meanwhile in one go,
+    and v6 is in force at the end."""
+    daemon = start_held(workspace, "router.daemon")
+    daemon.wait_started()
+    _route_models_to(workspace, "v1")
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_read()
+    for n in range(2, 7):
+        _route_models_to(workspace, f"v{n}")
+        daemon.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.02)
+    time.sleep(0.5)  # every SIGHUP has been taken in
+    assert "config reloaded" not in daemon.log(), "a reload ran while the first one did"
+    mark = len(daemon.log())
+    daemon.release()
+    # the slow reload (v1), then the newest file, read after the last SIGHUP
+    _wait_count(daemon, "config reloaded", 2, after=mark)
+    write_bundle(workspace.spool, "b1", model_manifest("clf", run_id="r1"), {"model.pkl": b"1"})
+    assert _landed(workspace, "r1") == Path("v6/r1/clf/model.pkl")
+    assert daemon.log().count("config reloaded") == 2, "the SIGHUPs of the burst coalesce"
+    assert daemon.terminate() == 0
+
+
+def test_sighup_while_the_config_loads_at_start_does_not_kill_and_applies(
+    workspace: Workspace, start_held  # type: ignore[no-untyped-def]
+) -> None:
+    """A SIGHUP before the daemon handles signals (here: right after `run` read the file,
+    then the file changes) neither kills it (SIGHUP's default action) nor is lost: the
+    newest file is in force from the first event on."""
+    daemon = start_held(workspace, "router.cli")
+    daemon.wait_read()
+    _route_models_to(workspace, "v1")
+    daemon.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.3)
+    assert daemon.proc.poll() is None, f"killed by SIGHUP while starting: {daemon.log()}"
+    daemon.release()
+    daemon.wait_started()
+    assert "config reloaded" in daemon.log()
+    write_bundle(workspace.spool, "b1", model_manifest("clf", run_id="r1"), {"model.pkl": b"1"})
+    assert _landed(workspace, "r1") == Path("v1/r1/clf/model.pkl")
+    assert daemon.terminate() == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_sigint_while_the_config_loads_at_start_stops_cleanly(
+    workspace: Workspace, start_held, start_daemon, sig: signal.Signals  # type: ignore[no-untyped-def]
+) -> None:
+    write_bundle(workspace.spool, "b1", model_manifest("clf", run_id="r1"), {"model.pkl": b"1"})
+    daemon = start_held(workspace, "router.cli")
+    daemon.wait_read()
+    daemon.proc.send_signal(sig)
+    time.sleep(0.3)
+    daemon.release()
+    assert daemon.proc.wait(timeout=60) == 0, daemon.log()
+    log = daemon.log()
+    assert "stopped" in log and "artifact-router started" not in log, log
+    assert "Traceback" not in log, log
+    assert (workspace.spool / "incoming" / "b1").is_dir(), "left for the next start"
+    start_daemon(workspace)
+    assert workspace.wait_settled(1)["events"] == {"done": 1}
+
+
+class MigrationLock:
+    """The lock a daemon takes to migrate its SQLite journal (router.db), held by the
+    test: the daemon's start waits in it, its event loop running, not yet serving."""
+
+    def __init__(self, workspace: Workspace) -> None:
+        import fcntl
+
+        if not Path("/proc/self/fd").is_dir():
+            pytest.skip("needs Linux /proc to see the daemon wait for the lock")
+        self.path = workspace.root / "state" / "router.db.migrate-lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def wait_waiting(self, daemon: DaemonProcess, timeout: float = 30) -> None:
+        """Until the daemon has opened the lock file (it then waits for the lock)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd) == str(self.path)
+                       for fd in Path(f"/proc/{daemon.proc.pid}/fd").iterdir()
+                       if fd.is_symlink()):
+                    return
+            assert daemon.proc.poll() is None, daemon.log()
+            assert time.monotonic() < deadline, f"never waited for the lock: {daemon.log()}"
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def test_sighup_while_the_journal_migrates_does_not_kill_and_applies(
+    workspace: Workspace, start_daemon  # type: ignore[no-untyped-def]
+) -> None:
+    lock = MigrationLock(workspace)
+    try:
+        daemon = start_daemon(workspace, wait=False)
+        lock.wait_waiting(daemon)
+        _route_models_to(workspace, "v1")
+        daemon.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert daemon.proc.poll() is None, f"killed by SIGHUP while starting: {daemon.log()}"
+    finally:
+        lock.release()
+    daemon.wait_started()
+    assert "config reloaded" in daemon.log()
+    write_bundle(workspace.spool, "b1", model_manifest("clf", run_id="r1"), {"model.pkl": b"1"})
+    assert _landed(workspace, "r1") == Path("v1/r1/clf/model.pkl")
+    assert daemon.terminate() == 0
+
+
+def test_sigterm_while_the_journal_migrates_stops_cleanly_and_loses_nothing(
+    workspace: Workspace, start_daemon  # type: ignore[no-untyped-def]
+) -> None:
+    write_bundle(workspace.spool, "b1", model_manifest("clf", run_id="r1"), {"model.pkl": b"1"})
+    lock = MigrationLock(workspace)
+    try:
+        daemon = start_daemon(workspace, wait=False)
+        lock.wait_waiting(daemon)
+        daemon.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+    finally:
+        lock.release()  # the migration cannot be cut off: the stop follows it
+    assert daemon.proc.wait(timeout=60) == 0, daemon.log()
+    log = daemon.log()
+    assert "stopped" in log and "artifact-router started" not in log, log
+    assert (workspace.spool / "incoming" / "b1").is_dir(), "left for the next start"
+    start_daemon(workspace)
+    assert workspace.wait_settled(1)["events"] == {"done": 1}

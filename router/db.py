@@ -102,7 +102,7 @@ artifacts = sa.Table(
     sa.Column("size", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("metadata", sa.JSON, nullable=False),
     sa.Column("values", sa.JSON),
-    sa.Column("step", sa.Integer),
+    sa.Column("step", sa.BigInteger),  # a manifest's step is up to 2**63 - 1
     sa.Column("files", sa.JSON, nullable=False),
     sa.Column("decision", sa.JSON),
     sa.Column("plan_errors", sa.JSON),

@@ -10,6 +10,7 @@ burst of completions.
 from __future__ import annotations
 
 import functools
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol
@@ -21,6 +22,7 @@ from pydantic import BaseModel, Field
 from router import approvals, catalog
 from router.db import Database, deliveries, events
 from router.delivery import Action, DeliveryResult
+from router.errors import Problem
 from router.intake import AcceptedEvent, Rejection
 from router.rules import SNAPSHOT_SLOT, RoutePlan
 
@@ -188,9 +190,13 @@ class ClaimedDelivery(BaseModel):
 
 class AcceptOutcome(BaseModel):
     event_id: str
-    outcome: Literal["accepted", "duplicate", "conflict"]
+    # refused: the journal cannot record this event (a value its database cannot hold);
+    # the others in its batch are journaled without it.
+    outcome: Literal["accepted", "duplicate", "conflict", "refused"]
     deliveries: int = 0
     detail: str | None = None
+    # Why a conflict or a refusal is rejected, for the source's rejection record.
+    problem: Problem | None = None
     # Deliveries claimed in the accept transaction itself (see DeliveryJournal.accept):
     # the caller hands them to the dispatcher, which starts them without a claim tick.
     claimed: list[ClaimedDelivery] = Field(default_factory=list, repr=False)
@@ -272,9 +278,15 @@ class DeliveryJournal:
         held: list[str] = []
         try:
             outcomes = await self.db.run_write(self._accept_tx, batch, planner, slots, held)
-        except BaseException:
+        except Exception as exc:
             if slots is not None and held:
                 slots.give_back(held)  # rolled back: nothing was claimed
+            if not _bad_data(exc):
+                raise  # the database's trouble (down, locked, full): the batch waits
+            return await self._accept_apart(batch, planner, handoff, exc)
+        except BaseException:
+            if slots is not None and held:
+                slots.give_back(held)
             raise
         if handoff is not None:
             handoff.adopt(
@@ -282,6 +294,29 @@ class DeliveryJournal:
                 waiting=any(o.deliveries > len(o.claimed) for o in outcomes),
             )
         return outcomes
+
+    async def _accept_apart(
+        self, batch: Sequence[AcceptedEvent], planner: Planner, handoff: Handoff | None,
+        exc: Exception,
+    ) -> list[AcceptOutcome]:
+        """A batch the database refused for a value it cannot hold: journal it in halves
+        until the events at fault stand alone, and refuse those. Retrying the batch whole
+        would fail again at every attempt, and hold up all intake behind it."""
+        if len(batch) > 1:
+            half = len(batch) // 2
+            return [*await self.accept(batch[:half], planner, handoff),
+                    *await self.accept(batch[half:], planner, handoff)]
+        event = batch[0]
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
+        log.error("event refused: the journal cannot record it", event_id=event.event_id,
+                  error=reason)
+        return [AcceptOutcome(
+            event_id=event.event_id, outcome="refused", detail=reason,
+            problem=Problem(
+                field="manifest", value=event.event_id,
+                message=f"the journal cannot record this event ({reason}); a value in "
+                "it is out of the range the catalog holds: check the numbers in it"),
+        )]
 
     def _accept_tx(
         self, conn: sa.Connection, batch: Sequence[AcceptedEvent], planner: Planner,
@@ -301,12 +336,15 @@ class DeliveryJournal:
             if event.event_id in seen or (prior is not None and prior.state != "rejected"):
                 digest = seen.get(event.event_id) or (prior.digest if prior else None)
                 same = digest == event.digest
+                detail = None if same else (
+                    f"event id {event.event_id!r} was already accepted with a different "
+                    "manifest; give the new manifest its own 'id'")
                 order.append((event.event_id, AcceptOutcome(
                     event_id=event.event_id,
                     outcome="duplicate" if same else "conflict",
-                    detail=None if same
-                    else f"event id {event.event_id!r} was already accepted with a "
-                    "different manifest; give the new bundle its own 'id'",
+                    detail=detail,
+                    problem=None if same
+                    else Problem(field="id", value=event.event_id, message=detail or ""),
                 )))
                 continue
             if prior is not None:  # a rejected attempt, now fixed: replace it
@@ -797,6 +835,27 @@ def _renew_leases_tx(
                    deliveries.c.key.in_(keys[start:start + 500]))
             .values(lease_until=until)
         )
+
+
+def _bad_data(exc: BaseException) -> bool:
+    """Whether a write failed on a value the database cannot hold, so that the same rows
+    fail at every retry: one its driver cannot convert (an integer over the column's
+    range: SQLite's OverflowError, PostgreSQL's class 22 "data exception"), or that
+    fails on the way there (a JSON column's serializer: orjson holds 64-bit integers at
+    most). Not a failure of the database itself (down, locked, full), which a retry
+    outlasts."""
+    if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
+        return True  # raised while binding the parameters, before the database saw them
+    cause: BaseException | None = exc
+    for _ in range(4):  # sqlalchemy's error -> the DBAPI adapter's -> the driver's
+        if cause is None:
+            return False
+        if isinstance(cause, OverflowError | sa.exc.DataError | sqlite3.DataError):
+            return True
+        if str(getattr(cause, "sqlstate", "") or "").startswith("22"):
+            return True
+        cause = getattr(cause, "orig", None) or cause.__cause__
+    return False
 
 
 def _has_side_effects(c: Completion) -> bool:

@@ -377,6 +377,9 @@ class DatasetArtifact(_ArtifactBase):
         return self
 
 
+MAX_STEP = 2**63 - 1
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError("must be a number, not true/false")
@@ -389,7 +392,8 @@ Number = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_finite)]
 class MetricsArtifact(_ArtifactBase):
     type: _kind_field(ArtifactKind.METRICS)  # type: ignore[valid-type]
     values: Annotated[dict[str, Number], Field(max_length=LIMITS.values_per_artifact)]
-    step: Annotated[int, Field(ge=0)] | None = None
+    # Up to a signed 64-bit integer: what the catalog and every tracker store a step as.
+    step: Annotated[int, Field(ge=0, le=MAX_STEP)] | None = None
 
 
 def _bounded_value(value: Any) -> Any:
@@ -590,6 +594,9 @@ def _message(err: Any) -> str:
         return "must hold at least one item"
     if kind == "string_too_long":
         return f"is longer than the limit of {ctx.get('max_length')} characters"
+    if kind == "less_than_equal" and err["loc"][-1:] == ("step",):
+        return (f"is over the largest step, {MAX_STEP} (a signed 64-bit integer); "
+                "count steps from 0 (epochs, batches or a timestamp in seconds)")
     if kind == "literal_error" and err["loc"] == ("manifest_version",):
         return "must be the number 1"
     message: str = err["msg"].removeprefix("Value error, ")

@@ -14,22 +14,25 @@ from router.db import Database
 from router.delivery import DeliveryResult, StagedFile, StoredObject
 from router.intake import AcceptedEvent
 from router.journal import ClaimedDelivery, Completion, DeliveryJournal
-from router.manifest import parse_manifest
+from router.manifest import MAX_STEP, MetricsArtifact, parse_manifest
 from router.rules import plan_event
 
 CONFIG = load_config(discover=False).config
 
 
 def event(event_id: str, *, name: str = "clf", version: str | None = None,
-          upload: bool = True, inputs: list[str] | None = None) -> AcceptedEvent:
+          upload: bool = True, inputs: list[str] | None = None,
+          step: int | None = None) -> AcceptedEvent:
     artifact: dict[str, object] = {"type": "model", "name": name, "upload": upload,
                                    "files": [{"path": "model.pkl"}]}
     if version:
         artifact["version"] = version
+    metrics: dict[str, object] = {"type": "metrics", "name": "eval", "values": {"acc": 0.9}}
+    if step is not None:
+        metrics["step"] = step
     manifest = parse_manifest({
         "manifest_version": 1, "pipeline": "fraud", "run_id": "run-1", "step_name": "train",
-        "inputs": inputs or [],
-        "artifacts": [artifact, {"type": "metrics", "name": "eval", "values": {"acc": 0.9}}],
+        "inputs": inputs or [], "artifacts": [artifact, metrics],
     })
     return AcceptedEvent(
         event_id=event_id, source="spool", bundle=event_id, manifest=manifest,
@@ -100,6 +103,48 @@ async def test_accept_journals_plan_and_catalog_in_one_batch(journal: DeliveryJo
     # versions: next integer per (pipeline, name), assigned in acceptance order
     assert sorted(r.version for r in rows if r.name == "clf") == ["1", "2"]
     assert runs[0].run_id == "run-1" and runs[0].artifacts == 4
+
+
+async def test_steps_up_to_the_largest_a_manifest_allows_are_catalogued(
+    journal: DeliveryJournal,
+) -> None:
+    """Steps past 32 bits (a timestamp in milliseconds, a sample count) and up to the
+    manifest's cap: PostgreSQL's INTEGER column held none of them."""
+    steps = [3_000_000_000, MAX_STEP]
+    outcomes = await journal.accept(
+        [event(f"e{i}", step=step) for i, step in enumerate(steps)], planner)
+    assert [o.outcome for o in outcomes] == ["accepted", "accepted"]
+    async with journal.db.read() as conn:
+        rows = await list_artifacts(conn, pipeline="fraud", name="eval")
+    assert sorted(r.step or 0 for r in rows) == steps
+
+
+@pytest.mark.parametrize("step", [2**63, 2**64], ids=["over-the-column", "over-json"])
+async def test_an_event_the_database_cannot_hold_is_refused_alone_and_its_batch_goes_on(
+    journal: DeliveryJournal, step: int
+) -> None:
+    """A value the catalog cannot store (a step past the column's 64 bits, or past what
+    the JSON record's serializer holds, as if the manifest check had missed it) fails
+    the batch's transaction: the batch is journaled in parts, the event at fault is
+    refused with the reason, and the others are accepted instead of the whole batch
+    failing at every retry (which held up all intake behind it)."""
+    bad = event("bad")
+    metrics = bad.manifest.artifacts[1]
+    assert isinstance(metrics, MetricsArtifact)
+    metrics.step = step
+    batch = [event("e1"), event("e2"), bad, event("e3"), event("e4")]
+    slots = FixedSlots({})
+    outcomes = await journal.accept(batch, planner, slots)
+    assert [o.event_id for o in outcomes] == ["e1", "e2", "bad", "e3", "e4"]
+    assert [o.outcome for o in outcomes] == [
+        "accepted", "accepted", "refused", "accepted", "accepted"]
+    problem = outcomes[2].problem
+    assert problem is not None and problem.value == "bad"
+    assert "cannot record" in problem.message and "range" in problem.message
+    status = await journal.status()
+    assert status.events == {"accepted": 4}
+    # The claims of the rolled-back attempts were given back: only adopted ones held.
+    assert sum(slots.held.values()) == len(slots.adopted) == 8
 
 
 async def test_replayed_event_is_a_duplicate_and_changed_one_a_conflict(

@@ -1275,12 +1275,9 @@ class MqttSource:
                 log.debug("duplicate message: already journaled", event_id=outcome.event_id)
             else:
                 item.rejection = Rejection(
-                    source="mqtt",
-                    event_id=outcome.event_id,
-                    problems=[Problem(
-                        field="id", value=outcome.event_id,
-                        message="this event id was already accepted with a different "
-                        "manifest; give the new manifest its own 'id'")],
+                    source="mqtt", event_id=outcome.event_id,
+                    problems=[outcome.problem or Problem(
+                        field="id", value=outcome.event_id, message="duplicate id")],
                 )
         if finished:  # no dispatcher tick will report them: receipt and retire now
             await self.on_finished(finished)

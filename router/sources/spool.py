@@ -396,8 +396,8 @@ class SpoolSource:
                         source="spool",
                         bundle=source,
                         event_id=event.event_id,
-                        problems=[Problem(field="id", value=event.event_id,
-                                          message=outcome.detail or "duplicate id")],
+                        problems=[outcome.problem or Problem(
+                            field="id", value=event.event_id, message="duplicate id")],
                     )
                 )
         await asyncio.to_thread(_move_all, moves)

@@ -144,3 +144,31 @@ def test_a_retry_after_a_failed_flush_flushes_before_reporting_done(
     assert asyncio.run(fresh.deliver(item("k2"))).skipped
     assert len(flushed) == 2
     assert [r["key"] for r in read_jsonl(tracker.file_for("p", "r"))] == ["k1", "k2"]
+
+
+def test_memory_stays_bounded_over_many_runs_and_replays_to_forgotten_runs_write_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-lived daemon logs to a file per run without end: the keys it keeps in memory
+    are those of the runs appended to most recently; a replay to a run it forgot reads
+    that file again and still writes nothing twice."""
+    monkeypatch.setattr("sinks.trackers.jsonl.CACHED_FILES", 3)
+    tracker = JsonlTracker("t", JsonlTrackerSettings(path=tmp_path, fsync=False))
+
+    def in_run(run_id: str, key: str) -> DeliveryItem:
+        one = item(key)
+        return one.model_copy(update={"context": one.context.model_copy(
+            update={"run_id": run_id})})
+
+    runs = [f"run{i}" for i in range(10)]
+    for run_id in runs:
+        results = asyncio.run(tracker.deliver_batch(
+            [in_run(run_id, f"{run_id}-k{i}") for i in range(50)]))
+        assert not any(r.skipped for r in results)  # type: ignore[union-attr]
+    assert len(tracker._seen) == 3  # the three runs appended to last
+    replay = asyncio.run(tracker.deliver_batch(
+        [in_run("run0", "run0-k0"), in_run("run0", "run0-k49"), in_run("run0", "new")]))
+    assert [r.skipped for r in replay] == [True, True, False]  # type: ignore[union-attr]
+    keys = [str(r["key"]) for r in read_jsonl(tracker.file_for("p", "run0"))]
+    assert keys == [f"run0-k{i}" for i in range(50)] + ["new"]
+    assert len(tracker._seen) == 3 and tracker.file_for("p", "run0") in tracker._seen

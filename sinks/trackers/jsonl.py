@@ -26,6 +26,9 @@ from sinks.durable import HAVE_SYNCFS, fsync_paths, syncfs
 __all__ = ["JsonlTracker", "JsonlTrackerSettings", "read_jsonl"]
 
 _LOCK_STRIPES = 64
+# Run files whose keys stay in memory, the most recently appended to: a long-lived
+# daemon sees runs without end. One evicted is read again when next appended to.
+CACHED_FILES = 128
 
 
 class JsonlTrackerSettings(SinkSettings):
@@ -57,7 +60,9 @@ class JsonlTracker(BaseBatchSink):
     def __init__(self, sink_id: str, settings: JsonlTrackerSettings) -> None:
         super().__init__(sink_id, settings)
         self.root = settings.path.expanduser().resolve()
-        self._seen: dict[Path, tuple[set[str], int]] = {}  # keys read, up to byte offset
+        # Keys read, up to a byte offset, per file; in the order last used (see _remember).
+        self._seen: dict[Path, tuple[set[str], int]] = {}
+        self._seen_lock = threading.Lock()  # files of different lock stripes share it
         # Appends to one file are serialised (in-process; flock covers other processes).
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
 
@@ -121,6 +126,20 @@ class JsonlTracker(BaseBatchSink):
                 return [TransientError(f"{self.root}: {exc.strerror}")] * n
         return out
 
+    def _recall(self, path: Path) -> tuple[set[str], int]:
+        """The keys cached for `path`, taken out of the cache while the caller, holding
+        the file's lock, works on them (_remember puts them back)."""
+        with self._seen_lock:
+            return self._seen.pop(path, None) or (set(), 0)
+
+    def _remember(self, path: Path, keys: set[str], offset: int) -> None:
+        """Cache `path`'s keys as the most recently used; forget the least recently used
+        files past CACHED_FILES, so memory stays bounded however many runs go by."""
+        with self._seen_lock:
+            self._seen[path] = (keys, offset)
+            while len(self._seen) > CACHED_FILES:
+                del self._seen[next(iter(self._seen))]
+
     def _append_once(self, path: Path, rows: list[tuple[str, bytes]]) -> set[str]:
         """Append the rows whose key is not already in the file; the keys written.
 
@@ -128,13 +147,13 @@ class JsonlTracker(BaseBatchSink):
         of a pool sharing a tracking directory (one may replay another's delivery after
         taking over its lease) never write the same point twice.  Keys already seen are
         cached with the file size they were read up to; only what others appended since
-        is read again.
+        is read again (all of it for a file the cache has forgotten).
         """
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+b") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            keys, offset = self._recall(path)
             try:
-                keys, offset = self._seen.get(path, (set(), 0))
                 size = os.fstat(fh.fileno()).st_size
                 if size < offset:  # truncated or replaced: start over
                     keys, offset = set(), 0
@@ -146,7 +165,6 @@ class JsonlTracker(BaseBatchSink):
                         with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
                             keys.add(str(orjson.loads(raw).get("key")))
                     offset += len(complete)
-                self._seen[path] = (keys, offset)
                 written: dict[str, bytes] = {}
                 for key, line in rows:
                     if key not in keys and key not in written:
@@ -163,7 +181,8 @@ class JsonlTracker(BaseBatchSink):
                 fh.flush()  # durable once the batch is flushed (_append_all)
                 keys.update(written)
                 # Under the lock nobody else appended: our own lines need no re-reading.
-                self._seen[path] = (keys, size + len(data))
+                offset = size + len(data)
                 return set(written)
             finally:
+                self._remember(path, keys, offset)
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -339,15 +339,21 @@ async def list_artifacts(
 
 
 async def list_runs(
-    conn: AsyncConnection, *, pipeline: str | None = None, limit: int = 200
+    conn: AsyncConnection, *, pipeline: str | None = None, run_id: str | None = None,
+    limit: int = 200,
 ) -> list[RunRow]:
-    counts = (
-        sa.select(
-            artifacts.c.pipeline, artifacts.c.run_id, sa.func.count().label("n")
-        )
-        .group_by(artifacts.c.pipeline, artifacts.c.run_id)
-        .subquery()
-    )
+    """Runs, newest first, with their artifact counts. The filters narrow the counting
+    too (by the artifacts' run index), not only the runs listed."""
+    counted = sa.select(artifacts.c.pipeline, artifacts.c.run_id, sa.func.count().label("n"))
+    listed: sa.ColumnElement[bool] = sa.true()
+    for artifact_column, run_column, value in (
+        (artifacts.c.pipeline, runs.c.pipeline, pipeline),
+        (artifacts.c.run_id, runs.c.run_id, run_id),
+    ):
+        if value is not None:
+            counted = counted.where(artifact_column == value)
+            listed = sa.and_(listed, run_column == value)
+    counts = counted.group_by(artifacts.c.pipeline, artifacts.c.run_id).subquery()
     query = (
         sa.select(runs, sa.func.coalesce(counts.c.n, 0).label("artifacts"))
         .select_from(
@@ -356,11 +362,10 @@ async def list_runs(
                 sa.and_(counts.c.pipeline == runs.c.pipeline, counts.c.run_id == runs.c.run_id),
             )
         )
+        .where(listed)
         .order_by(runs.c.created_at.desc())
         .limit(limit)
     )
-    if pipeline is not None:
-        query = query.where(runs.c.pipeline == pipeline)
     return [RunRow.model_validate(dict(r._mapping)) for r in (await conn.execute(query)).all()]
 
 

@@ -102,10 +102,8 @@ async def artifact_by_id(conn: AsyncConnection, artifact_id: int) -> ArtifactRow
 
 async def get_run(conn: AsyncConnection, pipeline: str, run_id: str) -> RunRow | None:
     """One run with its artifact count, or None."""
-    for row in await list_runs(conn, pipeline=pipeline, limit=100_000):
-        if row.run_id == run_id:
-            return row
-    return None
+    found = await list_runs(conn, pipeline=pipeline, run_id=run_id, limit=1)
+    return found[0] if found else None
 
 
 def split_ref(ref: str) -> tuple[str, str, str, str] | None:

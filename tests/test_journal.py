@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from router.catalog import list_artifacts, list_runs
+from router.catalog_read import get_run
 from router.config import StackConfig, load_config
 from router.db import Database
 from router.delivery import DeliveryResult, StagedFile, StoredObject
@@ -145,6 +146,25 @@ async def test_an_event_the_database_cannot_hold_is_refused_alone_and_its_batch_
     assert status.events == {"accepted": 4}
     # The claims of the rolled-back attempts were given back: only adopted ones held.
     assert sum(slots.held.values()) == len(slots.adopted) == 8
+
+
+async def test_one_run_is_read_by_its_id_with_its_own_artifact_count(
+    journal: DeliveryJournal,
+) -> None:
+    """get_run reads the one run (and counts only its artifacts) instead of listing
+    every run of the pipeline to find it."""
+    batch = [event("e1"), event("e2"), event("e3")]
+    for ev, run_id in zip(batch, ["run-a", "run-b", "run-b"], strict=True):
+        ev.manifest.run_id = run_id
+    await journal.accept(batch, planner)
+    async with journal.db.read() as conn:
+        one = await get_run(conn, "fraud", "run-b")
+        missing = await get_run(conn, "fraud", "run-c")
+        other_pipeline = await get_run(conn, "other", "run-a")
+        listed = await list_runs(conn, pipeline="fraud")
+    assert one is not None and (one.run_id, one.artifacts) == ("run-b", 4)
+    assert missing is None and other_pipeline is None
+    assert sorted((r.run_id, r.artifacts) for r in listed) == [("run-a", 2), ("run-b", 4)]
 
 
 async def test_replayed_event_is_a_duplicate_and_changed_one_a_conflict(

@@ -43,6 +43,7 @@ __all__ = ["Dispatcher", "InFlightSlots", "IntakeSlots", "SinkPool", "backoff_de
 log = structlog.get_logger("router.dispatcher")
 
 OPEN_TIMEOUT = 30.0  # seconds a sink may take to open at start (SinkPool.warm_up)
+HEALTH_TIMEOUT = 5.0  # seconds each sink's health() may take (SinkPool.health)
 # Seconds between claims when nothing said new work is due: what another process (the
 # CLI's retry, approve; a pool member) or the clock (a retry's backoff) makes due is
 # claimed within this.
@@ -189,12 +190,34 @@ class SinkPool:
         return int(getattr(_sink_class_or_none(comp.type), "max_batch", 1) or 1)
 
     async def health(self) -> dict[str, bool]:
-        out = {}
-        for sink_id, sink in self._sinks.items():
-            try:
-                out[sink_id] = bool(await asyncio.wait_for(sink.health(), timeout=5))
-            except Exception:
-                out[sink_id] = False
+        """Each built sink's health, checked all at once: /healthz answers within about
+        HEALTH_TIMEOUT however many sinks hang (one after another, N hung sinks took N
+        timeouts, past a liveness probe's).  A sink that hangs or raises is unhealthy,
+        and why is logged; the others are reported as they answer."""
+        sinks = list(self._sinks.items())  # a reload may change the pool meanwhile
+        tasks = [asyncio.create_task(_checked(sink), name=f"health {sink_id}")
+                 for sink_id, sink in sinks]
+        done: set[asyncio.Task[tuple[bool, str | None]]] = set()
+        try:
+            if tasks:
+                # asyncio.wait, not wait_for: the bound holds even for a check that is
+                # slow to give up once cancelled (it is left to finish on its own).
+                done, _ = await asyncio.wait(tasks, timeout=HEALTH_TIMEOUT)
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+                    task.add_done_callback(_retrieve)
+        out: dict[str, bool] = {}
+        for (sink_id, _sink), task in zip(sinks, tasks, strict=True):
+            healthy: bool = False
+            reason: str | None = f"health check timed out after {HEALTH_TIMEOUT:g} s"
+            if task in done:
+                healthy, reason = ((False, "health check was cancelled") if task.cancelled()
+                                   else task.result())
+            out[sink_id] = healthy
+            if reason is not None:
+                log.warning("sink unhealthy", sink=sink_id, reason=reason)
         return out
 
     async def close(self) -> None:
@@ -203,6 +226,22 @@ class SinkPool:
                 await sink.close()
         self._sinks.clear()
         self._retired.clear()
+
+
+async def _checked(sink: Any) -> tuple[bool, str | None]:
+    """One sink's health() as (healthy, why not): an error is that sink's answer, not
+    the whole /healthz's."""
+    try:
+        return bool(await sink.health()), None
+    except Exception as exc:
+        error = mask_url_passwords(str(exc)) or type(exc).__name__
+        return False, f"health check failed: {error}"
+
+
+def _retrieve(task: asyncio.Task[tuple[bool, str | None]]) -> None:
+    """Collect a cancelled check's outcome, so asyncio never warns it went unretrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 class InFlightSlots:

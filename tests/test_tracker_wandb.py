@@ -220,6 +220,24 @@ async def test_offline_run_files_hold_the_metrics_once(
     assert _children_named("wandb") == []  # finish() and teardown left no service behind
 
 
+async def test_metrics_named_like_reserved_keys_are_kept_under_their_own_names(
+    tmp_path: Path, network_probe: tuple[socket.socket, list]
+):
+    """`_step`, `_runtime` (W&B's) and `router/step` (the x axis) as metric names were
+    overwritten without a word: they are logged as `metrics/<name>`, the step intact."""
+    sink = WandbTracker("prod.wandb", WandbTrackerSettings(dir=tmp_path, project="fraud"))
+    item = make_item(key="ev-1/0/track/prod.wandb", step=3,
+                     values={"_step": 7.0, "_runtime": 5.0, STEP_METRIC: 99.0, "acc": 0.5})
+    try:
+        assert not (await sink.deliver(item)).skipped
+    finally:
+        await sink.close()
+    [row] = history_rows(tmp_path, wandb_run_id("fraud_training", "run-1"))
+    assert row[STEP_METRIC] == 3 and row["acc"] == 0.5
+    assert {k: row[k] for k in row if k.startswith("metrics/")} == {
+        "metrics/_step": 7.0, "metrics/_runtime": 5.0, f"metrics/{STEP_METRIC}": 99.0}
+
+
 def test_settings_and_component_type(tmp_path: Path):
     online = WandbTrackerSettings(dir=tmp_path, api_key="wandb-secret-key")
     assert online.effective_mode == "online"

@@ -9,7 +9,9 @@ pipeline name), `entity`, `mode` (`offline` unless an `api_key` is given, then
 Each (pipeline, run_id) is one W&B run with a stable id derived from both, opened
 with `resume="allow"`, so every step and every restart logs to the same run.  Metrics
 are logged with the artifact's step as the x axis `router/step` (W&B drops points whose
-built-in step goes backwards, and pipeline steps do not log in step order); parameters
+built-in step goes backwards, and pipeline steps do not log in step order); a metric
+whose name W&B or that axis reserves (`_step`, `router/step`) is logged as
+`metrics/<name>`; parameters
 go to the run config as `<step_name>.<param>`, as in the MLflow tracker.
 
 W&B's SDK is synchronous and keeps process-wide state, so every call runs in a thread,
@@ -47,7 +49,7 @@ from sinks.mlflow_rest import LruCache, short_hash
 from sinks.trackers.mlflow import tracked_values
 from sinks.trackers.tensorboard import append_sidecar, fsync_dir, read_sidecar
 
-__all__ = ["STEP_METRIC", "WandbTracker", "WandbTrackerSettings", "wandb_run_id"]
+__all__ = ["STEP_METRIC", "WandbTracker", "WandbTrackerSettings", "wandb_key", "wandb_run_id"]
 
 STEP_METRIC = "router/step"
 _LOCK_STRIPES = 64
@@ -77,6 +79,14 @@ class WandbTrackerSettings(SinkSettings):
         if self.mode is not None:
             return self.mode
         return "online" if self.api_key is not None else "offline"
+
+
+def wandb_key(name: str) -> str:
+    """The history key a metric is logged under. W&B keeps the keys starting with `_`
+    (`_step`, `_runtime`, `_timestamp`) for itself and this tracker's x axis is
+    `router/step`: a metric named so would be overwritten without a word, so it goes
+    under `metrics/<name>` instead."""
+    return f"metrics/{name}" if name.startswith("_") or name == STEP_METRIC else name
 
 
 def wandb_run_id(pipeline: str, run_id: str) -> str:
@@ -218,7 +228,8 @@ class WandbTracker(BaseSink):
             if metrics:
                 run.define_metric(STEP_METRIC)
                 run.define_metric("*", step_metric=STEP_METRIC)
-                run.log({**metrics, STEP_METRIC: item.artifact.step or 0})
+                run.log({**{wandb_key(k): v for k, v in metrics.items()},
+                         STEP_METRIC: item.artifact.step or 0})
             exit_code = 0
         finally:
             run.finish(exit_code=exit_code)

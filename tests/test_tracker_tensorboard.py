@@ -12,6 +12,7 @@ from router.config import ComponentConfig
 from router.delivery import Action
 from router.manifest import ArtifactKind
 from sinks.base import PermanentError, TransientError
+from sinks.mlflow_rest import short_hash
 from sinks.registry import check_component, create_sink
 from sinks.trackers.tensorboard import (
     SIDECAR_NAME,
@@ -104,14 +105,40 @@ async def test_crash_after_the_event_file_before_the_sidecar(tmp_path: Path):
 async def test_crash_before_the_rename_is_written_once(tmp_path: Path):
     item = _items()[1]
     sink = TensorBoardTracker("prod.tb", TensorBoardTrackerSettings(log_dir=tmp_path))
-    target = sink.event_file(item)
-    target.parent.mkdir(parents=True)
-    partial = target.parent / f".router-partial-{target.name.rsplit('.', 1)[-1]}"
+    run_dir = sink.run_dir(item.context.pipeline, item.context.run_id)
+    run_dir.mkdir(parents=True)
+    partial = run_dir / f".router-partial-{sink.key_tag(item)}"
     partial.write_bytes(b"torn")
     result = await sink.deliver(item)
     assert not result.skipped
     assert not partial.exists()
-    assert _scalars(target.parent, "accuracy") == [(5, 0.95)]
+    assert _scalars(run_dir, "accuracy") == [(5, 0.95)]
+
+
+async def test_a_late_delivery_shows_in_a_tensorboard_already_reading_the_run(
+    tmp_path: Path,
+):
+    """A live TensorBoard reads a run's event files in name order and never goes back
+    to a name sorting before the one it reads: a delivery that lands late (retried, or
+    overtaken) with an older event time still shows, since files are named in write
+    order. Its points keep the event's time."""
+    sink = TensorBoardTracker("prod.tb", TensorBoardTrackerSettings(log_dir=tmp_path))
+    run_dir = tmp_path / "fraud_training" / "run-1"
+    live = EventAccumulator(str(run_dir / "missing"))  # replaced once the run exists
+    received = [datetime(2026, 1, 2, 3, minute, tzinfo=UTC) for minute in (30, 10, 20)]
+    for i, (step, when) in enumerate(zip([3, 1, 2], received, strict=True)):
+        await sink.deliver(make_item(key=f"ev-{i}/0/track/prod.tb", values={"loss": step / 10},
+                                     step=step, received_at=when))
+        if i == 0:
+            live = EventAccumulator(str(run_dir))
+        live.Reload()  # as a running TensorBoard does between writes
+    points = [(e.step, round(e.value, 6), e.wall_time) for e in live.Scalars("loss")]
+    assert sorted(points) == [(1, 0.1, received[1].timestamp()),
+                              (2, 0.2, received[2].timestamp()),
+                              (3, 0.3, received[0].timestamp())]
+    names = sorted(p.name for p in run_dir.glob("*tfevents*"))
+    assert [n.rsplit(".", 1)[-1] for n in names] == [
+        short_hash(f"ev-{i}/0/track/prod.tb", length=20) for i in range(3)]
 
 
 async def test_run_directories_are_sanitised(tmp_path: Path):

@@ -11,12 +11,20 @@ Each delivery is written to its own event file, exactly once:
 1. tensorboardX writes the events into a private temporary directory;
 2. the file is copied into the run directory under a hidden name TensorBoard does not
    read (no `tfevents` in it), fsynced, and renamed to
-   `events.out.tfevents.<received_at>.router.<hash of the delivery key>`;
+   `events.out.tfevents.<seconds>.<nanoseconds>.router.<hash of the delivery key>`,
+   stamped when it is written and after every event file already there;
 3. the delivery key is appended to the run's sidecar record `.router-logged-keys`.
 
+Why the write time, not the event's: a live TensorBoard reads a run's files in name
+order and never goes back to a name that sorts before the file it reads ("created
+after ... even though it's lexicographically earlier"): a retried or late delivery
+named by its older event time would stay invisible until TensorBoard restarts. The
+points keep the event's time as their wall time.
+
 A replay finds its key in the sidecar, or (after a crash between 2 and 3) its event
-file by name, and writes nothing; a crash before the rename leaves only a hidden
-partial file, overwritten by the replay.  A live TensorBoard never sees a partial file.
+file by the hash in its name, and writes nothing; a crash before the rename leaves only
+a hidden partial file, overwritten by the replay.  A live TensorBoard never sees a
+partial file.
 tensorboardX is synchronous, so all file work runs in a thread.
 """
 
@@ -26,6 +34,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +54,7 @@ from sinks.trackers.mlflow import param_text, tracked_values
 __all__ = ["SIDECAR_NAME", "TensorBoardTracker", "TensorBoardTrackerSettings", "read_sidecar"]
 
 SIDECAR_NAME = ".router-logged-keys"
+EVENT_PREFIX = "events.out.tfevents."
 _LOCK_STRIPES = 64
 
 
@@ -97,10 +107,10 @@ class TensorBoardTracker(BaseSink):
     def run_dir(self, pipeline: str, run_id: str) -> Path:
         return self.root / sanitise_segment(pipeline) / sanitise_segment(run_id)
 
-    def event_file(self, item: DeliveryItem) -> Path:
-        stamp = int(item.context.received_at.timestamp())
-        name = f"events.out.tfevents.{stamp:010d}.router.{short_hash(item.key, length=20)}"
-        return self.run_dir(item.context.pipeline, item.context.run_id) / name
+    @staticmethod
+    def key_tag(item: DeliveryItem) -> str:
+        """What names a delivery's event file (and its partial file): its key's hash."""
+        return short_hash(item.key, length=20)
 
     async def deliver(self, item: DeliveryItem) -> DeliveryResult:
         if item.action is not Action.TRACK:
@@ -109,7 +119,6 @@ class TensorBoardTracker(BaseSink):
                 f"not {item.action.value}"
             )
         run_dir = self.run_dir(item.context.pipeline, item.context.run_id)
-        target = self.event_file(item)
         async with self._locks[hash(run_dir) % _LOCK_STRIPES]:
             try:
                 keys = self._keys.get(run_dir)
@@ -117,8 +126,8 @@ class TensorBoardTracker(BaseSink):
                     keys = await asyncio.to_thread(read_sidecar, run_dir / SIDECAR_NAME)
                     self._keys.put(run_dir, keys)
                 if item.key in keys:
-                    return DeliveryResult(uri=f"file://{target}", skipped=True)
-                written = await asyncio.to_thread(self._write, item, run_dir, target)
+                    return DeliveryResult(uri=f"file://{run_dir}", skipped=True)
+                target, written = await asyncio.to_thread(self._write, item, run_dir)
             except OSError as exc:
                 raise TransientError(f"{run_dir}: {exc.strerror or exc}") from exc
             keys.add(item.key)
@@ -126,13 +135,17 @@ class TensorBoardTracker(BaseSink):
             uri=f"file://{target}", details={"log_dir": str(run_dir)}, skipped=not written
         )
 
-    def _write(self, item: DeliveryItem, run_dir: Path, target: Path) -> bool:
-        """Write the delivery's event file; False when a previous attempt already did."""
+    def _write(self, item: DeliveryItem, run_dir: Path) -> tuple[Path, bool]:
+        """Write the delivery's event file; its path, and False when a previous attempt
+        already did."""
         sidecar = run_dir / SIDECAR_NAME
-        if target.exists():  # renamed into place, then the process died
+        tag = self.key_tag(item)
+        done, newest = _scan(run_dir, tag)
+        if done is not None:  # renamed into place, then the process died
             append_sidecar(sidecar, item.key)
-            return False
+            return done, False
         run_dir.mkdir(parents=True, exist_ok=True)
+        target = run_dir / _next_name(newest, tag)
         metrics, params = tracked_values(item.artifact)
         with tempfile.TemporaryDirectory(prefix="router-tb-") as tmp:
             produced = _write_events(
@@ -142,14 +155,55 @@ class TensorBoardTracker(BaseSink):
                 step=item.artifact.step or 0,
                 walltime=item.context.received_at.timestamp(),
             )
-            partial = run_dir / f".router-partial-{target.name.rsplit('.', 1)[-1]}"
+            partial = run_dir / f".router-partial-{tag}"
             shutil.copyfile(produced, partial)
             with open(partial, "rb+") as fh:
                 os.fsync(fh.fileno())
         os.replace(partial, target)
         fsync_dir(run_dir)
         append_sidecar(sidecar, item.key)
-        return True
+        return target, True
+
+
+def _scan(run_dir: Path, tag: str) -> tuple[Path | None, str | None]:
+    """One listing of the run directory: the event file an earlier attempt of this
+    delivery renamed into place (its name ends with the key's hash), and the name that
+    sorts last among its event files."""
+    done: Path | None = None
+    newest: str | None = None
+    try:
+        entries = list(os.scandir(run_dir))
+    except FileNotFoundError:
+        return None, None
+    for entry in entries:
+        if EVENT_PREFIX not in entry.name:
+            continue
+        if entry.name.endswith(f".router.{tag}"):
+            done = Path(entry.path)
+        if newest is None or entry.name > newest:
+            newest = entry.name
+    return done, newest
+
+
+def _next_name(newest: str | None, tag: str) -> str:
+    """An event file name stamped now that sorts after `newest`: if the clock is behind
+    it (a clock step, another writer ahead), the stamp follows it instead."""
+    ns = time.time_ns()
+    if newest is not None:
+        ns = max(ns, _stamp_ns(newest) + 1)
+    return f"{EVENT_PREFIX}{ns // 10**9:010d}.{ns % 10**9:09d}.router.{tag}"
+
+
+def _stamp_ns(name: str) -> int:
+    """The time in an event file's name as nanoseconds: ours carry seconds and
+    nanoseconds; others (a previous release's, TensorFlow's `<seconds>.<host>...`)
+    only seconds, read as the end of that second so that what follows sorts after."""
+    fields = name.removeprefix(EVENT_PREFIX).split(".")
+    seconds = int(fields[0]) if fields[0].isdigit() else 0
+    nanos = fields[1] if len(fields) > 1 else ""
+    if len(nanos) == 9 and nanos.isdigit():
+        return seconds * 10**9 + int(nanos)
+    return seconds * 10**9 + 10**9 - 1
 
 
 def _write_events(

@@ -1,9 +1,10 @@
 """Read-only JSON API over the catalog, for `router.client` with ROUTER_URL and for people.
 
-    GET /api/v1/runs?pipeline=&limit=                         {"runs": [...]}
-    GET /api/v1/runs/{pipeline}/{run_id}                       {"run": {...}, "artifacts": [...]}
+    GET /api/v1/runs?pipeline=&limit=                         {"runs": [...], "truncated"}
+    GET /api/v1/runs/{pipeline}/{run_id}                       {"run": {...}, "artifacts": [...],
+                                                                "truncated"}
     GET /api/v1/artifacts?pipeline=&run_id=&step_name=&name=&kind=&cache_key=&limit=
-                                                               {"artifacts": [...]}
+                                                               {"artifacts": [...], "truncated"}
     GET /api/v1/artifacts/{id}                                 {"artifact": {...}}
     GET /api/v1/artifacts/{id}/lineage                         {"artifact", "inputs",
                                                                 "unresolved_inputs", "consumers"}
@@ -17,13 +18,23 @@ retired to mqtt-done) or the `file://` file it accepted under `router.mqtt.allow
 (re-checked, symlinks resolved, on every request); a store location only under a local
 store root (`store_roots`), and any file only while its content has the catalog's sha256
 (else the next place, else 404).  Errors are JSON: {"error": "..."}.
+
+Parameters are checked before the catalog is read: an unknown or repeated query
+parameter, a `limit` outside 1..10,000 (`MAX_LIMIT`; default 200 runs, 1,000 artifacts),
+an unknown `kind` (any case; `data` is `dataset`, as in manifests) or an `{id}` that is
+not an integer from 1 to 2**31 - 1 is a 400 whose body is
+{"error": "<sentence>", "field": "<parameter>", "value": "<as given>", "fix": "<what to do>"}.
+`truncated` is true when more rows matched than were returned (the limit, or 10,000
+artifacts of a run): there is no paging, so narrow the filters to see the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
+import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,13 +52,26 @@ from router.catalog_read import (
 )
 from router.config import RouterConfig
 from router.db import Database
+from router.errors import did_you_mean
+from router.manifest import ArtifactKind
 from router.sources import LocalCopies
 
-__all__ = ["API_PREFIX", "LocalCopies", "add_routes", "local_store_roots"]
+__all__ = ["API_PREFIX", "MAX_LIMIT", "LocalCopies", "add_routes", "local_store_roots"]
 
 API_PREFIX = "/api/v1"
-_MAX_LIMIT = 100_000
+# limit=100000 held the event loop ~4 s (rows are hydrated and serialised on it).
+MAX_LIMIT = 10_000
+# `artifacts.id` is INTEGER: 32 bits on PostgreSQL; a larger id overflowed the driver (500).
+_MAX_ID = 2**31 - 1
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() also takes "+1", "1_0", " 1", "\u0661"
 _CHUNK = 1 << 20
+
+_RUNS_PARAMS = ("pipeline", "limit")
+_ARTIFACTS_PARAMS = ("pipeline", "run_id", "step_name", "name", "kind", "cache_key", "limit")
+# As manifests spell them (router.manifest): any case, DATA (Domino Flows) for dataset.
+_KINDS = {k.value: k.value for k in ArtifactKind} | {"data": ArtifactKind.DATASET.value}
+_KIND_FIX = ("use one of model, dataset (or data), metrics, parameters, report, artifact "
+             "(any case), or leave kind out")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -56,33 +80,92 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def _limit(request: web.Request, default: int) -> int:
-    raw = request.query.get("limit")
+def _bad_request(
+    field: str, value: str, problem: str, fix: str, *, where: str = "query parameter"
+) -> web.HTTPBadRequest:
+    """A 400 naming the parameter, the value as given and the fix, for the caller to raise.
+
+    The body is json.dumps of a dict: a value holding quotes or newlines stays a value.
+    """
+    body = {"error": f"{where} {field}={value!r} {problem}; {fix}", "field": field,
+            "value": value, "fix": fix}
+    return web.HTTPBadRequest(text=json.dumps(body), content_type="application/json")
+
+
+def _params(request: web.Request, accepted: Sequence[str]) -> dict[str, str]:
+    """The query parameters, each at most once and each one of `accepted`.
+
+    A typo (`?pipline=`) or a second value would otherwise be dropped silently, and the
+    answer would look like the one asked for.
+    """
+    out: dict[str, str] = {}
+    for key, value in request.query.items():
+        if key not in accepted:
+            fix = (f"use {', '.join(accepted)}" if accepted
+                   else "remove it: this endpoint takes no query parameters")
+            raise _bad_request(key, value, f"is unknown to {request.path}"
+                               f"{did_you_mean(key, accepted)}", fix)
+        if key in out:
+            raise _bad_request(key, value, f"is given more than once (first {out[key]!r})",
+                               f"give {key} once")
+        out[key] = value
+    return out
+
+
+def _bounded_int(raw: str, top: int) -> int | None:
+    """`raw` as an integer from 1 to `top`, or None (digits only, never a huge int())."""
+    if not _DIGITS.fullmatch(raw) or len(raw.lstrip("0")) > len(str(top)):
+        return None
+    value = int(raw)
+    return value if 1 <= value <= top else None
+
+
+def _limit(params: dict[str, str], default: int) -> int:
+    """`limit`, capped: each row is hydrated and serialised on the event loop."""
+    raw = params.get("limit")
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise web.HTTPBadRequest(
-            text=f'{{"error": "limit={raw!r} is not an integer"}}',
-            content_type="application/json",
-        ) from None
-    if not 1 <= value <= _MAX_LIMIT:
-        raise web.HTTPBadRequest(
-            text=f'{{"error": "limit must be between 1 and {_MAX_LIMIT}"}}',
-            content_type="application/json",
+    value = _bounded_int(raw, MAX_LIMIT)
+    if value is None:
+        above = _DIGITS.fullmatch(raw) is not None and raw.lstrip("0") != ""
+        raise _bad_request(
+            "limit", raw,
+            f"is above the maximum, {MAX_LIMIT}" if above
+            else f"is not an integer from 1 to {MAX_LIMIT}",
+            f"use limit=1 to {MAX_LIMIT} (default {default}); a response cut at the limit "
+            'says "truncated": true, narrow the filters to see the rest',
         )
     return value
 
 
+def _kind(params: dict[str, str]) -> str | None:
+    """The catalog's spelling of `kind`: a case slip would otherwise match nothing."""
+    raw = params.get("kind") or None
+    if raw is None:
+        return None
+    wanted = raw.strip().lower()
+    if wanted not in _KINDS:
+        raise _bad_request("kind", raw, f"is not an artifact type{did_you_mean(wanted, _KINDS)}",
+                           _KIND_FIX)
+    return _KINDS[wanted]
+
+
 def _artifact_id(request: web.Request) -> int:
+    """The `{id}` path parameter, checked so it never reaches (and overflows) the database."""
     raw = request.match_info["id"]
-    try:
-        return int(raw)
-    except ValueError:
-        raise web.HTTPNotFound(
-            text='{"error": "artifact ids are integers"}', content_type="application/json"
-        ) from None
+    value = _bounded_int(raw, _MAX_ID)
+    if value is None:
+        raise _bad_request(
+            "id", raw, "is not an artifact id",
+            f"use an integer from 1 to {_MAX_ID}, as {API_PREFIX}/artifacts lists them",
+            where="path parameter",
+        )
+    return value
+
+
+def _cut(rows: list[Any], limit: int) -> tuple[list[Any], bool]:
+    """The first `limit` of `rows` (fetched with one extra) and whether any were left."""
+    return rows[:limit], len(rows) > limit
 
 
 def _dump(rows: list[Any]) -> list[dict[str, Any]]:
@@ -205,24 +288,29 @@ def add_routes(
     copies = copies or LocalCopies(spool=Path(spool) if spool is not None else None)
 
     async def runs(request: web.Request) -> web.StreamResponse:
+        params = _params(request, _RUNS_PARAMS)
+        limit = _limit(params, 200)
         async with db.read() as conn:
-            rows = await list_runs(
-                conn, pipeline=request.query.get("pipeline") or None,
-                limit=_limit(request, 200),
-            )
-        return web.json_response({"runs": _dump(rows)})
+            rows = await list_runs(conn, pipeline=params.get("pipeline") or None, limit=limit + 1)
+        shown, truncated = _cut(rows, limit)
+        return web.json_response({"runs": _dump(shown), "truncated": truncated})
 
     async def run(request: web.Request) -> web.StreamResponse:
+        _params(request, ())
         pipeline, run_id = request.match_info["pipeline"], request.match_info["run_id"]
         async with db.read() as conn:
             row = await get_run(conn, pipeline, run_id)
             if row is None:
                 return _error(404, f"no run {run_id!r} of pipeline {pipeline!r} in the catalog")
-            rows = await query_artifacts(conn, pipeline=pipeline, run_id=run_id)
-        return web.json_response({"run": row.model_dump(mode="json"), "artifacts": _dump(rows)})
+            rows = await query_artifacts(conn, pipeline=pipeline, run_id=run_id,
+                                         limit=MAX_LIMIT + 1)
+        shown, truncated = _cut(rows, MAX_LIMIT)
+        return web.json_response({"run": row.model_dump(mode="json"), "artifacts": _dump(shown),
+                                  "truncated": truncated})
 
     async def artifacts(request: web.Request) -> web.StreamResponse:
-        q = request.query
+        q = _params(request, _ARTIFACTS_PARAMS)
+        limit, kind = _limit(q, 1000), _kind(q)
         async with db.read() as conn:
             rows = await query_artifacts(
                 conn,
@@ -230,24 +318,29 @@ def add_routes(
                 run_id=q.get("run_id") or None,
                 step_name=q.get("step_name") or None,
                 name=q.get("name") or None,
-                kind=q.get("kind") or None,
+                kind=kind,
                 cache_key=q.get("cache_key") or None,
-                limit=_limit(request, 1000),
+                limit=limit + 1,
             )
-        return web.json_response({"artifacts": _dump(rows)})
+        shown, truncated = _cut(rows, limit)
+        return web.json_response({"artifacts": _dump(shown), "truncated": truncated})
 
     async def artifact(request: web.Request) -> web.StreamResponse:
+        _params(request, ())
+        artifact_id = _artifact_id(request)
         async with db.read() as conn:
-            row = await artifact_by_id(conn, _artifact_id(request))
+            row = await artifact_by_id(conn, artifact_id)
         if row is None:
-            return _error(404, f"no artifact {request.match_info['id']} in the catalog")
+            return _error(404, f"no artifact {artifact_id} in the catalog")
         return web.json_response({"artifact": row.model_dump(mode="json")})
 
     async def lineage(request: web.Request) -> web.StreamResponse:
+        _params(request, ())
+        artifact_id = _artifact_id(request)
         async with db.read() as conn:
-            row = await artifact_by_id(conn, _artifact_id(request))
+            row = await artifact_by_id(conn, artifact_id)
             if row is None:
-                return _error(404, f"no artifact {request.match_info['id']} in the catalog")
+                return _error(404, f"no artifact {artifact_id} in the catalog")
             resolved = await resolve_refs(conn, row.inputs)
             ref = f"{row.pipeline}/{row.run_id}/{row.step_name}/{row.name}"
             consumers = await consumers_of(conn, [ref])
@@ -261,12 +354,13 @@ def add_routes(
         )
 
     async def file(request: web.Request) -> web.StreamResponse:
-        name = request.match_info["file_name"]
+        _params(request, ())
+        name, artifact_id = request.match_info["file_name"], _artifact_id(request)
         async with db.read() as conn:
-            row = await artifact_by_id(conn, _artifact_id(request))
+            row = await artifact_by_id(conn, artifact_id)
             bundles = await bundles_of(conn, [row.event_id]) if row is not None else {}
         if row is None:
-            return _error(404, f"no artifact {request.match_info['id']} in the catalog")
+            return _error(404, f"no artifact {artifact_id} in the catalog")
         roots = list(store_roots()) if store_roots is not None else None
         opened = await asyncio.to_thread(_open_verified, row, name, bundles, copies, roots)
         if opened is not None:

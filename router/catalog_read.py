@@ -74,9 +74,11 @@ async def query_artifacts(
     kind: str | None = None,
     cache_key: str | None = None,
     ids: Sequence[int] | None = None,
-    limit: int = 10_000,
+    limit: int | None = 10_000,
+    offset: int = 0,
 ) -> list[ArtifactRow]:
-    """Artifacts matching every filter given, newest first, with locations and inputs."""
+    """Artifacts matching every filter given, newest first, with locations and inputs:
+    `limit` of them (None: all) after the first `offset`."""
     query = sa.select(artifacts)
     for column, value in (
         (artifacts.c.pipeline, pipeline),
@@ -91,7 +93,7 @@ async def query_artifacts(
         query = query.where(artifacts.c.id.in_(list(ids)))
     if cache_key is not None:
         query = query.where(artifacts.c.metadata[CACHE_KEY].as_string() == cache_key)
-    result = await conn.execute(_newest_first(query).limit(limit))
+    result = await conn.execute(_newest_first(query).limit(limit).offset(offset or None))
     return await _hydrate(conn, [_row(r) for r in result.all()])
 
 
@@ -113,9 +115,14 @@ def split_ref(ref: str) -> tuple[str, str, str, str] | None:
     return parts[0], parts[1], parts[2], parts[3]
 
 
-async def resolve_refs(conn: AsyncConnection, refs: Iterable[str]) -> dict[str, ArtifactRow]:
+async def resolve_refs(
+    conn: AsyncConnection, refs: Iterable[str], as_of: float | None = None
+) -> dict[str, ArtifactRow]:
     """Lineage references `pipeline/run_id/step_name/name` -> the newest matching row.
 
+    With `as_of` (the consumer's `created_at`): the newest row catalogued by then, the
+    version the consumer was made from, not one re-emitted after it (a step run again);
+    if every match came later (the consumer's manifest arrived first), the oldest.
     References that match nothing in the catalog are left out.
     """
     wanted = {ref: parts for ref in dict.fromkeys(refs) if (parts := split_ref(ref))}
@@ -131,26 +138,35 @@ async def resolve_refs(conn: AsyncConnection, refs: Iterable[str]) -> dict[str, 
         for p, r, s, n in wanted.values()
     ]
     out: dict[str, ArtifactRow] = {}
+    later: dict[str, ArtifactRow] = {}  # per ref, the oldest catalogued after `as_of`
     for start in range(0, len(conditions), 200):
         query = _newest_first(sa.select(artifacts).where(sa.or_(*conditions[start : start + 200])))
         for row in (await conn.execute(query)).all():
             art = _row(row)
             ref = f"{art.pipeline}/{art.run_id}/{art.step_name}/{art.name}"
-            out.setdefault(ref, art)  # newest first: the first one seen wins
+            if as_of is None or art.created_at <= as_of:
+                out.setdefault(ref, art)  # newest first: the first one seen wins
+            else:
+                later[ref] = art  # newest first: the last one seen is the oldest
+    out = {**later, **out}
     await _hydrate(conn, list(out.values()))
     return out
 
 
-async def consumers_of(conn: AsyncConnection, refs: Iterable[str]) -> list[ArtifactRow]:
-    """Artifacts that name any of `refs` among their lineage inputs, newest first."""
+async def consumers_of(
+    conn: AsyncConnection, refs: Iterable[str], limit: int | None = None
+) -> list[ArtifactRow]:
+    """Artifacts that name any of `refs` among their lineage inputs, newest first
+    (`limit` of them; None: all)."""
     wanted = list(dict.fromkeys(refs))
     if not wanted:
         return []
-    ids_query = sa.select(lineage.c.artifact_id).where(lineage.c.input_ref.in_(wanted))
-    ids = [r[0] for r in (await conn.execute(ids_query)).all()]
-    if not ids:
-        return []
-    return await query_artifacts(conn, ids=ids)
+    # A subquery, not a list of ids: a widely used dataset has more consumers than a
+    # statement may bind parameters.
+    ids = sa.select(lineage.c.artifact_id).where(lineage.c.input_ref.in_(wanted))
+    query = _newest_first(sa.select(artifacts).where(artifacts.c.id.in_(ids)))
+    result = await conn.execute(query.limit(limit))
+    return await _hydrate(conn, [_row(r) for r in result.all()])
 
 
 async def cached_artifacts(

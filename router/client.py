@@ -69,6 +69,7 @@ __all__ = [
 
 T = TypeVar("T")
 _CHUNK = 1 << 20
+_PAGE = 10_000  # rows per read API request: its most (router.http_api.MAX_LIMIT)
 
 
 class NotFound(LookupError):
@@ -168,16 +169,22 @@ class _SqlBackend:
     def artifacts(self, **filters: Any) -> list[ArtifactRow]:
         from router.catalog_read import query_artifacts
 
+        filters.setdefault("limit", None)  # every match: a run is read whole, however big
         result: list[ArtifactRow] = self._run(query_artifacts, **filters)
         return result
 
     def lineage(self, rows: Sequence[ArtifactRow]) -> tuple[list[ArtifactRow], list[ArtifactRow]]:
         from router.catalog_read import consumers_of, resolve_refs
 
-        refs = [r for row in rows for r in row.inputs]
-        resolved: dict[str, ArtifactRow] = self._run(resolve_refs, refs)
+        inputs: dict[int, ArtifactRow] = {}
+        for row in rows:  # each as of its own creation: the versions it was made from
+            resolved: dict[str, ArtifactRow] = self._run(
+                resolve_refs, row.inputs, as_of=row.created_at)
+            for ref in row.inputs:
+                if ref in resolved:
+                    inputs.setdefault(resolved[ref].id, resolved[ref])
         consumers: list[ArtifactRow] = self._run(consumers_of, [_ref(row) for row in rows])
-        return [resolved[r] for r in dict.fromkeys(refs) if r in resolved], consumers
+        return list(inputs.values()), consumers
 
     def bundles(self, event_ids: Iterable[str]) -> dict[str, str]:
         from router.catalog_read import bundles_of
@@ -244,9 +251,20 @@ class _HttpBackend:
                 if data is not None:
                     rows.append(ArtifactRow.model_validate(data["artifact"]))
             return rows
-        filters.setdefault("limit", 10_000)
-        data = self._get("/artifacts", **filters) or {"artifacts": []}
-        return [ArtifactRow.model_validate(r) for r in data["artifacts"]]
+        # Page by page (the API answers at most _PAGE rows at a time) until no more: a
+        # run is read whole, however big. Rows catalogued meanwhile shift the pages
+        # (newest first), so a row may come twice: once is kept.
+        rows_by_id: dict[int, ArtifactRow] = {}
+        offset = 0
+        while True:
+            data = self._get("/artifacts", **filters, limit=_PAGE, offset=offset or None)
+            data = data or {"artifacts": [], "truncated": False}
+            for r in data["artifacts"]:
+                row = ArtifactRow.model_validate(r)
+                rows_by_id.setdefault(row.id, row)
+            if not data.get("truncated"):
+                return list(rows_by_id.values())
+            offset += len(data["artifacts"])
 
     def lineage(self, rows: Sequence[ArtifactRow]) -> tuple[list[ArtifactRow], list[ArtifactRow]]:
         inputs: dict[int, ArtifactRow] = {}

@@ -67,7 +67,8 @@ _DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() also takes "+1", "1_0", " 1
 _CHUNK = 1 << 20
 
 _RUNS_PARAMS = ("pipeline", "limit")
-_ARTIFACTS_PARAMS = ("pipeline", "run_id", "step_name", "name", "kind", "cache_key", "limit")
+_ARTIFACTS_PARAMS = ("pipeline", "run_id", "step_name", "name", "kind", "cache_key", "limit",
+                     "offset")
 # As manifests spell them (router.manifest): any case, DATA (Domino Flows) for dataset.
 _KINDS = {k.value: k.value for k in ArtifactKind} | {"data": ArtifactKind.DATASET.value}
 _KIND_FIX = ("use one of model, dataset (or data), metrics, parameters, report, artifact "
@@ -135,6 +136,19 @@ def _limit(params: dict[str, str], default: int) -> int:
             f"use limit=1 to {MAX_LIMIT} (default {default}); a response cut at the limit "
             'says "truncated": true, narrow the filters to see the rest',
         )
+    return value
+
+
+def _offset(params: dict[str, str]) -> int:
+    """`offset`: rows to skip, the next page of a list that said `truncated`."""
+    raw = params.get("offset")
+    if not raw or (_DIGITS.fullmatch(raw) and raw.strip("0") == ""):
+        return 0  # absent, empty or zero: the first page
+    value = _bounded_int(raw, _MAX_ID)
+    if value is None:
+        raise _bad_request("offset", raw, f"is not an integer from 0 to {_MAX_ID}",
+                           "use offset=0 for the first page, then add the rows each page "
+                           "returned while it says \"truncated\": true")
     return value
 
 
@@ -321,6 +335,7 @@ def add_routes(
                 kind=kind,
                 cache_key=q.get("cache_key") or None,
                 limit=limit + 1,
+                offset=_offset(q),
             )
         shown, truncated = _cut(rows, limit)
         return web.json_response({"artifacts": _dump(shown), "truncated": truncated})
@@ -341,15 +356,17 @@ def add_routes(
             row = await artifact_by_id(conn, artifact_id)
             if row is None:
                 return _error(404, f"no artifact {artifact_id} in the catalog")
-            resolved = await resolve_refs(conn, row.inputs)
+            resolved = await resolve_refs(conn, row.inputs, as_of=row.created_at)
             ref = f"{row.pipeline}/{row.run_id}/{row.step_name}/{row.name}"
-            consumers = await consumers_of(conn, [ref])
+            consumers = await consumers_of(conn, [ref], limit=MAX_LIMIT + 1)
+        shown, truncated = _cut(consumers, MAX_LIMIT)
         return web.json_response(
             {
                 "artifact": row.model_dump(mode="json"),
                 "inputs": _dump([resolved[r] for r in row.inputs if r in resolved]),
                 "unresolved_inputs": [r for r in row.inputs if r not in resolved],
-                "consumers": _dump(consumers),
+                "consumers": _dump(shown),
+                "consumers_truncated": truncated,
             }
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from router.catalog import list_artifacts, list_runs
-from router.catalog_read import get_run
+from router.catalog_read import get_run, resolve_refs
+from router.client import _SqlBackend
 from router.config import StackConfig, load_config
 from router.db import Database
 from router.delivery import DeliveryResult, StagedFile, StoredObject
@@ -165,6 +167,54 @@ async def test_one_run_is_read_by_its_id_with_its_own_artifact_count(
     assert one is not None and (one.run_id, one.artifacts) == ("run-b", 4)
     assert missing is None and other_pipeline is None
     assert sorted((r.run_id, r.artifacts) for r in listed) == [("run-a", 2), ("run-b", 4)]
+
+
+async def test_an_input_resolves_to_the_version_its_consumer_was_made_from(
+    journal: DeliveryJournal,
+) -> None:
+    """A step run again re-emits `clf` after `scorer` consumed it: scorer's input is
+    still the version it was made from, not the newest; a consumer catalogued before
+    its input (manifests out of order) gets the input's first version."""
+    ref = "fraud/run-1/train/clf"
+    early = event("early", name="early", inputs=[ref])
+    await journal.accept([early], planner)
+    await journal.accept([event("v1")], planner)
+    await journal.accept([event("scorer", name="scorer", inputs=[ref])], planner)
+    await journal.accept([event("v2")], planner)
+    async with journal.db.read() as conn:
+        rows = {r.name: r for r in await list_artifacts(conn, pipeline="fraud")
+                if r.name in ("early", "scorer")}
+        by_version = {r.version: r.id for r in await list_artifacts(conn, name="clf")}
+        newest = await resolve_refs(conn, [ref])
+        as_made = await resolve_refs(conn, [ref], as_of=rows["scorer"].created_at)
+        before = await resolve_refs(conn, [ref], as_of=rows["early"].created_at)
+    assert newest[ref].id == by_version["2"]
+    assert as_made[ref].id == by_version["1"]
+    assert before[ref].id == by_version["1"]
+
+
+async def test_the_catalog_client_reads_a_run_whole_past_ten_thousand_artifacts(
+    journal: DeliveryJournal,
+) -> None:
+    """Run.artifacts and Flow reads stopped at 10,000 rows without a word."""
+    per_event = 1_000
+    batch = []
+    for i in range(11):
+        manifest = parse_manifest({
+            "manifest_version": 1, "pipeline": "big", "run_id": "run-1", "step_name": "log",
+            "artifacts": [{"type": "metrics", "name": f"m{i}-{j}", "values": {"x": 1.0}}
+                          for j in range(per_event)],
+        })
+        batch.append(AcceptedEvent(
+            event_id=f"big-{i}", source="spool", bundle=None, manifest=manifest,
+            files=[[] for _ in range(per_event)], digest=f"d{i}", received_at=time.time()))
+    await journal.accept(batch, planner)
+    backend = _SqlBackend(journal.db.url)
+    try:
+        rows = await asyncio.to_thread(backend.artifacts, pipeline="big", run_id="run-1")
+    finally:
+        await asyncio.to_thread(backend.close)
+    assert len(rows) == len({r.id for r in rows}) == 11 * per_event
 
 
 async def test_replayed_event_is_a_duplicate_and_changed_one_a_conflict(

@@ -47,7 +47,7 @@ from router.catalog import (
     artifact_checksum,
     file_uri_paths,
 )
-from router.config import LoadedConfig, load_config
+from router.config import LoadedConfig, load_config, mask_url_passwords
 from router.intake import sha256_file
 from router.sources import LocalCopies
 
@@ -148,8 +148,8 @@ class _SqlBackend:
                     return await fn(conn, *args, **kwargs)
             except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as exc:
                 raise NotFound(
-                    f"cannot read the catalog at {_safe_url(self.url)} ({exc.orig}); point "
-                    "ROUTER_CONFIG at the daemon's config, or set ROUTER_URL"
+                    f"cannot read the catalog at {mask_url_passwords(self.url)} ({exc.orig}); "
+                    "point ROUTER_CONFIG at the daemon's config, or set ROUTER_URL"
                 ) from None
 
         return self._loop.run(call())
@@ -352,13 +352,6 @@ def _checksum_error(source: str, got: str, expected: str) -> OSError:
     return OSError(f"{source}: content has sha256 {got[:12]}..., the catalog says "
                    f"{expected[:12]}...; the object changed after it was stored (another "
                    "version written to the same key?)")
-
-
-def _safe_url(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
 
 
 def _ref(row: ArtifactRow) -> str:

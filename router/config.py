@@ -140,9 +140,18 @@ def url_passwords(text: str) -> set[str]:
     return found | {unquote(p) for p in found}
 
 
+# `scheme://user@`, a user without a password: a token passed as the user name
+# (`https://<token>@host`, as git hosts and many HTTP APIs take one) is the whole secret.
+_URL_USER_ONLY = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://)[^/:@\s]+@")
+
+
 def mask_url_passwords(text: str) -> str:
-    """`text` with the password of every URL in it replaced by '***'."""
-    return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}***@", text) if "://" in text else text
+    """`text` with the password of every URL in it replaced by '***', and the user of a
+    URL that has no password (it may be a token; there is no telling)."""
+    if "://" not in text:
+        return text
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}***@", text)
+    return _URL_USER_ONLY.sub(lambda m: f"{m.group('head')}***@", text)
 
 
 def mask_secrets(value: Any) -> Any:

@@ -31,6 +31,7 @@ from router.config import (
     RouterConfig,
     config_secrets,
     load_config,
+    mask_url_passwords,
     select_stack,
 )
 from router.db import Database
@@ -252,7 +253,7 @@ class Daemon:
             "artifact-router started",
             config=self.loaded.source,
             spool=str(self.spool_paths.root),
-            journal=_safe_url(self.db.url),
+            journal=mask_url_passwords(self.db.url),
             stack=self.stack_for(self.config),
             pid=os.getpid(),
         )
@@ -391,11 +392,3 @@ class Daemon:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _safe_url(url: str) -> str:
-    """A database URL without its password, for logs."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        if ":" in creds:
-            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url

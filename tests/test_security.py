@@ -580,6 +580,30 @@ def test_the_log_redacts_any_url_password_even_one_not_in_the_config(
     assert line["extra"] == ["postgresql://u:***@db/router", "***"]
 
 
+def test_the_log_redacts_a_token_given_as_a_url_user_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`https://<token>@host` (git hosts, many HTTP APIs) has no password: the user name
+    is the secret, and the log shows only the host."""
+    import structlog
+
+    from router.logs import configure_logging
+
+    configure_logging(secrets=[], json=True)
+    try:
+        structlog.get_logger("router").warning(
+            "delivery will be retried",
+            error="GET https://ghp_1a2B3c4D5e6F7g8H@mlflow.example.com/api: 401",
+            journal="postgresql+asyncpg://svc-token-9f8e@db:5432/router")
+    finally:
+        structlog.reset_defaults()
+    err = capsys.readouterr().err
+    line = json.loads(err)
+    assert line["error"] == "GET https://***@mlflow.example.com/api: 401"
+    assert line["journal"] == "postgresql+asyncpg://***@db:5432/router"
+    assert "ghp_1a2B3c4D5e6F7g8H" not in err and "svc-token-9f8e" not in err
+
+
 def test_http_binds_where_configured(tmp_path: Path, start_daemon: Start) -> None:
     port = free_port()
     ws = Workspace(tmp_path, listen=f"0.0.0.0:{port}")

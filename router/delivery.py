@@ -6,6 +6,7 @@ never reads the journal or the config, only a DeliveryItem.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -21,6 +22,7 @@ __all__ = [
     "DeliveryContext",
     "DeliveryItem",
     "DeliveryResult",
+    "FileIdentity",
     "PermanentError",
     "StagedFile",
     "StoredObject",
@@ -44,6 +46,27 @@ class PermanentError(Exception):
     """Retrying cannot help: 403, no such bucket, invalid input, a key conflict."""
 
 
+class FileIdentity(BaseModel):
+    """A file's stat as it was hashed at intake, kept only where any later write must
+    change it (see `router.intake.settled_identity`): a store that finds the same stat
+    before and after reading the file knows it read the bytes the sha256 was taken of,
+    without hashing a large file a second time."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(dev=st.st_dev, ino=st.st_ino, size=st.st_size,
+                   mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)
+
+    def matches(self, st: os.stat_result) -> bool:
+        return self == FileIdentity.of(st)
+
+
 class StagedFile(BaseModel):
     """A file as accepted at intake: where it is now, and what it must hash to."""
 
@@ -53,6 +76,7 @@ class StagedFile(BaseModel):
     uri: str | None = None
     sha256: str
     size: int
+    identity: FileIdentity | None = None
 
 
 class DeliveryContext(BaseModel):

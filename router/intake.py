@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from router.delivery import StagedFile
+from router.delivery import FileIdentity, StagedFile
 from router.detect import detect_dataset_format, detect_framework
 from router.errors import Problem
 from router.manifest import (
@@ -35,8 +36,8 @@ from router.manifest import (
 )
 
 __all__ = [
-    "AcceptedEvent", "CheckedFile", "FileChanged", "Rejection", "load_bundle", "not_utf8",
-    "open_regular", "sha256_file", "sha256_files",
+    "AcceptedEvent", "CheckedFile", "FileChanged", "FileHash", "Rejection", "load_bundle",
+    "not_utf8", "open_regular", "settled_identity", "sha256_file", "sha256_files",
 ]
 
 _CHUNK = 1024 * 1024
@@ -108,17 +109,65 @@ def open_regular(path: Path, expected: os.stat_result | None = None) -> int:
     return fd
 
 
-def sha256_file(path: Path, expected: os.stat_result | None = None) -> tuple[str, int]:
+class FileHash(NamedTuple):
+    sha256: str
+    size: int
+    identity: FileIdentity | None  # see settled_identity
+
+
+def sha256_file(path: Path, expected: os.stat_result | None = None) -> FileHash:
     digest = hashlib.sha256()
     size = 0
+    started = time.time_ns()
     with os.fdopen(open_regular(path, expected), "rb") as fh:  # hashed from the checked fd
+        before = os.fstat(fh.fileno())
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
             size += len(chunk)
-    return digest.hexdigest(), size
+        after = os.fstat(fh.fileno())
+    return FileHash(digest.hexdigest(), size, settled_identity(before, after, size, started))
 
 
-def sha256_files(paths: Sequence[Path | CheckedFile]) -> list[tuple[str, int] | OSError]:
+# Files smaller than this are hashed again by the stores that need it: that costs less
+# than the identity's bytes in every journal row.
+_IDENTITY_MIN_BYTES = _CHUNK
+
+
+def _coarse_tick_ns() -> int:
+    """How far a file's timestamps may lag the clock: the kernel stamps them from its
+    coarse clock, one tick behind at most."""
+    try:
+        return int(time.clock_getres(5) * 1e9)  # CLOCK_REALTIME_COARSE (Linux)
+    except OSError:
+        return 10_000_000
+
+
+_TICK_NS = max(_coarse_tick_ns(), 1_000_000)
+_WHOLE_MS = 1_000_000
+_COARSE_FS_NS = 2_000_000_000  # FAT keeps 2 s; ext3, HFS+ and some network mounts 1 s
+
+
+def settled_identity(
+    before: os.stat_result, after: os.stat_result, size: int, started_ns: int
+) -> FileIdentity | None:
+    """The file's identity, if any write after the hash must change it; else None.
+
+    A store then trusts an unchanged stat instead of hashing the file again (the S3
+    multipart path saves a sha256 pass of every byte). Two conditions make that sound:
+    the stat did not move while the file was read, and the file's last change (ctime,
+    which no one can set) is older than the hash by more than the timestamps'
+    granularity, so that a later write cannot land on the same stamp. Timestamps in
+    whole milliseconds mean a coarse filesystem; 2 s is then the margin.
+    """
+    identity = FileIdentity.of(before)
+    if size < _IDENTITY_MIN_BYTES or size != before.st_size or not identity.matches(after):
+        return None
+    coarse = before.st_ctime_ns % _WHOLE_MS == 0 and before.st_mtime_ns % _WHOLE_MS == 0
+    margin = _COARSE_FS_NS if coarse else 2 * _TICK_NS
+    return identity if before.st_ctime_ns < started_ns - margin else None
+
+
+def sha256_files(paths: Sequence[Path | CheckedFile]) -> list[FileHash | OSError]:
     """Each file's (sha256, size), or the OSError that stopped reading it.
 
     A CheckedFile must still be the file its checks passed on (FileChanged otherwise).
@@ -130,7 +179,7 @@ def sha256_files(paths: Sequence[Path | CheckedFile]) -> list[tuple[str, int] | 
     return [_sha256_or_error(path) for path in paths]
 
 
-def _sha256_or_error(item: Path | CheckedFile) -> tuple[str, int] | OSError:
+def _sha256_or_error(item: Path | CheckedFile) -> FileHash | OSError:
     try:
         if isinstance(item, CheckedFile):
             return sha256_file(item.path, item.st)
@@ -318,9 +367,9 @@ def load_bundle(bundle: Path, received_at: float) -> AcceptedEvent | Rejection:
                 # Not raised: one unreadable file must not stall the bundles read with it.
                 problems.append(_read_problem(f.field, f.rel, digest))
                 continue
-            sha, size = digest
-            staged.append(StagedFile(
-                name=f.name, type=f.type, path=Path(f.rel), sha256=sha, size=size))
+            staged.append(StagedFile(name=f.name, type=f.type, path=Path(f.rel),
+                                     sha256=digest.sha256, size=digest.size,
+                                     identity=digest.identity))
         files.append(staged)
         detected.append(_detect(artifact, [f.resolved for f in mine], staged))
     if not problems and _identity(bundle) != (root_st.st_dev, root_st.st_ino):

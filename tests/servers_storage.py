@@ -19,6 +19,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +33,7 @@ from router.delivery import (
     DeliveryItem,
     StagedFile,
 )
+from router.intake import sha256_file
 from router.manifest import ArtifactKind
 from tests.servers_common import find_script, free_port, stop_process, wait_http
 
@@ -53,6 +55,7 @@ __all__ = [
     "rclone_s3",
     "rclone_s3_private",
     "write_file",
+    "write_settled",
 ]
 
 MiB = 1024 * 1024
@@ -297,6 +300,17 @@ def write_file(path: Path, size: int, seed: int = 0) -> StagedFile:
             digest.update(chunk)
             left -= len(chunk)
     return StagedFile(name=path.name, type="bin", path=path, sha256=digest.hexdigest(), size=size)
+
+
+def write_settled(path: Path, size: int, seed: int) -> StagedFile:
+    """A file staged as the intake stages one it hashed once the file had settled: with
+    the identity (stat) it was hashed under, which lets a store skip a second hash."""
+    staged = write_file(path, size, seed=seed)
+    while time.time_ns() - path.stat().st_ctime_ns < 100_000_000:
+        time.sleep(0.02)
+    hashed = sha256_file(path)
+    assert hashed.identity is not None and hashed.sha256 == staged.sha256
+    return staged.model_copy(update={"identity": hashed.identity})
 
 
 def flip_last_byte(path: Path) -> None:

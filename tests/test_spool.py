@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 
-from router.intake import AcceptedEvent, Rejection, load_bundle, sha256_files
+from router.intake import (
+    AcceptedEvent,
+    FileHash,
+    Rejection,
+    load_bundle,
+    settled_identity,
+    sha256_file,
+    sha256_files,
+)
 from router.metrics import RouterMetrics
 from router.sources import spool as spool_module
 from router.sources.spool import SpoolPaths, SpoolSource
@@ -165,7 +173,7 @@ def test_sha256_files_reports_an_unreadable_file_in_its_own_slot(
     results = sha256_files(paths)
 
     assert isinstance(results[1], FileNotFoundError)
-    good = [r for i, r in enumerate(results) if i != 1]
+    good = [r[:2] for i, r in enumerate(results) if i != 1 and isinstance(r, FileHash)]
     assert good == [(hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size)
                     for i, p in enumerate(paths) if i != 1]
 
@@ -468,3 +476,71 @@ def test_two_bundles_with_one_id_in_a_batch_are_both_settled(tmp_path: Path) -> 
     assert _listing(paths) == {"incoming": [], "accepted": ["a"], "done": ["b"],
                                "rejected": []}
     assert seen["record"]["bundle"] == "a"
+
+
+# -- file identity: what lets a store skip hashing a large file again ---------------
+
+
+def _settled(path: Path) -> None:
+    """Let the file's last change fall well behind the clock (timestamps may lag it by
+    a kernel tick)."""
+    changed = path.stat().st_ctime_ns
+    while time.time_ns() - changed < 100_000_000:
+        time.sleep(0.02)
+
+
+def test_a_large_file_hashed_after_it_settled_carries_its_identity_into_the_bundle(
+    tmp_path: Path,
+) -> None:
+    files = {"model.bin": os.urandom(2 * 1024 * 1024), "small.txt": b"tiny"}
+    bundle = write_bundle(tmp_path, "b1", model_manifest("m", files=list(files)), files)
+    _settled(bundle / "model.bin")
+
+    event = load_bundle(bundle, time.time())
+
+    assert isinstance(event, AcceptedEvent)
+    big, small = event.files[0]
+    st = (bundle / "model.bin").stat()
+    assert big.identity is not None and big.identity.matches(st)
+    assert small.identity is None  # hashed again where needed: cheaper than recording it
+    # and it survives the journal's JSON
+    again = AcceptedEvent.model_validate_json(event.model_dump_json())
+    assert again.files[0][0].identity == big.identity
+
+
+def test_a_file_changed_just_before_or_while_it_was_hashed_has_no_identity(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(2 * 1024 * 1024))
+    st = path.stat()
+    # Changed within a tick of the hash: a later write could keep the same ctime.
+    assert settled_identity(st, st, st.st_size, st.st_ctime_ns + 1_000_000) is None
+    assert sha256_file(path).identity is None  # hashed at once after it was written
+    # Changed while it was read: the stat after is not the stat before.
+    _settled(path)
+    with open(path, "r+b") as fh:
+        fh.write(b"x")
+    assert settled_identity(st, path.stat(), st.st_size, time.time_ns()) is None
+    # Settled: the identity it was hashed under.
+    _settled(path)
+    hashed = sha256_file(path)
+    assert hashed.identity is not None and hashed.identity.matches(path.stat())
+
+
+def test_whole_second_timestamps_need_two_seconds_of_settling(tmp_path: Path) -> None:
+    """On a filesystem that keeps whole seconds (FAT, ext3, some mounts) a write a
+    moment later keeps the same stamp; the margin is then 2 s, not a tick."""
+    path = tmp_path / "model.bin"
+    path.write_bytes(os.urandom(2 * 1024 * 1024))
+    real = path.stat()
+    fields = list(real)
+    stamp = 1_700_000_000
+    fields[7:10] = [stamp, stamp, stamp]  # st_atime, st_mtime, st_ctime (whole seconds)
+    coarse = os.stat_result(fields, {"st_atime_ns": stamp * 10**9,
+                                     "st_mtime_ns": stamp * 10**9,
+                                     "st_ctime_ns": stamp * 10**9})
+    assert coarse.st_ctime_ns == stamp * 10**9
+    at = stamp * 10**9
+    assert settled_identity(coarse, coarse, real.st_size, at + 1_500_000_000) is None
+    assert settled_identity(coarse, coarse, real.st_size, at + 2_500_000_000) is not None

@@ -26,6 +26,7 @@ from tests.servers_storage import (
     gcs_emulator_private,
     make_item,
     write_file,
+    write_settled,
 )
 
 __all__ = ["gcs_emulator", "gcs_emulator_private"]  # fixtures used by this module
@@ -381,16 +382,49 @@ async def test_corrupted_chunk_is_rejected_by_the_md5_check(
     assert (await remote(storage, "artifacts", "corrupt/model.bin"))[0] == staged.sha256
 
 
-@pytest.mark.parametrize("size", [1000, 2 * THRESHOLD + 3], ids=["simple", "resumable"])
+@pytest.mark.parametrize(
+    ("size", "settled"),
+    [(1000, False), (2 * THRESHOLD + 3, False), (2 * THRESHOLD + 3, True)],
+    ids=["simple", "resumable", "resumable-with-identity"],
+)
 async def test_file_changed_after_intake_fails_permanently(
-    size: int, tmp_path: Path, store: GCSStore, storage: Any
+    size: int, settled: bool, tmp_path: Path, store: GCSStore, storage: Any
 ) -> None:
-    staged = write_file(tmp_path / "model.bin", size, seed=13)
+    path = tmp_path / "model.bin"
+    staged = write_settled(path, size, 13) if settled else write_file(path, size, seed=13)
     assert staged.path is not None
     flip_last_byte(staged.path)
+    target = f"changed/{size}-{settled}"
     with pytest.raises(PermanentError, match="changed after it was accepted"):
-        await store.deliver(make_item(staged, target=f"changed/{size}"))
-    assert not await exists(storage, "artifacts", f"changed/{size}/model.bin")
+        await store.deliver(make_item(staged, target=target))
+    assert not await exists(storage, "artifacts", f"{target}/model.bin")
+
+
+async def test_a_settled_file_changed_after_its_md5_was_taken_is_not_stored(
+    tmp_path: Path, store: GCSStore, storage: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trusting the identity skips the sha256, not the proof: the MD5 taken when the
+    identity still held is what GCS checks the object against."""
+    staged = write_settled(tmp_path / "model.bin", 2 * THRESHOLD + 5, seed=17)
+    assert staged.path is not None
+    path = staged.path
+    original = gcsmod.verified_digests
+
+    def then_written(where: Path, what: Any) -> Any:
+        digests = original(where, what)
+        flip_last_byte(path)
+        return digests
+
+    monkeypatch.setattr(gcsmod, "verified_digests", then_written)
+
+    item = make_item(staged, target="moved")
+    with pytest.raises(TransientError, match="MD5"):
+        await store.deliver(item)
+    assert not await exists(storage, "artifacts", "moved/model.bin")
+    monkeypatch.undo()  # the retry: the stat has moved, so the file is hashed and refused
+    with pytest.raises(PermanentError, match="changed after it was accepted"):
+        await store.deliver(item)
+    assert not await exists(storage, "artifacts", "moved/model.bin")
 
 
 # -- failures -------------------------------------------------------------------------

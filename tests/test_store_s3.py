@@ -22,6 +22,7 @@ import sinks.stores.s3 as s3mod
 from router.config import ComponentConfig
 from router.delivery import DeliveryResult, PermanentError, TransientError
 from sinks.registry import KNOWN_UNAVAILABLE, check_component, create_sink
+from sinks.stores.files import FileChanged, verified_digests
 from sinks.stores.s3 import MiB, S3Store, S3StoreSettings
 from tests.servers_storage import (
     MotoS3,
@@ -32,6 +33,7 @@ from tests.servers_storage import (
     rclone_s3,
     rclone_s3_private,
     write_file,
+    write_settled,
 )
 
 __all__ = ["moto_s3", "rclone_s3", "rclone_s3_private"]  # fixtures used by this module
@@ -679,14 +681,101 @@ async def test_bodies_with_a_content_md5_are_sent_unsigned_and_the_rest_signed(
         assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
 
 
-@pytest.mark.parametrize("size", [1000, 2 * PART + 3], ids=["single", "multipart"])
-async def test_file_changed_after_intake_fails_permanently(
-    size: int, tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+def test_verified_digests_trusts_a_matching_identity_and_hashes_the_rest(
+    tmp_path: Path,
 ) -> None:
-    staged = write_file(tmp_path / "model.bin", size, seed=13)
+    """The stores' shared check that a file is still the one journaled, before its MD5
+    goes to the server: the identity stands in for the sha256, and only while it holds."""
+    staged = write_settled(tmp_path / "model.bin", 2 * MiB, seed=5)
+    assert staged.path is not None
+    md5 = hashlib.md5(staged.path.read_bytes()).digest()
+    # A wrong journaled sha256 shows which proof was used: the identity's, not a hash.
+    claimed = staged.model_copy(update={"sha256": "0" * 64})
+    assert verified_digests(staged.path, claimed).md5 == md5
+    with pytest.raises(FileChanged, match="journaled 000000000000"):
+        verified_digests(staged.path, claimed.model_copy(update={"identity": None}))
+    assert verified_digests(staged.path, staged.model_copy(update={"identity": None})).md5 == md5
+    flip_last_byte(staged.path)  # written to: the stat no longer matches, so it is hashed
+    for changed in (staged, staged.model_copy(update={"identity": None})):
+        with pytest.raises(FileChanged, match="sha256 now"):
+            verified_digests(staged.path, changed)
+
+
+def watch_part_hashing(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """For each multipart part read, whether the whole file's sha256 was fed with it."""
+    hashed: list[bool] = []
+    original = s3mod._load_part
+
+    def load(fd: int, offset: int, view: memoryview, whole: Any) -> bytes:
+        hashed.append(whole is not None)
+        return original(fd, offset, view, whole)
+
+    monkeypatch.setattr(s3mod, "_load_part", load)
+    return hashed
+
+
+@pytest.mark.parametrize("settled", [True, False], ids=["identity", "no-identity"])
+async def test_a_settled_file_is_not_hashed_again_and_one_without_an_identity_is(
+    settled: bool, tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The intake already took the sha256; re-hashing a large file costs a pass over
+    every byte, needed only where the stat cannot prove the file is the one hashed."""
+    path = tmp_path / "model.bin"
+    staged = write_settled(path, 3 * PART + 7, seed=21) if settled else write_file(
+        path, 3 * PART + 7, seed=21)
+    hashed = watch_part_hashing(monkeypatch)
+
+    target = f"settled-{settled}"
+    await store.deliver(make_item(staged, target=target))
+
+    assert hashed == [not settled] * 4
+    key = f"{target}/model.bin"
+    assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
+
+
+async def test_a_settled_file_changed_while_it_uploads_is_refused(
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Written to after the first part was read: every part still matches its own MD5,
+    so only the stat taken after the last read can tell that the object would not hold
+    the bytes whose sha256 was journaled."""
+    staged = write_settled(tmp_path / "model.bin", 2 * PART + 3, seed=22)
+    assert staged.path is not None
+    original = s3mod._load_part
+    path = staged.path
+
+    def load_then_write(fd: int, offset: int, view: memoryview, whole: Any) -> bytes:
+        md5 = original(fd, offset, view, whole)
+        if offset == 0:
+            flip_last_byte(path)
+        return md5
+
+    monkeypatch.setattr(s3mod, "_load_part", load_then_write)
+
+    with pytest.raises(PermanentError, match="changed while it was uploaded"):
+        await store.deliver(make_item(staged, target="moving"))
+
+    listing = await s3_client.list_objects_v2(Bucket=rclone_s3.bucket, Prefix="moving/")
+    assert listing.get("KeyCount", 0) == 0
+    assert await pending_uploads(s3_client, rclone_s3.bucket) == []
+
+
+@pytest.mark.parametrize(
+    ("size", "settled"),
+    [(1000, False), (2 * MiB, True), (2 * PART + 3, False), (2 * PART + 3, True)],
+    ids=["single", "single-with-identity", "multipart", "multipart-with-identity"],
+)
+async def test_file_changed_after_intake_fails_permanently(
+    size: int, settled: bool, tmp_path: Path, store: S3Store, s3_client: Any,
+    rclone_s3: RcloneS3,
+) -> None:
+    path = tmp_path / "model.bin"
+    staged = write_settled(path, size, 13) if settled else write_file(path, size, seed=13)
     assert staged.path is not None
     flip_last_byte(staged.path)  # same size, different bytes
-    target = f"changed/{size}"
+    target = f"changed/{size}-{settled}"
 
     with pytest.raises(PermanentError, match="changed after it was accepted"):
         await store.deliver(make_item(staged, target=target))

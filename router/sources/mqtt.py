@@ -65,7 +65,14 @@ from router.db import deliveries
 from router.delivery import StagedFile
 from router.detect import detect_dataset_format, detect_framework, detect_framework_bytes
 from router.errors import Problem
-from router.intake import AcceptedEvent, CheckedFile, FileChanged, Rejection, sha256_files
+from router.intake import (
+    AcceptedEvent,
+    CheckedFile,
+    FileChanged,
+    FileHash,
+    Rejection,
+    sha256_files,
+)
 from router.journal import DeliveryJournal, FinishedEvent, Handoff, Planner
 from router.manifest import (
     DatasetArtifact,
@@ -1119,10 +1126,10 @@ class MqttSource:
 
     def _hash_local_files(
         self, manifest: Manifest
-    ) -> dict[tuple[int, int], tuple[Path, tuple[str, int]] | Problem]:
+    ) -> dict[tuple[int, int], tuple[Path, FileHash] | Problem]:
         """Resolve and hash every `file://` file of the manifest in one go, so that the
         files of a sharded checkpoint hash on every core at once (`sha256_files`)."""
-        out: dict[tuple[int, int], tuple[Path, tuple[str, int]] | Problem] = {}
+        out: dict[tuple[int, int], tuple[Path, FileHash] | Problem] = {}
         wanted: list[tuple[tuple[int, int], str, CheckedFile]] = []
         for a_index, artifact in enumerate(manifest.artifacts):
             for f_index, entry in enumerate(artifact.files):
@@ -1183,9 +1190,10 @@ class MqttSource:
                     if isinstance(found, Problem):
                         problems.append(found)
                         continue
-                    resolved, (sha, size) = found
+                    resolved, digest = found
                     staged.append(StagedFile(
-                        name=entry.name, type=entry.type, path=resolved, sha256=sha, size=size))
+                        name=entry.name, type=entry.type, path=resolved, sha256=digest.sha256,
+                        size=digest.size, identity=digest.identity))
                 elif entry.uri is not None:
                     declared = _declared_sha256(artifact.metadata, entry.name, len(artifact.files))
                     staged.append(StagedFile(

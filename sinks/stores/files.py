@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from router.delivery import StagedFile
+
 __all__ = [
     "HASH_CHUNK",
     "BufferReader",
@@ -25,6 +27,7 @@ __all__ = [
     "hash_file",
     "read_into",
     "read_small",
+    "verified_digests",
 ]
 
 MiB = 1024 * 1024
@@ -57,6 +60,30 @@ def hash_file(path: Path) -> FileDigests:
             sha.update(chunk)
             size += len(chunk)
     return FileDigests(md5.digest(), sha.hexdigest(), size)
+
+
+def verified_digests(path: Path, staged: StagedFile) -> FileDigests:
+    """The MD5 to upload `path` with, once it is known to be the file journaled as
+    `staged` (else FileChanged): by its identity where the intake recorded one and the
+    stat matches it before and after the read, else by its sha256, taken again here.
+    The server then checks what it receives against that MD5."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    size = 0
+    with open(path, "rb") as fh:
+        identity = staged.identity
+        trusted = identity is not None and identity.matches(os.fstat(fh.fileno()))
+        sha = None if trusted else hashlib.sha256()
+        while chunk := fh.read(HASH_CHUNK):
+            md5.update(chunk)
+            if sha is not None:
+                sha.update(chunk)
+            size += len(chunk)
+        if identity is not None and trusted and not identity.matches(os.fstat(fh.fileno())):
+            raise FileChanged("its size or times changed while it was read")
+    sha256 = staged.sha256 if sha is None else sha.hexdigest()
+    if sha256 != staged.sha256 or size != staged.size:
+        raise FileChanged(f"sha256 now {sha256[:12]}..., journaled {staged.sha256[:12]}...")
+    return FileDigests(md5.digest(), sha256, size)
 
 
 def read_small(path: Path, limit: int) -> tuple[bytes, FileDigests]:

@@ -56,6 +56,7 @@ from sinks.stores.files import (
     MiB,
     hash_file,
     read_into,
+    verified_digests,
 )
 from sinks.stores.local import versioned_key
 from sinks.urls import reject_userinfo, without_userinfo
@@ -352,7 +353,7 @@ class GCSStore(BaseSink):
             # writer in another process may have taken it since the look.
             guard = existing is None and on_conflict != "overwrite"
             try:
-                resource = await self._upload(path, key, size, staged.sha256, guard)
+                resource = await self._upload(path, key, staged, guard)
             except _ObjectExists:
                 existing = await self._metadata(key)
                 if existing is None:
@@ -397,15 +398,15 @@ class GCSStore(BaseSink):
         return None
 
     async def _upload(
-        self, path: Path, key: str, size: int, sha256: str, if_absent: bool
+        self, path: Path, key: str, staged: StagedFile, if_absent: bool
     ) -> dict[str, Any]:
-        """Upload and verify the file; with `if_absent`, _ObjectExists if the key is taken."""
+        """Upload and verify the file; with `if_absent`, _ObjectExists if the key is taken.
+
+        The MD5 taken here is what the object is verified against, so the bytes sent
+        are the ones checked to be the journaled file."""
+        size = staged.size
         try:
-            digests = await asyncio.to_thread(hash_file, path)
-            if digests.sha256 != sha256 or digests.size != size:
-                raise FileChanged(
-                    f"sha256 now {digests.sha256[:12]}..., journaled {sha256[:12]}..."
-                )
+            digests = await asyncio.to_thread(verified_digests, path, staged)
             if size >= self.settings.resumable_threshold:
                 resource = await self._upload_resumable(path, key, digests, if_absent)
             else:

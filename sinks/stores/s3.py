@@ -15,7 +15,9 @@ byte, on the event loop (`_unsigned_when_md5`). Files of at least
 in flight, each read from disk when its turn comes, so memory stays bounded by
 `part_size * max_concurrency` whatever the file size. A multipart upload that fails
 is aborted before the error propagates; one left behind by a crashed process is
-aborted when the same key is next delivered.
+aborted when the same key is next delivered. The parts read must be the file whose
+sha256 was journaled: proved by its stat where the intake recorded a settled identity
+(`FileIdentity`), else by hashing it again in the same pass.
 
 Deliveries come in batches (`max_batch`). Where the server does not honour
 `If-None-Match` (rclone), the conflict check needs to know whether each key is taken:
@@ -67,6 +69,7 @@ from sinks.stores.files import (
     hash_file,
     read_into,
     read_small,
+    verified_digests,
 )
 from sinks.stores.local import versioned_key
 from sinks.urls import reject_userinfo, without_userinfo
@@ -548,7 +551,7 @@ class S3Store(BaseBatchSink):
             if await self._puts_first(client, on_conflict, retrying, size):
                 blind = on_conflict == "overwrite" and not retrying
                 try:
-                    version_id = await self._upload(client, path, key, size, staged.sha256,
+                    version_id = await self._upload(client, path, key, staged,
                                                     if_absent=not blind)
                 except _ObjectExists:
                     free = False
@@ -566,8 +569,7 @@ class S3Store(BaseBatchSink):
             guard = (head is None and on_conflict != "overwrite"
                      and await self._conditional_puts(client))
             try:
-                version_id = await self._upload(client, path, key, size, staged.sha256,
-                                                if_absent=guard)
+                version_id = await self._upload(client, path, key, staged, if_absent=guard)
             except _ObjectExists:
                 head = await self._head(client, key)
                 if head is None:
@@ -626,15 +628,15 @@ class S3Store(BaseBatchSink):
         return remote == await asyncio.to_thread(_prefix_sha256, path, remote_size)
 
     async def _upload(
-        self, client: Any, path: Path, key: str, size: int, sha256: str, if_absent: bool = False
+        self, client: Any, path: Path, key: str, staged: StagedFile, if_absent: bool = False
     ) -> Any:
         """Put the file (multipart from `multipart_threshold` on); return its version id."""
+        size = staged.size
         try:
             if size >= self.settings.multipart_threshold and size > 0:
                 async with self._multipart_slots:
-                    return await self._put_multipart(client, path, key, size, sha256,
-                                                     if_absent)
-            return await self._put_single(client, path, key, size, sha256, if_absent)
+                    return await self._put_multipart(client, path, key, staged, if_absent)
+            return await self._put_single(client, path, key, staged, if_absent)
         except FileChanged as exc:
             raise PermanentError(
                 f"{path} changed after it was accepted ({exc}); emit a new bundle instead of "
@@ -782,19 +784,22 @@ class S3Store(BaseBatchSink):
         return self.settings.sse not in ("aws:kms", "aws:kms:dsse")
 
     async def _put_single(
-        self, client: Any, path: Path, key: str, size: int, sha256: str, if_absent: bool = False
+        self, client: Any, path: Path, key: str, staged: StagedFile, if_absent: bool = False
     ) -> Any:
         """One PutObject; with `if_absent`, raise _ObjectExists if the key holds anything."""
+        size, sha256 = staged.size, staged.sha256
         if size <= SMALL_FILE:
             # One thread hop reads and hashes it; the put is sent from memory.
             data, digests = await asyncio.to_thread(read_small, path, SMALL_FILE)
+            if digests.sha256 != sha256 or digests.size != size:
+                raise FileChanged(
+                    f"sha256 now {digests.sha256[:12]}..., journaled {sha256[:12]}..."
+                )
             fh: BufferReader | BinaryIO = BufferReader(data)
         else:
-            digests = await asyncio.to_thread(hash_file, path)
+            # Sent from the file: a change after this check fails the Content-MD5.
+            digests = await asyncio.to_thread(verified_digests, path, staged)
             fh = await asyncio.to_thread(path.open, "rb")
-        if digests.sha256 != sha256 or digests.size != size:
-            fh.close()
-            raise FileChanged(f"sha256 now {digests.sha256[:12]}..., journaled {sha256[:12]}...")
         try:
             response = await self._call(
                 "PutObject",
@@ -832,10 +837,11 @@ class S3Store(BaseBatchSink):
         return part
 
     async def _put_multipart(
-        self, client: Any, path: Path, key: str, size: int, sha256: str, if_absent: bool = False
+        self, client: Any, path: Path, key: str, staged: StagedFile, if_absent: bool = False
     ) -> Any:
         """A multipart upload; with `if_absent`, completed with If-None-Match: * (the
         upload is then aborted and _ObjectExists raised if the key holds anything)."""
+        size, sha256 = staged.size, staged.sha256
         part_size = self._part_size_for(size)
         await self._abort_stale_uploads(client, key)
         created = await self._call(
@@ -846,11 +852,7 @@ class S3Store(BaseBatchSink):
         upload_id: str = created["UploadId"]
         completed = False
         try:
-            parts, local_sha = await self._upload_parts(
-                client, path, key, upload_id, size, part_size
-            )
-            if local_sha != sha256:
-                raise FileChanged(f"sha256 now {local_sha[:12]}..., journaled {sha256[:12]}...")
+            parts = await self._upload_parts(client, path, key, upload_id, staged, part_size)
             try:
                 response = await self._call(
                     "CompleteMultipartUpload",
@@ -885,22 +887,29 @@ class S3Store(BaseBatchSink):
         return response.get("VersionId")
 
     async def _upload_parts(
-        self, client: Any, path: Path, key: str, upload_id: str, size: int, part_size: int
-    ) -> tuple[list[tuple[int, str, bytes]], str]:
-        """Upload every part, reading each from disk only once a buffer is free.
+        self, client: Any, path: Path, key: str, upload_id: str, staged: StagedFile,
+        part_size: int,
+    ) -> list[tuple[int, str, bytes]]:
+        """Upload every part, reading each from disk only once a buffer is free; raise
+        FileChanged if what was read is not the file journaled.
 
-        Parts are read in order (so the file's sha256 is checked in the same pass) into
-        a pool of at most `max_concurrency` part buffers, allocated once per upload and
-        reused: memory is `part_size * max_concurrency` and does not churn the allocator.
+        Parts are read in order into a pool of at most `max_concurrency` part buffers,
+        allocated once per upload and reused: memory is `part_size * max_concurrency`
+        and does not churn the allocator. What was read is proved to be the journaled
+        file by its identity (the same stat before and after, see FileIdentity) or,
+        without one, by hashing it again with sha256 in the same pass.
         """
+        size = staged.size
         count = max(1, math.ceil(size / part_size))
         limit = min(self.settings.max_concurrency, count)
         free: asyncio.Queue[bytearray] = asyncio.Queue()
         allocated = 0
         done: dict[int, tuple[str, bytes]] = {}
-        whole = hashlib.sha256()
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         try:
+            identity = staged.identity
+            trusted = identity is not None and identity.matches(os.fstat(fd))
+            whole = None if trusted else hashlib.sha256()
             async with asyncio.TaskGroup() as group:
                 for number in range(1, count + 1):
                     if free.empty() and allocated < limit:
@@ -919,12 +928,17 @@ class S3Store(BaseBatchSink):
                         )
                     )
                     del buffer
+            if identity is not None and trusted and not identity.matches(os.fstat(fd)):
+                raise FileChanged("its size or times changed while it was uploaded")
         except BaseExceptionGroup as group_error:
             raise _first_error(group_error) from None
         finally:
             os.close(fd)
-        parts = [(n, done[n][0], done[n][1]) for n in range(1, count + 1)]
-        return parts, whole.hexdigest()
+        if whole is not None and (local_sha := whole.hexdigest()) != staged.sha256:
+            raise FileChanged(
+                f"sha256 now {local_sha[:12]}..., journaled {staged.sha256[:12]}..."
+            )
+        return [(n, done[n][0], done[n][1]) for n in range(1, count + 1)]
 
     async def _send_part(
         self,
@@ -1031,10 +1045,11 @@ def _prefix_sha256(path: Path, length: int) -> str:
     return digest.hexdigest()
 
 
-def _load_part(fd: int, offset: int, view: memoryview, whole: Any) -> bytes:
+def _load_part(fd: int, offset: int, view: memoryview, whole: Any | None) -> bytes:
     """Read one part into its buffer and add it to the file's sha256; return its MD5."""
     read_into(fd, offset, view)
-    whole.update(view)
+    if whole is not None:
+        whole.update(view)
     return hashlib.md5(view, usedforsecurity=False).digest()
 
 

@@ -120,6 +120,9 @@ class SinkPool:
         self.config = config
         self._sinks: dict[str, Any] = {}
         self._retired: list[Any] = []  # replaced by a reload; closed at the end
+        # sink id -> why it was last found unhealthy: a probe every few seconds must
+        # not repeat the same warning, only say when it starts, changes or ends.
+        self._unhealthy: dict[str, str] = {}
 
     def replace_config(self, config: RouterConfig) -> None:
         """A reloaded config: sinks whose settings changed (or that are gone) are built
@@ -192,8 +195,9 @@ class SinkPool:
     async def health(self) -> dict[str, bool]:
         """Each built sink's health, checked all at once: /healthz answers within about
         HEALTH_TIMEOUT however many sinks hang (one after another, N hung sinks took N
-        timeouts, past a liveness probe's).  A sink that hangs or raises is unhealthy,
-        and why is logged; the others are reported as they answer."""
+        timeouts, past a liveness probe's).  A sink that hangs, raises or says no is
+        unhealthy, and why is logged once (again only when the reason changes, and
+        when it recovers); the others are reported as they answer."""
         sinks = list(self._sinks.items())  # a reload may change the pool meanwhile
         tasks = [asyncio.create_task(_checked(sink), name=f"health {sink_id}")
                  for sink_id, sink in sinks]
@@ -216,9 +220,20 @@ class SinkPool:
                 healthy, reason = ((False, "health check was cancelled") if task.cancelled()
                                    else task.result())
             out[sink_id] = healthy
-            if reason is not None:
-                log.warning("sink unhealthy", sink=sink_id, reason=reason)
+            self._report(sink_id, reason)
+        for gone in set(self._unhealthy) - set(out):  # retired by a reload
+            del self._unhealthy[gone]
         return out
+
+    def _report(self, sink_id: str, reason: str | None) -> None:
+        before = self._unhealthy.get(sink_id)
+        if reason is None:
+            if before is not None:
+                del self._unhealthy[sink_id]
+                log.info("sink healthy again", sink=sink_id, was=before)
+        elif reason != before:
+            self._unhealthy[sink_id] = reason
+            log.warning("sink unhealthy", sink=sink_id, reason=reason)
 
     async def close(self) -> None:
         for sink in [*self._sinks.values(), *self._retired]:
@@ -232,7 +247,9 @@ async def _checked(sink: Any) -> tuple[bool, str | None]:
     """One sink's health() as (healthy, why not): an error is that sink's answer, not
     the whole /healthz's."""
     try:
-        return bool(await sink.health()), None
+        if await sink.health():
+            return True, None
+        return False, "the sink's health check says it cannot work (see its settings)"
     except Exception as exc:
         error = mask_url_passwords(str(exc)) or type(exc).__name__
         return False, f"health check failed: {error}"

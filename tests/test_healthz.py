@@ -88,13 +88,50 @@ def test_healthz_answers_within_one_timeout_however_many_sinks_hang(
         hung | {"local.artifact_stores.broken"}), sinks
     assert all(sinks[sink] is True for sink in healthy), sinks
 
-    reasons: dict[str, set[str]] = {}
-    for line in daemon.log().splitlines():
-        if line.startswith("{") and '"sink unhealthy"' in line:
-            entry = json.loads(line)
-            reasons.setdefault(entry["sink"], set()).add(entry["reason"])
+    timed_healthz(port)  # asked again: nothing new to say
+    reasons: dict[str, list[str]] = {}
+    for entry in _log_entries(daemon, "sink unhealthy"):
+        reasons.setdefault(entry["sink"], []).append(entry["reason"])
     assert set(reasons) == hung | {"local.artifact_stores.broken"}, reasons
-    for sink in hung:
-        assert reasons[sink] == {f"health check timed out after {HEALTH_TIMEOUT:g} s"}
+    for sink in hung:  # once each, however many probes found it so
+        assert reasons[sink] == [f"health check timed out after {HEALTH_TIMEOUT:g} s"]
     (broken,) = reasons["local.artifact_stores.broken"]
     assert broken.startswith("health check failed: ") and "File name too long" in broken
+
+
+def _log_entries(daemon: Any, event: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in daemon.log().splitlines()
+            if line.startswith("{") and f'"{event}"' in line]
+
+
+def test_an_unhealthy_sink_is_logged_once_until_it_recovers(
+    tmp_path: Path, start_daemon,  # type: ignore[no-untyped-def]
+) -> None:
+    """A liveness probe asks every few seconds: a sink that stays unhealthy is one
+    warning with its reason, not one per probe; its recovery is logged once too."""
+    port = free_port()
+    workspace = Workspace(tmp_path, listen=f"127.0.0.1:{port}")
+    parent = tmp_path / "mounted-later" / "artifacts"
+    workspace.stack["artifact_stores"] = {"later": {"type": "local", "path": str(parent / "store")}}
+    workspace.write()
+    daemon = start_daemon(workspace)
+    sink = "local.artifact_stores.later"
+
+    deadline = time.monotonic() + 60
+    while sink not in timed_healthz(port)[2]["checks"]["sinks"]:  # built in the background
+        assert time.monotonic() < deadline, daemon.log()
+    for _ in range(4):
+        _, _, body = timed_healthz(port)
+        assert body["checks"]["sinks"][sink] is False, body
+
+    warned = [e for e in _log_entries(daemon, "sink unhealthy") if e["sink"] == sink]
+    assert len(warned) == 1, warned
+    assert "health check says it cannot work" in warned[0]["reason"]
+
+    parent.mkdir(parents=True)  # the volume appears
+    for _ in range(3):
+        _, _, body = timed_healthz(port)
+        assert body["checks"]["sinks"][sink] is True, body
+    recovered = [e for e in _log_entries(daemon, "sink healthy again") if e["sink"] == sink]
+    assert len(recovered) == 1 and recovered[0]["was"] == warned[0]["reason"], recovered
+    assert len([e for e in _log_entries(daemon, "sink unhealthy") if e["sink"] == sink]) == 1

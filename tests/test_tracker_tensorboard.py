@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import sinks.trackers.tensorboard as tbmod
 from router.config import ComponentConfig
 from router.delivery import Action
 from router.manifest import ArtifactKind
@@ -107,7 +109,7 @@ async def test_crash_before_the_rename_is_written_once(tmp_path: Path):
     sink = TensorBoardTracker("prod.tb", TensorBoardTrackerSettings(log_dir=tmp_path))
     run_dir = sink.run_dir(item.context.pipeline, item.context.run_id)
     run_dir.mkdir(parents=True)
-    partial = run_dir / f".router-partial-{sink.key_tag(item)}"
+    partial = run_dir / f".router-partial-{sink.key_tag(item.key)}"
     partial.write_bytes(b"torn")
     result = await sink.deliver(item)
     assert not result.skipped
@@ -165,3 +167,56 @@ def test_component_type(tmp_path: Path):
     component = ComponentConfig.model_validate({"type": "tensorboard", "log_dir": str(tmp_path)})
     assert check_component("experiment_tracker", "stacks.x.experiment_tracker", component) == []
     assert isinstance(create_sink("x.experiment_tracker", component), TensorBoardTracker)
+
+
+async def test_a_run_directory_is_listed_once_however_many_deliveries_it_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A run logged at every step holds one event file per delivery: listing them all
+    for each new one made logging a run quadratic. One listing per run per process."""
+    loads: list[Path] = []
+    original = tbmod._RunState.load
+
+    def counted(run_dir: Path, key_tag: Any) -> Any:
+        loads.append(run_dir)
+        return original(run_dir, key_tag)
+
+    monkeypatch.setattr(tbmod._RunState, "load", staticmethod(counted))
+    sink = TensorBoardTracker("prod.tb", TensorBoardTrackerSettings(log_dir=tmp_path))
+    for step in range(40):
+        await sink.deliver(make_item(key=f"ev-{step}/0/track/prod.tb",
+                                     values={"loss": 1 / (step + 1)}, step=step))
+    run_dir = tmp_path / "fraud_training" / "run-1"
+    assert loads == [run_dir]
+    names = [p.name for p in run_dir.glob("*tfevents*")]
+    assert len(names) == 40 and sorted(names) == [  # named in write order all the same
+        n for _, n in sorted((int(n.split(".")[3] + n.split(".")[4]), n) for n in names)]
+    assert [s for s, _ in _scalars(run_dir, "loss")] == list(range(40))
+
+
+async def test_a_failed_sidecar_write_after_the_rename_is_not_written_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The event file is in place but its key never reached the sidecar (a full disk):
+    the retry, in the same process, adopts that file instead of logging the points a
+    second time."""
+    item = _items()[0]
+    sink = TensorBoardTracker("prod.tb", TensorBoardTrackerSettings(log_dir=tmp_path))
+    await sink.deliver(_items()[1])  # the run is known (listed) before the failure
+    original = tbmod.append_sidecar
+
+    def full_disk(path: Path, key: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tbmod, "append_sidecar", full_disk)
+    with pytest.raises(TransientError, match="No space left"):
+        await sink.deliver(item)
+    monkeypatch.setattr(tbmod, "append_sidecar", original)
+
+    retry = await sink.deliver(item)
+
+    assert retry.skipped  # nothing new written
+    run_dir = tmp_path / "fraud_training" / "run-1"
+    assert sorted(_scalars(run_dir, "accuracy")) == [(3, 0.91), (5, 0.95)]  # once each
+    assert len(list(run_dir.glob(f"*tfevents*{sink.key_tag(item.key)}"))) == 1
+    assert item.key in read_sidecar(run_dir / SIDECAR_NAME)

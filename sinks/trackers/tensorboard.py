@@ -25,6 +25,10 @@ A replay finds its key in the sidecar, or (after a crash between 2 and 3) its ev
 file by the hash in its name, and writes nothing; a crash before the rename leaves only
 a hidden partial file, overwritten by the replay.  A live TensorBoard never sees a
 partial file.
+
+A run directory is listed once per process (`_RunState.load`), when a delivery first
+comes for it, not once per delivery: a run logged at every step holds thousands of
+event files, and listing them all for each new one made a run's logging quadratic.
 tensorboardX is synchronous, so all file work runs in a thread.
 """
 
@@ -35,6 +39,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,16 +107,16 @@ class TensorBoardTracker(BaseSink):
     def __init__(self, sink_id: str, settings: TensorBoardTrackerSettings) -> None:
         super().__init__(sink_id, settings)
         self.root = settings.log_dir.expanduser().resolve()
-        self._keys: LruCache[Path, set[str]] = LruCache(256)
+        self._runs: LruCache[Path, _RunState] = LruCache(256)
         self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
 
     def run_dir(self, pipeline: str, run_id: str) -> Path:
         return self.root / sanitise_segment(pipeline) / sanitise_segment(run_id)
 
     @staticmethod
-    def key_tag(item: DeliveryItem) -> str:
+    def key_tag(key: str) -> str:
         """What names a delivery's event file (and its partial file): its key's hash."""
-        return short_hash(item.key, length=20)
+        return short_hash(key, length=20)
 
     async def deliver(self, item: DeliveryItem) -> DeliveryResult:
         if item.action is not Action.TRACK:
@@ -121,31 +127,32 @@ class TensorBoardTracker(BaseSink):
         run_dir = self.run_dir(item.context.pipeline, item.context.run_id)
         async with self._locks[hash(run_dir) % _LOCK_STRIPES]:
             try:
-                keys = self._keys.get(run_dir)
-                if keys is None:
-                    keys = await asyncio.to_thread(read_sidecar, run_dir / SIDECAR_NAME)
-                    self._keys.put(run_dir, keys)
-                if item.key in keys:
+                state = self._runs.get(run_dir)
+                if state is None:
+                    state = await asyncio.to_thread(_RunState.load, run_dir, self.key_tag)
+                    self._runs.put(run_dir, state)
+                if item.key in state.keys:
                     return DeliveryResult(uri=f"file://{run_dir}", skipped=True)
-                target, written = await asyncio.to_thread(self._write, item, run_dir)
+                target, written = await asyncio.to_thread(self._write, item, run_dir, state)
             except OSError as exc:
                 raise TransientError(f"{run_dir}: {exc.strerror or exc}") from exc
-            keys.add(item.key)
+            state.keys.add(item.key)
         return DeliveryResult(
             uri=f"file://{target}", details={"log_dir": str(run_dir)}, skipped=not written
         )
 
-    def _write(self, item: DeliveryItem, run_dir: Path) -> tuple[Path, bool]:
+    def _write(self, item: DeliveryItem, run_dir: Path, state: _RunState) -> tuple[Path, bool]:
         """Write the delivery's event file; its path, and False when a previous attempt
         already did."""
         sidecar = run_dir / SIDECAR_NAME
-        tag = self.key_tag(item)
-        done, newest = _scan(run_dir, tag)
-        if done is not None:  # renamed into place, then the process died
+        tag = self.key_tag(item.key)
+        done = state.unrecorded.get(tag)
+        if done is not None:  # renamed into place, then the sidecar was not written
             append_sidecar(sidecar, item.key)
+            del state.unrecorded[tag]
             return done, False
         run_dir.mkdir(parents=True, exist_ok=True)
-        target = run_dir / _next_name(newest, tag)
+        target = run_dir / _next_name(state.newest, tag)
         metrics, params = tracked_values(item.artifact)
         with tempfile.TemporaryDirectory(prefix="router-tb-") as tmp:
             produced = _write_events(
@@ -160,29 +167,48 @@ class TensorBoardTracker(BaseSink):
             with open(partial, "rb+") as fh:
                 os.fsync(fh.fileno())
         os.replace(partial, target)
+        state.newest = target.name
+        state.unrecorded[tag] = target  # until the sidecar has it: a retry must find it
         fsync_dir(run_dir)
         append_sidecar(sidecar, item.key)
+        del state.unrecorded[tag]
         return target, True
 
 
-def _scan(run_dir: Path, tag: str) -> tuple[Path | None, str | None]:
-    """One listing of the run directory: the event file an earlier attempt of this
-    delivery renamed into place (its name ends with the key's hash), and the name that
-    sorts last among its event files."""
-    done: Path | None = None
-    newest: str | None = None
-    try:
-        entries = list(os.scandir(run_dir))
-    except FileNotFoundError:
-        return None, None
-    for entry in entries:
-        if EVENT_PREFIX not in entry.name:
-            continue
-        if entry.name.endswith(f".router.{tag}"):
-            done = Path(entry.path)
-        if newest is None or entry.name > newest:
-            newest = entry.name
-    return done, newest
+@dataclass
+class _RunState:
+    """What this process knows of one run directory, so it is listed only once.
+
+    `keys`: deliveries recorded in the sidecar. `unrecorded`: event files of ours whose
+    key the sidecar lacks (renamed into place, then the process died or the sidecar
+    write failed), by key hash: a retry of that delivery adopts the file instead of
+    writing a second one. `newest`: the event file name that sorts last, which the next
+    name must follow.
+    """
+
+    keys: set[str]
+    unrecorded: dict[str, Path]
+    newest: str | None
+
+    @classmethod
+    def load(cls, run_dir: Path, key_tag: Callable[[str], str]) -> _RunState:
+        keys = read_sidecar(run_dir / SIDECAR_NAME)
+        recorded = {key_tag(key) for key in keys}
+        unrecorded: dict[str, Path] = {}
+        newest: str | None = None
+        try:
+            entries = list(os.scandir(run_dir))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            if EVENT_PREFIX not in entry.name:
+                continue
+            _, mark, tag = entry.name.rpartition(".router.")
+            if mark and tag not in recorded:
+                unrecorded[tag] = Path(entry.path)
+            if newest is None or entry.name > newest:
+                newest = entry.name
+        return cls(keys, unrecorded, newest)
 
 
 def _next_name(newest: str | None, tag: str) -> str:

@@ -88,6 +88,10 @@ class RunRow(BaseModel):
     created_at: float
     updated_at: float
     artifacts: int = 0
+    status: str | None = Field(
+        default=None, description="finished, failed or killed once a step said the run "
+        "ended (its manifest's run_status); null while the run is open")
+    ended_at: float | None = Field(default=None, description="when that step was received")
 
 
 def artifact_checksum(file_hashes: list[str]) -> str | None:
@@ -184,6 +188,13 @@ def _touch_runs(dialect: str) -> Any:
     )
 
 
+_END_RUN = (
+    runs.update()
+    .where(runs.c.pipeline == sa.bindparam("p"), runs.c.run_id == sa.bindparam("r"))
+    .values(status=sa.bindparam("s"), ended_at=sa.bindparam("e"))
+)
+
+
 @functools.cache
 def _add_locations(dialect: str) -> Any:
     return _insert(dialect, locations).on_conflict_do_nothing()
@@ -234,6 +245,13 @@ def record_events(
         _touch_runs(conn.dialect.name),
         [{"pipeline": p, "run_id": r, "created_at": now, "updated_at": now} for p, r in run_keys],
     )
+    ended = [
+        {"p": e.manifest.pipeline, "r": e.manifest.run_id, "s": e.manifest.run_status,
+         "e": e.received_at}
+        for e, _ in accepted if e.manifest.run_status is not None
+    ]
+    if ended:
+        conn.execute(_END_RUN, ended)
     rows = [
         _artifact_row(event, plan, index, now)
         for event, plan in accepted

@@ -315,6 +315,8 @@ def emit(
     metric_step: Annotated[int | None, typer.Option("--metric-step", help="step of the "
                                                     "metrics")] = None,
     stack: Annotated[str | None, typer.Option(help="stack for this event")] = None,
+    run_status: Annotated[str | None, typer.Option(
+        "--run-status", help="this step ends the run: finished, failed or killed")] = None,
     event_id: Annotated[str | None, typer.Option("--id", help="event id (default: "
                                                  "generated)")] = None,
     spool: Annotated[Path | None, typer.Option(help="spool dir (default: from config)")] = None,
@@ -372,6 +374,8 @@ def emit(
         manifest["stack"] = stack
     if input_:
         manifest["inputs"] = list(input_)
+    if run_status:
+        manifest["run_status"] = run_status
     try:
         parse_manifest(manifest)
     except ManifestError as exc:
@@ -515,10 +519,11 @@ def runs(
     if as_json:
         _emit_json([r.model_dump(mode="json") for r in rows])
         return
-    table = Table("pipeline", "run", "artifacts", "created")
+    table = Table("pipeline", "run", "artifacts", "created", "status")
     for r in rows:
         table.add_row(r.pipeline, r.run_id, str(r.artifacts),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)))
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),
+                      r.status or "open")
     console.print(table)
 
 

@@ -1056,6 +1056,25 @@ class Run:
     def updated_at(self) -> float:
         return self._row.updated_at
 
+    @property
+    def status(self) -> str | None:
+        """finished, failed or killed once a step said the run ended; None while open."""
+        return self._row.status
+
+    @property
+    def finished(self) -> bool:
+        """Whether a step said the run ended, however it ended (as Metaflow's)."""
+        return self._row.status is not None
+
+    @property
+    def successful(self) -> bool:
+        """Whether the run ended with status finished (as Metaflow's)."""
+        return self._row.status == "finished"
+
+    @property
+    def finished_at(self) -> float | None:
+        return self._row.ended_at
+
     def _artifact_rows(self) -> list[ArtifactRow]:
         if self._rows is None:
             self._rows = self._client.backend.artifacts(pipeline=self.pipeline, run_id=self.id)

@@ -81,6 +81,9 @@ runs = sa.Table(
     sa.Column("run_id", sa.String(300), primary_key=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # A manifest's run_status: finished, failed or killed; NULL while the run is open.
+    sa.Column("status", sa.String(16)),
+    sa.Column("ended_at", sa.Float),
 )
 
 artifacts = sa.Table(

@@ -36,6 +36,7 @@ class Action(StrEnum):
     DEPLOY = "deploy"
     TRACK = "track"
     EXPORT = "export"  # a store put of a dataset snapshot (`export_to_dataset:`)
+    END_RUN = "end_run"  # a tracker told that the run ended (the manifest's run_status)
 
 
 class TransientError(Exception):
@@ -85,6 +86,9 @@ class DeliveryContext(BaseModel):
     run_id: str
     step_name: str
     received_at: datetime
+    run_status: str | None = Field(
+        default=None, description="the manifest's run_status: this event ends the run"
+    )
 
 
 class ArtifactView(BaseModel):

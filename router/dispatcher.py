@@ -612,6 +612,7 @@ class Dispatcher:
             run_id=manifest["run_id"],
             step_name=manifest["step_name"],
             received_at=record["received_at"],
+            run_status=manifest.get("run_status"),
         )
         return DeliveryItem(
             key=d.key,

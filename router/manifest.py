@@ -458,6 +458,19 @@ def _check_manifest_version(value: Any) -> Any:
     return value
 
 
+_RUN_STATUSES = ("finished", "failed", "killed")  # MLflow's terminal RunStatus values
+
+
+def _normalise_run_status(value: Any) -> Any:
+    if isinstance(value, str):
+        status = value.strip().lower()
+        if status not in _RUN_STATUSES:
+            raise ValueError(f"unknown run_status {value!r}; use finished, failed or killed "
+                             "(any case), or leave it out while the run goes on")
+        return status
+    return value
+
+
 class Manifest(BaseModel):
     """A step's hand-over: who produced what, and the files that carry it."""
 
@@ -491,6 +504,16 @@ class Manifest(BaseModel):
     artifacts: Annotated[
         list[AnyArtifact], Field(min_length=1, max_length=LIMITS.artifacts_per_manifest)
     ]
+    run_status: Annotated[
+        Literal["finished", "failed", "killed"] | None,
+        BeforeValidator(_normalise_run_status),
+        WithJsonSchema({"anyOf": [_kind_schema(*_RUN_STATUSES), {"type": "null"}]}),
+    ] = Field(
+        default=None,
+        description="set by a run's last step: the run has ended, and how (finished, failed "
+        "or killed; any case). Trackers that keep a run status are told (MLflow: status "
+        "and end time; W&B: exit code; jsonl: a run_end line), and the catalog records it",
+    )
 
 
 def manifest_json_schema() -> dict[str, Any]:

@@ -380,6 +380,19 @@ def plan_event(
                     )
                 )
         plans.append(plan)
+    if manifest.run_status is not None:
+        # An event-level delivery, carried by the last artifact's plan: each tracker is
+        # told the run ended (MLflow would otherwise show every run as running forever).
+        last = plans[-1]
+        for component, _ in stack.trackers:
+            sink_id = f"{stack.name}.{component}"
+            last.deliveries.append(PlannedDelivery(
+                key=delivery_key(event_id, last.index, Action.END_RUN, sink_id),
+                artifact_index=last.index,
+                action=Action.END_RUN,
+                stack=stack.name,
+                component=component,
+            ))
     return RoutePlan(event_id=event_id, stack=stack.name, artifacts=plans)
 
 

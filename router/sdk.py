@@ -1195,8 +1195,12 @@ def emit(
     event_id: str | None = None,
     transport: str | None = None,
     topic: str | None = None,
+    run_status: str | None = None,
 ) -> Emission:
     """Hand artifacts to the router as one event (one bundle, or one MQTT message).
+
+    `run_status` ("finished", "failed" or "killed") says this is the run's last step:
+    the catalog and the trackers that keep a run status record how the run ended.
 
     Spool: `spool=`, else $ROUTER_SPOOL, else the config's `router.spool`.  The stack is
     `stack=`, else the innermost `router.use_stack(...)` block.  `transport="mqtt"` (or
@@ -1207,7 +1211,8 @@ def emit(
         raise ValueError("nothing to emit: pass at least one artifact")
     ctx = resolve_context(pipeline, run_id, step_name)
     return _emit(items, ctx, inputs=_input_refs(list(inputs)), stack=stack, spool=spool,
-                 cache_key=cache_key, event_id=event_id, transport=transport, topic=topic)
+                 cache_key=cache_key, event_id=event_id, transport=transport, topic=topic,
+                 run_status=run_status)
 
 
 def _emit(
@@ -1221,6 +1226,7 @@ def _emit(
     event_id: str | None,
     transport: str | None,
     topic: str | None,
+    run_status: str | None = None,
 ) -> Emission:
     transport = (transport or os.environ.get("ROUTER_TRANSPORT") or "spool").lower()
     if transport not in ("spool", "mqtt"):
@@ -1234,7 +1240,8 @@ def _emit(
     stack = stack or current_stack()
     if transport == "mqtt":
         return _emit_mqtt(items, ctx, inputs=inputs, stack=stack, cache_key=cache_key,
-                          event_id=event_id, topic=topic or os.environ.get("ROUTER_MQTT_TOPIC"))
+                          event_id=event_id, topic=topic or os.environ.get("ROUTER_MQTT_TOPIC"),
+                          run_status=run_status)
     incoming = _resolve_spool(spool) / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)
     final = incoming / event_id
@@ -1243,7 +1250,8 @@ def _emit(
     tmp = incoming / f".tmp-{event_id}"
     tmp.mkdir()
     try:
-        manifest, owners = _manifest(items, ctx, tmp, inputs, stack, cache_key, event_id)
+        manifest, owners = _manifest(items, ctx, tmp, inputs, stack, cache_key, event_id,
+                                     run_status)
         _write_durably(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
         os.rename(tmp, final)
     except BaseException:
@@ -1254,7 +1262,7 @@ def _emit(
 
 def _manifest(
     items: list[Any], ctx: StepContext, directory: Path, inputs: list[str],
-    stack: str | None, cache_key: str | None, event_id: str,
+    stack: str | None, cache_key: str | None, event_id: str, run_status: str | None = None,
 ) -> tuple[dict[str, Any], list[tuple[Any, str]]]:
     entries, owners = _build(items, directory, cache_key)
     manifest: dict[str, Any] = {
@@ -1265,6 +1273,8 @@ def _manifest(
         manifest["stack"] = stack
     if inputs:
         manifest["inputs"] = list(dict.fromkeys(inputs))
+    if run_status is not None:
+        manifest["run_status"] = run_status
     try:
         parse_manifest(manifest)
     except ManifestError as exc:
@@ -1312,7 +1322,7 @@ def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 def _emit_mqtt(
     items: list[Any], ctx: StepContext, *, inputs: list[str], stack: str | None,
-    cache_key: str | None, event_id: str, topic: str | None,
+    cache_key: str | None, event_id: str, topic: str | None, run_status: str | None = None,
 ) -> Emission:
     from router.config import load_config
 
@@ -1333,7 +1343,8 @@ def _emit_mqtt(
     staging = staging_root / event_id
     staging.mkdir(parents=True)
     try:
-        manifest, owners = _manifest(items, ctx, staging, inputs, stack, cache_key, event_id)
+        manifest, owners = _manifest(items, ctx, staging, inputs, stack, cache_key, event_id,
+                                     run_status)
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         resolved_topic = topic
         _run_coroutine(lambda: publish_manifest(settings, manifest, files, resolved_topic))

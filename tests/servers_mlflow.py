@@ -183,6 +183,7 @@ def make_item(
     upstream: DeliveryResult | None = None,
     sink_id: str = "local.tracker",
     received_at: datetime | None = None,
+    run_status: str | None = None,
 ) -> DeliveryItem:
     """A DeliveryItem built directly, as the dispatcher would hand it to a sink."""
     return DeliveryItem(
@@ -195,6 +196,7 @@ def make_item(
             run_id=run_id,
             step_name=step_name,
             received_at=received_at or datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC),
+            run_status=run_status,
         ),
         artifact=ArtifactView(
             index=0,

@@ -177,8 +177,20 @@ def test_catalog_queries_on_sqlite_and_postgresql(
          step_name="train", inputs=[prep.refs[0]], spool=workspace.spool)
     emit(Dataset(np.arange(4) * 2, name="features", upload=True), pipeline="pg",
          run_id="r2", step_name="prep", spool=workspace.spool, cache_key="key-2")
-    workspace.wait_settled(3)
+    emit(Metrics({"auc": 0.5}, name="eval"), pipeline="pg", run_id="r1", step_name="eval",
+         spool=workspace.spool, run_status="FAILED")  # the run's last step says it ended
+    workspace.wait_settled(4)
     with client_for(workspace) as client:
+        ended, still_open = Run("pg/r1", client=client), Run("pg/r2", client=client)
+        assert (ended.status, ended.finished, ended.successful) == ("failed", True, False)
+        assert ended.finished_at is not None and ended.finished_at >= ended.created_at
+        assert (still_open.status, still_open.finished, still_open.finished_at) == (
+            None, False, None)
+        # and the tracker was told, once: a run_end line beside the step's metrics
+        lines = [json.loads(line) for line in
+                 (workspace.tracking / "pg" / "r1.jsonl").read_text().splitlines()]
+        assert sorted((row["kind"], row.get("status")) for row in lines) == [
+            ("metrics", None), ("run_end", "failed")]
         hit = router.cached("pg", "prep", "key-1", client=client)
         assert hit is not None and hit.run_id == "r1"
         assert hit.data.features.tolist() == [0, 1, 2, 3]

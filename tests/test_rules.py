@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from router.config import StackConfig, _check_template, load_config
 from router.delivery import Action
 from router.errors import Problem
-from router.manifest import Manifest, parse_manifest
+from router.manifest import Manifest, ManifestError, parse_manifest
 from router.rules import (
     FILE_SLOT,
     DeployDecision,
@@ -560,3 +560,37 @@ def test_design_example_on_the_example_gcp_stack() -> None:
     assert model.decision is not None and model.decision.outcome == "deploy"
     assert actions(p, 1) == [("track", "experiment_tracker")]  # Metrics: log_to_tracker
     assert p.artifacts[3].deliveries == []  # the dataset is not uploaded
+
+
+def test_a_run_status_tells_every_tracker_once_and_nothing_else(tmp_path: Path) -> None:
+    """An event-level delivery, one per tracker, carried by the last artifact's plan
+    (keys stay unique per event, artifact, action and sink)."""
+    s = stack(tmp_path, """
+        model: {store: local, log_to_tracker: true}
+        metrics: {log_to_tracker: true}
+    """)
+    ended = plan(manifest(MODEL, {"type": "metrics", "name": "eval", "values": {"auc": 0.9}},
+                          run_status="Failed"), s)
+    open_run = plan(manifest(MODEL), s)
+
+    ends = [d for d in ended.deliveries if d.action is Action.END_RUN]
+    assert [(d.artifact_index, d.sink_id) for d in ends] == [
+        (1, "s.experiment_tracker[0]"), (1, "s.experiment_tracker[1]")]
+    assert [d.key for d in ends] == [
+        delivery_key("ev-1", 1, Action.END_RUN, f"s.experiment_tracker[{i}]") for i in (0, 1)]
+    assert len({d.key for d in ended.deliveries}) == len(ended.deliveries)
+    assert not any(d.action is Action.END_RUN for d in open_run.deliveries)
+    no_trackers = stack(tmp_path, "model: {store: local}\n", base=STACK_TEXT.replace(
+        "    experiment_tracker:\n      - {type: jsonl, path: ./t1}\n"
+        "      - {type: jsonl, path: ./t2}\n", ""))
+    assert plan(manifest(MODEL, run_status="finished"), no_trackers).deliveries == [
+        d for d in plan(manifest(MODEL), no_trackers).deliveries]
+
+
+@pytest.mark.parametrize("value", ["done", "", "FINISH"])
+def test_an_unknown_run_status_names_the_field_the_value_and_the_fix(value: str) -> None:
+    with pytest.raises(ManifestError) as err:
+        manifest(MODEL, run_status=value)
+    (problem,) = err.value.problems
+    assert problem.field == "run_status"
+    assert "finished, failed or killed" in problem.render() and repr(value) in problem.render()

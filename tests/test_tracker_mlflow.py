@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from aiohttp import web
 
 from router.config import ComponentConfig
+from router.delivery import Action
 from router.manifest import ArtifactKind
 from sinks.base import PermanentError, TransientError
 from sinks.mlflow_rest import MlflowApiError, MlflowConnectionSettings, MlflowRest
@@ -38,6 +40,11 @@ def _runs(server: MlflowServer, experiment_id: str, run_id: str) -> list[dict[st
         {"experiment_ids": [experiment_id], "filter": f"tags.`router.run_id` = '{run_id}'"},
     )
     return list(found.get("runs", []))
+
+
+def _run_info(server: MlflowServer, run: str) -> dict[str, Any]:
+    info: dict[str, Any] = server.api("GET", "runs/get", run_id=run)["run"]["info"]
+    return info
 
 
 def _history(server: MlflowServer, run: str, key: str) -> list[tuple[int, float]]:
@@ -115,6 +122,37 @@ async def test_experiment_run_reused_across_steps_and_restarts(mlflow_server: Ml
     tags = {t["key"]: t["value"] for t in data["tags"]}
     assert tags["router.pipeline"] == pipeline
     assert tags[logged_tag(train.key)] == train.key
+
+
+@pytest.mark.parametrize("status", ["finished", "failed", "killed"])
+async def test_a_run_status_ends_the_mlflow_run_and_later_points_still_land(
+    mlflow_server: MlflowServer, status: str
+):
+    """Without it every run the router made stayed RUNNING forever in MLflow's UI."""
+    pipeline = _pipeline()
+    ended = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+    sink = _sink(mlflow_server)
+    try:
+        first = await sink.deliver(make_item(key=f"ev-1/0/track/{pipeline}", pipeline=pipeline,
+                                             values={"auc": 0.8}, step=1))
+        run = first.details["mlflow_run_id"]
+        assert _run_info(mlflow_server, run)["status"] == "RUNNING"
+        end = make_item(key=f"ev-2/0/end_run/{pipeline}", pipeline=pipeline,
+                        action=Action.END_RUN, values={"auc": 0.9}, step=2,
+                        received_at=ended, run_status=status)
+        result = await sink.deliver(end)
+        again = await sink.deliver(end)  # a replay sets the same again
+        # A step whose points arrive after the last one's (out of order, retried).
+        await sink.deliver(make_item(key=f"ev-3/0/track/{pipeline}", pipeline=pipeline,
+                                     values={"auc": 0.85}, step=3))
+    finally:
+        await sink.close()
+    info = _run_info(mlflow_server, run)
+    assert info["status"] == status.upper()
+    assert int(info["end_time"]) == int(ended.timestamp() * 1000)
+    assert result.details["mlflow_run_id"] == run and not again.skipped
+    # The END_RUN logs nothing of its own: only the two tracked points are there.
+    assert _history(mlflow_server, run, "auc") == [(1, 0.8), (3, 0.85)]
 
 
 async def test_replay_logs_no_duplicate_points(mlflow_server: MlflowServer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -220,3 +221,12 @@ async def test_a_failed_sidecar_write_after_the_rename_is_not_written_twice(
     assert sorted(_scalars(run_dir, "accuracy")) == [(3, 0.91), (5, 0.95)]  # once each
     assert len(list(run_dir.glob(f"*tfevents*{sink.key_tag(item.key)}"))) == 1
     assert item.key in read_sidecar(run_dir / SIDECAR_NAME)
+
+
+async def test_a_run_status_is_acknowledged_without_writing(tmp_path: Path):
+    """TensorBoard keeps no run status: the end of a run writes nothing, logs nothing."""
+    sink = TensorBoardTracker("prod.tb", TensorBoardTrackerSettings(log_dir=tmp_path))
+    result = await sink.deliver(make_item(key="ev-9/0/end_run/prod.tb", action=Action.END_RUN,
+                                          values={"loss": 0.1}, run_status="finished"))
+    assert result.skipped
+    assert os.listdir(tmp_path) == []  # not even the run directory

@@ -249,3 +249,27 @@ def test_settings_and_component_type(tmp_path: Path):
     assert isinstance(create_sink("x.experiment_tracker", component), WandbTracker)
     bad = ComponentConfig.model_validate({"type": "wandb", "dir": str(tmp_path), "mode": "cloud"})
     assert check_component("experiment_tracker", "stacks.x.experiment_tracker", bad)
+
+
+def _exit_codes(run_dir: Path) -> list[int]:
+    return [record.exit.exit_code for path in run_dir.glob("run-*.wandb")
+            for record in wandb_records(path) if record.WhichOneof("record_type") == "exit"]
+
+
+@pytest.mark.parametrize(("status", "code"), [("finished", 0), ("failed", 1), ("killed", 1)])
+async def test_a_run_status_finishes_the_run_with_its_exit_code_and_logs_nothing(
+    tmp_path: Path, network_probe: tuple[socket.socket, list], status: str, code: int
+):
+    from router.delivery import Action
+
+    sink = WandbTracker("prod.wandb", WandbTrackerSettings(dir=tmp_path, project="fraud"))
+    end = make_item(key="ev-9/0/end_run/prod.wandb", action=Action.END_RUN, step=9,
+                    values={"accuracy": 0.5}, run_status=status)
+    try:
+        result = await sink.deliver(end)
+        replay = await sink.deliver(end)
+    finally:
+        await sink.close()
+    assert not result.skipped and replay.skipped
+    assert _exit_codes(sink.run_files(end)) == [code]
+    assert history_rows(tmp_path, wandb_run_id("fraud_training", "run-1")) == []

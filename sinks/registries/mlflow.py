@@ -97,7 +97,7 @@ class MlflowSink(MlflowTracker):
     settings: MlflowSettings
 
     async def deliver(self, item: DeliveryItem) -> DeliveryResult:
-        if item.action is Action.TRACK:
+        if item.action in (Action.TRACK, Action.END_RUN):
             return await self.track(item)
         if item.action is Action.REGISTER:
             return await self.register(item)

@@ -1,6 +1,7 @@
 """`jsonl` tracker: metrics and parameters as JSON lines, one file per run.
 
-The local default so a fresh install logs metrics with no server.  Each line carries
+The local default so a fresh install logs metrics with no server.  A manifest's
+`run_status` adds a line of kind `run_end` with the status and the event's time.  Each line carries
 its delivery key; a replay finds the key already in the file and writes nothing (but
 flushes the file again), so a SIGKILL between the append and the journal update never
 duplicates a metric point.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import orjson
 
+from router.delivery import Action
 from router.rules import sanitise_segment
 from sinks.base import BaseBatchSink, DeliveryItem, DeliveryResult, SinkSettings, TransientError
 from sinks.durable import HAVE_SYNCFS, fsync_paths, syncfs
@@ -81,19 +83,25 @@ class JsonlTracker(BaseBatchSink):
 
     @staticmethod
     def _line(item: DeliveryItem, logged_at: str) -> bytes:
-        artifact = item.artifact
-        values = artifact.values if artifact.values else artifact.metadata.get("metrics", {})
-        return orjson.dumps({
+        row: dict[str, object] = {
             "key": item.key,
             "logged_at": logged_at,
             "pipeline": item.context.pipeline,
             "run_id": item.context.run_id,
             "step_name": item.context.step_name,
-            "kind": artifact.kind.value,
-            "name": artifact.name,
-            "step": artifact.step,
-            "values": values,
-        }) + b"\n"
+        }
+        if item.action is Action.END_RUN:  # the manifest's run_status: the run ended
+            row |= {"kind": "run_end", "status": item.context.run_status,
+                    "ended_at": item.context.received_at.isoformat()}
+        else:
+            artifact = item.artifact
+            row |= {
+                "kind": artifact.kind.value,
+                "name": artifact.name,
+                "step": artifact.step,
+                "values": artifact.values or artifact.metadata.get("metrics", {}),
+            }
+        return orjson.dumps(row) + b"\n"
 
     def _append_all(self, by_path: dict[Path, list[tuple[int, str, bytes]]], n: int
                     ) -> list[DeliveryResult | Exception]:

@@ -159,7 +159,7 @@ class MlflowTracker(BaseSink):
         return (self.settings.tracking_uri, self.experiment_name(pipeline), run_id)
 
     async def deliver(self, item: DeliveryItem) -> DeliveryResult:
-        if item.action is not Action.TRACK:
+        if item.action not in (Action.TRACK, Action.END_RUN):
             raise PermanentError(
                 f"sink {self.sink_id}: an mlflow experiment_tracker handles track deliveries, "
                 f"not {item.action.value}"
@@ -266,11 +266,13 @@ class MlflowTracker(BaseSink):
     # -- tracking -----------------------------------------------------------------------
 
     async def track(self, item: DeliveryItem) -> DeliveryResult:
+        """Log the item's values to its MLflow run, or end that run (END_RUN)."""
         pipeline, run_id = item.context.pipeline, item.context.run_id
         was_cached = _RUNS.get(self._run_key(pipeline, run_id)) is not None
         mlflow_run = await self.mlflow_run_id(pipeline, run_id)
+        act = self._end_run if item.action is Action.END_RUN else self._log
         try:
-            return await self._log(mlflow_run, item)
+            return await act(mlflow_run, item)
         except MlflowApiError as exc:
             self.forget_run(pipeline, run_id)
             if not was_cached or exc.error_code not in (
@@ -281,7 +283,21 @@ class MlflowTracker(BaseSink):
                 raise
             # The cached run may have been deleted in MLflow: resolve it again, once.
             mlflow_run = await self.mlflow_run_id(pipeline, run_id)
-            return await self._log(mlflow_run, item)
+            return await act(mlflow_run, item)
+
+    async def _end_run(self, mlflow_run: str, item: DeliveryItem) -> DeliveryResult:
+        """Set the run's terminal status and end time (the event's): the same request
+        again changes nothing, so a replay is harmless. MLflow still takes metrics for
+        an ended run, so a step whose points arrive after the last one loses nothing."""
+        status = (item.context.run_status or "finished").upper()
+        end_time = int(item.context.received_at.timestamp() * 1000)
+        await self.api.post(
+            "runs/update", {"run_id": mlflow_run, "status": status, "end_time": end_time}
+        )
+        return DeliveryResult(
+            uri=f"runs:/{mlflow_run}",
+            details={"mlflow_run_id": mlflow_run, "status": status, "end_time": end_time},
+        )
 
     async def _log(self, mlflow_run: str, item: DeliveryItem) -> DeliveryResult:
         got = await self.api.get("runs/get", {"run_id": mlflow_run})

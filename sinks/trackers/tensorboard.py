@@ -119,12 +119,15 @@ class TensorBoardTracker(BaseSink):
         return short_hash(key, length=20)
 
     async def deliver(self, item: DeliveryItem) -> DeliveryResult:
-        if item.action is not Action.TRACK:
+        if item.action not in (Action.TRACK, Action.END_RUN):
             raise PermanentError(
                 f"sink {self.sink_id}: tensorboard handles track deliveries, "
                 f"not {item.action.value}"
             )
         run_dir = self.run_dir(item.context.pipeline, item.context.run_id)
+        if item.action is Action.END_RUN:  # TensorBoard has no run status to set
+            return DeliveryResult(uri=f"file://{run_dir}", skipped=True,
+                                  details={"note": "TensorBoard keeps no run status"})
         async with self._locks[hash(run_dir) % _LOCK_STRIPES]:
             try:
                 state = self._runs.get(run_dir)

@@ -7,7 +7,8 @@ pipeline name), `entity`, `mode` (`offline` unless an `api_key` is given, then
 `wandb sync <dir>/wandb`.
 
 Each (pipeline, run_id) is one W&B run with a stable id derived from both, opened
-with `resume="allow"`, so every step and every restart logs to the same run.  Metrics
+with `resume="allow"`, so every step and every restart logs to the same run; a
+manifest's `run_status` finishes it with exit code 0 (finished) or 1 (failed, killed).  Metrics
 are logged with the artifact's step as the x axis `router/step` (W&B drops points whose
 built-in step goes backwards, and pipeline steps do not log in step order); a metric
 whose name W&B or that axis reserves (`_step`, `router/step`) is logged as
@@ -121,7 +122,7 @@ class WandbTracker(BaseSink):
         return self.root / "wandb" / f"{prefix}-{stamp}-{run}-{short_hash(item.key, length=12)}"
 
     async def deliver(self, item: DeliveryItem) -> DeliveryResult:
-        if item.action is not Action.TRACK:
+        if item.action not in (Action.TRACK, Action.END_RUN):
             raise PermanentError(
                 f"sink {self.sink_id}: wandb handles track deliveries, not {item.action.value}"
             )
@@ -156,7 +157,10 @@ class WandbTracker(BaseSink):
         if staging.exists():  # a crash left a half-written attempt
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-        metrics, params = tracked_values(item.artifact)
+        # An END_RUN only finishes the run, with the exit code its status gives.
+        metrics, params = (
+            ({}, {}) if item.action is Action.END_RUN else tracked_values(item.artifact)
+        )
         with _WANDB_LOCK:
             self._log(
                 item,
@@ -230,7 +234,8 @@ class WandbTracker(BaseSink):
                 run.define_metric("*", step_metric=STEP_METRIC)
                 run.log({**{wandb_key(k): v for k, v in metrics.items()},
                          STEP_METRIC: item.artifact.step or 0})
-            exit_code = 0
+            # W&B keeps the last exit code: a run that failed shows as failed.
+            exit_code = 0 if context.run_status in (None, "finished") else 1
         finally:
             run.finish(exit_code=exit_code)
 

@@ -91,7 +91,9 @@ class RunRow(BaseModel):
     status: str | None = Field(
         default=None, description="finished, failed or killed once a step said the run "
         "ended (its manifest's run_status); null while the run is open")
-    ended_at: float | None = Field(default=None, description="when that step was received")
+    ended_at: float | None = Field(
+        default=None, description="when the catalog recorded that step (its clock, as "
+        "created_at's)")
 
 
 def artifact_checksum(file_hashes: list[str]) -> str | None:
@@ -247,7 +249,7 @@ def record_events(
     )
     ended = [
         {"p": e.manifest.pipeline, "r": e.manifest.run_id, "s": e.manifest.run_status,
-         "e": e.received_at}
+         "e": now}  # the catalog's clock, as created_at and updated_at
         for e, _ in accepted if e.manifest.run_status is not None
     ]
     if ended:

@@ -155,6 +155,25 @@ async def test_a_run_status_ends_the_mlflow_run_and_later_points_still_land(
     assert _history(mlflow_server, run, "auc") == [(1, 0.8), (3, 0.85)]
 
 
+async def test_a_run_first_made_by_a_late_delivery_starts_when_its_event_came(
+    mlflow_server: MlflowServer,
+):
+    """A run whose first delivery is its ending step (or a retry hours later) started
+    when the event came, not when the delivery ran: else it started after it ended."""
+    pipeline = _pipeline()
+    ended = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+    sink = _sink(mlflow_server)
+    try:
+        result = await sink.deliver(make_item(
+            key=f"ev-9/0/end_run/{pipeline}", pipeline=pipeline, action=Action.END_RUN,
+            values={"auc": 0.9}, step=9, received_at=ended, run_status="finished"))
+    finally:
+        await sink.close()
+    info = _run_info(mlflow_server, result.details["mlflow_run_id"])
+    assert info["status"] == "FINISHED"
+    assert int(info["start_time"]) <= int(info["end_time"]) == int(ended.timestamp() * 1000)
+
+
 async def test_replay_logs_no_duplicate_points(mlflow_server: MlflowServer):
     pipeline = _pipeline()
     item = make_item(key=f"ev-1/0/track/{pipeline}", pipeline=pipeline, values={"auc": 0.8}, step=3)

@@ -32,7 +32,13 @@ from pydantic import Field
 from router.delivery import Action
 from sinks.base import DeliveryItem, DeliveryResult, PermanentError, TransientError
 from sinks.mlflow_rest import MlflowApiError, filter_literal
-from sinks.trackers.mlflow import MlflowTracker, MlflowTrackerSettings, param_text, tracked_values
+from sinks.trackers.mlflow import (
+    MlflowTracker,
+    MlflowTrackerSettings,
+    param_text,
+    received_ms,
+    tracked_values,
+)
 
 __all__ = ["DELIVERY_KEY_TAG", "MlflowSettings", "MlflowSink", "model_source"]
 
@@ -117,7 +123,9 @@ class MlflowSink(MlflowTracker):
         existing = await self._find_version(name, item.key)
         skipped = existing is not None
         if existing is None:
-            mlflow_run = await self.mlflow_run_id(item.context.pipeline, item.context.run_id)
+            mlflow_run = await self.mlflow_run_id(
+                item.context.pipeline, item.context.run_id, received_ms(item)
+            )
             try:
                 created = await self.api.post(
                     "model-versions/create",

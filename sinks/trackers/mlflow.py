@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import time
 import weakref
 from typing import Any
@@ -70,6 +71,7 @@ __all__ = [
     "clear_run_cache",
     "logged_tag",
     "param_text",
+    "received_ms",
     "tracked_values",
 ]
 
@@ -133,7 +135,8 @@ def logged_tag(delivery_key: str) -> str:
     return LOGGED_TAG_PREFIX + short_hash(delivery_key)
 
 
-def _timestamp_ms(item: DeliveryItem) -> int:
+def received_ms(item: DeliveryItem) -> int:
+    """When the item's event was received, in MLflow's milliseconds."""
     return int(item.context.received_at.timestamp() * 1000)
 
 
@@ -222,8 +225,13 @@ class MlflowTracker(BaseSink):
         runs.sort(key=lambda r: (int(r["info"].get("start_time", 0)), r["info"]["run_id"]))
         return runs
 
-    async def mlflow_run_id(self, pipeline: str, run_id: str) -> str:
-        """The MLflow run of (pipeline, run_id), created on first use."""
+    async def mlflow_run_id(self, pipeline: str, run_id: str, started_ms: int | None = None) -> str:
+        """The MLflow run of (pipeline, run_id), created on first use.
+
+        `started_ms`: when the event that needs the run was received. A run created for
+        it starts then at the latest, not when the delivery happens to run: a run first
+        made by its ending step (or by a retry hours later) would otherwise start after
+        it ended."""
         key = self._run_key(pipeline, run_id)
         cached = _RUNS.get(key)
         if cached is not None:
@@ -240,7 +248,7 @@ class MlflowTracker(BaseSink):
                     {
                         "experiment_id": experiment_id,
                         "run_name": run_id,
-                        "start_time": int(time.time() * 1000),
+                        "start_time": min(int(time.time() * 1000), started_ms or sys.maxsize),
                         "tags": [
                             {"key": RUN_ID_TAG, "value": run_id},
                             {"key": "router.pipeline", "value": pipeline},
@@ -269,7 +277,7 @@ class MlflowTracker(BaseSink):
         """Log the item's values to its MLflow run, or end that run (END_RUN)."""
         pipeline, run_id = item.context.pipeline, item.context.run_id
         was_cached = _RUNS.get(self._run_key(pipeline, run_id)) is not None
-        mlflow_run = await self.mlflow_run_id(pipeline, run_id)
+        mlflow_run = await self.mlflow_run_id(pipeline, run_id, received_ms(item))
         act = self._end_run if item.action is Action.END_RUN else self._log
         try:
             return await act(mlflow_run, item)
@@ -282,7 +290,7 @@ class MlflowTracker(BaseSink):
             ):
                 raise
             # The cached run may have been deleted in MLflow: resolve it again, once.
-            mlflow_run = await self.mlflow_run_id(pipeline, run_id)
+            mlflow_run = await self.mlflow_run_id(pipeline, run_id, received_ms(item))
             return await act(mlflow_run, item)
 
     async def _end_run(self, mlflow_run: str, item: DeliveryItem) -> DeliveryResult:
@@ -290,7 +298,7 @@ class MlflowTracker(BaseSink):
         again changes nothing, so a replay is harmless. MLflow still takes metrics for
         an ended run, so a step whose points arrive after the last one loses nothing."""
         status = (item.context.run_status or "finished").upper()
-        end_time = int(item.context.received_at.timestamp() * 1000)
+        end_time = received_ms(item)
         await self.api.post(
             "runs/update", {"run_id": mlflow_run, "status": status, "end_time": end_time}
         )
@@ -320,7 +328,7 @@ class MlflowTracker(BaseSink):
 
         metric_values, param_values = tracked_values(item.artifact)
         step = item.artifact.step or 0
-        timestamp = _timestamp_ms(item)
+        timestamp = received_ms(item)
         metrics: list[dict[str, Any]] = [
             {"key": k, "value": v, "timestamp": timestamp, "step": step}
             for k, v in sorted(metric_values.items())

@@ -265,11 +265,21 @@ async def test_a_run_status_finishes_the_run_with_its_exit_code_and_logs_nothing
     sink = WandbTracker("prod.wandb", WandbTrackerSettings(dir=tmp_path, project="fraud"))
     end = make_item(key="ev-9/0/end_run/prod.wandb", action=Action.END_RUN, step=9,
                     values={"accuracy": 0.5}, run_status=status)
+    # A point of an earlier step that arrives after the end (a retry), in a later
+    # process: it must not make a failed run look finished (W&B shows the last code).
+    late = make_item(key="ev-4/0/track/prod.wandb", step=4, values={"accuracy": 0.4})
     try:
         result = await sink.deliver(end)
         replay = await sink.deliver(end)
     finally:
         await sink.close()
+    restarted = WandbTracker("prod.wandb", WandbTrackerSettings(dir=tmp_path, project="fraud"))
+    try:
+        await restarted.deliver(late)
+    finally:
+        await restarted.close()
     assert not result.skipped and replay.skipped
     assert _exit_codes(sink.run_files(end)) == [code]
-    assert history_rows(tmp_path, wandb_run_id("fraud_training", "run-1")) == []
+    assert _exit_codes(restarted.run_files(late)) == [code]
+    assert [r["accuracy"] for r in
+            history_rows(tmp_path, wandb_run_id("fraud_training", "run-1"))] == [0.4]

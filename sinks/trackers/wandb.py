@@ -8,7 +8,8 @@ pipeline name), `entity`, `mode` (`offline` unless an `api_key` is given, then
 
 Each (pipeline, run_id) is one W&B run with a stable id derived from both, opened
 with `resume="allow"`, so every step and every restart logs to the same run; a
-manifest's `run_status` finishes it with exit code 0 (finished) or 1 (failed, killed).  Metrics
+manifest's `run_status` finishes it with exit code 0 (finished) or 1 (failed, killed), and
+the sidecar remembers it so that points arriving later finish with the same code.  Metrics
 are logged with the artifact's step as the x axis `router/step` (W&B drops points whose
 built-in step goes backwards, and pipeline steps do not log in step order); a metric
 whose name W&B or that axis reserves (`_step`, `router/step`) is logged as
@@ -142,16 +143,23 @@ class WandbTracker(BaseSink):
                 if item.key in keys:
                     return DeliveryResult(uri=f"file://{target}", details=details, skipped=True)
                 self._used = True
-                written = await asyncio.to_thread(self._write, item, sidecar, target)
+                ended = item.context.run_status or _ended_as(keys)
+                written = await asyncio.to_thread(self._write, item, sidecar, target, ended)
             except OSError as exc:
                 raise TransientError(f"{self.root}: {exc.strerror or exc}") from exc
+            if item.action is Action.END_RUN:
+                keys.add(_ended_marker(ended))
             keys.add(item.key)
         return DeliveryResult(uri=f"file://{target}", details=details, skipped=not written)
 
-    def _write(self, item: DeliveryItem, sidecar: Path, target: Path) -> bool:
+    def _write(
+        self, item: DeliveryItem, sidecar: Path, target: Path, ended: str | None
+    ) -> bool:
+        """`ended`: the status the run ended with, if it did (this delivery's, or an
+        earlier END_RUN's): every finish() after it keeps that exit code, as W&B shows
+        the last one."""
         if target.exists():  # moved into place, then the process died
-            sidecar.parent.mkdir(parents=True, exist_ok=True)
-            append_sidecar(sidecar, item.key)
+            self._record(item, sidecar, ended)
             return False
         staging = self.root / ".router-staging" / target.name
         if staging.exists():  # a crash left a half-written attempt
@@ -167,6 +175,7 @@ class WandbTracker(BaseSink):
                 staging,
                 metrics,
                 {f"{item.context.step_name}.{k}": v for k, v in params.items()},
+                exit_code=0 if ended in (None, "finished") else 1,
             )
         produced = [
             p
@@ -179,12 +188,25 @@ class WandbTracker(BaseSink):
         produced[0].rename(target)
         fsync_dir(target.parent)
         shutil.rmtree(staging, ignore_errors=True)
-        sidecar.parent.mkdir(parents=True, exist_ok=True)
-        append_sidecar(sidecar, item.key)
+        self._record(item, sidecar, ended)
         return True
 
+    @staticmethod
+    def _record(item: DeliveryItem, sidecar: Path, ended: str | None) -> None:
+        """Note the delivery as logged; an END_RUN notes the run's status first, so a
+        crash between the two replays the END_RUN rather than forgetting the status."""
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        if item.action is Action.END_RUN:
+            append_sidecar(sidecar, _ended_marker(ended))
+        append_sidecar(sidecar, item.key)
+
     def _log(
-        self, item: DeliveryItem, staging: Path, metrics: dict[str, float], config: dict[str, Any]
+        self,
+        item: DeliveryItem,
+        staging: Path,
+        metrics: dict[str, float],
+        config: dict[str, Any],
+        exit_code: int,
     ) -> None:
         try:
             import wandb
@@ -225,7 +247,7 @@ class WandbTracker(BaseSink):
             )
         except Exception as exc:  # W&B raises its own errors for auth, network, settings
             raise TransientError(f"wandb.init failed: {type(exc).__name__}: {exc}") from exc
-        exit_code = 1
+        ok = False
         try:
             if config:
                 run.config.update(config, allow_val_change=True)
@@ -234,14 +256,29 @@ class WandbTracker(BaseSink):
                 run.define_metric("*", step_metric=STEP_METRIC)
                 run.log({**{wandb_key(k): v for k, v in metrics.items()},
                          STEP_METRIC: item.artifact.step or 0})
-            # W&B keeps the last exit code: a run that failed shows as failed.
-            exit_code = 0 if context.run_status in (None, "finished") else 1
+            ok = True
         finally:
-            run.finish(exit_code=exit_code)
+            # W&B keeps the last exit code: a run that failed shows as failed.
+            run.finish(exit_code=exit_code if ok else 1)
 
     async def close(self) -> None:
         if self._used:
             await asyncio.to_thread(_teardown)
+
+
+def _ended_marker(status: str | None) -> str:
+    # No delivery key lacks a "/", so the marker cannot be mistaken for one.
+    return f"run-ended:{status or 'finished'}"
+
+
+def _ended_as(keys: set[str]) -> str | None:
+    """The status an earlier END_RUN gave the run, from its sidecar: failed or killed
+    win over finished, so that a late point never makes a failed run look finished."""
+    ended = {k.removeprefix("run-ended:") for k in keys if k.startswith("run-ended:")}
+    for status in ("failed", "killed", "finished"):
+        if status in ended:
+            return status
+    return None
 
 
 def _teardown() -> None:

@@ -136,6 +136,68 @@ def test_a_bundle_arriving_right_after_the_start_scan_is_seen_at_once(tmp_path: 
     asyncio.run(scenario())
 
 
+def test_a_bundle_completed_in_place_is_taken_without_waiting_for_the_rescan(
+        tmp_path: Path) -> None:
+    """DESIGN's second way to write a bundle: files first in incoming/<name>/, then
+    manifest.json renamed in last. The watcher sees incoming/ only, so the directory,
+    first read without its manifest, is looked at again: the bundle is taken although
+    the rescan is an hour away, whether it was there before the start (found by the
+    start scan) or made while running, and whether its manifest comes at once or later.
+    """
+    import asyncio
+    import json
+
+    from router.db import Database
+    from router.journal import DeliveryJournal
+    from tests.test_journal import planner
+
+    paths = SpoolPaths(tmp_path / "spool")
+    paths.ensure()
+    manifest = json.dumps({
+        "manifest_version": 1, "pipeline": "p", "run_id": "r", "step_name": "s",
+        "artifacts": [{"type": "metrics", "name": "m", "values": {"a": 1}}]})
+    (paths.incoming / "before").mkdir()  # half-written while the daemon was down
+
+    def complete(name: str) -> None:
+        (paths.incoming / name / "manifest.json.tmp").write_text(manifest)
+        os.rename(paths.incoming / name / "manifest.json.tmp",
+                  paths.incoming / name / "manifest.json")
+
+    async def taken(name: str) -> None:
+        for _ in range(200):
+            if (paths.accepted / name).is_dir() or (paths.done / name).is_dir():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"bundle {name} was not taken within 10 s")
+
+    async def scenario() -> None:
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'j.db'}")
+        await db.migrate()
+        source = SpoolSource(paths, DeliveryJournal(db), planner, preflight=lambda e: None,
+                             metrics=RouterMetrics(), rescan_seconds=3600)
+        running = asyncio.create_task(source.run())
+        try:
+            await asyncio.sleep(0.3)
+            complete("before")
+            await taken("before")
+            (paths.incoming / "soon").mkdir()
+            (paths.incoming / "later").mkdir()
+            (paths.incoming / "later" / "data.bin").write_bytes(b"x" * 1000)
+            await asyncio.sleep(0.1)
+            complete("soon")
+            await taken("soon")
+            await asyncio.sleep(2.5)  # looked at ever less often meanwhile
+            assert (paths.incoming / "later").is_dir()  # never taken without a manifest
+            complete("later")
+            await taken("later")
+        finally:
+            source.stop()
+            await running
+            await db.dispose()
+
+    asyncio.run(scenario())
+
+
 # -- intake: hashing a bundle's files ------------------------------------------------
 
 

@@ -1,0 +1,64 @@
+"""One router-only run of a scenario's load, with the daemon's CPU: for before/after
+comparisons of a change, alternating with a worktree of the commit before.
+
+    PYTHONPATH=<tree> python bench/probe.py small-to-local [N]    # 4 KiB bundles
+    PYTHONPATH=<tree> python bench/probe.py small-to-s3 [N]       # 16 KiB, rclone serve s3
+
+The daemon, and the bench helpers, come from the tree `PYTHONPATH` names: this checkout,
+or a worktree of an older commit (`git worktree add /tmp/base <commit>`) that has no
+probe of its own. Nothing is compared with a peer here: that is `python -m bench`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.harness import DaemonUnderTest
+from bench.scenarios import LOCAL_STACK, _route, _s3_server, _s3_stack, _stage_bundles
+
+
+def _cpu(pid: int) -> tuple[float, float]:
+    """(user, system) seconds of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def probe(scenario: str, n: int) -> str:
+    work = Path(tempfile.mkdtemp(prefix="probe-"))
+    server = None
+    try:
+        if scenario == "small-to-local":
+            bundles = _stage_bundles(work / "staging", n, 4096)
+            stack = LOCAL_STACK(work / "store")
+        elif scenario == "small-to-s3":
+            server = _s3_server(work)
+            bundles = _stage_bundles(work / "staging", n, 16 * 1024)
+            stack = _s3_stack(server, "probe")
+        else:
+            raise SystemExit(f"unknown scenario {scenario!r}: small-to-local or small-to-s3")
+        daemon = DaemonUnderTest(work / "router", stack)
+        daemon.start()
+        assert daemon.proc is not None
+        user0, sys0 = _cpu(daemon.proc.pid)
+        seconds = _route(daemon, bundles)
+        user1, sys1 = _cpu(daemon.proc.pid)
+        daemon.stop()
+        user, system = user1 - user0, sys1 - sys0
+        return (f"{scenario}: {n / seconds:.0f} bundles/s; daemon CPU user {user:.2f} s, "
+                f"sys {system:.2f} s, {(user + system) / n * 1000:.2f} ms per bundle")
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args:
+        raise SystemExit(__doc__)
+    print(probe(args[0], int(args[1]) if len(args) > 1 else 5000))

@@ -685,7 +685,10 @@ class DeliveryJournal:
             ]
 
     async def bundle_states(self, bundles: Sequence[str]) -> dict[str, str]:
-        """State of the spool event each bundle directory belongs to (crash recovery)."""
+        """State of the spool event each bundle directory belongs to (crash recovery).
+
+        A name is free again once its bundle is pruned from done/, so older events may
+        carry it too: the newest one is the directory's."""
         found: dict[str, str] = {}
         async with self.db.read() as conn:
             for start in range(0, len(bundles), 500):
@@ -694,7 +697,7 @@ class DeliveryJournal:
                         events.c.source == "spool",
                         events.c.bundle.in_(bundles[start:start + 500]),
                         events.c.state != "rejected",
-                    )
+                    ).order_by(events.c.received_at)  # the newest last, so it wins
                 )
                 found.update({r.bundle: r.state for r in rows})
         return found

@@ -359,6 +359,27 @@ async def test_completion_records_locations_and_finishes_the_event(
     assert model.checksum == "ab" * 32
 
 
+async def test_a_bundle_name_used_again_after_a_prune_reads_as_its_newest_event(
+    journal: DeliveryJournal,
+) -> None:
+    """Once done/<name> is pruned, a new bundle may take the name again. Recovery at
+    start reads the bundle's state by name: the old event (done) must not stand for the
+    new one, else accepted/<name> would be moved to done/ with its work still to do."""
+    old = event("z-old")
+    old.bundle, old.received_at = "b1", time.time() - 8 * 86400
+    await journal.accept([old], planner)
+    claimed = await journal.claim(10)
+    await journal.complete([outcome_of(c, "done") for c in claimed])
+    assert await journal.bundle_states(["b1"]) == {"b1": "done"}
+    new = event("a-new")
+    new.bundle = "b1"
+    await journal.accept([new], planner)
+    # The old row written again after the new one (PostgreSQL then keeps it last).
+    await journal.mark_moved(["z-old"])
+    await journal.flush_moved()
+    assert await journal.bundle_states(["b1"]) == {"b1": "accepted"}
+
+
 async def test_retry_then_dead_letter_then_operator_retry(journal: DeliveryJournal) -> None:
     await journal.accept([event("e1")], planner)
     store = next(c for c in await journal.claim(10) if c.action == "store")

@@ -233,3 +233,30 @@ def test_two_batches_at_once_with_the_same_content_both_succeed(
     assert sorted(o.skipped for o in out) == [False, True]
     assert (store.root / "same" / "m.bin").read_bytes() == b"v"
     assert temp_files(store) == []
+
+
+def test_two_batches_racing_for_the_same_keys_in_other_orders_leave_no_mix(
+    store: LocalStore, src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two artifacts of two files each, aimed at the same keys, their files listed in
+    opposite orders, placed at the same moment (each link(2) slowed so that the two
+    batches take turns): one artifact is stored whole and the other is a conflict.
+    Before, each won one file, both failed, and the store held half of each."""
+    _both_batches_check_before_either_places(monkeypatch)
+    real_link = os.link
+
+    def slow_link(src_path: Any, dst: Any) -> None:
+        real_link(src_path, dst)
+        time.sleep(0.05)  # let the other batch's thread run between two files
+
+    monkeypatch.setattr(os, "link", slow_link)
+    a = item("a", "mix", [staged(src, "x.bin", b"a-x"), staged(src, "y.bin", b"a-y")])
+    b = item("b", "mix", [staged(src, "y.bin", b"b-y"), staged(src, "x.bin", b"b-x")])
+
+    out = asyncio.run(_two_batches(store, a, b))
+
+    assert sum(isinstance(o, PermanentError) and "conflict" in str(o) for o in out) == 1
+    winner = "a" if isinstance(out[0], DeliveryResult) else "b"
+    assert (store.root / "mix" / "x.bin").read_bytes() == f"{winner}-x".encode()
+    assert (store.root / "mix" / "y.bin").read_bytes() == f"{winner}-y".encode()
+    assert temp_files(store) == []

@@ -108,7 +108,8 @@ class LocalStore(BaseBatchSink):
         super().__init__(sink_id, settings)
         self.root = settings.path.expanduser().resolve()
         self._cleaned_at = -_CLEAN_EVERY
-        # Check-then-rename where hard links are missing; batches run in worker threads.
+        # Batches run in worker threads: an item's files are put in place as one unit
+        # (see _commit), and check-then-rename is atomic where hard links are missing.
         self._place_lock = threading.Lock()
 
     def _path_for(self, key: str) -> Path:
@@ -271,12 +272,18 @@ class LocalStore(BaseBatchSink):
         for pending in ready:
             exclusive = pending.item.params.get("on_conflict", "fail") != "overwrite"
             try:
-                for tmp, dest, index in pending.renames:
-                    parents.add(dest.parent)
+                # One item at a time in this process, its keys checked before any file
+                # is placed: two items racing for the same keys in different file orders
+                # would otherwise each win one file, both fail, and leave a mix.
+                with self._place_lock:
                     if exclusive:
-                        self._place_new(tmp, dest, pending.objects, index)
-                    else:
-                        os.replace(tmp, dest)
+                        self._check_free(pending)
+                    for tmp, dest, index in pending.renames:
+                        parents.add(dest.parent)
+                        if exclusive:
+                            self._place_new(tmp, dest, pending.objects, index)
+                        else:
+                            os.replace(tmp, dest)
             except PermanentError as exc:
                 # A conflict: this item alone fails; _deliver_batch removes its temp files.
                 pending.error = exc
@@ -284,9 +291,19 @@ class LocalStore(BaseBatchSink):
             pending.renames.clear()
         self._flush(parents)
 
+    @staticmethod
+    def _check_free(pending: _Pending) -> None:
+        """A conflict on any of the item's keys, raised before one of its files moves."""
+        for _, dest, index in pending.renames:
+            if os.path.lexists(dest):
+                existing = file_sha256(dest)
+                if existing != pending.objects[index].sha256:
+                    raise _conflict(dest, existing, pending.objects[index].sha256)
+
     def _place_new(self, tmp: Path, dest: Path, objects: list[StoredObject], index: int) -> None:
         """Put `tmp` at `dest` unless something is there already (checked atomically by
-        link(2), which refuses an existing name); same content there is a no-op."""
+        link(2), which refuses an existing name, against other processes too); same
+        content there is a no-op. The caller holds _place_lock."""
         try:
             try:
                 os.link(tmp, dest)
@@ -296,10 +313,9 @@ class LocalStore(BaseBatchSink):
             except OSError as exc:
                 if exc.errno not in _NO_HARD_LINKS:
                     raise
-                with self._place_lock:  # the same check, atomic within this process
-                    if not os.path.lexists(dest):
-                        os.replace(tmp, dest)
-                        return
+                if not os.path.lexists(dest):  # atomic within this process: the lock
+                    os.replace(tmp, dest)
+                    return
             existing = file_sha256(dest)
             if existing != objects[index].sha256:
                 raise _conflict(dest, existing, objects[index].sha256)

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,30 +89,61 @@ def test_deliveries_never_read_a_bundle_still_in_incoming(tmp_path: Path) -> Non
                      "parked": paths.failed / "parked", "gone": None}
 
 
-def test_a_bundle_arriving_right_after_the_start_scan_is_seen_at_once(tmp_path: Path) -> None:
-    """The watcher is armed before the initial scan: a bundle renamed in just after the
-    scan is picked up by the watcher, not left for the periodic rescan (an hour here),
-    behind bundles that came after it. Fails if the scan runs first."""
+_METRICS_MANIFEST = json.dumps({
+    "manifest_version": 1, "pipeline": "p", "run_id": "r", "step_name": "s",
+    "artifacts": [{"type": "metrics", "name": "m", "values": {"a": 1}}]})
+
+
+@contextlib.asynccontextmanager
+async def _running_source(
+    tmp_path: Path, paths: SpoolPaths, prepare: Callable[[SpoolSource], None] | None = None
+) -> AsyncIterator[SpoolSource]:
+    """A SpoolSource running on a real SQLite journal with its rescan an hour away: a
+    bundle it takes was seen by the watcher (or looked at again), not by the rescan."""
     import asyncio
-    import json
 
     from router.db import Database
     from router.journal import DeliveryJournal
     from tests.test_journal import planner
 
-    paths = SpoolPaths(tmp_path / "spool")
-    paths.ensure()
-    staged = tmp_path / "spool" / "incoming" / ".tmp-late"
-    staged.mkdir()
-    (staged / "manifest.json").write_text(json.dumps({
-        "manifest_version": 1, "pipeline": "p", "run_id": "r", "step_name": "s",
-        "artifacts": [{"type": "metrics", "name": "m", "values": {"a": 1}}]}))
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'j.db'}")
+    await db.migrate()
+    source = SpoolSource(paths, DeliveryJournal(db), planner, preflight=lambda e: None,
+                         metrics=RouterMetrics(), rescan_seconds=3600)
+    if prepare is not None:
+        prepare(source)
+    running = asyncio.create_task(source.run())
+    try:
+        yield source
+    finally:
+        source.stop()
+        await running
+        await db.dispose()
 
-    async def scenario() -> None:
-        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'j.db'}")
-        await db.migrate()
-        source = SpoolSource(paths, DeliveryJournal(db), planner, preflight=lambda e: None,
-                             metrics=RouterMetrics(), rescan_seconds=3600)
+
+async def _taken(paths: SpoolPaths, name: str) -> None:
+    """Until bundle `name` was journaled (moved out of incoming/), at most 10 s."""
+    import asyncio
+
+    for _ in range(200):
+        if (paths.accepted / name).is_dir() or (paths.done / name).is_dir():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"bundle {name} was not taken within 10 s")
+
+
+def test_a_bundle_arriving_right_after_the_start_scan_is_seen_at_once(tmp_path: Path) -> None:
+    """The watcher is armed before the initial scan: a bundle renamed in just after the
+    scan is picked up by the watcher, not left for the periodic rescan (an hour here),
+    behind bundles that came after it. Fails if the scan runs first."""
+    import asyncio
+
+    paths = _spool(tmp_path)
+    staged = paths.incoming / ".tmp-late"
+    staged.mkdir()
+    (staged / "manifest.json").write_text(_METRICS_MANIFEST)
+
+    def scan_first_then_a_bundle_arrives(source: SpoolSource) -> None:
         scan = source._scan
 
         def scan_then_a_bundle_arrives() -> None:
@@ -120,18 +151,10 @@ def test_a_bundle_arriving_right_after_the_start_scan_is_seen_at_once(tmp_path: 
             os.rename(staged, paths.incoming / "late")
 
         source._scan = scan_then_a_bundle_arrives  # type: ignore[method-assign]
-        running = asyncio.create_task(source.run())
-        try:
-            for _ in range(200):
-                if (paths.accepted / "late").is_dir() or (paths.done / "late").is_dir():
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the bundle was not seen within 10 s")
-        finally:
-            source.stop()
-            await running
-            await db.dispose()
+
+    async def scenario() -> None:
+        async with _running_source(tmp_path, paths, scan_first_then_a_bundle_arrives):
+            await _taken(paths, "late")
 
     asyncio.run(scenario())
 
@@ -145,55 +168,30 @@ def test_a_bundle_completed_in_place_is_taken_without_waiting_for_the_rescan(
     start scan) or made while running, and whether its manifest comes at once or later.
     """
     import asyncio
-    import json
 
-    from router.db import Database
-    from router.journal import DeliveryJournal
-    from tests.test_journal import planner
-
-    paths = SpoolPaths(tmp_path / "spool")
-    paths.ensure()
-    manifest = json.dumps({
-        "manifest_version": 1, "pipeline": "p", "run_id": "r", "step_name": "s",
-        "artifacts": [{"type": "metrics", "name": "m", "values": {"a": 1}}]})
+    paths = _spool(tmp_path)
     (paths.incoming / "before").mkdir()  # half-written while the daemon was down
 
     def complete(name: str) -> None:
-        (paths.incoming / name / "manifest.json.tmp").write_text(manifest)
+        (paths.incoming / name / "manifest.json.tmp").write_text(_METRICS_MANIFEST)
         os.rename(paths.incoming / name / "manifest.json.tmp",
                   paths.incoming / name / "manifest.json")
 
-    async def taken(name: str) -> None:
-        for _ in range(200):
-            if (paths.accepted / name).is_dir() or (paths.done / name).is_dir():
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"bundle {name} was not taken within 10 s")
-
     async def scenario() -> None:
-        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'j.db'}")
-        await db.migrate()
-        source = SpoolSource(paths, DeliveryJournal(db), planner, preflight=lambda e: None,
-                             metrics=RouterMetrics(), rescan_seconds=3600)
-        running = asyncio.create_task(source.run())
-        try:
+        async with _running_source(tmp_path, paths):
             await asyncio.sleep(0.3)
             complete("before")
-            await taken("before")
+            await _taken(paths, "before")
             (paths.incoming / "soon").mkdir()
             (paths.incoming / "later").mkdir()
             (paths.incoming / "later" / "data.bin").write_bytes(b"x" * 1000)
             await asyncio.sleep(0.1)
             complete("soon")
-            await taken("soon")
+            await _taken(paths, "soon")
             await asyncio.sleep(2.5)  # looked at ever less often meanwhile
             assert (paths.incoming / "later").is_dir()  # never taken without a manifest
             complete("later")
-            await taken("later")
-        finally:
-            source.stop()
-            await running
-            await db.dispose()
+            await _taken(paths, "later")
 
     asyncio.run(scenario())
 
@@ -412,7 +410,7 @@ def test_a_symlinked_bundle_directory_is_refused_not_read(tmp_path: Path) -> Non
     os.symlink(outside, paths.incoming / "again")
     scan = SpoolSource(paths, _NoJournal(), lambda e, v: None,  # type: ignore[arg-type,return-value]
                        preflight=lambda e: None, metrics=RouterMetrics())
-    assert scan._complete_bundles() == ["again"]
+    assert scan._bundles_by_state()[0] == ["again"]
 
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])

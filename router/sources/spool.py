@@ -270,28 +270,17 @@ class SpoolSource:
                     elif target is not None and target != folder:
                         _move(folder / name, target)
 
-    def _complete_bundles(self) -> list[str]:
-        """Names of complete bundles in incoming/ (file system only: thread-safe)."""
-        return self._bundles_by_state()[0]
-
     def _bundles_by_state(self) -> tuple[list[str], list[str]]:
-        """(complete bundles, directories still without a manifest) in incoming/."""
+        """(complete bundles, directories still without a manifest) in incoming/ (file
+        system only: thread-safe)."""
         try:
-            entries = list(os.scandir(self.paths.incoming))
+            names = [n for n in os.listdir(self.paths.incoming) if bundle_path_ok(n)]
         except FileNotFoundError:
             self.paths.ensure()
             return [], []
-        complete: list[str] = []
-        incomplete: list[str] = []
-        for entry in entries:
-            if not bundle_path_ok(entry.name):
-                continue
-            if entry.is_symlink():  # never a bundle: refused, as when the watcher sees it
-                complete.append(entry.name)
-            elif entry.is_dir(follow_symlinks=False):
-                has_manifest = os.path.exists(os.path.join(entry.path, "manifest.json"))
-                (complete if has_manifest else incomplete).append(entry.name)
-        return complete, incomplete
+        states = self._states(names)
+        return ([n for n, st in zip(names, states, strict=True) if st == "complete"],
+                [n for n, st in zip(names, states, strict=True) if st == "incomplete"])
 
     def _scan(self) -> None:
         self._enqueue_scan(self._bundles_by_state())
@@ -348,6 +337,9 @@ class SpoolSource:
                 await asyncio.wait_for(self._incomplete_added.wait(), timeout)
 
     def _states(self, names: list[str]) -> list[str]:
+        """Each name in incoming/: complete (its manifest is there; a symlink is too,
+        never a bundle: refused when read), incomplete (a directory without its
+        manifest yet), or gone (not a directory, or no longer there)."""
         out = []
         for name in names:
             path = self.paths.incoming / name

@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import sys
 import time
 import weakref
 from typing import Any
@@ -243,12 +242,13 @@ class MlflowTracker(BaseSink):
             experiment_id = await self.experiment_id(pipeline)
             runs = await self._search_runs(experiment_id, pipeline, run_id)
             if not runs:
+                now = int(time.time() * 1000)
                 created = await self.api.post(
                     "runs/create",
                     {
                         "experiment_id": experiment_id,
                         "run_name": run_id,
-                        "start_time": min(int(time.time() * 1000), started_ms or sys.maxsize),
+                        "start_time": now if started_ms is None else min(now, started_ms),
                         "tags": [
                             {"key": RUN_ID_TAG, "value": run_id},
                             {"key": "router.pipeline", "value": pipeline},

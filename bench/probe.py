@@ -4,6 +4,9 @@ comparisons of a change, alternating with a worktree of the commit before.
     PYTHONPATH=<tree> python bench/probe.py small-to-local [N]    # 4 KiB bundles
     PYTHONPATH=<tree> python bench/probe.py small-to-s3 [N]       # 16 KiB, rclone serve s3
 
+PROBE_OVERWRITE=1 routes small-to-s3 with `on_conflict: overwrite` (no presence check).
+The S3 server's CPU is reported too: on 2 cores it competes with the daemon.
+
 The daemon, and the bench helpers, come from the tree `PYTHONPATH` names: this checkout,
 or a worktree of an older commit (`git worktree add /tmp/base <commit>`) that has no
 probe of its own. Nothing is compared with a peer here: that is `python -m bench`.
@@ -38,19 +41,23 @@ def probe(scenario: str, n: int) -> str:
         elif scenario == "small-to-s3":
             server = _s3_server(work)
             bundles = _stage_bundles(work / "staging", n, 16 * 1024)
-            stack = _s3_stack(server, "probe")
+            rule = {"on_conflict": "overwrite"} if os.environ.get("PROBE_OVERWRITE") else {}
+            stack = _s3_stack(server, "probe", **rule)
         else:
             raise SystemExit(f"unknown scenario {scenario!r}: small-to-local or small-to-s3")
         daemon = DaemonUnderTest(work / "router", stack)
         daemon.start()
         assert daemon.proc is not None
         user0, sys0 = _cpu(daemon.proc.pid)
+        s0 = sum(_cpu(server.proc.pid)) if server is not None else 0.0
         seconds = _route(daemon, bundles)
         user1, sys1 = _cpu(daemon.proc.pid)
+        s1 = sum(_cpu(server.proc.pid)) if server is not None else 0.0
+        server_cpu = f"; server CPU {s1 - s0:.2f} s" if server is not None else ""
         daemon.stop()
         user, system = user1 - user0, sys1 - sys0
         return (f"{scenario}: {n / seconds:.0f} bundles/s; daemon CPU user {user:.2f} s, "
-                f"sys {system:.2f} s, {(user + system) / n * 1000:.2f} ms per bundle")
+                f"sys {system:.2f} s, {(user + system) / n * 1000:.2f} ms per bundle{server_cpu}")
     finally:
         if server is not None:
             server.stop()

@@ -14,17 +14,35 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-__all__ = ["find_script", "free_port", "stop_process", "wait_http"]
+__all__ = ["find_script", "free_port", "serve_app", "stop_process", "wait_http"]
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: Any) -> AsyncIterator[str]:
+    """An aiohttp `web.Application` of canned answers on a free port: its base URL. For
+    answers a real server cannot be made to give on demand (a 429, a SlowDown)."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 def find_script(name: str, install: str) -> str:

@@ -647,22 +647,29 @@ async def test_corrupted_single_put_is_rejected(
 
 
 async def test_bodies_with_a_content_md5_are_sent_unsigned_and_the_rest_signed(
-    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Over plain http SigV4 would hash every body again, on the event loop. Parts and
     puts carry a Content-MD5, which is signed and checked by the server, so they go as
-    UNSIGNED-PAYLOAD (as botocore does over https); other bodies keep their hash."""
+    UNSIGNED-PAYLOAD (as botocore does over https); other bodies keep their hash. Small
+    puts go past botocore (s3_signed.py): their requests are read off its session."""
     client = await store._get_client()
     sent: list[tuple[str, str, str]] = []
 
-    def capture(request: Any, event_name: str, **_: Any) -> None:
-        headers = {k: v if isinstance(v, str) else v.decode() for k, v in request.headers.items()}
+    def capture(operation: str, url: str, headers: dict[str, Any]) -> None:
+        headers = {k: v if isinstance(v, str) else v.decode() for k, v in headers.items()}
         signed = headers["Authorization"].split("SignedHeaders=")[1].split(",")[0]
-        operation = event_name.rsplit(".", 1)[1]
-        if "/signing/" in request.url:  # not the sink's probe of conditional writes
+        if "/signing/" in url:  # not the sink's probe of conditional writes
             sent.append((operation, headers["X-Amz-Content-SHA256"], signed))
 
-    client.meta.events.register("before-send.s3", capture)
+    client.meta.events.register("before-send.s3", lambda request, event_name, **_: capture(
+        event_name.rsplit(".", 1)[1], request.url, request.headers))
+    assert store._signed is not None
+    http = store._signed._http
+    put = http.put
+    monkeypatch.setattr(http, "put", lambda url, **kw: (
+        capture("PutObject", str(url), kw["headers"]), put(url, **kw))[1])
     big = write_file(tmp_path / "big" / "model.bin", 2 * PART + 9, seed=21)
     small = write_file(tmp_path / "small" / "model.bin", 3000, seed=22)
     await store.deliver(make_item(big, target="signing/big"))
@@ -679,6 +686,123 @@ async def test_bodies_with_a_content_md5_are_sent_unsigned_and_the_rest_signed(
     assert len(complete[0]) == 64 and complete[0] != "UNSIGNED-PAYLOAD"
     for key, staged in (("signing/big/model.bin", big), ("signing/small/model.bin", small)):
         assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
+
+
+# -- small puts past botocore (s3_signed.py) -------------------------------------------
+
+
+async def test_small_puts_go_past_botocore_with_their_key_metadata_and_headers(
+    tmp_path: Path, s3_client: Any, rclone_s3: RcloneS3
+) -> None:
+    """The signed path builds the URL itself: a key with spaces, a plus, a percent sign
+    and non-ASCII letters must land under exactly that key, with the sha256 metadata
+    and the rule's storage class, and botocore must not have sent the put."""
+    sink = store_for(rclone_s3, storage_class="STANDARD")
+    client = await sink._get_client()
+    botocore_puts: list[str] = []
+    client.meta.events.register(
+        "before-call.s3.PutObject", lambda params, **_: botocore_puts.append(params["url_path"]))
+    target = "odd/a b+c%20d=é~"
+    staged = write_file(tmp_path / "m ü.bin", 5000, seed=31)
+    try:
+        result = await sink.deliver(make_item(staged, target=target))
+    finally:
+        await sink.close()
+    key = f"{target}/m ü.bin"
+    assert result.objects[0].uri == f"s3://{rclone_s3.bucket}/{key}"
+    head = await s3_client.head_object(Bucket=rclone_s3.bucket, Key=key)
+    assert head["Metadata"] == {"sha256": staged.sha256}
+    assert head["ContentLength"] == 5000
+    assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
+    assert not [p for p in botocore_puts if "odd" in p]
+
+
+async def test_signed_put_answers_read_as_botocore_errors(
+    tmp_path: Path, rclone_s3: RcloneS3
+) -> None:
+    """A refused signed put is the ClientError botocore would raise, so the store words
+    it the same: a wrong secret is permanent and names the setting to fix."""
+    from botocore.exceptions import ClientError
+
+    sink = store_for(rclone_s3, aws_secret_access_key="not-the-secret")
+    await sink._get_client()
+    assert sink._signed is not None
+    staged = write_file(tmp_path / "model.bin", 100)
+    try:
+        with pytest.raises(ClientError) as raw:
+            await sink._signed.put_object(Bucket=rclone_s3.bucket, Key="x/y", Body=b"abc")
+        with pytest.raises(PermanentError) as err:
+            await sink.deliver(make_item(staged, target="creds", on_conflict="overwrite"))
+    finally:
+        await sink.close()
+    assert raw.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
+    assert raw.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert "SignatureDoesNotMatch" in str(err.value)
+    assert "aws_secret_access_key" in str(err.value)
+
+
+async def test_signed_put_retries_throttling_as_botocore_and_then_gives_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Standard retry mode: a SlowDown is retried up to max_attempts, then raised. The
+    server is a stand-in answering canned S3 replies (rclone never throttles)."""
+    import aiohttp
+    from aiohttp import web
+    from botocore.credentials import Credentials
+    from botocore.exceptions import ClientError
+
+    from sinks.stores import s3_signed
+    from tests.servers_common import serve_app
+
+    monkeypatch.setattr(s3_signed, "_MAX_BACKOFF", 0.0)
+    slow_down = (b"<?xml version='1.0'?><Error><Code>SlowDown</Code>"
+                 b"<Message>Reduce your request rate.</Message></Error>")
+    seen: list[str] = []
+    throttle = {"times": 2}
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.headers["Authorization"])
+        assert await request.read() == b"body"
+        if len(seen) <= throttle["times"]:
+            return web.Response(status=503, body=slow_down)
+        return web.Response(status=200, headers={"ETag": '"e"', "x-amz-version-id": "v1"})
+
+    app = web.Application()
+    app.router.add_put("/{tail:.*}", answer)
+    async with serve_app(app) as base, aiohttp.ClientSession() as http:
+        put = s3_signed.SignedPut(http, base, "us-east-1", Credentials("abc", "secret"),
+                                  max_attempts=3)
+        answered = await put.put_object(Bucket="b", Key="k", Body=b"body")
+        assert answered == {"ETag": '"e"', "VersionId": "v1"}
+        assert len(seen) == 3
+        seen.clear()
+        throttle["times"] = 99
+        with pytest.raises(ClientError) as err:
+            await put.put_object(Bucket="b", Key="k", Body=b"body")
+    assert len(seen) == 3
+    assert err.value.response["Error"]["Code"] == "SlowDown"
+    assert s3mod.S3Store("t.s3", S3StoreSettings(bucket_name="bbb"))._map_error(
+        err.value, "PutObject", "k").__class__ is TransientError
+
+
+async def test_an_endpoint_behind_a_proxy_keeps_every_put_in_botocore(
+    rclone_s3: RcloneS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore honours HTTP(S)_PROXY; the signed path does not, so it steps aside."""
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    proxied = store_for(rclone_s3)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    bypassed = store_for(rclone_s3)
+    try:
+        monkeypatch.delenv("NO_PROXY")
+        await proxied._get_client()
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        await bypassed._get_client()
+        assert proxied._signed is None
+        assert bypassed._signed is not None
+    finally:
+        await proxied.close()
+        await bypassed.close()
 
 
 def test_verified_digests_trusts_a_matching_identity_and_hashes_the_rest(

@@ -18,6 +18,7 @@ from sinks.mlflow_rest import MlflowApiError, MlflowConnectionSettings, MlflowRe
 from sinks.registries.mlflow import MlflowSettings, MlflowSink
 from sinks.registry import check_component, create_sink
 from sinks.trackers.mlflow import clear_run_cache, logged_tag
+from tests.servers_common import serve_app
 from tests.servers_mlflow import MlflowServer, free_port, make_item, mlflow_server
 
 __all__ = ["mlflow_server"]  # the fixture, imported for pytest
@@ -358,11 +359,7 @@ async def test_status_mapping_and_authentication():
     app.router.add_get("/echo/api/2.0/mlflow/experiments/search", echo)
     app.router.add_get("/{name}/api/2.0/mlflow/experiments/search", handler)
     app.router.add_get("/html/api/2.0/mlflow/experiments/search", html)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with serve_app(app) as base:
         for name, expected, pattern in (
             ("throttled", TransientError, "429"),
             ("broken", TransientError, "503: db down"),
@@ -371,7 +368,7 @@ async def test_status_mapping_and_authentication():
         ):
             client = MlflowRest(
                 MlflowConnectionSettings(
-                    tracking_uri=f"http://127.0.0.1:{port}/{name}", token="t0ken-value"
+                    tracking_uri=f"{base}/{name}", token="t0ken-value"
                 )
             )
             try:
@@ -383,12 +380,12 @@ async def test_status_mapping_and_authentication():
         for settings, expected_auth in (
             ({"token": "tok"}, "Bearer tok"),
             ({"username": "u", "password": "p"}, "Basic dTpw"),
-            ({"tracking_uri": f"http://u:p@127.0.0.1:{port}/echo"}, "Basic dTpw"),
+            ({"tracking_uri": f"{base}/echo".replace("//", "//u:p@")}, "Basic dTpw"),
             ({}, None),
         ):
             client = MlflowRest(
                 MlflowConnectionSettings.model_validate(
-                    {"tracking_uri": f"http://127.0.0.1:{port}/echo", **settings}
+                    {"tracking_uri": f"{base}/echo", **settings}
                 )
             )
             try:
@@ -396,8 +393,6 @@ async def test_status_mapping_and_authentication():
             finally:
                 await client.close()
             assert answer == {"auth": expected_auth}
-    finally:
-        await runner.cleanup()
 
 
 async def test_client_errors_are_permanent_with_mlflow_error_code(mlflow_server: MlflowServer):

@@ -131,6 +131,11 @@ class BufferReader:
     def __len__(self) -> int:
         return len(self._view)
 
+    @property
+    def view(self) -> memoryview:
+        """The whole buffer, whatever has been read of it."""
+        return self._view
+
     def tell(self) -> int:
         return self._pos
 

@@ -72,6 +72,7 @@ from sinks.stores.files import (
     verified_digests,
 )
 from sinks.stores.local import versioned_key
+from sinks.stores.s3_signed import SignedPut
 from sinks.urls import reject_userinfo, without_userinfo
 
 __all__ = ["S3Store", "S3StoreSettings", "content_md5"]
@@ -226,6 +227,7 @@ class S3Store(BaseBatchSink):
         )
         self._probe_lock = asyncio.Lock()
         self._claims = KeyClaims()  # one writer per key at a time (see claims.py)
+        self._signed: SignedPut | None = None  # small puts where botocore is skipped
 
     # -- client -------------------------------------------------------------------
 
@@ -282,7 +284,31 @@ class S3Store(BaseBatchSink):
                         f"s3 sink {self.sink_id}: cannot create an S3 client for bucket "
                         f"{self.bucket!r}: {without_userinfo(str(exc))}"
                     ) from exc
+                if s.endpoint_url and style == "path" and not _proxied(s.endpoint_url):
+                    self._signed = await self._signed_put(session, kwargs)
         return self._client
+
+    async def _signed_put(self, session: Any, kwargs: dict[str, Any]) -> SignedPut:
+        """Small puts past botocore's pipeline (s3_signed.py), same endpoint and keys."""
+        from botocore.credentials import Credentials
+
+        s = self.settings
+        if "aws_access_key_id" in kwargs:
+            credentials = Credentials(
+                kwargs["aws_access_key_id"], kwargs["aws_secret_access_key"],
+                kwargs.get("aws_session_token"),
+            )
+        else:
+            credentials = await session.get_credentials()
+        http_session = await self._stack.enter_async_context(aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max(10, 2 * s.max_concurrency)),
+            timeout=aiohttp.ClientTimeout(sock_connect=s.connect_timeout,
+                                          sock_read=s.read_timeout),
+            headers={"User-Agent": _USER_AGENT},
+        ))
+        assert s.endpoint_url is not None
+        return SignedPut(http_session, s.endpoint_url, self._client.meta.region_name,
+                         credentials, s.max_attempts)
 
     async def open(self) -> None:
         client = await self._get_client()
@@ -292,6 +318,7 @@ class S3Store(BaseBatchSink):
     async def close(self) -> None:
         await self._stack.aclose()
         self._client = None
+        self._signed = None
 
     async def health(self) -> bool:
         try:
@@ -806,11 +833,13 @@ class S3Store(BaseBatchSink):
             # Sent from the file: a change after this check fails the Content-MD5.
             digests = await asyncio.to_thread(verified_digests, path, staged)
             fh = await asyncio.to_thread(path.open, "rb")
+        # An in-memory body skips botocore where the endpoint allows (s3_signed.py).
+        putter: Any = self._signed if self._signed and isinstance(fh, BufferReader) else client
         try:
             response = await self._call(
                 "PutObject",
                 key,
-                client.put_object(
+                putter.put_object(
                     Bucket=self.bucket,
                     Key=key,
                     Body=fh,
@@ -1039,6 +1068,13 @@ class S3Store(BaseBatchSink):
     async def _discard(self, client: Any, key: str) -> None:
         with contextlib.suppress(Exception):
             await client.delete_object(Bucket=self.bucket, Key=key)
+
+
+def _proxied(url: str) -> bool:
+    """Whether botocore would send requests to `url` through an HTTP(S)_PROXY."""
+    from botocore.utils import get_environ_proxies
+
+    return bool(get_environ_proxies(url))
 
 
 def _prefix_sha256(path: Path, length: int) -> str:

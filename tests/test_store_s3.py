@@ -667,9 +667,10 @@ async def test_bodies_with_a_content_md5_are_sent_unsigned_and_the_rest_signed(
         event_name.rsplit(".", 1)[1], request.url, request.headers))
     assert store._signed is not None
     http = store._signed._http
-    put = http.put
-    monkeypatch.setattr(http, "put", lambda url, **kw: (
-        capture("PutObject", str(url), kw["headers"]), put(url, **kw))[1])
+    send = http.request
+    monkeypatch.setattr(http, "request", lambda method, url, **kw: (
+        capture("PutObject" if method == "PUT" else method, str(url), kw["headers"]),
+        send(method, url, **kw))[1])
     big = write_file(tmp_path / "big" / "model.bin", 2 * PART + 9, seed=21)
     small = write_file(tmp_path / "small" / "model.bin", 3000, seed=22)
     await store.deliver(make_item(big, target="signing/big"))
@@ -715,6 +716,33 @@ async def test_small_puts_go_past_botocore_with_their_key_metadata_and_headers(
     assert head["ContentLength"] == 5000
     assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
     assert not [p for p in botocore_puts if "odd" in p]
+
+
+async def test_a_batch_listing_past_botocore_reads_awkward_keys_back_exactly(
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keys come back URL-encoded from the listing: one with a space, a plus, a percent
+    sign and non-ASCII letters, already stored, must be found taken (a HEAD, then a
+    replay), not mistaken for a free key and written blind."""
+    client = await store._get_client()
+    botocore_lists: list[int] = []
+    client.meta.events.register("before-call.s3.ListObjectsV2",
+                                lambda **_: botocore_lists.append(1))
+    files = [write_file(tmp_path / f"f{i}" / "m ü.bin", 700, seed=40 + i) for i in range(4)]
+    targets = [f"awk/r{i} a+b%20c=é" for i in range(4)]
+    await store.deliver(make_item(files[2], target=targets[2]))
+    heads = spy(monkeypatch, "_head")
+
+    outcomes = await store.deliver_batch(
+        [make_item(f, target=t) for f, t in zip(files, targets, strict=True)])
+
+    assert heads == [1], "the stored key was listed as taken, the others as free"
+    assert not botocore_lists
+    for i, outcome in enumerate(outcomes):
+        assert isinstance(outcome, DeliveryResult) and outcome.skipped == (i == 2)
+        key = f"{targets[i]}/m ü.bin"
+        assert await remote_sha256(s3_client, rclone_s3.bucket, key) == files[i].sha256
 
 
 async def test_signed_put_answers_read_as_botocore_errors(
@@ -770,7 +798,7 @@ async def test_signed_put_retries_throttling_as_botocore_and_then_gives_up(
     app = web.Application()
     app.router.add_put("/{tail:.*}", answer)
     async with serve_app(app) as base, aiohttp.ClientSession() as http:
-        put = s3_signed.SignedPut(http, base, "us-east-1", Credentials("abc", "secret"),
+        put = s3_signed.SignedS3(http, base, "us-east-1", Credentials("abc", "secret"),
                                   max_attempts=3)
         answered = await put.put_object(Bucket="b", Key="k", Body=b"body")
         assert answered == {"ETag": '"e"', "VersionId": "v1"}

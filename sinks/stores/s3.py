@@ -72,7 +72,7 @@ from sinks.stores.files import (
     verified_digests,
 )
 from sinks.stores.local import versioned_key
-from sinks.stores.s3_signed import SignedPut
+from sinks.stores.s3_signed import SignedS3
 from sinks.urls import reject_userinfo, without_userinfo
 
 __all__ = ["S3Store", "S3StoreSettings", "content_md5"]
@@ -227,7 +227,7 @@ class S3Store(BaseBatchSink):
         )
         self._probe_lock = asyncio.Lock()
         self._claims = KeyClaims()  # one writer per key at a time (see claims.py)
-        self._signed: SignedPut | None = None  # small puts where botocore is skipped
+        self._signed: SignedS3 | None = None  # small puts, listings: botocore skipped
 
     # -- client -------------------------------------------------------------------
 
@@ -288,7 +288,7 @@ class S3Store(BaseBatchSink):
                     self._signed = await self._signed_put(session, kwargs)
         return self._client
 
-    async def _signed_put(self, session: Any, kwargs: dict[str, Any]) -> SignedPut:
+    async def _signed_put(self, session: Any, kwargs: dict[str, Any]) -> SignedS3:
         """Small puts past botocore's pipeline (s3_signed.py), same endpoint and keys."""
         from botocore.credentials import Credentials
 
@@ -307,7 +307,7 @@ class S3Store(BaseBatchSink):
             headers={"User-Agent": _USER_AGENT},
         ))
         assert s.endpoint_url is not None
-        return SignedPut(http_session, s.endpoint_url, self._client.meta.region_name,
+        return SignedS3(http_session, s.endpoint_url, self._client.meta.region_name,
                          credentials, s.max_attempts)
 
     async def open(self) -> None:
@@ -544,7 +544,7 @@ class S3Store(BaseBatchSink):
                 }
                 if left[0][:-1]:
                     kwargs["StartAfter"] = left[0][:-1]  # sorts just before left[0]
-                page = await client.list_objects_v2(**kwargs)
+                page = await (self._signed or client).list_objects_v2(**kwargs)
                 contents = page.get("Contents") or []
                 taken = {str(o["Key"]) for o in contents}
                 covered_to = str(contents[-1]["Key"]) if page.get("IsTruncated") else left[-1]

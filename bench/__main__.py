@@ -31,9 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS], metavar="SCENARIO",
                         help=f"default: all of {', '.join(SCENARIOS)}")
     args = parser.parse_args(argv)
+    if args.json:
+        # Found out now, not after minutes of benchmarking (bench/out/ is not committed).
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.touch()
+        except OSError as exc:
+            parser.error(f"--json {args.json}: cannot write there ({exc.strerror}); "
+                         "give a path in a writable directory")
     names = args.scenarios or list(SCENARIOS)
     reps = max(3, args.reps)
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a log file: 80 columns would cut every cell short
     results = []
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="router-bench-", dir=args.workdir) as tmp:

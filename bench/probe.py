@@ -3,6 +3,7 @@ comparisons of a change, alternating with a worktree of the commit before.
 
     PYTHONPATH=<tree> python bench/probe.py small-to-local [N]    # 4 KiB bundles
     PYTHONPATH=<tree> python bench/probe.py small-to-s3 [N]       # 16 KiB, rclone serve s3
+    PYTHONPATH=<tree> python bench/probe.py mqtt-intake [N]       # inline metrics, mosquitto
 
 PROBE_OVERWRITE=1 routes small-to-s3 with `on_conflict: overwrite` (no presence check).
 The S3 server's CPU is reported too: on 2 cores it competes with the daemon.
@@ -33,6 +34,11 @@ def _cpu(pid: int) -> tuple[float, float]:
 
 def probe(scenario: str, n: int) -> str:
     work = Path(tempfile.mkdtemp(prefix="probe-"))
+    if scenario == "mqtt-intake":
+        try:
+            return _probe_mqtt(work, n)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     server = None
     try:
         if scenario == "small-to-local":
@@ -62,6 +68,29 @@ def probe(scenario: str, n: int) -> str:
         if server is not None:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _probe_mqtt(work: Path, n: int) -> str:
+    """A burst of `n` messages at QoS 1, first publish to last catalogued."""
+    from bench.scenarios_mqtt import MqttDaemon, _broker, _payloads, _publish_burst, _wait_done
+
+    messages = _payloads(n, "probe")
+    broker = _broker(work / "broker")
+    try:
+        daemon = MqttDaemon(work / "router", broker)
+        daemon.start()
+        assert daemon.proc is not None
+        user0, sys0 = _cpu(daemon.proc.pid)
+        t0, _ = _publish_burst(broker.port, messages)
+        _wait_done([daemon], n)
+        seconds = daemon.last_finished() - t0
+        user1, sys1 = _cpu(daemon.proc.pid)
+        daemon.stop()
+    finally:
+        broker.stop()
+    user, system = user1 - user0, sys1 - sys0
+    return (f"mqtt-intake: {n / seconds:.0f} msg/s; daemon CPU user {user:.2f} s, "
+            f"sys {system:.2f} s, {(user + system) / n * 1000:.3f} ms per message")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`s3` artifact store: any S3-compatible object store, through aiobotocore.
+"""`s3` artifact store: any S3-compatible object store, through aiobotocore (small puts
+and listings to a path-style endpoint signed and sent directly: s3_signed.py).
 
 Idempotency and conflicts follow the `local` store: one object per file at
 `prefix/object_key(target, file)`; an object already there with the same sha256 is a
@@ -285,10 +286,10 @@ class S3Store(BaseBatchSink):
                         f"{self.bucket!r}: {without_userinfo(str(exc))}"
                     ) from exc
                 if s.endpoint_url and style == "path" and not _proxied(s.endpoint_url):
-                    self._signed = await self._signed_put(session, kwargs)
+                    self._signed = await self._signed_requests(session, kwargs)
         return self._client
 
-    async def _signed_put(self, session: Any, kwargs: dict[str, Any]) -> SignedS3:
+    async def _signed_requests(self, session: Any, kwargs: dict[str, Any]) -> SignedS3:
         """Small puts past botocore's pipeline (s3_signed.py), same endpoint and keys."""
         from botocore.credentials import Credentials
 

@@ -21,6 +21,7 @@ from router.intake import (
     FileHash,
     Rejection,
     load_bundle,
+    read_bounded,
     settled_identity,
     sha256_file,
     sha256_files,
@@ -604,3 +605,22 @@ def test_whole_second_timestamps_need_two_seconds_of_settling(tmp_path: Path) ->
     at = stamp * 10**9
     assert settled_identity(coarse, coarse, real.st_size, at + 1_500_000_000) is None
     assert settled_identity(coarse, coarse, real.st_size, at + 2_500_000_000) is not None
+
+
+@pytest.mark.parametrize(("written", "expected", "limit", "read"), [
+    (100, 100, 1000, 100),     # as stat said
+    (5000, 100, 100_000, 5000),  # grew after the stat: read to its end
+    (5000, 100, 1001, 1001),   # grew past the limit: one byte over, so it shows
+    (0, 0, 10, 0),
+])
+def test_read_bounded_reads_to_the_end_but_never_past_the_limit(
+    tmp_path: Path, written: int, expected: int, limit: int, read: int,
+) -> None:
+    path = tmp_path / "manifest.json"
+    data = os.urandom(written)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert read_bounded(fd, expected, limit) == data[:read]
+    finally:
+        os.close(fd)

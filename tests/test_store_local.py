@@ -105,6 +105,20 @@ def test_two_items_of_one_batch_aiming_at_one_key(store: LocalStore, src: Path) 
     assert temp_files(store) == []
 
 
+@pytest.mark.parametrize("size", [0, 1, 1024 * 1024, 2 * 1024 * 1024 + 3],
+                         ids=["empty", "one-byte", "one-buffer", "three-buffers"])
+def test_files_of_every_size_are_copied_byte_for_byte(
+    store: LocalStore, src: Path, size: int,
+) -> None:
+    """The copy reads through one buffer sized for the file (at most 1 MiB) and writes
+    unbuffered: the edges of that buffer must neither drop nor repeat a byte."""
+    data = os.urandom(size)
+    result = asyncio.run(store.deliver(item("a", "x", [staged(src, "m.bin", data)])))
+    assert (store.root / "x" / "m.bin").read_bytes() == data
+    assert result.objects[0].sha256 == hashlib.sha256(data).hexdigest()
+    assert temp_files(store) == []
+
+
 def test_a_replayed_batch_is_a_no_op(store: LocalStore, src: Path) -> None:
     batch = [item(str(i), f"r{i}", [staged(src, "m.bin", os.urandom(100))]) for i in range(20)]
     first = asyncio.run(store.deliver_batch(batch))

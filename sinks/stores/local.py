@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import io
+import itertools
 import os
 import stat
 import threading
@@ -25,7 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, ClassVar
+from typing import ClassVar
 
 from router.rules import object_key
 from sinks.base import (
@@ -111,6 +113,10 @@ class LocalStore(BaseBatchSink):
         # Batches run in worker threads: an item's files are put in place as one unit
         # (see _commit), and check-then-rename is atomic where hard links are missing.
         self._place_lock = threading.Lock()
+        # Temp names: unique per process by the prefix, within it by the counter (a
+        # uuid4 per file cost a getrandom syscall each).
+        self._tmp_prefix = uuid.uuid4().hex[:16]
+        self._tmp_numbers = itertools.count()
 
     def _path_for(self, key: str) -> Path:
         parts = key.split("/")
@@ -211,7 +217,7 @@ class LocalStore(BaseBatchSink):
             if existing is not None and not unchanged and on_conflict != "overwrite":
                 raise _conflict(dest, existing, staged.sha256)
             if not unchanged:
-                tmp = self._copy(staged.path, dest, staged.sha256)
+                tmp = self._copy(staged.path, dest, staged.sha256, staged.size)
                 pending.renames.append((tmp, dest, len(pending.objects)))
                 mine[dest] = staged.sha256
             pending.objects.append(
@@ -225,20 +231,27 @@ class LocalStore(BaseBatchSink):
             )
         claimed.update(mine)
 
-    def _copy(self, source: Path, dest: Path, expected_sha256: str) -> Path:
-        """Copy to a temp file, hashing on the way; the temp file's path."""
+    def _copy(self, source: Path, dest: Path, expected_sha256: str, size: int) -> Path:
+        """Copy to a temp file, hashing on the way; the temp file's path.
+
+        Unbuffered, through one buffer sized for the file: a buffered file object costs
+        an isatty ioctl and an lseek per open, and each syscall of a worker thread can
+        hand the GIL over (this runs for every file of every small bundle).
+        """
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Temp files live in the store's own folder (same file system, so the rename is
         # atomic), never next to user files: cleaning up can't touch a stored artifact.
-        tmp = self.root / TMP_DIR / f"{uuid.uuid4().hex}.part"
+        tmp = self.root / TMP_DIR / f"{self._tmp_prefix}-{next(self._tmp_numbers)}.part"
         digest = hashlib.sha256()
+        buffer = memoryview(bytearray(min(_CHUNK, size + 1)))
         try:
-            with open(source, "rb") as src, self._open_temp(tmp) as out:
-                while chunk := src.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
+            with open(source, "rb", buffering=0) as src, self._open_temp(tmp) as out:
+                while n := src.readinto(buffer):
+                    digest.update(buffer[:n])
+                    written = 0
+                    while written < n:  # a raw write may take part of it
+                        written += out.write(buffer[written:n])
                 if self.settings.fsync and not HAVE_SYNCFS:
-                    out.flush()
                     os.fsync(out.fileno())
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -252,12 +265,12 @@ class LocalStore(BaseBatchSink):
             )
         return tmp
 
-    def _open_temp(self, tmp: Path) -> BinaryIO:
+    def _open_temp(self, tmp: Path) -> io.FileIO:
         try:
-            return open(tmp, "wb")
+            return open(tmp, "xb", buffering=0)
         except FileNotFoundError:  # the first write, or someone removed the folder
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            return open(tmp, "wb")
+            return open(tmp, "xb", buffering=0)
 
     def _commit(self, ready: list[_Pending]) -> None:
         """Make the copies durable, rename them into place, make the renames durable.

@@ -96,6 +96,13 @@ class CheckedFile(NamedTuple):
 def open_regular(path: Path, expected: os.stat_result | None = None) -> int:
     """A descriptor on the regular file at `path`, and, given `expected`, the same file
     (st_dev, st_ino) that was checked; else FileChanged (or ELOOP for a final symlink)."""
+    return _open_regular(path, expected)[0]
+
+
+def _open_regular(
+    path: Path, expected: os.stat_result | None = None
+) -> tuple[int, os.stat_result]:
+    """open_regular, with the descriptor's stat."""
     fd = os.open(path, _OPEN_FLAGS)
     try:
         st = os.fstat(fd)
@@ -106,7 +113,7 @@ def open_regular(path: Path, expected: os.stat_result | None = None) -> int:
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, st
 
 
 class FileHash(NamedTuple):
@@ -132,15 +139,17 @@ def sha256_file(path: Path, expected: os.stat_result | None = None) -> FileHash:
     digest = hashlib.sha256()
     size = 0
     started = time.time_ns()
-    # Hashed from the checked fd, unbuffered into one buffer sized for the file (see
-    # read_bounded for why not a buffered file object).
-    with os.fdopen(open_regular(path, expected), "rb", buffering=0) as fh:
-        before = os.fstat(fh.fileno())
+    # Hashed from the checked fd, straight into one buffer sized for the file (see
+    # read_bounded for why not a file object).
+    fd, before = _open_regular(path, expected)
+    try:
         buffer = memoryview(bytearray(min(_CHUNK, before.st_size + 1)))
-        while n := fh.readinto(buffer):
+        while n := os.readv(fd, [buffer]):
             digest.update(buffer[:n])
             size += n
-        after = os.fstat(fh.fileno())
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
     return FileHash(digest.hexdigest(), size, settled_identity(before, after, size, started))
 
 

@@ -745,6 +745,30 @@ async def test_a_batch_listing_past_botocore_reads_awkward_keys_back_exactly(
         assert await remote_sha256(s3_client, rclone_s3.bucket, key) == files[i].sha256
 
 
+@pytest.mark.parametrize("token", [None, "session-token-1"], ids=["keys", "keys-and-token"])
+async def test_keys_from_the_aws_credential_chain_sign_the_direct_requests(
+    tmp_path: Path, s3_client: Any, rclone_s3: RcloneS3, monkeypatch: pytest.MonkeyPatch,
+    token: str | None,
+) -> None:
+    """No keys in the config: the signed path takes botocore's own credential chain
+    (here the environment), as botocore's client does."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", rclone_s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", rclone_s3.secret_key)
+    if token:
+        monkeypatch.setenv("AWS_SESSION_TOKEN", token)
+    settings = rclone_s3.settings(aws_access_key_id=None, aws_secret_access_key=None)
+    sink = S3Store("test.s3", S3StoreSettings(**settings))
+    staged = write_file(tmp_path / "m.bin", 2000, seed=51)
+    try:
+        await sink._get_client()
+        assert sink._signed is not None
+        await sink.deliver(make_item(staged, target=f"chain-{bool(token)}"))
+    finally:
+        await sink.close()
+    key = f"chain-{bool(token)}/m.bin"
+    assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
+
+
 async def test_signed_put_answers_read_as_botocore_errors(
     tmp_path: Path, rclone_s3: RcloneS3
 ) -> None:

@@ -8,6 +8,7 @@ reports medians, the ratio and peak RSS.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import platform
 import sys
@@ -33,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.json:
         # Found out now, not after minutes of benchmarking (bench/out/ is not committed).
+        # Nothing is written yet: a run that fails leaves no empty file behind.
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.touch()
+            if not os.access(args.json if args.json.exists() else args.json.parent, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         except OSError as exc:
             parser.error(f"--json {args.json}: cannot write there ({exc.strerror}); "
                          "give a path in a writable directory")

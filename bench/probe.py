@@ -33,24 +33,22 @@ def _cpu(pid: int) -> tuple[float, float]:
 
 
 def probe(scenario: str, n: int) -> str:
+    if scenario not in ("small-to-local", "small-to-s3", "mqtt-intake"):
+        raise SystemExit(f"unknown scenario {scenario!r}: small-to-local, small-to-s3 or "
+                         "mqtt-intake")
     work = Path(tempfile.mkdtemp(prefix="probe-"))
-    if scenario == "mqtt-intake":
-        try:
-            return _probe_mqtt(work, n)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
     server = None
     try:
+        if scenario == "mqtt-intake":
+            return _probe_mqtt(work, n)
         if scenario == "small-to-local":
             bundles = _stage_bundles(work / "staging", n, 4096)
             stack = LOCAL_STACK(work / "store")
-        elif scenario == "small-to-s3":
+        else:
             server = _s3_server(work)
             bundles = _stage_bundles(work / "staging", n, 16 * 1024)
             rule = {"on_conflict": "overwrite"} if os.environ.get("PROBE_OVERWRITE") else {}
             stack = _s3_stack(server, "probe", **rule)
-        else:
-            raise SystemExit(f"unknown scenario {scenario!r}: small-to-local or small-to-s3")
         daemon = DaemonUnderTest(work / "router", stack)
         daemon.start()
         assert daemon.proc is not None

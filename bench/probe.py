@@ -4,6 +4,7 @@ comparisons of a change, alternating with a worktree of the commit before.
     PYTHONPATH=<tree> python bench/probe.py small-to-local [N]    # 4 KiB bundles
     PYTHONPATH=<tree> python bench/probe.py small-to-s3 [N]       # 16 KiB, rclone serve s3
     PYTHONPATH=<tree> python bench/probe.py mqtt-intake [N]       # inline metrics, mosquitto
+    PYTHONPATH=<tree> python bench/probe.py large-to-s3 [MiB]     # one file, and s5cmd's time
 
 PROBE_OVERWRITE=1 routes small-to-s3 with `on_conflict: overwrite` (no presence check).
 The S3 server's CPU is reported too: on 2 cores it competes with the daemon.
@@ -15,11 +16,15 @@ probe of its own. Nothing is compared with a peer here: that is `python -m bench
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 from bench.harness import DaemonUnderTest
 from bench.scenarios import LOCAL_STACK, _route, _s3_server, _s3_stack, _stage_bundles
@@ -33,14 +38,17 @@ def _cpu(pid: int) -> tuple[float, float]:
 
 
 def probe(scenario: str, n: int) -> str:
-    if scenario not in ("small-to-local", "small-to-s3", "mqtt-intake"):
-        raise SystemExit(f"unknown scenario {scenario!r}: small-to-local, small-to-s3 or "
-                         "mqtt-intake")
+    if scenario not in ("small-to-local", "small-to-s3", "mqtt-intake", "large-to-s3"):
+        raise SystemExit(f"unknown scenario {scenario!r}: small-to-local, small-to-s3, "
+                         "mqtt-intake or large-to-s3")
     work = Path(tempfile.mkdtemp(prefix="probe-"))
     server = None
     try:
         if scenario == "mqtt-intake":
             return _probe_mqtt(work, n)
+        if scenario == "large-to-s3":
+            server = _s3_server(work)
+            return _probe_large(work, server, n)
         if scenario == "small-to-local":
             bundles = _stage_bundles(work / "staging", n, 4096)
             stack = LOCAL_STACK(work / "store")
@@ -66,6 +74,51 @@ def probe(scenario: str, n: int) -> str:
         if server is not None:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _probe_large(work: Path, server: Any, mib: int) -> str:
+    """One `mib` MiB file through the daemon, then through s5cmd against the same server.
+
+    The daemon's time is split at the journal commit (the delivery row's created_at):
+    before it, intake (manifest, sha256 of the file); after it, the upload. Each side's
+    CPU and the server's are given: on 2 cores the three compete.
+    """
+    from bench.scenarios import _peer_s3
+
+    src = work / "large"
+    src.mkdir()
+    with open(src / "model.bin", "wb") as fh:
+        for _ in range(mib):
+            fh.write(os.urandom(1024 * 1024))
+    staging = work / "staging" / "big"
+    staging.mkdir(parents=True)
+    os.link(src / "model.bin", staging / "model.bin")
+    (staging / "manifest.json").write_text(json.dumps({
+        "manifest_version": 1, "pipeline": "bench", "run_id": "probe", "step_name": "train",
+        "artifacts": [{"type": "model", "name": "big", "upload": True,
+                       "files": [{"path": "model.bin"}]}]}))
+    daemon = DaemonUnderTest(work / "router", _s3_stack(server, "probe"))
+    daemon.start()
+    assert daemon.proc is not None
+    user0, sys0 = _cpu(daemon.proc.pid)
+    s0 = sum(_cpu(server.proc.pid))
+    t0 = time.time()
+    seconds = _route(daemon, [staging])
+    user1, sys1 = _cpu(daemon.proc.pid)
+    s1 = sum(_cpu(server.proc.pid))
+    journaled = float(daemon._query("select min(created_at) from deliveries")[0][0])
+    daemon.stop()
+    s2 = sum(_cpu(server.proc.pid))
+    c2 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peer_seconds, _ = _peer_s3("s5cmd", server, src, "probe-s5cmd")
+    c3 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    s3 = sum(_cpu(server.proc.pid))
+    return (f"large-to-s3 {mib} MiB: router {seconds:.2f} s ({mib / seconds:.0f} MiB/s: intake "
+            f"{journaled - t0:.2f} s, upload {seconds - journaled + t0:.2f} s), CPU user "
+            f"{user1 - user0:.2f} s sys {sys1 - sys0:.2f} s, server CPU {s1 - s0:.2f} s; "
+            f"s5cmd {peer_seconds:.2f} s ({mib / peer_seconds:.0f} MiB/s), CPU user "
+            f"{c3.ru_utime - c2.ru_utime:.2f} s sys {c3.ru_stime - c2.ru_stime:.2f} s, server "
+            f"CPU {s3 - s2:.2f} s")
 
 
 def _probe_mqtt(work: Path, n: int) -> str:

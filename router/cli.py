@@ -116,8 +116,9 @@ def run(
                                               "through this stack")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
-    """Run the daemon until SIGTERM or SIGINT (then drain and exit 0); SIGHUP reloads
-    the config file."""
+    """Run the daemon until SIGTERM or SIGINT (then drain and exit 0).
+
+    SIGHUP reloads the config file."""
     # First of all: a signal that arrives while the daemon starts (the imports, the
     # config, the journal's migrations) is noted here and acted on by the daemon once it
     # has started, instead of killing it (SIGHUP's and SIGTERM's default action).
@@ -327,8 +328,9 @@ def emit(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write one bundle atomically into the spool (for bash, R or any non-Python job),
-    or with --mqtt publish it (small files inlined, others by file:// URI)."""
+    """Write one bundle atomically into the spool, for bash, R or any non-Python job.
+
+    With --mqtt, publish it instead (small files inlined, others by file:// URI)."""
     from router.manifest import ManifestError, parse_manifest
 
     loaded = _load(config) if spool is None or mqtt else None

@@ -624,3 +624,106 @@ def test_read_bounded_reads_to_the_end_but_never_past_the_limit(
         assert read_bounded(fd, expected, limit) == data[:read]
     finally:
         os.close(fd)
+
+
+# -- intake: large bundles hashed apart --------------------------------------------------
+
+
+def test_a_large_bundle_is_hashed_apart_and_holds_back_only_its_own_run(
+        tmp_path: Path) -> None:
+    """A bundle over `hash_apart_bytes` is hashed in a task of its own: a small bundle of
+    another run, renamed in after it, is journaled while it still hashes (before, every
+    bundle behind it waited the seconds a checkpoint takes). Bundles of its run, and
+    bundles naming its run as an input, wait for it, so lineage resolves in order. The
+    large one's hashing is held at a gate here, to see who passes meanwhile."""
+    import asyncio
+    import threading
+
+    paths = _spool(tmp_path)
+    gate = threading.Event()
+    load_many = spool_module._load_many
+
+    def gated(paths_: list[Path], held: tuple[Path, ...], hash_up_to: int | None) -> Any:
+        if hash_up_to is None:  # the large bundle's own read: it hashes its files
+            assert gate.wait(30), "the test never opened the gate"
+        return load_many(paths_, held, hash_up_to)
+
+    big = os.urandom(3 * 1024 * 1024)
+
+    def metrics(run_id: str, **extra: Any) -> dict[str, Any]:
+        return {"manifest_version": 1, "pipeline": "fraud", "run_id": run_id,
+                "step_name": "eval", **extra,
+                "artifacts": [{"type": "metrics", "name": "m", "values": {"a": 1}}]}
+
+    def prepare(source: SpoolSource) -> None:
+        source.hash_apart_bytes = 1024 * 1024
+
+    async def scenario() -> None:
+        spool_module._load_many = gated  # type: ignore[assignment]
+        try:
+            async with _running_source(tmp_path, paths, prepare) as source:
+                write_bundle(paths.root, "large", model_manifest("m", run_id="A"),
+                             {"model.pkl": big})
+                await asyncio.sleep(0.3)
+                write_bundle(paths.root, "other-run", metrics("B"))
+                write_bundle(paths.root, "same-run", metrics("A"))
+                write_bundle(paths.root, "consumer", metrics(
+                    "C", inputs=["fraud/A/train/m"]))
+                await _taken(paths, "other-run")
+                await asyncio.sleep(0.5)  # a batch or two more: still nothing of run A
+                assert sorted(os.listdir(paths.incoming)) == ["consumer", "large", "same-run"]
+                gate.set()
+                for name in ("large", "same-run", "consumer"):
+                    await _taken(paths, name)
+                record = await source.journal.event_record("large")
+                staged = record["files"][0][0]
+                assert staged["sha256"] == hashlib.sha256(big).hexdigest()
+                assert staged["size"] == len(big)
+                assert (await source.journal.known_events(
+                    ["large", "same-run", "consumer", "other-run"])).keys() == {
+                    "large", "same-run", "consumer", "other-run"}
+        finally:
+            gate.set()
+            spool_module._load_many = load_many
+
+    asyncio.run(scenario())
+
+
+def test_a_large_bundle_the_journal_refused_stays_in_incoming_and_is_taken_later(
+        tmp_path: Path) -> None:
+    """The journal failing (a full disk, here its first accept raising) while a large
+    bundle is hashed apart: nothing was acknowledged, so the bundle stays in incoming/,
+    the source reports itself unhealthy, and the bundle is read and journaled again."""
+    import asyncio
+
+    paths = _spool(tmp_path)
+    big = os.urandom(2 * 1024 * 1024)
+    seen_unhealthy: list[bool] = []
+
+    def prepare(source: SpoolSource) -> None:
+        source.hash_apart_bytes = 1024 * 1024
+        accept = source.journal.accept
+        calls = 0
+
+        async def failing_once(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise OSError(28, "No space left on device")
+            seen_unhealthy.append(not source.healthy)
+            return await accept(*args, **kwargs)
+
+        source.journal.accept = failing_once  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        async with _running_source(tmp_path, paths, prepare) as source:
+            write_bundle(paths.root, "large", model_manifest("m", run_id="A"),
+                         {"model.pkl": big})
+            await asyncio.sleep(0.5)
+            assert (paths.incoming / "large" / "model.pkl").read_bytes() == big
+            await _taken(paths, "large")
+            record = await source.journal.event_record("large")
+            assert record["files"][0][0]["sha256"] == hashlib.sha256(big).hexdigest()
+        assert seen_unhealthy == [True]  # the retry came while it was reported unhealthy
+
+    asyncio.run(scenario())

@@ -25,7 +25,14 @@ import watchfiles
 
 from router.db import until_it_answers
 from router.errors import Problem
-from router.intake import AcceptedEvent, Rejection, bundle_path_ok, load_bundle, not_utf8
+from router.intake import (
+    AcceptedEvent,
+    LargeBundle,
+    Rejection,
+    bundle_path_ok,
+    load_bundle,
+    not_utf8,
+)
 from router.journal import AcceptOutcome, DeliveryJournal, FinishedEvent, Handoff, Planner
 from router.metrics import RouterMetrics
 
@@ -62,7 +69,8 @@ class SpoolPaths:
         return None
 
 
-def _load_if_complete(path: Path) -> AcceptedEvent | Rejection | None:
+def _load_if_complete(path: Path, hash_up_to: int | None = None
+                      ) -> AcceptedEvent | Rejection | LargeBundle | None:
     """Read a bundle if it is one (a directory with manifest.json), in a worker thread.
 
     A symlink is refused (load_bundle says why), whether or not it leads to a manifest;
@@ -79,7 +87,7 @@ def _load_if_complete(path: Path) -> AcceptedEvent | Rejection | None:
         return None
     except OSError:
         pass  # ELOOP, EACCES...: load_bundle rejects it, naming the entry and the error
-    return load_bundle(path, time.time())
+    return load_bundle(path, time.time(), hash_up_to)
 
 
 @functools.lru_cache(maxsize=256)  # once per name: a file being written changes often
@@ -88,13 +96,15 @@ def _not_a_bundle(name: str) -> None:
                 entry=not_utf8(name) or name)
 
 
-def _load_many(paths: list[Path], held: tuple[Path, ...]
-               ) -> list[AcceptedEvent | Rejection | None]:
-    return [_named_uniquely(_load_if_complete(p), held) for p in paths]
+Loaded = AcceptedEvent | Rejection | LargeBundle | None
 
 
-def _named_uniquely(result: AcceptedEvent | Rejection | None, held: tuple[Path, ...]
-                    ) -> AcceptedEvent | Rejection | None:
+def _load_many(paths: list[Path], held: tuple[Path, ...], hash_up_to: int | None
+               ) -> list[Loaded]:
+    return [_named_uniquely(_load_if_complete(p, hash_up_to), held) for p in paths]
+
+
+def _named_uniquely(result: Loaded, held: tuple[Path, ...]) -> Loaded:
     """Journal a bundle under the name it will have in accepted/ or failed/.
 
     Deliveries and moves find a bundle by its journaled name. A name still held by an
@@ -181,6 +191,7 @@ class SpoolSource:
         batch_size: int = 256,
         rescan_seconds: float = 5.0,
         retention_days: float = 7.0,
+        hash_apart_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.paths = paths
         self.journal = journal
@@ -191,6 +202,15 @@ class SpoolSource:
         self.batch_size = batch_size
         self.rescan_seconds = rescan_seconds
         self.retention_days = retention_days
+        # Bundles over this many bytes are hashed in a task of their own (at most two at
+        # once), so that a checkpoint's seconds of hashing never hold up the small
+        # bundles behind it. Bundles of its run, or naming its run as an input, wait
+        # for it: lineage is resolved in journal order.
+        self.hash_apart_bytes = hash_apart_bytes
+        self._hashing: dict[str, tuple[str, str]] = {}  # name -> its (pipeline, run_id)
+        self._behind: set[str] = set()  # bundles waiting for a run's large bundle
+        self._large_slots = asyncio.Semaphore(2)
+        self._large_tasks: set[asyncio.Task[None]] = set()
         self._pending: set[str] = set()
         # Directories in incoming/ still without manifest.json: name -> (next look,
         # interval). The watcher sees only incoming/ itself, not inside bundles.
@@ -227,29 +247,33 @@ class SpoolSource:
                     waiter.cancel()
                     stopper.cancel()
                     continue
+                self._pending.difference_update(self._hashing, self._behind)
+                if not self._pending:
+                    continue
                 batch = sorted(self._pending)[: self.batch_size]
                 self._pending.difference_update(batch)
                 try:
                     await self._process(batch)
                 except Exception:
-                    # The journal is unavailable (disk full, database down): keep the
-                    # bundles in incoming/ and try again; nothing was acknowledged.
-                    self.healthy = False
-                    log.exception("intake failed; bundles stay in incoming/", count=len(batch))
-                    self.metrics.errors.labels(
-                        component="spool", error_type="journal", stage="intake"
-                    ).inc()
-                    await asyncio.sleep(1.0)
-                    self._pending.update(batch)
-                else:
-                    self.healthy = True
+                    await self._failed(batch)
         finally:
-            for task in tasks:
+            # A large bundle still being hashed stays in incoming/, unacknowledged.
+            for task in [*tasks, *self._large_tasks]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self._large_tasks, return_exceptions=True)
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _failed(self, names: list[str]) -> None:
+        """The journal is unavailable (disk full, database down): keep the bundles in
+        incoming/ and try again in a second; nothing was acknowledged."""
+        self.healthy = False
+        log.exception("intake failed; bundles stay in incoming/", count=len(names),
+                      first=names[0] if names else None)
+        self.metrics.errors.labels(component="spool", error_type="journal", stage="intake").inc()
+        await asyncio.sleep(1.0)
+        self._pending.update(names)
 
     async def _recover(self) -> None:
         """Finish the moves a crash interrupted, from the journal's word on each bundle.
@@ -402,20 +426,64 @@ class SpoolSource:
                 )
         return result
 
-    async def _read_all(self, names: list[str]) -> list[AcceptedEvent | Rejection | None]:
+    async def _read_all(self, names: list[str], hash_up_to: int | None) -> list[Loaded]:
         """Read a batch in one thread hop: a task and a hop per bundle cost more loop
         time than reading a small bundle does, and reading in several threads at once
         cost more than it gained (bench small-to-local, 5,000 bundles: 633 against 550
         bundles/s with four threads, in alternating runs): small bundles are Python
-        work, which holds the GIL, so the threads only took it from each other. Large
-        files are hashed on every core anyway (router.intake.sha256_files)."""
+        work, which holds the GIL, so the threads only took it from each other. A bundle
+        over `hash_up_to` bytes comes back unhashed, as a LargeBundle; its files are
+        hashed on every core later (router.intake.sha256_files)."""
         held = (self.paths.accepted, self.paths.failed, self.paths.done)
         loaded = await asyncio.to_thread(
-            _load_many, [self.paths.incoming / n for n in names], held)
-        return [self._preflight(n, r) for n, r in zip(names, loaded, strict=True)]
+            _load_many, [self.paths.incoming / n for n in names], held, hash_up_to)
+        return [r if isinstance(r, LargeBundle) else self._preflight(n, r)
+                for n, r in zip(names, loaded, strict=True)]
 
     async def _process(self, names: list[str]) -> None:
-        results = await self._read_all(names)
+        loaded = await self._read_all(names, self.hash_apart_bytes)
+        now: list[tuple[str, AcceptedEvent | Rejection | None]] = []
+        for name, result in zip(names, loaded, strict=True):
+            if isinstance(result, LargeBundle):
+                self._hash_apart(result)
+            elif isinstance(result, AcceptedEvent) and self._behind_large(result):
+                self._behind.add(name)
+            else:
+                now.append((name, result))
+        await self._journal_loaded([n for n, _ in now], [r for _, r in now])
+
+    def _hash_apart(self, bundle: LargeBundle) -> None:
+        self._hashing[bundle.name] = bundle.run
+        task = asyncio.create_task(self._intake_large(bundle.name),
+                                   name=f"spool-large-{bundle.name}")
+        self._large_tasks.add(task)
+        task.add_done_callback(self._large_tasks.discard)
+
+    def _behind_large(self, event: AcceptedEvent) -> bool:
+        """Whether `event` is of a run whose large bundle is being hashed, or names it as
+        an input: it is journaled after that bundle, so its lineage finds it."""
+        runs = set(self._hashing.values())
+        m = event.manifest
+        return bool(runs) and ((m.pipeline, m.run_id) in runs or any(
+            tuple(ref.split("/")[:2]) in runs for ref in m.inputs))
+
+    async def _intake_large(self, name: str) -> None:
+        try:
+            async with self._large_slots:
+                (result,) = await self._read_all([name], None)
+                assert not isinstance(result, LargeBundle)  # none without a limit
+                await self._journal_loaded([name], [result])
+        except Exception:
+            await self._failed([name])
+        finally:
+            self._hashing.pop(name, None)
+            # Bundles held behind it are read again; any still behind another wait on.
+            self._pending.update(self._behind)
+            self._behind.clear()
+            self._kick.set()
+
+    async def _journal_loaded(self, names: list[str],
+                              results: list[AcceptedEvent | Rejection | None]) -> None:
         # None: not a bundle yet (a directory without its manifest), or gone already.
         self._watch_incomplete([n for n, r in zip(names, results, strict=True) if r is None])
         pairs = [(n, r) for n, r in zip(names, results, strict=True)
@@ -425,6 +493,7 @@ class SpoolSource:
         for rejection in rejected:
             await self._reject(rejection)
         if not pairs:
+            self.healthy = self.healthy or bool(rejected)  # healthy again once it writes
             return
         sources = [n for n, _ in pairs]  # directory names in incoming/, by position
         accepted = [e for _, e in pairs]
@@ -434,6 +503,7 @@ class SpoolSource:
             self._in_transit[event.bundle] = moved
         try:
             outcomes = await self.journal.accept(accepted, self.planner, self.handoff)
+            self.healthy = True
             await self._settle(accepted, sources, outcomes)
         finally:
             for event in accepted:

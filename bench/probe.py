@@ -5,6 +5,7 @@ comparisons of a change, alternating with a worktree of the commit before.
     PYTHONPATH=<tree> python bench/probe.py small-to-s3 [N]       # 16 KiB, rclone serve s3
     PYTHONPATH=<tree> python bench/probe.py mqtt-intake [N]       # inline metrics, mosquitto
     PYTHONPATH=<tree> python bench/probe.py large-to-s3 [MiB]     # one file, and s5cmd's time
+    PYTHONPATH=<tree> python bench/probe.py behind-large [MiB]    # 50 small bundles after a large
 
 PROBE_OVERWRITE=1 routes small-to-s3 with `on_conflict: overwrite` (no presence check).
 The S3 server's CPU is reported too: on 2 cores it competes with the daemon.
@@ -38,14 +39,17 @@ def _cpu(pid: int) -> tuple[float, float]:
 
 
 def probe(scenario: str, n: int) -> str:
-    if scenario not in ("small-to-local", "small-to-s3", "mqtt-intake", "large-to-s3"):
+    if scenario not in ("small-to-local", "small-to-s3", "mqtt-intake", "large-to-s3",
+                        "behind-large"):
         raise SystemExit(f"unknown scenario {scenario!r}: small-to-local, small-to-s3, "
-                         "mqtt-intake or large-to-s3")
+                         "mqtt-intake, large-to-s3 or behind-large")
     work = Path(tempfile.mkdtemp(prefix="probe-"))
     server = None
     try:
         if scenario == "mqtt-intake":
             return _probe_mqtt(work, n)
+        if scenario == "behind-large":
+            return _probe_behind_large(work, n)
         if scenario == "large-to-s3":
             server = _s3_server(work)
             return _probe_large(work, server, n)
@@ -74,6 +78,37 @@ def probe(scenario: str, n: int) -> str:
         if server is not None:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _probe_behind_large(work: Path, mib: int) -> str:
+    """A `mib` MiB bundle renamed into the spool, then 50 small bundles of another run
+    50 ms later: how long the small ones take, rename to done, next to the large one."""
+    big = work / "staging" / "big"
+    big.mkdir(parents=True)
+    with open(big / "model.bin", "wb") as fh:
+        for _ in range(mib):
+            fh.write(os.urandom(1024 * 1024))
+    (big / "manifest.json").write_text(json.dumps({
+        "manifest_version": 1, "pipeline": "bench", "run_id": "train", "step_name": "train",
+        "artifacts": [{"type": "model", "name": "big", "files": [{"path": "model.bin"}]}]}))
+    small = _stage_bundles(work / "small", 50, 4096)
+    os.sync()  # written back first: else the journal's fsyncs wait for those 'mib' MiB
+    daemon = DaemonUnderTest(work / "router", LOCAL_STACK(work / "store"))
+    daemon.start()
+    incoming = daemon.spool / "incoming"
+    t0 = time.time()
+    os.rename(big, incoming / "big")
+    time.sleep(0.05)
+    t1 = time.time()
+    for bundle in small:
+        os.rename(bundle, incoming / bundle.name)
+    daemon.wait_done(51)
+    finished = daemon.finished_at()
+    daemon.stop()
+    waits = sorted(at - t1 for name, at in finished.items() if name != "big")
+    return (f"behind-large {mib} MiB: the large bundle done {finished['big'] - t0:.2f} s after "
+            f"its rename; 50 small bundles of another run renamed 50 ms after it: median "
+            f"{waits[len(waits) // 2] * 1000:.0f} ms, max {waits[-1] * 1000:.0f} ms")
 
 
 def _probe_large(work: Path, server: Any, mib: int) -> str:

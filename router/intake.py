@@ -68,7 +68,7 @@ class LargeBundle(NamedTuple):
 
     name: str
     size: int
-    run: tuple[str, str]  # (pipeline, run_id), for keeping its run's later bundles behind it
+    manifest: Manifest  # for its run and its inputs: bundles of either wait for it
 
 
 class Rejection(BaseModel):
@@ -402,7 +402,7 @@ def load_bundle(
     if hash_up_to is not None:
         size = sum(f.resolved.st.st_size for mine in found for f in mine)
         if size > hash_up_to:
-            return LargeBundle(name, size, (manifest.pipeline, manifest.run_id))
+            return LargeBundle(name, size, manifest)
     digests = iter(sha256_files([f.resolved for mine in found for f in mine]))
     files: list[list[StagedFile]] = []
     detected: list[dict[str, str]] = []

@@ -727,3 +727,58 @@ def test_a_large_bundle_the_journal_refused_stays_in_incoming_and_is_taken_later
         assert seen_unhealthy == [True]  # the retry came while it was reported unhealthy
 
     asyncio.run(scenario())
+
+
+def test_bundles_read_in_one_batch_with_a_large_one_of_their_run_are_journaled_with_it(
+        tmp_path: Path) -> None:
+    """Bundles already waiting when the daemon starts are read in one batch, in name
+    order, not in the order they were made. Those linked to a large bundle's run (of
+    that run, or naming it in `inputs`) go with it into one transaction, as they did
+    when everything was hashed in line: a consumer sorted before its large producer is
+    never journaled first. Others in the batch go on at once."""
+    import asyncio
+    import sqlite3
+    import threading
+
+    paths = _spool(tmp_path)
+    gate = threading.Event()
+    load_many = spool_module._load_many
+
+    def gated(paths_: list[Path], held: tuple[Path, ...], hash_up_to: int | None) -> Any:
+        if hash_up_to is None:
+            assert gate.wait(30), "the test never opened the gate"
+        return load_many(paths_, held, hash_up_to)
+
+    def metrics(run_id: str, name: str, **extra: Any) -> dict[str, Any]:
+        return {"manifest_version": 1, "pipeline": "fraud", "run_id": run_id,
+                "step_name": "eval", **extra,
+                "artifacts": [{"type": "metrics", "name": name, "values": {"a": 1}}]}
+
+    write_bundle(paths.root, "a-consumer", metrics("C", "c", inputs=["fraud/A/train/m"]))
+    write_bundle(paths.root, "b-large", model_manifest("m", run_id="A"),
+                 {"model.pkl": os.urandom(2 * 1024 * 1024)})
+    write_bundle(paths.root, "c-other", metrics("B", "o"))
+    write_bundle(paths.root, "d-same", metrics("A", "s"))
+
+    def prepare(source: SpoolSource) -> None:
+        source.hash_apart_bytes = 1024 * 1024
+
+    async def scenario() -> None:
+        spool_module._load_many = gated  # type: ignore[assignment]
+        try:
+            async with _running_source(tmp_path, paths, prepare):
+                await _taken(paths, "c-other")
+                await asyncio.sleep(0.3)
+                assert sorted(os.listdir(paths.incoming)) == ["a-consumer", "b-large", "d-same"]
+                gate.set()
+                for name in ("a-consumer", "b-large", "d-same"):
+                    await _taken(paths, name)
+        finally:
+            gate.set()
+            spool_module._load_many = load_many
+
+    asyncio.run(scenario())
+    with sqlite3.connect(tmp_path / "j.db") as conn:
+        created = dict(conn.execute("select name, created_at from artifacts").fetchall())
+    assert created["c"] == created["m"] == created["s"]  # one commit
+    assert created["o"] < created["m"]

@@ -34,6 +34,7 @@ from router.intake import (
     not_utf8,
 )
 from router.journal import AcceptOutcome, DeliveryJournal, FinishedEvent, Handoff, Planner
+from router.manifest import Manifest
 from router.metrics import RouterMetrics
 
 __all__ = ["SpoolPaths", "SpoolSource"]
@@ -102,6 +103,14 @@ Loaded = AcceptedEvent | Rejection | LargeBundle | None
 def _load_many(paths: list[Path], held: tuple[Path, ...], hash_up_to: int | None
                ) -> list[Loaded]:
     return [_named_uniquely(_load_if_complete(p, hash_up_to), held) for p in paths]
+
+
+def _runs(manifest: Manifest) -> list[tuple[str, str]]:
+    """A manifest's (pipeline, run_id), then those its inputs name: the runs whose large
+    bundles it is journaled after, so that its lineage finds them."""
+    own = (manifest.pipeline, manifest.run_id)
+    named = (tuple(ref.split("/")[:2]) for ref in manifest.inputs)
+    return list(dict.fromkeys([own, *((r[0], r[1]) for r in named if len(r) == 2)]))
 
 
 def _named_uniquely(result: Loaded, held: tuple[Path, ...]) -> Loaded:
@@ -203,12 +212,12 @@ class SpoolSource:
         self.rescan_seconds = rescan_seconds
         self.retention_days = retention_days
         # Bundles over this many bytes are hashed in a task of their own (at most two at
-        # once), so that a checkpoint's seconds of hashing never hold up the small
-        # bundles behind it. Bundles of its run, or naming its run as an input, wait
-        # for it: lineage is resolved in journal order.
+        # once), so that a checkpoint's seconds of hashing never hold up the bundles
+        # behind it. Bundles of its run, or naming its run as an input, are journaled
+        # with it (same batch) or after it: lineage is resolved in journal order.
         self.hash_apart_bytes = hash_apart_bytes
         self._hashing: dict[str, tuple[str, str]] = {}  # name -> its (pipeline, run_id)
-        self._behind: set[str] = set()  # bundles waiting for a run's large bundle
+        self._behind: set[str] = set()  # bundles waiting for a large bundle they link to
         self._large_slots = asyncio.Semaphore(2)
         self._large_tasks: set[asyncio.Task[None]] = set()
         self._pending: set[str] = set()
@@ -432,8 +441,8 @@ class SpoolSource:
         cost more than it gained (bench small-to-local, 5,000 bundles: 633 against 550
         bundles/s with four threads, in alternating runs): small bundles are Python
         work, which holds the GIL, so the threads only took it from each other. A bundle
-        over `hash_up_to` bytes comes back unhashed, as a LargeBundle; its files are
-        hashed on every core later (router.intake.sha256_files)."""
+        over `hash_up_to` bytes comes back unhashed, as a LargeBundle, to be hashed
+        in a task of its own (_hash_apart)."""
         held = (self.paths.accepted, self.paths.failed, self.paths.done)
         loaded = await asyncio.to_thread(
             _load_many, [self.paths.incoming / n for n in names], held, hash_up_to)
@@ -442,41 +451,45 @@ class SpoolSource:
 
     async def _process(self, names: list[str]) -> None:
         loaded = await self._read_all(names, self.hash_apart_bytes)
+        large = {_runs(r.manifest)[0] for r in loaded if isinstance(r, LargeBundle)}
+        hashing = set(self._hashing.values())
         now: list[tuple[str, AcceptedEvent | Rejection | None]] = []
+        apart: dict[tuple[str, str], list[str]] = {}
         for name, result in zip(names, loaded, strict=True):
-            if isinstance(result, LargeBundle):
-                self._hash_apart(result)
-            elif isinstance(result, AcceptedEvent) and self._behind_large(result):
-                self._behind.add(name)
+            linked = _runs(result.manifest) if isinstance(
+                result, AcceptedEvent | LargeBundle) else []
+            if any(run in hashing for run in linked):
+                self._behind.add(name)  # came after a large bundle of a run it is linked to
+            elif run := next((run for run in linked if run in large), None):
+                apart.setdefault(run, []).append(name)
             else:
+                assert not isinstance(result, LargeBundle)
                 now.append((name, result))
+        for run, group in apart.items():
+            self._hash_apart(run, group)
         await self._journal_loaded([n for n, _ in now], [r for _, r in now])
 
-    def _hash_apart(self, bundle: LargeBundle) -> None:
-        self._hashing[bundle.name] = bundle.run
-        task = asyncio.create_task(self._intake_large(bundle.name),
-                                   name=f"spool-large-{bundle.name}")
+    def _hash_apart(self, run: tuple[str, str], names: list[str]) -> None:
+        """Hash and journal a run's large bundles, with the bundles of the same batch
+        linked to that run, in a task of their own: one transaction, as in line."""
+        for name in names:
+            self._hashing[name] = run
+        task = asyncio.create_task(self._intake_apart(names), name=f"spool-large-{names[0]}")
         self._large_tasks.add(task)
         task.add_done_callback(self._large_tasks.discard)
 
-    def _behind_large(self, event: AcceptedEvent) -> bool:
-        """Whether `event` is of a run whose large bundle is being hashed, or names it as
-        an input: it is journaled after that bundle, so its lineage finds it."""
-        runs = set(self._hashing.values())
-        m = event.manifest
-        return bool(runs) and ((m.pipeline, m.run_id) in runs or any(
-            tuple(ref.split("/")[:2]) in runs for ref in m.inputs))
-
-    async def _intake_large(self, name: str) -> None:
+    async def _intake_apart(self, names: list[str]) -> None:
         try:
             async with self._large_slots:
-                (result,) = await self._read_all([name], None)
-                assert not isinstance(result, LargeBundle)  # none without a limit
-                await self._journal_loaded([name], [result])
+                loaded = await self._read_all(names, None)
+                results = [r for r in loaded if not isinstance(r, LargeBundle)]
+                assert len(results) == len(names)  # none without a limit
+                await self._journal_loaded(names, results)
         except Exception:
-            await self._failed([name])
+            await self._failed(names)
         finally:
-            self._hashing.pop(name, None)
+            for name in names:
+                self._hashing.pop(name, None)
             # Bundles held behind it are read again; any still behind another wait on.
             self._pending.update(self._behind)
             self._behind.clear()

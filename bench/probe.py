@@ -92,7 +92,7 @@ def _probe_behind_large(work: Path, mib: int) -> str:
         "manifest_version": 1, "pipeline": "bench", "run_id": "train", "step_name": "train",
         "artifacts": [{"type": "model", "name": "big", "files": [{"path": "model.bin"}]}]}))
     small = _stage_bundles(work / "small", 50, 4096)
-    os.sync()  # written back first: else the journal's fsyncs wait for those 'mib' MiB
+    os.sync()  # written back first: else the local store's fsyncs wait for those MiB
     daemon = DaemonUnderTest(work / "router", LOCAL_STACK(work / "store"))
     daemon.start()
     incoming = daemon.spool / "incoming"

@@ -8,6 +8,8 @@ comparisons of a change, alternating with a worktree of the commit before.
     PYTHONPATH=<tree> python bench/probe.py behind-large [MiB]    # 50 small bundles after a large
 
 PROBE_OVERWRITE=1 routes small-to-s3 with `on_conflict: overwrite` (no presence check).
+PROBE_UNSYNCED=1 leaves behind-large's big file unwritten-back, as a step that just
+wrote it would: the local store's flushes then compete with its write-back.
 The S3 server's CPU is reported too: on 2 cores it competes with the daemon.
 
 The daemon, and the bench helpers, come from the tree `PYTHONPATH` names: this checkout,
@@ -92,7 +94,8 @@ def _probe_behind_large(work: Path, mib: int) -> str:
         "manifest_version": 1, "pipeline": "bench", "run_id": "train", "step_name": "train",
         "artifacts": [{"type": "model", "name": "big", "files": [{"path": "model.bin"}]}]}))
     small = _stage_bundles(work / "small", 50, 4096)
-    os.sync()  # written back first: else the local store's fsyncs wait for those MiB
+    if not os.environ.get("PROBE_UNSYNCED"):
+        os.sync()  # written back first, unless the test is of flushing behind it
     daemon = DaemonUnderTest(work / "router", LOCAL_STACK(work / "store"))
     daemon.start()
     incoming = daemon.spool / "incoming"

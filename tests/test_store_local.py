@@ -8,12 +8,14 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import sinks.durable
 from router.delivery import (
     Action,
     ArtifactView,
@@ -160,12 +162,28 @@ def test_keys_with_dot_segments_are_still_checked(store: LocalStore, src: Path, 
         assert Path(out.objects[0].uri.removeprefix("file://")).is_relative_to(store.root)
 
 
-@pytest.mark.parametrize("have_syncfs", [True, False], ids=["syncfs", "fsync-per-file"])
+@pytest.mark.parametrize("dirty", [0, 1 << 30], ids=["syncfs", "fsync-per-file"])
 def test_both_ways_of_flushing_store_every_file(
-    store: LocalStore, src: Path, monkeypatch: pytest.MonkeyPatch, have_syncfs: bool
+    store: LocalStore, src: Path, monkeypatch: pytest.MonkeyPatch, dirty: int
 ) -> None:
-    """Linux flushes a batch with syncfs; elsewhere each file and folder is fsynced."""
-    monkeypatch.setattr("sinks.stores.local.HAVE_SYNCFS", have_syncfs)
+    """With little dirty data on the system a batch is flushed with one syncfs before
+    its renames and one after; with much (a checkpoint just written, that syncfs would
+    wait for), or without syncfs, each temp file is fsynced, then each folder."""
+    monkeypatch.setattr("sinks.durable.dirty_bytes", lambda: dirty)
+    flushed: list[str] = []
+    syncfs, fsync_paths = sinks.durable.syncfs, sinks.durable.fsync_paths
+
+    def recording_syncfs(root: Path) -> None:
+        flushed.append(f"syncfs {root}")
+        syncfs(root)
+
+    def recording_fsync(paths: Iterable[Path]) -> None:
+        paths = list(paths)
+        flushed.extend(f"fsync {p.relative_to(store.root)}" for p in paths)
+        fsync_paths(paths)
+
+    monkeypatch.setattr("sinks.durable.syncfs", recording_syncfs)
+    monkeypatch.setattr("sinks.durable.fsync_paths", recording_fsync)
     batch = [item(str(i), f"d{i % 3}/r{i}", [staged(src, "m.bin", bytes([i]) * 10)])
              for i in range(10)]
     out = asyncio.run(store.deliver_batch(batch))
@@ -173,6 +191,12 @@ def test_both_ways_of_flushing_store_every_file(
     for i in range(10):
         assert (store.root / f"d{i % 3}" / f"r{i}" / "m.bin").read_bytes() == bytes([i]) * 10
     assert temp_files(store) == []
+    if dirty == 0 and sinks.durable.HAVE_SYNCFS:
+        assert flushed == [f"syncfs {store.root}"] * 2
+    else:
+        temps = [f for f in flushed[:10] if f.startswith(f"fsync {TMP_DIR}/")]
+        assert len(temps) == 10  # every copy, before any rename
+        assert sorted(flushed[10:]) == sorted(f"fsync d{i % 3}/r{i}" for i in range(10))
 
 
 def test_a_failed_item_claims_no_key_for_the_rest_of_its_batch(
@@ -274,3 +298,10 @@ def test_two_batches_racing_for_the_same_keys_in_other_orders_leave_no_mix(
     assert (store.root / "mix" / "x.bin").read_bytes() == f"{winner}-x".encode()
     assert (store.root / "mix" / "y.bin").read_bytes() == f"{winner}-y".encode()
     assert temp_files(store) == []
+
+
+def test_dirty_bytes_reads_the_write_back_backlog_from_proc_meminfo() -> None:
+    """The figure flush() chooses by: on Linux a number, never None (which would mean
+    an fsync per file always, and the small-bundle throughput that costs)."""
+    before = sinks.durable.dirty_bytes()
+    assert isinstance(before, int) and before >= 0

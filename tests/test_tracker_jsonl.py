@@ -100,9 +100,9 @@ def test_daemons_sharing_the_files_in_batches_never_write_a_key_twice(tmp_path: 
 def test_without_syncfs_each_appended_file_is_fsynced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("sinks.trackers.jsonl.HAVE_SYNCFS", False)
+    monkeypatch.setattr("sinks.durable.HAVE_SYNCFS", False)
     synced: list[Path] = []
-    monkeypatch.setattr("sinks.trackers.jsonl.fsync_paths", lambda paths: synced.extend(paths))
+    monkeypatch.setattr("sinks.durable.fsync_paths", lambda paths: synced.extend(paths))
     tracker = JsonlTracker("t", JsonlTrackerSettings(path=tmp_path))
     out = asyncio.run(tracker.deliver_batch([item("a"), item("b")]))
     assert [r.skipped for r in out] == [False, False]  # type: ignore[union-attr]
@@ -128,9 +128,10 @@ def test_a_retry_after_a_failed_flush_flushes_before_reporting_done(
             raise OSError(errno.EIO, "Input/output error")
         flushed.append(arg)
 
-    monkeypatch.setattr("sinks.trackers.jsonl.HAVE_SYNCFS", with_syncfs)
-    monkeypatch.setattr("sinks.trackers.jsonl.syncfs", flush)
-    monkeypatch.setattr("sinks.trackers.jsonl.fsync_paths", lambda paths: flush(list(paths)))
+    monkeypatch.setattr("sinks.durable.HAVE_SYNCFS", with_syncfs)
+    monkeypatch.setattr("sinks.durable.dirty_bytes", lambda: 0)
+    monkeypatch.setattr("sinks.durable.syncfs", flush)
+    monkeypatch.setattr("sinks.durable.fsync_paths", lambda paths: flush(list(paths)))
     tracker = JsonlTracker("t", JsonlTrackerSettings(path=tmp_path))
     with pytest.raises(TransientError):
         asyncio.run(tracker.deliver(item("k1")))  # written, flush failed

@@ -4,7 +4,8 @@ Each file is copied to a temp file in the store's own folder and hashed on the w
 made durable, then renamed into place, so a reader never sees half a file and a
 SIGKILL leaves at worst a temp file that a later attempt removes.  Deliveries come in
 batches (`max_batch`): one thread hop per batch, and on Linux one `syncfs` before the
-renames and one after instead of two fsyncs per file.
+renames and one after instead of two fsyncs per file, while little else is waiting
+for write-back (see sinks.durable.flush).
 
 Unless the rule says `on_conflict: overwrite`, a file is put in place with a hard link
 (`link(2)` fails if the name exists) rather than a rename (which replaces it): the
@@ -25,6 +26,7 @@ import stat
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -39,7 +41,7 @@ from sinks.base import (
     StoredObject,
     TransientError,
 )
-from sinks.durable import HAVE_SYNCFS, fsync_paths, syncfs
+from sinks.durable import flush
 
 __all__ = ["LocalStore", "LocalStoreSettings"]
 
@@ -251,8 +253,6 @@ class LocalStore(BaseBatchSink):
                     written = 0
                     while written < n:  # a raw write may take part of it
                         written += out.write(buffer[written:n])
-                if self.settings.fsync and not HAVE_SYNCFS:
-                    os.fsync(out.fileno())
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -280,7 +280,7 @@ class LocalStore(BaseBatchSink):
         (which a retry would take for someone else's conflicting content)."""
         if not ready:
             return
-        self._flush()
+        self._flush([tmp for pending in ready for tmp, _, _ in pending.renames])
         parents = set()
         for pending in ready:
             exclusive = pending.item.params.get("on_conflict", "fail") != "overwrite"
@@ -336,13 +336,10 @@ class LocalStore(BaseBatchSink):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _flush(self, directories: set[Path] | None = None) -> None:
-        if not self.settings.fsync:
-            return
-        if HAVE_SYNCFS:
-            syncfs(self.root)
-        else:  # files were fsynced as they were copied; their folders now
-            fsync_paths(directories or ())
+    def _flush(self, paths: Iterable[Path]) -> None:
+        """The temp files before their renames, then the folders they were renamed into."""
+        if self.settings.fsync:
+            flush(self.root, paths)
 
     def _clean_stale_temps(self) -> None:
         """Remove temp files an attempt killed mid-copy left behind (older than an hour);

@@ -23,7 +23,7 @@ import orjson
 from router.delivery import Action
 from router.rules import sanitise_segment
 from sinks.base import BaseBatchSink, DeliveryItem, DeliveryResult, SinkSettings, TransientError
-from sinks.durable import HAVE_SYNCFS, fsync_paths, syncfs
+from sinks.durable import flush
 
 __all__ = ["JsonlTracker", "JsonlTrackerSettings", "read_jsonl"]
 
@@ -106,7 +106,7 @@ class JsonlTracker(BaseBatchSink):
     def _append_all(self, by_path: dict[Path, list[tuple[int, str, bytes]]], n: int
                     ) -> list[DeliveryResult | Exception]:
         """Append to each file under its lock, then make the whole batch durable with one
-        flush (syncfs) before any delivery is reported done."""
+        flush (sinks.durable.flush) before any delivery is reported done."""
         out: list[DeliveryResult | Exception] = [TransientError("not attempted")] * n
         # Every file the batch relies on is flushed, not only those appended to: a key
         # already present may be a line whose own flush failed (the attempt raised
@@ -126,10 +126,7 @@ class JsonlTracker(BaseBatchSink):
                 out[index] = DeliveryResult(uri=f"file://{path}", skipped=key not in written)
         if touched and self.settings.fsync:
             try:
-                if HAVE_SYNCFS:
-                    syncfs(self.root)
-                else:
-                    fsync_paths(touched)
+                flush(self.root, touched)
             except OSError as exc:  # not known durable: retried (a replay writes nothing)
                 return [TransientError(f"{self.root}: {exc.strerror}")] * n
         return out

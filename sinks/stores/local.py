@@ -302,7 +302,9 @@ class LocalStore(BaseBatchSink):
                 pending.error = exc
                 continue
             pending.renames.clear()
-        self._flush(parents)
+        # Folders made for these keys are new entries in their own parents: up to the root.
+        self._flush({*parents, *(up for folder in parents for up in folder.parents
+                                 if up.is_relative_to(self.root))})
 
     @staticmethod
     def _check_free(pending: _Pending) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -20,8 +21,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import paho.mqtt._packet as paho_packet
 import pytest
 import sqlalchemy as sa
+from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.exception import MQTTException
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from router.config import MqttSettings
@@ -38,6 +44,7 @@ from router.sources.mqtt import (
     publish_manifest,
 )
 from router.sources.mqtt_pool import Pool, status_payload
+from router.sources.paho_tables import SharedTableProperties
 from sinks.trackers.jsonl import read_jsonl
 from tests.conftest import DaemonProcess, Workspace, free_port
 from tests.servers_mqtt import (
@@ -1233,3 +1240,27 @@ def test_emit_cli_publishes_over_mqtt(
                  "--type", "metrics", "--metric", "acc=1", "--topic", "nobody/listens",
                  check=False)
     assert bad.returncode == 1 and "could not publish" in bad.stderr
+
+
+def test_paho_decodes_v5_properties_with_shared_tables() -> None:
+    """The shared-table Properties (router/sources/paho_tables.py) reads a PUBLISH's
+    properties exactly as paho's own does, and a cleared one forgets what it held."""
+    sent = v5_properties(ResponseTopic="replies/7", CorrelationData=b"\x00c",
+                         UserProperty=[("a", "1"), ("b", "2")], ContentType="json")
+    topic = b"artifacts/x"
+    body = struct.pack("!H", len(topic)) + topic + struct.pack("!H", 9) + sent.pack() + b"{}"
+    packet = paho_packet.decode_publish(0x32, body, MQTTProtocolVersion.MQTTv5)
+    got = packet.properties
+    assert isinstance(got, SharedTableProperties) and packet.mid == 9 and packet.payload == b"{}"
+    assert (got.ResponseTopic, got.CorrelationData, got.UserProperty, got.ContentType) == (
+        "replies/7", b"\x00c", [("a", "1"), ("b", "2")], "json")
+    assert str(got) == str(sent) and got.pack() == sent.pack()
+    other = SharedTableProperties(PacketTypes.PUBLISH)
+    assert other.names is got.names and other.isEmpty()
+    got.clear()
+    assert got.isEmpty() and not hasattr(got, "ResponseTopic")
+    assert got.pack() == Properties(PacketTypes.PUBLISH).pack()
+    got.UserProperty = ("c", "3")  # paho's checks still apply after a clear
+    assert got.UserProperty == [("c", "3")]
+    with pytest.raises(MQTTException, match="does not apply"):
+        got.SessionExpiryInterval = 5

@@ -90,6 +90,7 @@ from router.sources.mqtt_pool import (
     status_payload,
     status_topic,
 )
+from router.sources.paho_tables import install as _share_paho_tables
 
 if TYPE_CHECKING:
     from router.daemon import Daemon
@@ -105,6 +106,7 @@ __all__ = [
 ]
 
 log = structlog.get_logger("router.mqtt")
+_share_paho_tables()
 
 # Marks the messages the router publishes itself (receipts, dead letters), so a
 # subscription that happens to match their topics does not read them as manifests.

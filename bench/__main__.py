@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.harness import write_json
-from bench.scenarios import SCENARIOS
+from bench.scenarios import PEER_TOOLS, SCENARIOS, find_bin
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--json {args.json}: cannot write there ({exc.strerror}); "
                          "give a path in a writable directory")
     names = args.scenarios or list(SCENARIOS)
+    missing = sorted({t for n in names for t in PEER_TOOLS.get(n, ()) if find_bin(t) is None})
+    if missing:  # found out now, not after the scenarios before the one that needs them
+        parser.error(f"peer tools not installed: {', '.join(missing)}; "
+                     "run pip install -e '.[bench]'")
     reps = max(3, args.reps)
     console = Console()
     if not console.is_terminal:

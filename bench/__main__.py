@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bench.filesystem import workdir_filesystem
 from bench.harness import write_json
 from bench.scenarios import PEER_TOOLS, SCENARIOS, find_bin
 
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="router-bench-", dir=args.workdir) as tmp:
+        filesystem = workdir_filesystem(Path(tmp))
+        if filesystem is not None and filesystem.warning:
+            console.print(f"[yellow]{filesystem.warning}[/yellow]")
         for name in names:
             console.print(f"[bold]{name}[/bold] ...")
             results += SCENARIOS[name](Path(tmp) / name, args.quick, reps)
@@ -64,12 +68,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r.ratio:.2f}x", f"{r.router_peak_rss_mib:.0f}",
                       f"{r.peer_peak_rss_mib:.0f}", r.target, "yes" if r.met else "NO")
     console.print(table)
+    if filesystem is not None and filesystem.warning:  # again, next to the figures it qualifies
+        console.print(f"[yellow]{filesystem.warning}[/yellow]")
     for r in results:
         if r.details:
             shown = {k: (round(v, 2) if isinstance(v, float) else v)
                      for k, v in r.details.items() if not k.endswith("_runs")}
             console.print(f"{r.scenario}: {shown}")
     meta = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
+            "workdir_filesystem": filesystem.describe() if filesystem is not None else None,
             "python": sys.version.split()[0], "quick": args.quick, "reps": reps,
             "seconds": round(time.time() - started, 1), "argv": sys.argv[1:]}
     if args.json:

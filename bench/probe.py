@@ -11,6 +11,8 @@ PROBE_OVERWRITE=1 routes small-to-s3 with `on_conflict: overwrite` (no presence 
 PROBE_UNSYNCED=1 leaves behind-large's big file unwritten-back, as a step that just
 wrote it would: the local store's flushes then compete with its write-back.
 The S3 server's CPU is reported too: on 2 cores it competes with the daemon.
+The run writes under $TMPDIR: on ext4 without a journal (this machine's /tmp) put it on a
+journaled filesystem for figures that hold elsewhere (bench/filesystem.py says why).
 
 The daemon, and the bench helpers, come from the tree `PYTHONPATH` names: this checkout,
 or a worktree of an older commit (`git worktree add /tmp/base <commit>`) that has no

@@ -4,7 +4,8 @@ On ext4 without a journal, making a file skips every free inode whose deletion i
 than 5 s old (5 min while its inode-table block is dirty): after the thousands of files
 a bench writes and deletes, each new file scans past them.  Peers that only create
 files (`rclone copy`) slow down three- to four-fold there, the router far less, so the
-ratios on such a disk flatter the router.  See bench/RESULTS.md, session 23.
+ratios on such a disk flatter the router.  See bench/RESULTS.md, session 23.  On
+tmpfs the opposite: the router's flushes cost nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class WorkdirFilesystem:
 
     @property
     def warning(self) -> str | None:
+        if self.fstype in ("tmpfs", "ramfs"):
+            return (f"workdir {self.path} is on {self.describe()}, in memory: flushes cost "
+                    "nothing there, so the price of the router's durability goes unmeasured "
+                    "and the ratios would not hold on a disk. Give --workdir on a disk.")
         if self.journaled is not False:
             return None
         return (f"workdir {self.path} is on {self.describe()}: there the kernel skips "

@@ -12,9 +12,12 @@ import hashlib
 import json
 import os
 import struct
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -1264,3 +1267,31 @@ def test_paho_decodes_v5_properties_with_shared_tables() -> None:
     assert got.UserProperty == [("c", "3")]
     with pytest.raises(MQTTException, match="does not apply"):
         got.SessionExpiryInterval = 5
+
+
+def test_the_mqtt_source_runs_on_paho_2_1_which_has_no_packet_module(tmp_path: Path) -> None:
+    """aiomqtt 2 accepts paho 2.1, which has no `paho.mqtt._packet` (its client decodes
+    packets itself): importing the router's MQTT source failed there with
+    ModuleNotFoundError. Against the real paho 2.1, fetched from the package index, in a
+    process of its own: the import works and the client decodes with shared tables."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                    "-q", "-d", str(tmp_path), "paho-mqtt==2.1.0"], check=True, timeout=180)
+    site = tmp_path / "site"
+    zipfile.ZipFile(next(tmp_path.glob("paho_mqtt-2.1.0-*.whl"))).extractall(site)
+    code = (
+        "import paho.mqtt.client as client\n"
+        f"assert client.__file__.startswith({str(site)!r}), client.__file__\n"
+        "import router.sources.mqtt\n"
+        "from paho.mqtt.packettypes import PacketTypes\n"
+        "from paho.mqtt.properties import Properties\n"
+        "from router.sources.paho_tables import SharedTableProperties\n"
+        "assert client.Properties is SharedTableProperties, client.Properties\n"
+        "sent = Properties(PacketTypes.PUBLISH); sent.ResponseTopic = 'replies/7'\n"
+        "got = client.Properties(PacketTypes.PUBLISH); got.unpack(sent.pack())\n"
+        "assert got.ResponseTopic == 'replies/7' and got.pack() == sent.pack()\n"
+    )
+    root = Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=root, timeout=60,
+                          env={**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{root}"})
+    assert done.returncode == 0, done.stderr

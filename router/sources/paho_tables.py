@@ -9,8 +9,9 @@ after construction, so one copy serves every instance; everything else is paho's
 
 from __future__ import annotations
 
-import paho.mqtt._packet as paho_packet
-import paho.mqtt.client as paho_client
+import importlib
+from types import ModuleType
+
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -33,8 +34,20 @@ class SharedTableProperties(Properties):
             delattr(self, name)
 
 
+def _decoders() -> list[ModuleType]:
+    """The paho modules that build `Properties` while decoding: paho 2.2 moved packet
+    decoding to `paho.mqtt._packet`; 2.1 (which aiomqtt 2 accepts) has it all in client."""
+    found = []
+    for name in ("paho.mqtt._packet", "paho.mqtt.client"):
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return found
+
+
 def install() -> None:
     """Have paho's packet decoder and client build shared-table properties."""
-    for module in (paho_packet, paho_client):
+    for module in _decoders():
         if getattr(module, "Properties", None) is Properties:
             module.Properties = SharedTableProperties  # type: ignore[attr-defined]

@@ -569,9 +569,11 @@ async def _download_s3(settings: Mapping[str, Any], bucket: str, key: str, dest:
         if settings.get(name):
             kwargs["region_name" if name == "region" else name] = str(settings[name])
     async with get_session().create_client("s3", **kwargs) as client:
-        response = await client.get_object(Bucket=bucket, Key=key)
-        async with response["Body"] as body:
+        body = (await client.get_object(Bucket=bucket, Key=key))["Body"]
+        try:  # not `async with`: some aiobotocore releases yield aiohttp's response there
             return await _write_async_stream(body, dest)
+        finally:
+            body.close()
 
 
 async def _download_gcs(settings: Mapping[str, Any], bucket: str, key: str, dest: Path) -> str:

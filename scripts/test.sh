@@ -64,4 +64,10 @@ if [ "$rc" = 5 ]; then
   echo "pytest collected no tests: failing on purpose" >&2
   exit 1
 fi
-exit "$rc"
+[ "$rc" = 0 ] || exit "$rc"
+# A whole run (no pytest arguments) also runs what touches the libraries at the lowest
+# versions pyproject.toml allows.
+if [ "$#" = 0 ]; then
+  echo "== pytest on the lowest allowed versions (scripts/test-lowest.sh)"
+  scripts/test-lowest.sh
+fi

@@ -84,9 +84,12 @@ async def store(rclone_s3: RcloneS3) -> AsyncIterator[S3Store]:
 async def remote_sha256(client: Any, bucket: str, key: str) -> str:
     response = await client.get_object(Bucket=bucket, Key=key)
     digest = hashlib.sha256()
-    async with response["Body"] as body:
+    body = response["Body"]  # not `async with`: some aiobotocore releases yield aiohttp's
+    try:
         async for chunk in body.iter_chunks(MiB):
             digest.update(chunk)
+    finally:
+        body.close()
     return digest.hexdigest()
 
 

@@ -570,14 +570,18 @@ def test_a_large_file_hashed_after_it_settled_carries_its_identity_into_the_bund
 
 
 def test_a_file_changed_just_before_or_while_it_was_hashed_has_no_identity(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     path = tmp_path / "model.bin"
     path.write_bytes(os.urandom(2 * 1024 * 1024))
     st = path.stat()
     # Changed within a tick of the hash: a later write could keep the same ctime.
     assert settled_identity(st, st, st.st_size, st.st_ctime_ns + 1_000_000) is None
-    assert sha256_file(path).identity is None  # hashed at once after it was written
+    # Hashed in the tick it was written. The clock is pinned there: on a loaded machine
+    # (a CI run alongside) the real one had moved on, and the identity was kept.
+    with monkeypatch.context() as pinned:
+        pinned.setattr("router.intake.time.time_ns", lambda: st.st_ctime_ns)
+        assert sha256_file(path).identity is None
     # Changed while it was read: the stat after is not the stat before.
     _settled(path)
     with open(path, "r+b") as fh:

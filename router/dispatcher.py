@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import math
 import random
 import threading
 import time
@@ -367,7 +368,7 @@ class Dispatcher:
         # Whether work may be due that no claim has seen yet (see wake); without it a
         # tick only records outcomes, and claims every CLAIM_EVERY seconds.
         self._claim_hint = True
-        self._last_claim = 0.0
+        self._last_claim = -math.inf  # not 0.0: monotonic time counts from boot
         self._stopping = False
         self._drained = False  # stop() is past its grace: claimed work is left for later
         self._idle = asyncio.Event()  # clear while a tick is in its journal transaction

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import stat
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,8 @@ from router.manifest import (
 )
 
 __all__ = [
-    "AcceptedEvent", "CheckedFile", "FileChanged", "FileHash", "LargeBundle", "Rejection",
+    "AcceptedEvent", "CheckedFile", "FileChanged", "FileHash", "HashAbandoned", "LargeBundle",
+    "Rejection",
     "load_bundle", "not_utf8", "open_regular", "settled_identity", "sha256_file", "sha256_files",
 ]
 
@@ -60,6 +62,19 @@ class AcceptedEvent(BaseModel):
     digest: str
     received_at: float
     reply_to: dict[str, str] | None = None
+
+
+class HashAbandoned(Exception):
+    """The router is stopping, and a hash under way was given up after its current chunk.
+
+    Not an OSError, so that no caller takes it for an unreadable file: the work the hash
+    was for stays unacknowledged (a bundle in incoming/, an MQTT message without its
+    PUBACK), to be read whole at the next start. Stopping then costs a chunk, not the
+    rest of a checkpoint (about a second per GiB)."""
+
+    def __init__(self, path: Path, hashed: int, size: int) -> None:
+        super().__init__(f"{path}: hashed {hashed} of {size} bytes when the router stopped")
+        self.hashed, self.size = hashed, size
 
 
 class LargeBundle(NamedTuple):
@@ -144,7 +159,9 @@ def read_bounded(fd: int, expected: int, limit: int) -> bytes:
     return data
 
 
-def sha256_file(path: Path, expected: os.stat_result | None = None) -> FileHash:
+def sha256_file(path: Path, expected: os.stat_result | None = None,
+                abandon: threading.Event | None = None) -> FileHash:
+    """The file's sha256 and size; HashAbandoned as soon as `abandon` is set."""
     digest = hashlib.sha256()
     size = 0
     started = time.time_ns()
@@ -156,6 +173,8 @@ def sha256_file(path: Path, expected: os.stat_result | None = None) -> FileHash:
         while n := os.readv(fd, [buffer]):
             digest.update(buffer[:n])
             size += n
+            if abandon is not None and abandon.is_set():
+                raise HashAbandoned(path, size, before.st_size)
         after = os.fstat(fd)
     finally:
         os.close(fd)
@@ -201,23 +220,27 @@ def settled_identity(
     return identity if before.st_ctime_ns < started_ns - margin else None
 
 
-def sha256_files(paths: Sequence[Path | CheckedFile]) -> list[FileHash | OSError]:
+def sha256_files(paths: Sequence[Path | CheckedFile], abandon: threading.Event | None = None
+                 ) -> list[FileHash | OSError]:
     """Each file's (sha256, size), or the OSError that stopped reading it.
 
     A CheckedFile must still be the file its checks passed on (FileChanged otherwise).
     hashlib releases the GIL while it hashes, so the shards of a checkpoint hash on
-    every core at once instead of one after another.
+    every core at once instead of one after another. Setting `abandon` gives them all up
+    (HashAbandoned).
     """
+    hash_one = functools.partial(_sha256_or_error, abandon=abandon)
     if len(paths) > 1 and _total_size(paths) >= _PARALLEL_HASH_BYTES:
-        return list(_hash_pool().map(_sha256_or_error, paths))
-    return [_sha256_or_error(path) for path in paths]
+        return list(_hash_pool().map(hash_one, paths))
+    return [hash_one(path) for path in paths]
 
 
-def _sha256_or_error(item: Path | CheckedFile) -> FileHash | OSError:
+def _sha256_or_error(item: Path | CheckedFile, abandon: threading.Event | None
+                     ) -> FileHash | OSError:
     try:
         if isinstance(item, CheckedFile):
-            return sha256_file(item.path, item.st)
-        return sha256_file(item)
+            return sha256_file(item.path, item.st, abandon)
+        return sha256_file(item, abandon=abandon)
     except OSError as exc:
         return exc
 
@@ -310,13 +333,15 @@ class _Found(NamedTuple):
 
 
 def load_bundle(
-    bundle: Path, received_at: float, hash_up_to: int | None = None
+    bundle: Path, received_at: float, hash_up_to: int | None = None,
+    abandon: threading.Event | None = None,
 ) -> AcceptedEvent | Rejection | LargeBundle:
     """Validate a complete bundle directory (manifest.json present).
 
     With `hash_up_to`, a valid bundle whose files hold more bytes than that is returned
     as a LargeBundle before any is hashed, so that the caller can hash it apart from
-    the small ones it is reading (1 GiB takes about a second)."""
+    the small ones it is reading (1 GiB takes about a second). Setting `abandon` stops
+    the hashing (HashAbandoned: the router is stopping)."""
     name = bundle.name
     if (shown := not_utf8(name)) is not None:
         # The journal stores names as UTF-8: refused here, before anything is read.
@@ -403,7 +428,7 @@ def load_bundle(
         size = sum(f.resolved.st.st_size for mine in found for f in mine)
         if size > hash_up_to:
             return LargeBundle(name, size, manifest)
-    digests = iter(sha256_files([f.resolved for mine in found for f in mine]))
+    digests = iter(sha256_files([f.resolved for mine in found for f in mine], abandon))
     files: list[list[StagedFile]] = []
     detected: list[dict[str, str]] = []
     for artifact, mine in zip(manifest.artifacts, found, strict=True):

@@ -271,6 +271,20 @@ def start_daemon() -> Iterator[Callable[..., DaemonProcess]]:
         daemon.stop()
 
 
+def bytes_read(daemon: DaemonProcess) -> int:
+    """Bytes the daemon has read so far, by any means (a sparse file's holes included)."""
+    io = Path(f"/proc/{daemon.proc.pid}/io").read_text().splitlines()
+    return int(dict(line.split(": ") for line in io)["rchar"])
+
+
+def wait_bytes_read(daemon: DaemonProcess, total: int, timeout: float = 60.0) -> None:
+    """Until the daemon has read `total` bytes: a hash well under way, say."""
+    deadline = time.monotonic() + timeout
+    while bytes_read(daemon) < total:
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.log()
+        time.sleep(0.05)
+
+
 def write_bundle(
     spool: Path,
     name: str,

@@ -22,8 +22,10 @@ from tests.conftest import (
     ROOT,
     DaemonProcess,
     Workspace,
+    bytes_read,
     free_port,
     model_manifest,
+    wait_bytes_read,
     write_bundle,
 )
 
@@ -285,6 +287,41 @@ def test_sigterm_drains_and_exits_zero(workspace: Workspace, start_daemon) -> No
     # whatever was not finished is still journaled and completes on the next start
     start_daemon(workspace)
     assert workspace.wait_settled(50)["events"] == {"done": 50}
+
+
+def test_sigterm_during_a_checkpoints_hash_gives_it_up_and_the_next_start_takes_it(
+    workspace: Workspace, start_daemon  # type: ignore[no-untyped-def]
+) -> None:
+    """Stopping used to wait for a hash under way, about a second per GiB: a 64 GiB
+    checkpoint would outlast a container's grace period and be killed. The hash is given
+    up after its chunk instead; the bundle, never acknowledged, stays in incoming/ and
+    the next start takes it. (A sparse file: 64 GiB to hash, nothing on disk.)"""
+    daemon: DaemonProcess = start_daemon(workspace)
+    incoming = workspace.spool / "incoming"
+    tmp = incoming / ".tmp-ckpt"
+    tmp.mkdir(parents=True)
+    (tmp / "manifest.json").write_text(json.dumps(model_manifest("llm", run_id="r1")))
+    with open(tmp / "model.pkl", "wb") as sparse:
+        sparse.truncate(64 << 30)
+    started = bytes_read(daemon)
+    os.rename(tmp, incoming / "ckpt")
+    wait_bytes_read(daemon, started + (1 << 30))  # a GiB hashed: well under way
+
+    assert daemon.terminate(timeout=50) == 0  # not the minute the whole hash would take
+    log = daemon.log()
+    assert "a large bundle's hash was given up" in log, log
+    gave_up = next(json.loads(line) for line in log.splitlines()
+                   if "hash was given up" in line)
+    assert 1 << 30 <= gave_up["hashed_bytes"] < gave_up["size"] == 64 << 30, gave_up
+    assert os.listdir(incoming) == ["ckpt"]
+    assert json.loads(workspace.cli("status", "--json").stdout)["events"] == {}
+
+    model = os.urandom(100_000)  # the writer's real model this time: quick to hash
+    (incoming / "ckpt" / "model.pkl").write_bytes(model)
+    start_daemon(workspace)
+    assert workspace.wait_settled(1)["events"] == {"done": 1}
+    (row,) = json.loads(workspace.cli("artifacts", "--json").stdout)
+    assert row["locations"][0]["sha256"] == hashlib.sha256(model).hexdigest(), row
 
 
 def _wait_log(daemon: DaemonProcess, text: str, after: int, timeout: float = 30) -> str:

@@ -49,7 +49,7 @@ from router.sources.mqtt import (
 from router.sources.mqtt_pool import Pool, status_payload
 from router.sources.paho_tables import SharedTableProperties
 from sinks.trackers.jsonl import read_jsonl
-from tests.conftest import DaemonProcess, Workspace, free_port
+from tests.conftest import DaemonProcess, Workspace, bytes_read, free_port, wait_bytes_read
 from tests.servers_mqtt import (
     BROKER_KIND,
     Broker,
@@ -787,9 +787,9 @@ def test_a_directory_swapped_after_the_check_is_not_hashed(
     source = _file_uri_source(tmp_path, allowed)
     real = mqtt_source.sha256_files
 
-    def swapped_then_hashed(items: Any) -> Any:
+    def swapped_then_hashed(items: Any, abandon: Any) -> Any:
         swap()
-        return real(items)
+        return real(items, abandon)
 
     monkeypatch.setattr(mqtt_source, "sha256_files", swapped_then_hashed)
     found = source._hash_local_files(manifest)[(0, 0)]
@@ -904,6 +904,22 @@ def test_publish_manifest_inlines_small_files_and_references_large_ones_v311(
     assert inline == [Path("mqtt-done/emit-1/1/metrics.csv")], "delivered: moved aside"
 
 
+def test_expired_inline_files_are_pruned_on_a_machine_booted_minutes_ago(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The monotonic clock counts from boot. Taking 0.0 for 'never pruned' put the first
+    prune off until the machine had been up ten minutes (a fresh CI runner or node)."""
+    source = _file_uri_source(tmp_path, tmp_path)
+    expired, fresh = source.retired_root / "long-ago", source.retired_root / "yesterday"
+    for folder, age_days in ((expired, 8), (fresh, 1)):
+        folder.mkdir(parents=True)
+        (folder / "x.csv").write_bytes(b"old")
+        os.utime(folder, (time.time() - age_days * 86400,) * 2)
+    monkeypatch.setattr(mqtt_source.time, "monotonic", lambda: 120.0)  # up two minutes
+    source._retire_inline([])
+    assert sorted(p.name for p in source.retired_root.iterdir()) == ["yesterday"]
+
+
 def test_a_sharded_checkpoint_by_file_uris_lands_whole_with_each_shards_checksum(
     tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
 ) -> None:
@@ -938,6 +954,44 @@ def test_a_sharded_checkpoint_by_file_uris_lands_whole_with_each_shards_checksum
     assert {name: hashlib.sha256(p.read_bytes()).hexdigest() for name, p in stored.items()} \
         == want, row["locations"]
     assert {loc["file_name"]: loc["sha256"] for loc in row["locations"]} == want
+
+
+def test_sigterm_during_a_file_uri_hash_gives_it_up_and_the_broker_redelivers(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    """A `file://` checkpoint is hashed before its message is acknowledged. Stopping used
+    to wait for that hash (about a second per GiB); now it is given up, the message goes
+    unacknowledged, and the broker hands it to the next start. (A sparse 64 GiB file.)"""
+    files_dir = tmp_path / "ckpt"
+    files_dir.mkdir()
+    model = files_dir / "model.safetensors"
+    with open(model, "wb") as sparse:
+        sparse.truncate(64 << 30)
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, mqtt={
+        "protocol": "3.1.1", "allowed_roots": [str(files_dir)]})
+    settings = MqttSettings(**ws.router["mqtt"])
+    manifest = {"manifest_version": 1, "id": "ckpt-1", "pipeline": "llm", "run_id": "r1",
+                "step_name": "train", "artifacts": [
+                    {"type": "model", "name": "llm", "upload": True,
+                     "files": [{"path": model.name}]}]}
+    daemon = start_subscribed(start_daemon, ws)
+    started = bytes_read(daemon)
+    asyncio.run(publish_manifest(settings, manifest, [model]))
+    wait_bytes_read(daemon, started + (1 << 30))  # a GiB hashed: well under way
+
+    assert daemon.terminate(timeout=50) == 0  # not the minute the whole hash would take
+    (gave_up,) = log_events(daemon, "stopping: a file:// hash was given up; the batch "
+                                    "stays unacknowledged for the next start")
+    assert "of 68719476736 bytes" in gave_up["detail"], gave_up
+    assert not catalog_event_ids(ws.journal_url)
+    assert json.loads(ws.cli("status", "--json").stdout)["events"] == {}
+
+    data = os.urandom(100_000)  # the writer's real file this time: quick to hash
+    model.write_bytes(data)
+    start_subscribed(start_daemon, ws)
+    ws.wait_settled(1, timeout=60)
+    (row,) = json.loads(ws.cli("artifacts", "--json").stdout)
+    assert {loc["sha256"] for loc in row["locations"]} == {hashlib.sha256(data).hexdigest()}
 
 
 @needs_v5

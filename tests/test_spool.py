@@ -647,10 +647,11 @@ def test_a_large_bundle_is_hashed_apart_and_holds_back_only_its_own_run(
     gate = threading.Event()
     load_many = spool_module._load_many
 
-    def gated(paths_: list[Path], held: tuple[Path, ...], hash_up_to: int | None) -> Any:
+    def gated(paths_: list[Path], held: tuple[Path, ...], hash_up_to: int | None,
+              abandon: threading.Event) -> Any:
         if hash_up_to is None:  # the large bundle's own read: it hashes its files
             assert gate.wait(30), "the test never opened the gate"
-        return load_many(paths_, held, hash_up_to)
+        return load_many(paths_, held, hash_up_to, abandon)
 
     big = os.urandom(3 * 1024 * 1024)
 
@@ -748,10 +749,11 @@ def test_bundles_read_in_one_batch_with_a_large_one_of_their_run_are_journaled_w
     gate = threading.Event()
     load_many = spool_module._load_many
 
-    def gated(paths_: list[Path], held: tuple[Path, ...], hash_up_to: int | None) -> Any:
+    def gated(paths_: list[Path], held: tuple[Path, ...], hash_up_to: int | None,
+              abandon: threading.Event) -> Any:
         if hash_up_to is None:
             assert gate.wait(30), "the test never opened the gate"
-        return load_many(paths_, held, hash_up_to)
+        return load_many(paths_, held, hash_up_to, abandon)
 
     def metrics(run_id: str, name: str, **extra: Any) -> dict[str, Any]:
         return {"manifest_version": 1, "pipeline": "fraud", "run_id": run_id,

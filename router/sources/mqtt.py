@@ -34,6 +34,7 @@ import copy
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -41,6 +42,7 @@ import shutil
 import ssl
 import stat
 import string
+import threading
 import time
 import uuid
 from collections import deque
@@ -70,6 +72,7 @@ from router.intake import (
     CheckedFile,
     FileChanged,
     FileHash,
+    HashAbandoned,
     Rejection,
     sha256_files,
 )
@@ -604,7 +607,9 @@ class MqttSource:
         # `retention_days` there like the spool's done/.
         self.inline_root, self.retired_root = inline_roots(state_dir)
         self.retention_days = retention_days
-        self._last_prune = 0.0
+        # -inf, not 0.0: monotonic time counts from boot, so 0.0 would postpone the
+        # first prune until the machine has been up _PRUNE_EVERY seconds.
+        self._last_prune = -math.inf
         self.allowed_roots = [Path(r).expanduser().resolve() for r in settings.allowed_roots]
         self.filters = subscription_filters(settings)
         self.qos = settings.qos
@@ -618,6 +623,7 @@ class MqttSource:
         self._receipt_pattern = _template_pattern(settings.receipt_topic)
         self.healthy = False
         self._stop = asyncio.Event()
+        self._abandon = threading.Event()  # set with _stop: hashes under way give up
         self._receipts: deque[FinishedEvent] = deque()
         self._receipt_kick = asyncio.Event()
         self._ever_connected = False
@@ -638,7 +644,7 @@ class MqttSource:
         self._client: aiomqtt.Client | None = None
         self._hashers = asyncio.Semaphore(4)
         self.stats = {"received": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "ignored": 0}
-        self._last_report = 0.0
+        self._last_report = -math.inf
         self._reported: dict[str, int] = {}
 
     @classmethod
@@ -662,6 +668,7 @@ class MqttSource:
 
     def stop(self) -> None:
         self._stop.set()
+        self._abandon.set()
 
     @property
     def stopping(self) -> bool:
@@ -868,6 +875,10 @@ class MqttSource:
                 return await self._process(client, batch)
             except aiomqtt.MqttError:
                 raise
+            except HashAbandoned as exc:
+                log.info("stopping: a file:// hash was given up; the batch stays "
+                         "unacknowledged for the next start", count=len(batch), detail=str(exc))
+                return None
             except Exception as exc:
                 failures += 1
                 self.metrics.errors.labels(
@@ -1145,7 +1156,7 @@ class MqttSource:
                     wanted.append(((a_index, f_index), entry.uri, checked))
         # CheckedFile: the file hashed must be the one checked (same device and inode),
         # not whatever a path component swapped for a symlink leads to now.
-        digests = sha256_files([checked for *_, checked in wanted])
+        digests = sha256_files([checked for *_, checked in wanted], self._abandon)
         for (index, uri, checked), digest in zip(wanted, digests, strict=True):
             field = f"artifacts[{index[0]}].files[{index[1]}].uri"
             if isinstance(digest, FileChanged) or (

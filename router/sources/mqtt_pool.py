@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -110,7 +111,7 @@ class Pool:
         self.takeover: asyncio.Task[Drained] | None = None
         self.watching = False
         self._client: aiomqtt.Client | None = None
-        self._healed_at = 0.0
+        self._healed_at = -math.inf  # not 0.0: monotonic time counts from boot
         self._heal: asyncio.Task[None] | None = None
 
     async def run(self) -> None:

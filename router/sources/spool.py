@@ -73,6 +73,8 @@ class SpoolPaths:
         return None
 
 
+_LARGE_STOP_GRACE = 5.0  # seconds a stopping spool waits for its large bundles' tasks
+
 def _load_if_complete(path: Path, hash_up_to: int | None = None,
                       abandon: threading.Event | None = None
                       ) -> AcceptedEvent | Rejection | LargeBundle | None:
@@ -274,10 +276,13 @@ class SpoolSource:
                     await self._failed(batch)
         finally:
             self._abandon.set()
-            for task in tasks:
+            if self._large_tasks:
+                # Large bundles' tasks end by themselves: a hash under way gives up after
+                # its chunk (the bundle stays in incoming/), a journal commit under way
+                # finishes. Bounded all the same: a journal that hangs is not waited for.
+                await asyncio.wait(list(self._large_tasks), timeout=_LARGE_STOP_GRACE)
+            for task in [*tasks, *self._large_tasks]:
                 task.cancel()
-            # Large bundles' tasks end by themselves: a hash under way gives up after its
-            # chunk (the bundle stays in incoming/), a journal commit under way finishes.
             await asyncio.gather(*tasks, *self._large_tasks, return_exceptions=True)
 
     def stop(self) -> None:

@@ -37,7 +37,8 @@ VIRTUAL_ENV=$low "$uv" pip list 2>/dev/null | grep -iE '^(pydantic|typer|click|s
 
 # Not here: the committed JSON schema (written by the newest pydantic, which words it a
 # little differently), hadolint (a dev tool), and the skewed-clock test, whose hook
-# (botocore.auth.get_current_datetime) botocore gained in 1.40.
+# (botocore.auth.get_current_datetime) botocore gained in 1.40, nor the catalog's
+# 10,000-artifact read (paging, not a library API: 20 s the stage can spare).
 set +e
 "$low/bin/python" -m pytest -p no:cacheprovider -q \
   tests/test_cli.py tests/test_mqtt.py tests/test_store_s3.py tests/test_store_gcs.py \
@@ -47,7 +48,7 @@ set +e
   tests/test_daemon.py::test_sigterm_drains_and_exits_zero \
   tests/test_daemon.py::test_bundles_written_while_down_are_picked_up_at_start \
   tests/test_daemon.py::test_malformed_bundles_are_rejected_precisely_while_good_ones_flow \
-  -k "not committed_schema and not schema_command and not hadolint and not skewed_clock" "$@"
+  -k "not committed_schema and not schema_command and not hadolint and not skewed_clock and not ten_thousand" "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then

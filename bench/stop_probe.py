@@ -10,8 +10,6 @@ has read 1 GiB (`rchar` in /proc/<pid>/io), sends SIGTERM and prints the time to
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import sys
 import tempfile
@@ -26,6 +24,7 @@ from tests.conftest import (
     bytes_read,
     model_manifest,
     wait_bytes_read,
+    write_bundle,
 )
 
 
@@ -34,15 +33,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="stop-probe-"))
     try:
         daemon = DaemonProcess(Workspace(root))
-        incoming = daemon.workspace.spool / "incoming"
-        tmp = incoming / ".tmp-ckpt"
-        tmp.mkdir(parents=True)
-        (tmp / "manifest.json").write_text(json.dumps(model_manifest("llm", run_id="r1")))
-        with open(tmp / "model.pkl", "wb") as sparse:
-            sparse.truncate(gib << 30)
         time.sleep(2)  # started and watching
         started = bytes_read(daemon)
-        os.rename(tmp, incoming / "ckpt")
+        write_bundle(daemon.workspace.spool, "ckpt", model_manifest("llm", run_id="r1"),
+                     sparse={"model.pkl": gib << 30})
         wait_bytes_read(daemon, started + (1 << 30))
         sent = time.perf_counter()
         code = daemon.terminate(timeout=600)

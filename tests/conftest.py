@@ -290,8 +290,11 @@ def write_bundle(
     name: str,
     manifest: dict[str, Any],
     files: dict[str, bytes] | None = None,
+    sparse: dict[str, int] | None = None,
 ) -> Path:
-    """Build a bundle the way the DESIGN says writers should: under .tmp-, then rename."""
+    """Build a bundle the way the DESIGN says writers should: under .tmp-, then rename.
+
+    `sparse` names files of that many bytes that take no disk (a checkpoint to hash)."""
     incoming = spool / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)
     tmp = incoming / f".tmp-{name}"
@@ -300,6 +303,9 @@ def write_bundle(
         path = tmp / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+    for rel, size in (sparse or {}).items():
+        with open(tmp / rel, "wb") as holes:
+            holes.truncate(size)
     (tmp / "manifest.json").write_text(json.dumps(manifest))
     os.rename(tmp, incoming / name)
     return incoming / name

@@ -298,13 +298,9 @@ def test_sigterm_during_a_checkpoints_hash_gives_it_up_and_the_next_start_takes_
     the next start takes it. (A sparse file: 64 GiB to hash, nothing on disk.)"""
     daemon: DaemonProcess = start_daemon(workspace)
     incoming = workspace.spool / "incoming"
-    tmp = incoming / ".tmp-ckpt"
-    tmp.mkdir(parents=True)
-    (tmp / "manifest.json").write_text(json.dumps(model_manifest("llm", run_id="r1")))
-    with open(tmp / "model.pkl", "wb") as sparse:
-        sparse.truncate(64 << 30)
     started = bytes_read(daemon)
-    os.rename(tmp, incoming / "ckpt")
+    write_bundle(workspace.spool, "ckpt", model_manifest("llm", run_id="r1"),
+                 sparse={"model.pkl": 64 << 30})
     wait_bytes_read(daemon, started + (1 << 30))  # a GiB hashed: well under way
 
     assert daemon.terminate(timeout=50) == 0  # not the minute the whole hash would take

@@ -6,6 +6,7 @@ comparisons of a change, alternating with a worktree of the commit before.
     PYTHONPATH=<tree> python bench/probe.py mqtt-intake [N]       # inline metrics, mosquitto
     PYTHONPATH=<tree> python bench/probe.py large-to-s3 [MiB]     # one file, and s5cmd's time
     PYTHONPATH=<tree> python bench/probe.py behind-large [MiB]    # 50 small bundles after a large
+    PYTHONPATH=<tree> python bench/probe.py mqtt-behind-large [MiB]  # the same over MQTT
 
 PROBE_OVERWRITE=1 routes small-to-s3 with `on_conflict: overwrite` (no presence check).
 PROBE_UNSYNCED=1 leaves behind-large's big file unwritten-back, as a step that just
@@ -44,9 +45,9 @@ def _cpu(pid: int) -> tuple[float, float]:
 
 def probe(scenario: str, n: int) -> str:
     if scenario not in ("small-to-local", "small-to-s3", "mqtt-intake", "large-to-s3",
-                        "behind-large"):
+                        "behind-large", "mqtt-behind-large"):
         raise SystemExit(f"unknown scenario {scenario!r}: small-to-local, small-to-s3, "
-                         "mqtt-intake, large-to-s3 or behind-large")
+                         "mqtt-intake, large-to-s3, behind-large or mqtt-behind-large")
     work = Path(tempfile.mkdtemp(prefix="probe-"))
     server = None
     try:
@@ -54,6 +55,8 @@ def probe(scenario: str, n: int) -> str:
             return _probe_mqtt(work, n)
         if scenario == "behind-large":
             return _probe_behind_large(work, n)
+        if scenario == "mqtt-behind-large":
+            return _probe_mqtt_behind_large(work, n)
         if scenario == "large-to-s3":
             server = _s3_server(work)
             return _probe_large(work, server, n)
@@ -88,10 +91,7 @@ def _probe_behind_large(work: Path, mib: int) -> str:
     """A `mib` MiB bundle renamed into the spool, then 50 small bundles of another run
     50 ms later: how long the small ones take, rename to done, next to the large one."""
     big = work / "staging" / "big"
-    big.mkdir(parents=True)
-    with open(big / "model.bin", "wb") as fh:
-        for _ in range(mib):
-            fh.write(os.urandom(1024 * 1024))
+    _write_random(big / "model.bin", mib)
     (big / "manifest.json").write_text(json.dumps({
         "manifest_version": 1, "pipeline": "bench", "run_id": "train", "step_name": "train",
         "artifacts": [{"type": "model", "name": "big", "files": [{"path": "model.bin"}]}]}))
@@ -116,6 +116,43 @@ def _probe_behind_large(work: Path, mib: int) -> str:
             f"{waits[len(waits) // 2] * 1000:.0f} ms, max {waits[-1] * 1000:.0f} ms")
 
 
+def _write_random(path: Path, mib: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        for _ in range(mib):
+            fh.write(os.urandom(1024 * 1024))
+
+
+def _probe_mqtt_behind_large(work: Path, mib: int) -> str:
+    """A `mib` MiB checkpoint published by file:// URI, then 50 metrics messages of other
+    runs 50 ms later: how long those take, publish to done, next to the checkpoint."""
+    from bench.scenarios_mqtt import MqttDaemon, _broker, _payloads, _publish_burst
+
+    model = work / "files" / "model.bin"
+    _write_random(model, mib)
+    os.sync()
+    checkpoint = json.dumps({
+        "manifest_version": 1, "id": "big", "pipeline": "bench", "run_id": "train",
+        "step_name": "train", "artifacts": [
+            {"type": "model", "name": "big", "files": [{"uri": model.as_uri()}]}]}).encode()
+    broker = _broker(work / "broker")
+    try:
+        daemon = MqttDaemon(work / "router", broker, mqtt={"allowed_roots": [str(model.parent)]})
+        daemon.start()
+        t0, _ = _publish_burst(broker.port, [("big", "artifacts/bench/train/train", checkpoint)])
+        time.sleep(0.05)
+        t1, _ = _publish_burst(broker.port, _payloads(50, "small"))
+        daemon.wait_done(51)
+        finished = daemon.finished_at()
+        daemon.stop()
+    finally:
+        broker.stop()
+    waits = sorted(at - t1 for name, at in finished.items() if name != "big")
+    return (f"mqtt-behind-large {mib} MiB: the checkpoint done {finished['big'] - t0:.2f} s "
+            f"after its publish; 50 metrics messages of other runs published 50 ms after it: "
+            f"median {waits[len(waits) // 2] * 1000:.0f} ms, max {waits[-1] * 1000:.0f} ms")
+
+
 def _probe_large(work: Path, server: Any, mib: int) -> str:
     """One `mib` MiB file through the daemon, then through s5cmd against the same server.
 
@@ -126,10 +163,7 @@ def _probe_large(work: Path, server: Any, mib: int) -> str:
     from bench.scenarios import _peer_s3
 
     src = work / "large"
-    src.mkdir()
-    with open(src / "model.bin", "wb") as fh:
-        for _ in range(mib):
-            fh.write(os.urandom(1024 * 1024))
+    _write_random(src / "model.bin", mib)
     staging = work / "staging" / "big"
     staging.mkdir(parents=True)
     os.link(src / "model.bin", staging / "model.bin")

@@ -168,11 +168,12 @@ class MqttDaemon(DaemonUnderTest):
     """
 
     def __init__(self, root: Path, broker: Any, *, pg_url: str | None = None,
-                 shared_group: str | None = None, **router: Any) -> None:
+                 shared_group: str | None = None, mqtt: dict[str, Any] | None = None,
+                 **router: Any) -> None:
         self.http_port = _free_port()
         self.pg_url = pg_url
         mqtt = broker.mqtt_settings(client_id=f"bench-router-{uuid.uuid4().hex[:8]}",
-                                    topics=[TOPIC_FILTER])
+                                    topics=[TOPIC_FILTER], **(mqtt or {}))
         if shared_group:
             mqtt["shared_group"] = shared_group
         settings: dict[str, Any] = {"mqtt": mqtt, "listen": f"127.0.0.1:{self.http_port}",

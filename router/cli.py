@@ -477,6 +477,9 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     console.print(table)
     if report.oldest_pending_age_seconds is not None:
         console.print(f"oldest pending: {report.oldest_pending_age_seconds:.1f}s ago")
+    if report.held_messages:
+        console.print(f"held: {report.held_messages} MQTT messages, events once their "
+                      "file:// files are hashed")
     for dead in report.dead_letters[:20]:
         console.print(f"[red]dead[/red] {dead['key']}: {dead['last_error']}", highlight=False)
     for rej in report.rejected[:20]:

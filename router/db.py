@@ -174,6 +174,19 @@ model_decisions = sa.Table(
 )
 
 
+# MQTT messages acknowledged before their event is journaled: a `file://` checkpoint
+# whose hash takes seconds is held here (one row per consumer batch), so the broker's
+# messages behind it need not wait for that hash; the holder journals them afterwards,
+# and again at its next start if it stopped first (router/sources/mqtt.py).
+held_messages = sa.Table(
+    "held_messages",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("holder", sa.String(300), nullable=False, index=True),
+    sa.Column("held_at", sa.Float, nullable=False),
+    sa.Column("record", sa.JSON, nullable=False),
+)
+
 # orjson: JSON columns (event records, plans, results) are on the hot path.
 _JSON: dict[str, Any] = {
     "json_serializer": lambda value: orjson.dumps(value).decode(),

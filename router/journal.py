@@ -20,7 +20,7 @@ import structlog
 from pydantic import BaseModel, Field
 
 from router import approvals, catalog
-from router.db import Database, deliveries, events
+from router.db import Database, deliveries, events, held_messages
 from router.delivery import Action, DeliveryResult
 from router.errors import Problem
 from router.intake import AcceptedEvent, Rejection
@@ -251,6 +251,9 @@ class StatusReport(BaseModel):
     oldest_pending_age_seconds: float | None = None
     dead_letters: list[dict[str, Any]] = Field(default_factory=list)
     rejected: list[dict[str, Any]] = Field(default_factory=list)
+    # MQTT messages acknowledged and held while a large file:// file is hashed: events
+    # once hashed (router/sources/mqtt.py).
+    held_messages: int = 0
 
 
 class DeliveryJournal:
@@ -462,6 +465,27 @@ class DeliveryJournal:
     async def reject(self, rejection: Rejection) -> None:
         """Record a refused input so `status` and `artifacts --rejected` can show it."""
         await self.db.run_write(_reject_tx, rejection)
+
+    async def hold(self, holder: str, record: dict[str, Any]) -> int:
+        """Keep acknowledged messages that are not events yet (see db.held_messages)."""
+        return await self.db.run_write(_hold_tx, holder, record)
+
+    async def held(self, holder: str) -> list[tuple[int, dict[str, Any]]]:
+        """`holder`'s held messages, oldest first."""
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                sa.select(held_messages.c.id, held_messages.c.record)
+                .where(held_messages.c.holder == holder).order_by(held_messages.c.id)
+            )
+            return [(r.id, dict(r.record)) for r in rows]
+
+    async def adopt_held(self, holder: str, adopter: str) -> list[tuple[int, dict[str, Any]]]:
+        """A departed pool member's held messages become `adopter`'s, oldest first."""
+        return await self.db.run_write(_adopt_held_tx, holder, adopter)
+
+    async def release(self, held_id: int) -> None:
+        """Held messages now journaled as events (or rejected)."""
+        await self.db.run_write(_release_tx, held_id)
 
     async def known_events(self, ids: Iterable[str]) -> dict[str, str]:
         """State of each id the journal already holds (to skip re-reading bundles)."""
@@ -788,6 +812,9 @@ class DeliveryJournal:
                 )
             ).all():
                 report.rejected.append(dict(row._mapping))
+            records: Iterable[dict[str, Any]] = (
+                await conn.execute(sa.select(held_messages.c.record))).scalars()
+            report.held_messages = sum(len(r["messages"]) for r in records)
         return report
 
 
@@ -1038,3 +1065,25 @@ def _retry_dead_tx(conn: sa.Connection, key: str | None) -> int:
             .values(state="accepted", finished_at=None)
         )
     return len(revived)
+
+
+def _hold_tx(conn: sa.Connection, holder: str, record: dict[str, Any]) -> int:
+    result = conn.execute(sa.insert(held_messages).values(
+        holder=holder, held_at=time.time(), record=record))
+    assert result.inserted_primary_key is not None
+    return int(result.inserted_primary_key[0])
+
+
+def _release_tx(conn: sa.Connection, held_id: int) -> None:
+    conn.execute(sa.delete(held_messages).where(held_messages.c.id == held_id))
+
+
+def _adopt_held_tx(conn: sa.Connection, holder: str, adopter: str
+                   ) -> list[tuple[int, dict[str, Any]]]:
+    rows = conn.execute(sa.select(held_messages.c.id, held_messages.c.record)
+                        .where(held_messages.c.holder == holder)
+                        .order_by(held_messages.c.id)).all()
+    if rows:
+        conn.execute(sa.update(held_messages).where(held_messages.c.id.in_([r.id for r in rows]))
+                     .values(holder=adopter))
+    return [(r.id, dict(r.record)) for r in rows]

@@ -515,6 +515,13 @@ class Manifest(BaseModel):
         "and end time; W&B: exit code; jsonl: a run_end line), and the catalog records it",
     )
 
+    def linked_runs(self) -> list[tuple[str, str]]:
+        """Its own (pipeline, run_id), then the runs its inputs name: an event is
+        journaled after the held-back large events of these runs, so lineage finds them."""
+        named = (tuple(ref.split("/")[:2]) for ref in self.inputs)
+        return list(dict.fromkeys([
+            (self.pipeline, self.run_id), *((r[0], r[1]) for r in named if len(r) == 2)]))
+
 
 def manifest_json_schema() -> dict[str, Any]:
     """The JSON Schema of manifest v1 (what `artifact-router schema` prints)."""

@@ -467,6 +467,22 @@ async def test_rejections_are_visible_in_status(journal: DeliveryJournal) -> Non
     assert (await journal.accept([event("bad-1")], planner))[0].outcome == "accepted"
 
 
+async def test_held_messages_are_kept_per_holder_in_order_until_released(
+    journal: DeliveryJournal,
+) -> None:
+    """MQTT messages acknowledged before their (large) hash is done live here: each
+    daemon reads back its own, oldest first, until it releases them once journaled."""
+    first = await journal.hold("router-a", {"messages": [{"topic": "t", "payload": "MQ=="}]})
+    second = await journal.hold("router-a", {"messages": [{"topic": "t", "payload": "Mg=="}]})
+    await journal.hold("router-b", {"messages": [{"topic": "t", "payload": "Mw=="}]})
+    assert [r["messages"][0]["payload"] for _, r in await journal.held("router-a")] == [
+        "MQ==", "Mg=="]
+    assert first < second
+    await journal.release(first)
+    assert [i for i, _ in await journal.held("router-a")] == [second]
+    assert len(await journal.held("router-b")) == 1
+
+
 # --- stale outcomes: an attempt is (owner, attempt number) ----------------------------
 
 

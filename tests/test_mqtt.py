@@ -34,7 +34,7 @@ from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from router.config import MqttSettings
-from router.db import Database, artifacts
+from router.db import Database, artifacts, held_messages
 from router.journal import FinishedEvent
 from router.manifest import ManifestError, parse_manifest
 from router.metrics import RouterMetrics
@@ -98,19 +98,23 @@ def mqtt_workspace(root: Path, broker: Broker, *, journal_url: str | None = None
                      mqtt=broker.mqtt_settings(**(mqtt or {})), **router)
 
 
-def catalog_event_ids(url: str) -> Counter[str]:
-    """Event id of every catalogued artifact row (read straight from the catalog)."""
+def query(url: str, statement: sa.Select[Any]) -> list[Any]:
+    """The rows of one query, read straight from the journal's database."""
 
-    async def query() -> Counter[str]:
+    async def run() -> list[Any]:
         db = Database(url)
         try:
             async with db.read() as conn:
-                rows = await conn.execute(sa.select(artifacts.c.event_id))
-                return Counter(r[0] for r in rows)
+                return list(await conn.execute(statement))
         finally:
             await db.dispose()
 
-    return asyncio.run(query())
+    return asyncio.run(run())
+
+
+def catalog_event_ids(url: str) -> Counter[str]:
+    """Event id of every catalogued artifact row."""
+    return Counter(r[0] for r in query(url, sa.select(artifacts.c.event_id)))
 
 
 def wait_catalogued(url: str, count: int, timeout: float = 180.0) -> Counter[str]:
@@ -956,42 +960,121 @@ def test_a_sharded_checkpoint_by_file_uris_lands_whole_with_each_shards_checksum
     assert {loc["file_name"]: loc["sha256"] for loc in row["locations"]} == want
 
 
-def test_sigterm_during_a_file_uri_hash_gives_it_up_and_the_broker_redelivers(
+def catalog_order(url: str) -> list[str]:
+    """Event ids in the order their artifacts were catalogued (one artifact each)."""
+    return [r[0] for r in query(url, sa.select(artifacts.c.event_id).order_by(artifacts.c.id))]
+
+
+def held_rows(url: str) -> int:
+    return len(query(url, sa.select(held_messages.c.id)))
+
+
+@needs_v5
+def test_a_large_file_uri_checkpoint_is_held_apart_and_the_messages_behind_it_flow(
     tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
 ) -> None:
-    """A `file://` checkpoint is hashed before its message is acknowledged. Stopping used
-    to wait for that hash (about a second per GiB); now it is given up, the message goes
-    unacknowledged, and the broker hands it to the next start. (A sparse 64 GiB file.)"""
+    """A `file://` checkpoint takes about a second per GiB to hash. Its message is held in
+    the journal and acknowledged, so the metrics of other runs behind it are catalogued
+    meanwhile; its own run's, and a run naming it in `inputs`, wait and follow it. SIGTERM
+    gives the hash up (a sparse 64 GiB file) and the next start journals what was held,
+    with the receipt to its response topic. (It used to hold up every message behind it,
+    and to stay unacknowledged when stopped.)"""
     files_dir = tmp_path / "ckpt"
     files_dir.mkdir()
     model = files_dir / "model.safetensors"
     with open(model, "wb") as sparse:
         sparse.truncate(64 << 30)
     ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, mqtt={
-        "protocol": "3.1.1", "allowed_roots": [str(files_dir)]})
+        "allowed_roots": [str(files_dir)], "receipts": True})
     settings = MqttSettings(**ws.router["mqtt"])
-    manifest = {"manifest_version": 1, "id": "ckpt-1", "pipeline": "llm", "run_id": "r1",
-                "step_name": "train", "artifacts": [
-                    {"type": "model", "name": "llm", "upload": True,
-                     "files": [{"path": model.name}]}]}
+    replies = Collector(mqtt_broker, "replies/#")
+    checkpoint = {"manifest_version": 1, "id": "ckpt-1", "pipeline": "llm", "run_id": "r1",
+                  "step_name": "train", "artifacts": [
+                      {"type": "model", "name": "llm", "upload": True,
+                       "files": [{"path": model.name}]}]}
+    own_run = metrics_manifest(100, pipeline="llm") | {"id": "r1-after", "run_id": "r1"}
+    naming_it = metrics_manifest(101, pipeline="eval") | {
+        "id": "eval-after", "inputs": ["llm/r1/train/llm"]}
+    messages = [build_publication(settings, checkpoint, [model]), *stream(20),
+                ("artifacts/llm/train", json.dumps(own_run).encode()),
+                ("artifacts/eval/train", json.dumps(naming_it).encode())]
     daemon = start_subscribed(start_daemon, ws)
     started = bytes_read(daemon)
-    asyncio.run(publish_manifest(settings, manifest, [model]))
+    publish_all(mqtt_broker, messages, properties=lambda i: v5_properties(
+        ResponseTopic="replies/ckpt", CorrelationData=b"\x00ckpt") if i == 0 else None)
+
+    others = wait_catalogued(ws.journal_url, 20, timeout=60)
+    assert bytes_read(daemon) - started < 60 << 30, "the whole checkpoint was hashed"
+    assert set(others) == {f"evt-{i:05d}" for i in range(20)}, others
+    assert held_rows(ws.journal_url) >= 1  # the checkpoint's; the others may follow it
     wait_bytes_read(daemon, started + (1 << 30))  # a GiB hashed: well under way
 
     assert daemon.terminate(timeout=50) == 0  # not the minute the whole hash would take
     (gave_up,) = log_events(daemon, "stopping: a file:// hash was given up; the batch "
-                                    "stays unacknowledged for the next start")
+                                    "stays held in the journal for the next start")
     assert "of 68719476736 bytes" in gave_up["detail"], gave_up
-    assert not catalog_event_ids(ws.journal_url)
-    assert json.loads(ws.cli("status", "--json").stdout)["events"] == {}
+    assert len(catalog_event_ids(ws.journal_url)) == 20
+    assert json.loads(ws.cli("status", "--json").stdout)["held_messages"] == 3
+    assert "held: 3 MQTT messages" in ws.cli("status").stdout
 
     data = os.urandom(100_000)  # the writer's real file this time: quick to hash
     model.write_bytes(data)
-    start_subscribed(start_daemon, ws)
-    ws.wait_settled(1, timeout=60)
-    (row,) = json.loads(ws.cli("artifacts", "--json").stdout)
+    again = start_subscribed(start_daemon, ws)
+    ws.wait_settled(23, timeout=60)
+    (resumed,) = log_events(again, "mqtt held messages resumed: journaled once hashed")
+    assert resumed["messages"] == 3, resumed
+    order = catalog_order(ws.journal_url)
+    assert order[20:] == ["ckpt-1", "r1-after", "eval-after"], order
+    rows = {r["event_id"]: r for r in json.loads(ws.cli("artifacts", "--json").stdout)}
+    assert {loc["sha256"] for loc in rows["ckpt-1"]["locations"]} == {
+        hashlib.sha256(data).hexdigest()}
+    assert held_rows(ws.journal_url) == 0
+    (reply,) = replies.wait_for(1, timeout=60)
+    replies.close()
+    assert reply.properties.CorrelationData == b"\x00ckpt"
+    assert json.loads(reply.payload)["event_id"] == "ckpt-1"
+
+
+@needs_v5
+def test_a_pool_member_that_dies_holding_a_checkpoint_has_it_journaled_by_a_survivor(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon, pg_url: str
+) -> None:
+    """A held message was acknowledged, so no broker session keeps it: when a member is
+    SIGKILLed mid-hash and never returns, the member that takes its session over adopts
+    what it held and journals it."""
+    files_dir = tmp_path / "ckpt"
+    files_dir.mkdir()
+    model = files_dir / "model.safetensors"
+    with open(model, "wb") as sparse:
+        sparse.truncate(64 << 30)
+    workspaces = [mqtt_workspace(
+        tmp_path / f"node{k}", mqtt_broker, journal_url=pg_url,
+        mqtt={"client_id": f"router-node-{k}", "shared_group": "routers",
+              "takeover_after": 1, "allowed_roots": [str(files_dir)]})
+        for k in range(2)]
+    settings = MqttSettings(**workspaces[0].router["mqtt"])
+    checkpoint = {"manifest_version": 1, "id": "ckpt-1", "pipeline": "llm", "run_id": "r1",
+                  "step_name": "train", "artifacts": [
+                      {"type": "model", "name": "llm", "upload": True,
+                       "files": [{"path": model.name}]}]}
+    doomed = start_subscribed(start_daemon, workspaces[1])  # alone: the message is its
+    started = bytes_read(doomed)
+    publish_all(mqtt_broker, [build_publication(settings, checkpoint, [model])])
+    wait_bytes_read(doomed, started + (1 << 30))
+    assert held_rows(pg_url) == 1
+    doomed.kill()
+
+    data = os.urandom(100_000)
+    model.write_bytes(data)
+    survivor = start_subscribed(start_daemon, workspaces[0])
+    (takeover,) = wait_log_event(survivor, "mqtt takeover")
+    assert takeover["member"] == "router-node-1" and takeover["outcome"] == "drained", takeover
+    assert takeover["adopted"] == 1, takeover
+    workspaces[0].wait_settled(1, timeout=60)
+    (row,) = json.loads(workspaces[0].cli("artifacts", "--json").stdout)
+    assert row["event_id"] == "ckpt-1"
     assert {loc["sha256"] for loc in row["locations"]} == {hashlib.sha256(data).hexdigest()}
+    assert held_rows(pg_url) == 0
 
 
 @needs_v5

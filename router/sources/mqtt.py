@@ -14,6 +14,13 @@ and otherwise ignored.
 
 Messages are read in batches (whatever the client has queued, up to
 `router.intake_batch`), journaled in one commit, then acknowledged in receipt order.
+A message whose `file://` files are over 64 MiB is held instead: committed to the
+journal as a held message (db.held_messages) and acknowledged with its batch, then
+hashed and journaled as an event by a task of its own, so that the seconds a checkpoint
+takes to hash never hold up the messages behind it.  Later messages of its run, or
+naming its run in `inputs`, are held behind it, for lineage to find it.  Held messages
+not yet journaled when the router stops are journaled at its next start, or by the pool
+member that takes its session over.
 The broker connection is re-established with exponential backoff and jitter; a broker
 that refuses the very first connection for a reason retrying cannot fix (bad
 credentials, not authorised, an untrusted certificate) stops the source with an error
@@ -123,6 +130,7 @@ _PARSE_IN_THREAD = 64 * 1024
 # A takeover ends the dead member's session once nothing came for this long (its
 # shared subscriptions are gone by then, so only what the broker had queued can come).
 _DRAIN_IDLE = 2.0
+_HELD_STOP_GRACE = 5.0  # seconds a stopping source waits for held messages being journaled
 
 # CONNACK refusals that no amount of retrying fixes: a configuration error.
 _FATAL_CONNACK = {
@@ -566,6 +574,31 @@ def _needs_io(event: AcceptedEvent) -> bool:
     )
 
 
+def _held_message(message: aiomqtt.Message) -> dict[str, Any]:
+    """What intake reads of a message, as JSON: its topic, payload and reply properties."""
+    held: dict[str, Any] = {"topic": message.topic.value,
+                            "payload": base64.b64encode(_payload_bytes(message)).decode()}
+    props = message.properties
+    response = getattr(props, "ResponseTopic", None) if props is not None else None
+    correlation = getattr(props, "CorrelationData", None) if props is not None else None
+    if response:
+        held["response_topic"] = str(response)
+    if correlation:
+        held["correlation_data"] = base64.b64encode(bytes(correlation)).decode()
+    return held
+
+
+def _message_from(held: dict[str, Any]) -> aiomqtt.Message:
+    props: Properties | None = None
+    if "response_topic" in held or "correlation_data" in held:
+        props = Properties(PacketTypes.PUBLISH)
+        if "response_topic" in held:
+            props.ResponseTopic = held["response_topic"]
+        if "correlation_data" in held:
+            props.CorrelationData = base64.b64decode(held["correlation_data"])
+    return aiomqtt.Message(held["topic"], base64.b64decode(held["payload"]), 1, False, 0, props)
+
+
 @dataclass
 class _Item:
     """One received message on its way to the journal."""
@@ -577,6 +610,8 @@ class _Item:
     rejection: Rejection | None = None
     ignored: bool = False
     outcome: str | None = None
+    local_bytes: int = 0  # of its file:// files: over hash_apart_bytes, it is held apart
+    held: bool = False
     problems: list[Problem] = field(default_factory=list)
 
 
@@ -595,6 +630,7 @@ class MqttSource:
         state_dir: Path,
         batch_size: int = 256,
         retention_days: float = 7.0,
+        hash_apart_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.settings = settings
         self.journal = journal
@@ -643,6 +679,15 @@ class MqttSource:
                         "messages wait in its session until it returns")
         self._client: aiomqtt.Client | None = None
         self._hashers = asyncio.Semaphore(4)
+        # Messages whose file:// files are over hash_apart_bytes are held in the journal
+        # and acknowledged, then hashed and journaled by tasks of their own, so the
+        # seconds a checkpoint takes to hash never hold up the messages behind it.
+        self.hash_apart_bytes = hash_apart_bytes
+        self._owner = self  # a pool twin's held messages are the owner's to journal
+        self._held_tasks: set[asyncio.Task[bool]] = set()
+        self._held_tails: dict[tuple[str, str], asyncio.Task[bool]] = {}
+        self._resumed = False
+        self._online = asyncio.Event()  # set while a session is up (dead letters need it)
         self.stats = {"received": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "ignored": 0}
         self._last_report = -math.inf
         self._reported: dict[str, int] = {}
@@ -717,6 +762,7 @@ class MqttSource:
                     await self._connection_failed(exc)
         finally:
             self.healthy = False
+            await self._stop_held()
             if pool is not None:
                 self._stop.set()  # also when run() fails: the pool must not outlive it
                 await asyncio.wait({pool}, timeout=_STOP_GRACE + 5)
@@ -789,6 +835,10 @@ class MqttSource:
             tls=_use_tls(self.settings),
         )
         self._client = client
+        self._online.set()
+        if not self._resumed:
+            # Before any new message: one of a held run's must be journaled after it.
+            await self._resume_held()
         if self.settings.takeover_enabled():
             await self._announce(client, "online")
         receipts = asyncio.create_task(self._receipt_loop(client), name="mqtt-receipts")
@@ -802,6 +852,7 @@ class MqttSource:
         finally:
             self.healthy = False
             self._client = None
+            self._online.clear()
             receipts.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await receipts
@@ -860,7 +911,8 @@ class MqttSource:
                         "redeliver and the journal will skip them", count=unacked)
 
     async def _journal(
-        self, client: aiomqtt.Client, batch: list[aiomqtt.Message]
+        self, client: aiomqtt.Client, batch: list[aiomqtt.Message], *,
+        received_at: float | None = None, apart: bool = True,
     ) -> list[_Item] | None:
         """Process until committed; None when asked to stop first.
 
@@ -872,12 +924,13 @@ class MqttSource:
         failures = 0
         while True:
             try:
-                return await self._process(client, batch)
+                return await self._process(client, batch, received_at, apart)
             except aiomqtt.MqttError:
                 raise
             except HashAbandoned as exc:
                 log.info("stopping: a file:// hash was given up; the batch stays "
-                         "unacknowledged for the next start", count=len(batch), detail=str(exc))
+                         + ("unacknowledged" if apart else "held in the journal")
+                         + " for the next start", count=len(batch), detail=str(exc))
                 return None
             except Exception as exc:
                 failures += 1
@@ -890,7 +943,8 @@ class MqttSource:
                     if len(batch) > 1:
                         out: list[_Item] = []
                         for message in batch:
-                            one = await self._journal(client, [message])
+                            one = await self._journal(
+                                client, [message], received_at=received_at, apart=apart)
                             if one is None:
                                 return None
                             out += one
@@ -1012,7 +1066,7 @@ class MqttSource:
                 "messages); publish the manifest to another topic, change "
                 f"{reserved}, or use protocol \"5\"")])
             return item
-        problems = self._check_entries(manifest)
+        problems, item.local_bytes = self._check_entries(manifest)
         event = AcceptedEvent(
             event_id=event_id,
             source="mqtt",
@@ -1032,9 +1086,11 @@ class MqttSource:
         item.event = event
         return item
 
-    def _check_entries(self, manifest: Manifest) -> list[Problem]:
-        """Cheap checks of every file entry, before anything is written."""
+    def _check_entries(self, manifest: Manifest) -> tuple[list[Problem], int]:
+        """Cheap checks of every file entry, before anything is written; and the size of
+        its file:// files, to be hashed."""
         problems: list[Problem] = []
+        local_bytes = 0
         cap = self.settings.inline_max_bytes
         for a_index, artifact in enumerate(manifest.artifacts):
             for f_index, entry in enumerate(artifact.files):
@@ -1060,9 +1116,11 @@ class MqttSource:
                             )
                         )
                 elif entry.uri is not None and entry.uri.startswith("file://"):
-                    _, problem = self._resolve_file_uri(entry.uri, f"{where}.uri")
+                    checked, problem = self._resolve_file_uri(entry.uri, f"{where}.uri")
                     if problem is not None:
                         problems.append(problem)
+                    elif checked is not None:
+                        local_bytes += checked.st.st_size
                 elif entry.uri is not None:
                     assert entry.name is not None
                     declared = _declared_sha256(artifact.metadata, entry.name, len(artifact.files))
@@ -1074,7 +1132,7 @@ class MqttSource:
                                 message="must be the file's SHA-256 as 64 hex digits",
                             )
                         )
-        return problems
+        return problems, local_bytes
 
     def _resolve_file_uri(
         self, uri: str, where: str
@@ -1223,8 +1281,9 @@ class MqttSource:
             _fsync_dir(base.parent)
         return event.model_copy(update={"files": files, "detected": detected})
 
-    async def _process(self, client: aiomqtt.Client, batch: list[aiomqtt.Message]) -> list[_Item]:
-        received_at = time.time()
+    async def _process(self, client: aiomqtt.Client, batch: list[aiomqtt.Message],
+                       received_at: float | None = None, apart: bool = True) -> list[_Item]:
+        received_at = received_at or time.time()
         items: list[_Item] = []
         for message in batch:
             size = len(message.payload) if isinstance(message.payload, bytes | bytearray) else 0
@@ -1232,10 +1291,11 @@ class MqttSource:
                 items.append(await asyncio.to_thread(self._parse, message, received_at))
             else:
                 items.append(self._parse(message, received_at))
+        held = self._apart(items) if apart else []
         # The same event id twice in one batch: the later one goes into a later round,
         # so its files are never written over the first one's before the journal
         # has said which is which.
-        pending = [i for i in items if not i.ignored]
+        pending = [i for i in items if not i.ignored and not i.held]
         while pending:
             round_items: list[_Item] = []
             later: list[_Item] = []
@@ -1246,7 +1306,119 @@ class MqttSource:
                 seen.add(item.event_id)
             await self._round(client, round_items)
             pending = later
+        if held:  # last: a failure before it retries the batch, which must not hold twice
+            await self._hold(held, received_at)
         return items
+
+    # --- held apart: large file:// checkpoints ---------------------------------------
+
+    def _apart(self, items: list[_Item]) -> list[_Item]:
+        """The messages to hold apart: those with file:// files over hash_apart_bytes,
+        and, after one, those of its run or naming it in `inputs` (and so on), which
+        must be journaled after it for lineage to find it."""
+        runs = set(self._held_tails)  # runs with held messages not journaled yet
+        held: list[_Item] = []
+        for item in items:
+            if item.event is None or (not runs and item.local_bytes <= self.hash_apart_bytes):
+                continue  # the usual case, and the hot path: nothing held, nothing large
+            linked = item.event.manifest.linked_runs()
+            if item.local_bytes > self.hash_apart_bytes or not runs.isdisjoint(linked):
+                item.held = True
+                held.append(item)
+                runs.update(linked)
+        return held
+
+    async def _hold(self, items: list[_Item], received_at: float) -> None:
+        """Keep the messages in the journal (then they are acknowledged with the batch),
+        and journal them as events in a task of their own."""
+        runs = {run for i in items if i.event for run in i.event.manifest.linked_runs()}
+        record = {
+            "received_at": received_at,
+            "runs": sorted(runs),
+            "messages": [_held_message(i.message) for i in items],
+        }
+        owner = self._owner
+        held_id = await self.journal.hold(owner.settings.client_id, record)
+        log.info("mqtt messages held apart: a file:// hash under way must not hold up the "
+                 "messages behind it", held=held_id, event_ids=[i.event_id for i in items],
+                 local_bytes=sum(i.local_bytes for i in items))
+        owner._start_held(held_id, record)
+
+    async def _resume_held(self) -> None:
+        """Journal what an earlier run held and did not journal before it stopped."""
+        rows = await self.journal.held(self.settings.client_id)
+        for held_id, record in rows:
+            self._start_held(held_id, record)
+        if rows:
+            log.info("mqtt held messages resumed: journaled once hashed", batches=len(rows),
+                     messages=sum(len(r["messages"]) for _, r in rows))
+        self._resumed = True
+
+    def _start_held(self, held_id: int, record: dict[str, Any]) -> None:
+        runs = [(str(p), str(r)) for p, r in record["runs"]]
+        after = {task for run in runs if (task := self._held_tails.get(run)) is not None}
+        task = asyncio.create_task(self._journal_held(held_id, record, after),
+                                   name=f"mqtt-held-{held_id}")
+        self._held_tasks.add(task)
+        for run in runs:
+            self._held_tails[run] = task
+
+        def finished(done: asyncio.Task[bool]) -> None:
+            self._held_tasks.discard(done)
+            for run in runs:
+                if self._held_tails.get(run) is done:
+                    del self._held_tails[run]
+
+        task.add_done_callback(finished)
+
+    async def _journal_held(self, held_id: int, record: dict[str, Any],
+                            after: set[asyncio.Task[bool]]) -> bool:
+        """Journal held messages, after the earlier held messages of their runs; True
+        once journaled. Not journaled (stopping), they stay held for the next start."""
+        if after:  # wait, unlike gather, never cancels them when this task is cancelled
+            await asyncio.wait(after)
+            if not all(not t.cancelled() and t.result() for t in after):
+                return False  # an earlier one stays held: these stay behind it
+        try:
+            if not await self._journal_held_now(record):
+                return False
+        except Exception:  # a bug, not bad input (that is set aside by _journal)
+            log.exception("held messages could not be journaled; they stay held for the "
+                          "next start", held=held_id)
+            return False
+        try:
+            await self.journal.release(held_id)
+        except Exception as exc:  # journaled: the next start finds duplicates, no more
+            log.warning("held messages journaled but not released; the next start "
+                        "releases them", held=held_id, error=str(exc))
+        return True
+
+    async def _journal_held_now(self, record: dict[str, Any]) -> bool:
+        messages = [_message_from(m) for m in record["messages"]]
+        while True:
+            # Connected: a message rejected after its hash goes to the dead-letter topic.
+            while not self._online.is_set() or self._client is None:
+                if await self.wait_stopping(0.2):
+                    return False
+            try:
+                items = await self._journal(self._client, messages,
+                                            received_at=record["received_at"], apart=False)
+            except aiomqtt.MqttError:
+                if await self.wait_stopping(0.5):
+                    return False
+                continue  # the session broke mid-way: journaled again, as duplicates
+            return items is not None
+
+    async def _stop_held(self) -> None:
+        """Let held messages being journaled finish (a hash gives up within a MiB), then
+        cancel the rest: they stay held for the next start."""
+        tasks = list(self._held_tasks)
+        if not tasks:
+            return
+        await asyncio.wait(tasks, timeout=_HELD_STOP_GRACE)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _round(self, client: aiomqtt.Client, items: list[_Item]) -> None:
         candidates = [i for i in items if i.event is not None]
@@ -1443,6 +1615,13 @@ class MqttSource:
                 result.session_present = bool(getattr(client, "session_present", False))
                 for topic_filter in self.filters:
                     await client.unsubscribe(topic_filter)
+                # Its messages held apart were acknowledged, so no session holds them:
+                # ours now, taken first so that what the session holds of their runs
+                # is journaled after them. (Should it return, duplicates are no-ops.)
+                for held_id, record in await self.journal.adopt_held(
+                        member, self.settings.client_id):
+                    self._start_held(held_id, record)
+                    result.adopted += len(record["messages"])
                 await twin._consume(client, idle=_DRAIN_IDLE)
                 if self._stop.is_set():
                     result.outcome = "stopped"  # the session stays for the next taker

@@ -90,6 +90,7 @@ class Drained:
     session_present: bool = False
     stats: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    adopted: int = 0  # its held messages (router/sources/mqtt.py), now journaled by us
 
 
 @dataclass
@@ -221,6 +222,7 @@ class Pool:
             duplicate=result.stats.get("duplicate", 0),
             rejected=result.stats.get("rejected", 0),
             session_present=result.session_present,
+            adopted=result.adopted,
             error=result.error,
         )
         if result.outcome == "drained":

@@ -37,7 +37,6 @@ from router.intake import (
     not_utf8,
 )
 from router.journal import AcceptOutcome, DeliveryJournal, FinishedEvent, Handoff, Planner
-from router.manifest import Manifest
 from router.metrics import RouterMetrics
 
 __all__ = ["SpoolPaths", "SpoolSource"]
@@ -109,14 +108,6 @@ Loaded = AcceptedEvent | Rejection | LargeBundle | None
 def _load_many(paths: list[Path], held: tuple[Path, ...], hash_up_to: int | None,
                abandon: threading.Event) -> list[Loaded]:
     return [_named_uniquely(_load_if_complete(p, hash_up_to, abandon), held) for p in paths]
-
-
-def _runs(manifest: Manifest) -> list[tuple[str, str]]:
-    """A manifest's (pipeline, run_id), then those its inputs name: the runs whose large
-    bundles it is journaled after, so that its lineage finds them."""
-    own = (manifest.pipeline, manifest.run_id)
-    named = (tuple(ref.split("/")[:2]) for ref in manifest.inputs)
-    return list(dict.fromkeys([own, *((r[0], r[1]) for r in named if len(r) == 2)]))
 
 
 def _named_uniquely(result: Loaded, held: tuple[Path, ...]) -> Loaded:
@@ -467,12 +458,12 @@ class SpoolSource:
 
     async def _process(self, names: list[str]) -> None:
         loaded = await self._read_all(names, self.hash_apart_bytes)
-        large = {_runs(r.manifest)[0] for r in loaded if isinstance(r, LargeBundle)}
+        large = {r.manifest.linked_runs()[0] for r in loaded if isinstance(r, LargeBundle)}
         hashing = set(self._hashing.values())
         now: list[tuple[str, AcceptedEvent | Rejection | None]] = []
         apart: dict[tuple[str, str], list[str]] = {}
         for name, result in zip(names, loaded, strict=True):
-            linked = _runs(result.manifest) if isinstance(
+            linked = result.manifest.linked_runs() if isinstance(
                 result, AcceptedEvent | LargeBundle) else []
             if any(run in hashing for run in linked):
                 self._behind.add(name)  # came after a large bundle of a run it is linked to

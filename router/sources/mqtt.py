@@ -1339,9 +1339,12 @@ class MqttSource:
         }
         owner = self._owner
         held_id = await self.journal.hold(owner.settings.client_id, record)
-        log.info("mqtt messages held apart: a file:// hash under way must not hold up the "
-                 "messages behind it", held=held_id, event_ids=[i.event_id for i in items],
-                 local_bytes=sum(i.local_bytes for i in items))
+        large = [i.event_id for i in items if i.local_bytes > self.hash_apart_bytes]
+        # info for a checkpoint; debug for the messages of its run held behind it
+        (log.info if large else log.debug)(
+            "mqtt messages held apart: a file:// hash under way must not hold up the "
+            "messages behind it", held=held_id, large=large, messages=len(items),
+            local_bytes=sum(i.local_bytes for i in items))
         owner._start_held(held_id, record)
 
     async def _resume_held(self) -> None:

@@ -1036,6 +1036,47 @@ def test_a_large_file_uri_checkpoint_is_held_apart_and_the_messages_behind_it_fl
 
 
 @needs_v5
+def test_a_held_checkpoint_whose_file_is_gone_at_the_next_start_is_rejected_with_why(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon
+) -> None:
+    """A held message is checked again when it is journaled: its file deleted while the
+    router was down, it is rejected naming the field and the reason, dead-lettered, and
+    no longer held (it was acknowledged: only the journal keeps it)."""
+    files_dir = tmp_path / "ckpt"
+    files_dir.mkdir()
+    model = files_dir / "model.safetensors"
+    with open(model, "wb") as sparse:
+        sparse.truncate(64 << 30)
+    ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, mqtt={
+        "allowed_roots": [str(files_dir)], "dead_letter_topic": "dead/letters"})
+    settings = MqttSettings(**ws.router["mqtt"])
+    dead = Collector(mqtt_broker, "dead/letters")
+    checkpoint = {"manifest_version": 1, "id": "ckpt-1", "pipeline": "llm", "run_id": "r1",
+                  "step_name": "train", "artifacts": [
+                      {"type": "model", "name": "llm", "upload": True,
+                       "files": [{"path": model.name}]}]}
+    daemon = start_subscribed(start_daemon, ws)
+    started = bytes_read(daemon)
+    publish_all(mqtt_broker, [build_publication(settings, checkpoint, [model])])
+    wait_bytes_read(daemon, started + (1 << 30))
+    assert daemon.terminate(timeout=50) == 0
+    model.unlink()
+
+    start_subscribed(start_daemon, ws)
+    (letter,) = dead.wait_for(1, timeout=60)
+    dead.close()
+    body = json.loads(letter.payload)
+    assert body["event_id"] == "ckpt-1"
+    assert body["errors"] == [{"field": "artifacts[0].files[0].uri", "value": model.as_uri(),
+                               "message": "no such file"}], body
+    deadline = time.monotonic() + 30  # released just after the dead letter goes out
+    while (status := json.loads(ws.cli("status", "--json").stdout))["held_messages"]:
+        assert time.monotonic() < deadline, status
+    assert status["events"] == {"rejected": 1}, status
+    assert "no such file" in status["rejected"][0]["error"]
+
+
+@needs_v5
 def test_a_pool_member_that_dies_holding_a_checkpoint_has_it_journaled_by_a_survivor(
     tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon, pg_url: str
 ) -> None:

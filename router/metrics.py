@@ -56,6 +56,12 @@ class RouterMetrics:
             ["outcome"],
             registry=r,
         )
+        self.held = Gauge(
+            "router_mqtt_held_messages",
+            "MQTT messages acknowledged and held in the journal while their file:// files "
+            "are hashed; events once hashed (a stuck count means a stuck hash).",
+            registry=r,
+        )
         self.duration = Histogram(
             "router_delivery_duration_seconds",
             "Time of one delivery attempt.",

@@ -984,8 +984,9 @@ def test_a_large_file_uri_checkpoint_is_held_apart_and_the_messages_behind_it_fl
     model = files_dir / "model.safetensors"
     with open(model, "wb") as sparse:
         sparse.truncate(64 << 30)
+    port = free_port()
     ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, mqtt={
-        "allowed_roots": [str(files_dir)], "receipts": True})
+        "allowed_roots": [str(files_dir)], "receipts": True}, listen=f"127.0.0.1:{port}")
     settings = MqttSettings(**ws.router["mqtt"])
     replies = Collector(mqtt_broker, "replies/#")
     checkpoint = {"manifest_version": 1, "id": "ckpt-1", "pipeline": "llm", "run_id": "r1",
@@ -1008,6 +1009,8 @@ def test_a_large_file_uri_checkpoint_is_held_apart_and_the_messages_behind_it_fl
     assert set(others) == {f"evt-{i:05d}" for i in range(20)}, others
     assert held_rows(ws.journal_url) >= 1  # the checkpoint's; the others may follow it
     wait_bytes_read(daemon, started + (1 << 30))  # a GiB hashed: well under way
+    gauge = "router_mqtt_held_messages 3.0"
+    assert gauge in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
 
     assert daemon.terminate(timeout=50) == 0  # not the minute the whole hash would take
     (gave_up,) = log_events(daemon, "stopping: a file:// hash was given up; the batch "

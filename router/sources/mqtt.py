@@ -1365,8 +1365,10 @@ class MqttSource:
         self._held_tasks.add(task)
         for run in runs:
             self._held_tails[run] = task
+        self.metrics.held.inc(len(record["messages"]))
 
         def finished(done: asyncio.Task[bool]) -> None:
+            self.metrics.held.dec(len(record["messages"]))
             self._held_tasks.discard(done)
             for run in runs:
                 if self._held_tails.get(run) is done:

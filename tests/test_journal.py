@@ -481,6 +481,12 @@ async def test_held_messages_are_kept_per_holder_in_order_until_released(
     await journal.release(first)
     assert [i for i, _ in await journal.held("router-a")] == [second]
     assert len(await journal.held("router-b")) == 1
+    # a pool member that takes router-b's session over adopts what it held
+    adopted = await journal.adopt_held("router-b", "router-a")
+    assert [r["messages"][0]["payload"] for _, r in adopted] == ["Mw=="]
+    assert await journal.held("router-b") == []
+    assert [i for i, _ in await journal.held("router-a")] == [second, adopted[0][0]]
+    assert (await journal.status()).held_messages == 2
 
 
 # --- stale outcomes: an attempt is (owner, attempt number) ----------------------------

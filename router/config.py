@@ -418,6 +418,11 @@ class MqttSettings(_Strict):
     # Pools only: seconds a member may be offline before a live member drains its
     # session (mosquitto keeps a dead member's messages there); 0 or null: never.
     takeover_after: Annotated[float, Field(ge=0)] | None = 10.0
+    # Pools only: how often a member says "online" again. A member whose status has not
+    # come for three of its heartbeats is taken for offline: one that died while the
+    # broker was down left no Will, and its retained "online" status would stand for
+    # good. 0: never (a member that does not beat is never taken for silent).
+    heartbeat_seconds: Annotated[float, Field(ge=0)] = 15.0
 
     def takeover_enabled(self) -> bool:
         """Whether this member watches the pool and drains dead members' sessions."""

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -408,6 +409,61 @@ def test_only_the_lowest_live_member_takes_over_after_the_grace_period() -> None
     assert pool.due(time.monotonic() + 100) == []
     pool._on_status("router-a", status_payload("router-a", "offline"))
     assert pool.due(time.monotonic() + 100) == ["router-a", "router-d"]
+
+
+def test_a_member_whose_heartbeats_stop_is_taken_for_offline() -> None:
+    """A member that died while the broker was down left its retained "online" status (no
+    Will could go out): three missed heartbeats, then the grace period, and it is taken
+    over. A member that does not beat (an older router) is never taken for silent."""
+    settings = MqttSettings(client_id="router-b", shared_group="g", takeover_after=10)
+    pool = Pool(SimpleNamespace(settings=settings))  # type: ignore[arg-type]
+    pool._on_status("router-a", status_payload("router-a", "online", heartbeat=5))
+    pool._on_status("router-c", status_payload("router-c", "online"))  # does not beat
+    seen = pool.members["router-a"].seen
+    assert pool.due(seen + 14) == []  # router-a is live, and the lowest: its call
+    assert pool.due(seen + 15 + 9) == []  # silent since seen + 15, not for 10 s yet
+    assert pool.due(seen + 15 + 10) == ["router-a"]
+    assert pool.due(seen + 10_000) == ["router-a"]  # router-c stays live
+    pool._on_status("router-a", status_payload("router-a", "online", heartbeat=5))
+    assert pool.due(pool.members["router-a"].seen + 14) == []  # beating again
+
+
+@needs_v5
+def test_a_member_killed_while_the_broker_was_down_is_taken_over(
+    tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon, pg_url: str
+) -> None:
+    """A broker that crashes publishes no Will (one that stops cleanly publishes them all),
+    so a member that dies while it is down keeps its retained "online" status for good.
+    Its heartbeats stop, and after three of them (and the grace period) the survivor
+    drains its session: its share of what is published afterwards is not stranded there
+    until it returns."""
+    workspaces = [mqtt_workspace(
+        tmp_path / f"node{k}", mqtt_broker, journal_url=pg_url,
+        mqtt={"client_id": f"router-node-{k}", "shared_group": "routers",
+              "takeover_after": 1, "heartbeat_seconds": 1})
+        for k in range(2)]
+    survivor, doomed = (start_subscribed(start_daemon, ws) for ws in workspaces)
+    saved = mqtt_broker.root / "data" / "broker.db"
+    before = saved.stat().st_mtime_ns if saved.exists() else 0
+    assert mqtt_broker.proc is not None
+    mqtt_broker.proc.send_signal(signal.SIGUSR1)  # mosquitto saves sessions and statuses
+    deadline = time.monotonic() + 10
+    while not saved.exists() or saved.stat().st_mtime_ns == before:
+        assert time.monotonic() < deadline, "mosquitto did not save on SIGUSR1"
+        time.sleep(0.05)
+    time.sleep(0.2)  # written whole
+    mqtt_broker.proc.kill()  # a crash: no Will goes out
+    mqtt_broker.proc.wait(10)
+    doomed.kill()
+    mqtt_broker.start()
+    assert pool_statuses(mqtt_broker, "routers")["router-node-1"]["state"] == "online"
+    n = 200
+    publish_all(mqtt_broker, stream(n))  # its share goes to its session meanwhile
+    (takeover,) = wait_log_event(survivor, "mqtt takeover")
+    assert takeover["member"] == "router-node-1" and takeover["outcome"] == "drained", takeover
+    ids = wait_catalogued(pg_url, n, timeout=60)
+    assert set(ids) == {f"evt-{i:05d}" for i in range(n)} and max(ids.values()) == 1
+    assert "router-node-1" not in pool_statuses(mqtt_broker, "routers")
 
 
 def test_a_hashed_folder_name_is_never_another_events_id() -> None:

@@ -1563,6 +1563,8 @@ class MqttSource:
         return aiomqtt.Will(status_topic(self.settings), payload, qos=1, retain=True)
 
     async def _announce(self, client: aiomqtt.Client, state: str, **extra: Any) -> None:
+        if state == "online" and self.settings.heartbeat_seconds:
+            extra["heartbeat"] = self.settings.heartbeat_seconds  # watchers time it so
         await client.publish(
             status_topic(self.settings),
             status_payload(self.settings.client_id, state, **extra),

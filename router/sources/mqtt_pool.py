@@ -10,8 +10,11 @@ Membership goes through the broker, no table of our own:
 - each member's connection carries a Will, a retained QoS 1 "offline" status on
   `artifact-router/pool/<group>/<client id>`, which mosquitto publishes when the
   connection ends without a DISCONNECT (a kill, a crash, a network cut); the member
-  publishes a retained "online" status once subscribed, and a retained "offline" one
-  when it stops (its session still collects its share while it is down);
+  publishes a retained "online" status once subscribed, again every
+  `router.mqtt.heartbeat_seconds`, and a retained "offline" one when it stops (its
+  session still collects its share while it is down); a broker that crashes publishes
+  no Will, so a member whose "online" status has not come for three of its heartbeats
+  counts as offline (it died while the broker was down);
 - every member watches those statuses (its own small clean-session client); a member
   seen offline for `router.mqtt.takeover_after` seconds is taken over by the live member
   with the lowest client id, one takeover at a time, so that two survivors do not fight
@@ -51,6 +54,7 @@ log = structlog.get_logger("router.mqtt")
 POOL_PREFIX = "artifact-router/pool"
 _TICK = 1.0  # how often statuses are checked for members due for a takeover
 _HEAL_EVERY = 5.0  # at most one "online" repair per this many seconds
+_SILENT_BEATS = 3  # heartbeats missed before a member that says "online" is offline
 _STOP_WAIT = 15.0
 
 
@@ -98,6 +102,17 @@ class _Member:
     client_id: str
     state: str
     since: float  # our monotonic clock when we saw it enter this state
+    seen: float = 0.0  # ... when its status last came (a heartbeat, or a change)
+    heartbeat: float = 0.0  # seconds between its "online" statuses; 0: it does not beat
+
+    def offline_since(self, now: float) -> float | None:
+        """Since when it is offline: by its status, or silent for three heartbeats
+        (it died where no Will could be published: while the broker was down)."""
+        if self.state == "offline":
+            return self.since
+        if self.heartbeat and now - self.seen > _SILENT_BEATS * self.heartbeat:
+            return self.seen + _SILENT_BEATS * self.heartbeat
+        return None
 
 
 class Pool:
@@ -113,7 +128,10 @@ class Pool:
         self.watching = False
         self._client: aiomqtt.Client | None = None
         self._healed_at = -math.inf  # not 0.0: monotonic time counts from boot
+        self._beat_at = -math.inf
+        self.heartbeat = float(source.settings.heartbeat_seconds or 0)
         self._heal: asyncio.Task[None] | None = None
+        self._beating: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         """Until the source stops; then lets a running takeover finish its batch."""
@@ -160,14 +178,18 @@ class Pool:
             # the member for it would leave a dead member's session never taken over.
             log.warning("mqtt pool: not a member status; ignored", member=key)
             return
+        now = time.monotonic()
         known = self.members.get(key)
         if known is None or known.state != status["state"]:
             client_id = status.get("client_id")
-            self.members[key] = _Member(
+            known = self.members[key] = _Member(
                 client_id if isinstance(client_id, str) and client_id else key,
                 status["state"],
-                time.monotonic(),
+                now,
             )
+        known.seen = now
+        beat = status.get("heartbeat")
+        known.heartbeat = float(beat) if isinstance(beat, int | float) and beat > 0 else 0.0
 
     # --- deciding -----------------------------------------------------------------
 
@@ -177,18 +199,24 @@ class Pool:
         Only the live member with the lowest client id takes over, so survivors that
         agree on who is online never connect with the same client id at once.
         """
-        online = {m.client_id for m in self.members.values() if m.state == "online"}
+        offline = {key: m.offline_since(now) for key, m in self.members.items()}
+        online = {m.client_id for key, m in self.members.items() if offline[key] is None}
         if min(online | {self.me}) != self.me:
             return []
         return sorted(
             key for key, m in self.members.items()
-            if m.state == "offline" and m.client_id != self.me and now - m.since >= self.grace
+            if (since := offline[key]) is not None and m.client_id != self.me
+            and now - since >= self.grace
         )
 
     def _tick(self) -> None:
+        now = time.monotonic()
+        if self.heartbeat and self.source.healthy and now - self._beat_at >= self.heartbeat:
+            self._beat_at = now  # through our own session: the watcher may be down
+            self._beating = asyncio.create_task(self.source.announce_online(),
+                                                name="mqtt-heartbeat")
         if not (self.watching and self.source.healthy):
             return  # a stale view, or no session of our own: leave it to the others
-        now = time.monotonic()
         mine = self.members.get(self.me)
         if (mine is None or mine.state != "online") and now - self._healed_at > _HEAL_EVERY:
             # We are connected but our status says otherwise (a taker cleared it just
@@ -205,7 +233,8 @@ class Pool:
 
     async def _take_over(self, key: str) -> Drained:
         member = self.members[key]
-        offline_for = round(time.monotonic() - member.since, 1)
+        now = time.monotonic()
+        offline_for = round(now - (member.offline_since(now) or member.since), 1)
         log.info("mqtt takeover started", member=member.client_id, offline_for=offline_for)
         try:
             result = await self.source.drain_session(member.client_id)
@@ -227,14 +256,14 @@ class Pool:
         )
         if result.outcome == "drained":
             await self._release(key)
-        elif key in self.members:
-            self.members[key].since = time.monotonic()  # again after a grace period
+        elif key in self.members:  # again after a grace period (or three heartbeats)
+            self.members[key].since = self.members[key].seen = time.monotonic()
         return result
 
     async def _release(self, key: str) -> None:
         """Delete the drained member's retained status (an empty retained message)."""
         known = self.members.get(key)
-        if known is None or known.state != "offline" or self._client is None:
+        if known is None or known.offline_since(time.monotonic()) is None or self._client is None:
             return  # it came back (its own status stands), or we cannot say so now
         try:
             await self._client.publish(

@@ -429,6 +429,7 @@ def test_a_member_whose_heartbeats_stop_is_taken_for_offline() -> None:
 
 
 @needs_v5
+@pytest.mark.postgres
 def test_a_member_killed_while_the_broker_was_down_is_taken_over(
     tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon, pg_url: str
 ) -> None:
@@ -443,6 +444,10 @@ def test_a_member_killed_while_the_broker_was_down_is_taken_over(
               "takeover_after": 1, "heartbeat_seconds": 1})
         for k in range(2)]
     survivor, doomed = (start_subscribed(start_daemon, ws) for ws in workspaces)
+    deadline = time.monotonic() + 30  # "online" is published just after "mqtt connected"
+    while {k: v["state"] for k, v in pool_statuses(mqtt_broker, "routers").items()} != {
+            "router-node-0": "online", "router-node-1": "online"}:
+        assert time.monotonic() < deadline, pool_statuses(mqtt_broker, "routers")
     saved = mqtt_broker.root / "data" / "broker.db"
     before = saved.stat().st_mtime_ns if saved.exists() else 0
     assert mqtt_broker.proc is not None
@@ -1065,8 +1070,11 @@ def test_a_large_file_uri_checkpoint_is_held_apart_and_the_messages_behind_it_fl
     assert set(others) == {f"evt-{i:05d}" for i in range(20)}, others
     assert held_rows(ws.journal_url) >= 1  # the checkpoint's; the others may follow it
     wait_bytes_read(daemon, started + (1 << 30))  # a GiB hashed: well under way
-    gauge = "router_mqtt_held_messages 3.0"
-    assert gauge in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    deadline = time.monotonic() + 10  # the two behind it come in the next batch or two
+    while "router_mqtt_held_messages 3.0" not in (
+            metrics := urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()):
+        assert time.monotonic() < deadline, [m for m in metrics.splitlines() if "held" in m]
+        time.sleep(0.1)
 
     assert daemon.terminate(timeout=50) == 0  # not the minute the whole hash would take
     (gave_up,) = log_events(daemon, "stopping: a file:// hash was given up; the batch "
@@ -1136,6 +1144,7 @@ def test_a_held_checkpoint_whose_file_is_gone_at_the_next_start_is_rejected_with
 
 
 @needs_v5
+@pytest.mark.postgres
 def test_a_pool_member_that_dies_holding_a_checkpoint_has_it_journaled_by_a_survivor(
     tmp_path: Path, mqtt_broker: Broker, start_daemon: StartDaemon, pg_url: str
 ) -> None:

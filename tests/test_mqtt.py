@@ -1021,6 +1021,19 @@ def test_a_sharded_checkpoint_by_file_uris_lands_whole_with_each_shards_checksum
     assert {loc["file_name"]: loc["sha256"] for loc in row["locations"]} == want
 
 
+def sparse_checkpoint(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """A 64 GiB checkpoint with nothing on disk (a minute to hash, a GiB in well under
+    one), and the manifest of run llm/r1 that hands it over."""
+    model = tmp_path / "ckpt" / "model.safetensors"
+    model.parent.mkdir()
+    with open(model, "wb") as sparse:
+        sparse.truncate(64 << 30)
+    return model, {"manifest_version": 1, "id": "ckpt-1", "pipeline": "llm", "run_id": "r1",
+                   "step_name": "train", "artifacts": [
+                       {"type": "model", "name": "llm", "upload": True,
+                        "files": [{"path": model.name}]}]}
+
+
 def catalog_order(url: str) -> list[str]:
     """Event ids in the order their artifacts were catalogued (one artifact each)."""
     return [r[0] for r in query(url, sa.select(artifacts.c.event_id).order_by(artifacts.c.id))]
@@ -1040,20 +1053,13 @@ def test_a_large_file_uri_checkpoint_is_held_apart_and_the_messages_behind_it_fl
     gives the hash up (a sparse 64 GiB file) and the next start journals what was held,
     with the receipt to its response topic. (It used to hold up every message behind it,
     and to stay unacknowledged when stopped.)"""
-    files_dir = tmp_path / "ckpt"
-    files_dir.mkdir()
-    model = files_dir / "model.safetensors"
-    with open(model, "wb") as sparse:
-        sparse.truncate(64 << 30)
+    model, checkpoint = sparse_checkpoint(tmp_path)
+    files_dir = model.parent
     port = free_port()
     ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, mqtt={
         "allowed_roots": [str(files_dir)], "receipts": True}, listen=f"127.0.0.1:{port}")
     settings = MqttSettings(**ws.router["mqtt"])
     replies = Collector(mqtt_broker, "replies/#")
-    checkpoint = {"manifest_version": 1, "id": "ckpt-1", "pipeline": "llm", "run_id": "r1",
-                  "step_name": "train", "artifacts": [
-                      {"type": "model", "name": "llm", "upload": True,
-                       "files": [{"path": model.name}]}]}
     own_run = metrics_manifest(100, pipeline="llm") | {"id": "r1-after", "run_id": "r1"}
     naming_it = metrics_manifest(101, pipeline="eval") | {
         "id": "eval-after", "inputs": ["llm/r1/train/llm"]}
@@ -1109,19 +1115,12 @@ def test_a_held_checkpoint_whose_file_is_gone_at_the_next_start_is_rejected_with
     """A held message is checked again when it is journaled: its file deleted while the
     router was down, it is rejected naming the field and the reason, dead-lettered, and
     no longer held (it was acknowledged: only the journal keeps it)."""
-    files_dir = tmp_path / "ckpt"
-    files_dir.mkdir()
-    model = files_dir / "model.safetensors"
-    with open(model, "wb") as sparse:
-        sparse.truncate(64 << 30)
+    model, checkpoint = sparse_checkpoint(tmp_path)
+    files_dir = model.parent
     ws = mqtt_workspace(tmp_path / "ws", mqtt_broker, mqtt={
         "allowed_roots": [str(files_dir)], "dead_letter_topic": "dead/letters"})
     settings = MqttSettings(**ws.router["mqtt"])
     dead = Collector(mqtt_broker, "dead/letters")
-    checkpoint = {"manifest_version": 1, "id": "ckpt-1", "pipeline": "llm", "run_id": "r1",
-                  "step_name": "train", "artifacts": [
-                      {"type": "model", "name": "llm", "upload": True,
-                       "files": [{"path": model.name}]}]}
     daemon = start_subscribed(start_daemon, ws)
     started = bytes_read(daemon)
     publish_all(mqtt_broker, [build_publication(settings, checkpoint, [model])])
@@ -1151,21 +1150,14 @@ def test_a_pool_member_that_dies_holding_a_checkpoint_has_it_journaled_by_a_surv
     """A held message was acknowledged, so no broker session keeps it: when a member is
     SIGKILLed mid-hash and never returns, the member that takes its session over adopts
     what it held and journals it."""
-    files_dir = tmp_path / "ckpt"
-    files_dir.mkdir()
-    model = files_dir / "model.safetensors"
-    with open(model, "wb") as sparse:
-        sparse.truncate(64 << 30)
+    model, checkpoint = sparse_checkpoint(tmp_path)
+    files_dir = model.parent
     workspaces = [mqtt_workspace(
         tmp_path / f"node{k}", mqtt_broker, journal_url=pg_url,
         mqtt={"client_id": f"router-node-{k}", "shared_group": "routers",
               "takeover_after": 1, "allowed_roots": [str(files_dir)]})
         for k in range(2)]
     settings = MqttSettings(**workspaces[0].router["mqtt"])
-    checkpoint = {"manifest_version": 1, "id": "ckpt-1", "pipeline": "llm", "run_id": "r1",
-                  "step_name": "train", "artifacts": [
-                      {"type": "model", "name": "llm", "upload": True,
-                       "files": [{"path": model.name}]}]}
     doomed = start_subscribed(start_daemon, workspaces[1])  # alone: the message is its
     started = bytes_read(doomed)
     publish_all(mqtt_broker, [build_publication(settings, checkpoint, [model])])

@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from router.manifest import ArtifactKind
 
@@ -52,6 +52,8 @@ class FileIdentity(BaseModel):
     change it (see `router.intake.settled_identity`): a store that finds the same stat
     before and after reading the file knows it read the bytes the sha256 was taken of,
     without hashing a large file a second time."""
+
+    model_config = ConfigDict(frozen=True)  # hashable: it keys router.block_digests
 
     dev: int
     ino: int

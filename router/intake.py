@@ -22,6 +22,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from router.block_digests import BlockDigester
 from router.delivery import FileIdentity, StagedFile
 from router.detect import detect_dataset_format, detect_framework
 from router.errors import Problem
@@ -168,6 +169,8 @@ def sha256_file(path: Path, expected: os.stat_result | None = None,
     # Hashed from the checked fd, straight into one buffer sized for the file (see
     # read_bounded for why not a file object).
     fd, before = _open_regular(path, expected)
+    companion = BlockDigester.for_file(fd, before.st_size)
+    identity = None
     try:
         buffer = memoryview(bytearray(min(_CHUNK, before.st_size + 1)))
         while n := os.readv(fd, [buffer]):
@@ -176,9 +179,12 @@ def sha256_file(path: Path, expected: os.stat_result | None = None,
             if abandon is not None and abandon.is_set():
                 raise HashAbandoned(path, size, before.st_size)
         after = os.fstat(fd)
+        identity = settled_identity(before, after, size, started)
     finally:
         os.close(fd)
-    return FileHash(digest.hexdigest(), size, settled_identity(before, after, size, started))
+        if companion is not None:
+            companion.stop(identity)
+    return FileHash(digest.hexdigest(), size, identity)
 
 
 # Files smaller than this are hashed again by the stores that need it: that costs less

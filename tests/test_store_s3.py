@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,8 +20,10 @@ from aiobotocore.session import get_session
 from pydantic import SecretStr
 
 import sinks.stores.s3 as s3mod
+from router import block_digests
+from router.block_digests import BlockDigester
 from router.config import ComponentConfig
-from router.delivery import DeliveryResult, PermanentError, TransientError
+from router.delivery import DeliveryResult, PermanentError, StagedFile, TransientError
 from sinks.registry import KNOWN_UNAVAILABLE, check_component, create_sink
 from sinks.stores.files import FileChanged, verified_digests
 from sinks.stores.s3 import MiB, S3Store, S3StoreSettings
@@ -885,9 +888,9 @@ def watch_part_hashing(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     hashed: list[bool] = []
     original = s3mod._load_part
 
-    def load(fd: int, offset: int, view: memoryview, whole: Any) -> bytes:
+    def load(fd: int, offset: int, view: memoryview, whole: Any, md5: bytes | None) -> bytes:
         hashed.append(whole is not None)
-        return original(fd, offset, view, whole)
+        return original(fd, offset, view, whole, md5)
 
     monkeypatch.setattr(s3mod, "_load_part", load)
     return hashed
@@ -913,6 +916,58 @@ async def test_a_settled_file_is_not_hashed_again_and_one_without_an_identity_is
     assert await remote_sha256(s3_client, rclone_s3.bucket, key) == staged.sha256
 
 
+def taken_at_intake(staged: StagedFile) -> list[bytes]:
+    """The part MD5s intake's companion would have taken of the file, all of them."""
+    assert staged.path is not None and staged.identity is not None
+    fd = os.open(staged.path, os.O_RDONLY)
+    try:
+        digester = BlockDigester(fd, staged.size, (PART,))
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + 30
+    while len(digester.digests[PART]) < -(-staged.size // PART):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    digester.stop(staged.identity)
+    return digester.digests[PART]
+
+
+async def test_part_md5s_taken_at_intake_are_sent_and_wrong_ones_are_caught_then_dropped(
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The MD5s come from a pass before the upload, so only the server's check of each
+    part's Content-MD5 ties them to the bytes sent: a wrong one fails that part, and the
+    retry hashes the parts itself instead of sending the same wrong digest again."""
+    staged = write_settled(tmp_path / "model.bin", 3 * PART + 7, seed=23)
+    taken = taken_at_intake(staged)
+    assert staged.identity is not None
+    given: list[bytes | None] = []
+    original = s3mod._load_part
+
+    def load(fd: int, offset: int, view: memoryview, whole: Any, md5: bytes | None) -> bytes:
+        given.append(md5)
+        return original(fd, offset, view, whole, md5)
+
+    monkeypatch.setattr(s3mod, "_load_part", load)
+
+    await store.deliver(make_item(staged, target="taken"))
+    assert given == taken, "every part's MD5 came from intake"
+    assert await remote_sha256(s3_client, rclone_s3.bucket, "taken/model.bin") == staged.sha256
+
+    taken[1] = hashlib.md5(b"not part 2").digest()
+    given.clear()
+    with pytest.raises(TransientError, match="UploadPart"):
+        await store.deliver(make_item(staged, target="wrong"))
+    assert block_digests.lookup(staged.identity, PART) == ()
+    assert await pending_uploads(s3_client, rclone_s3.bucket) == []
+
+    given.clear()
+    await store.deliver(make_item(staged, target="wrong"))
+    assert given == [None] * 4, "the retry took its own MD5s"
+    assert await remote_sha256(s3_client, rclone_s3.bucket, "wrong/model.bin") == staged.sha256
+
+
 async def test_a_settled_file_changed_while_it_uploads_is_refused(
     tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3,
     monkeypatch: pytest.MonkeyPatch,
@@ -925,8 +980,10 @@ async def test_a_settled_file_changed_while_it_uploads_is_refused(
     original = s3mod._load_part
     path = staged.path
 
-    def load_then_write(fd: int, offset: int, view: memoryview, whole: Any) -> bytes:
-        md5 = original(fd, offset, view, whole)
+    def load_then_write(
+        fd: int, offset: int, view: memoryview, whole: Any, known: bytes | None
+    ) -> bytes:
+        md5 = original(fd, offset, view, whole, known)
         if offset == 0:
             flip_last_byte(path)
         return md5

@@ -18,7 +18,10 @@ in flight, each read from disk when its turn comes, so memory stays bounded by
 is aborted before the error propagates; one left behind by a crashed process is
 aborted when the same key is next delivered. The parts read must be the file whose
 sha256 was journaled: proved by its stat where the intake recorded a settled identity
-(`FileIdentity`), else by hashing it again in the same pass.
+(`FileIdentity`), else by hashing it again in the same pass. For such a settled file,
+the MD5s of the first parts were usually taken at intake, on the core its sha256 left
+idle (`router.block_digests`; the store asks for its `part_size` when it opens): those
+parts are only read, and a part the server refuses drops them for the retry.
 
 Deliveries come in batches (`max_batch`). Where the server does not honour
 `If-None-Match` (rclone), the conflict check needs to know whether each key is taken:
@@ -49,6 +52,7 @@ import aiohttp
 from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 
 import router
+from router import block_digests
 from router.delivery import StagedFile
 from router.rules import object_key
 from sinks.aws_errors import THROTTLING, TRANSIENT_CODES, error_code, unanswered_error
@@ -229,6 +233,7 @@ class S3Store(BaseBatchSink):
         self._probe_lock = asyncio.Lock()
         self._claims = KeyClaims()  # one writer per key at a time (see claims.py)
         self._signed: SignedS3 | None = None  # small puts, listings: botocore skipped
+        self._wants_digests = False  # see router.block_digests
 
     # -- client -------------------------------------------------------------------
 
@@ -312,11 +317,17 @@ class S3Store(BaseBatchSink):
                          credentials, s.max_attempts)
 
     async def open(self) -> None:
+        if not self._wants_digests:
+            block_digests.want(int(self.settings.part_size))
+            self._wants_digests = True
         client = await self._get_client()
         if self.settings.conditional_writes == "auto":
             await self._conditional_puts(client)
 
     async def close(self) -> None:
+        if self._wants_digests:
+            block_digests.unwant(int(self.settings.part_size))
+            self._wants_digests = False
         await self._stack.aclose()
         self._client = None
         self._signed = None
@@ -946,6 +957,8 @@ class S3Store(BaseBatchSink):
             identity = staged.identity
             trusted = identity is not None and identity.matches(os.fstat(fd))
             whole = None if trusted else hashlib.sha256()
+            # MD5s intake's companion took (router.block_digests), trusted with the stat.
+            known = block_digests.lookup(identity, part_size) if trusted and identity else ()
             async with asyncio.TaskGroup() as group:
                 for number in range(1, count + 1):
                     if free.empty() and allocated < limit:
@@ -956,7 +969,8 @@ class S3Store(BaseBatchSink):
                     offset = (number - 1) * part_size
                     length = min(part_size, size - offset)
                     md5 = await asyncio.to_thread(
-                        _load_part, fd, offset, memoryview(buffer)[:length], whole
+                        _load_part, fd, offset, memoryview(buffer)[:length], whole,
+                        known[number - 1] if number <= len(known) else None,
                     )
                     group.create_task(
                         self._send_part(
@@ -967,6 +981,8 @@ class S3Store(BaseBatchSink):
             if identity is not None and trusted and not identity.matches(os.fstat(fd)):
                 raise FileChanged("its size or times changed while it was uploaded")
         except BaseExceptionGroup as group_error:
+            if known and identity is not None:  # were they the bytes? the retry hashes anew
+                block_digests.forget(identity, part_size)
             raise _first_error(group_error) from None
         finally:
             os.close(fd)
@@ -1088,12 +1104,15 @@ def _prefix_sha256(path: Path, length: int) -> str:
     return digest.hexdigest()
 
 
-def _load_part(fd: int, offset: int, view: memoryview, whole: Any | None) -> bytes:
-    """Read one part into its buffer and add it to the file's sha256; return its MD5."""
+def _load_part(
+    fd: int, offset: int, view: memoryview, whole: Any | None, md5: bytes | None
+) -> bytes:
+    """Read one part into its buffer and add it to the file's sha256; return its MD5
+    (`md5` if it was taken at intake)."""
     read_into(fd, offset, view)
     if whole is not None:
         whole.update(view)
-    return hashlib.md5(view, usedforsecurity=False).digest()
+    return md5 if md5 is not None else hashlib.md5(view, usedforsecurity=False).digest()
 
 
 def _without_payload_signing(config: Any) -> Any:

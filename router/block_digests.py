@@ -32,27 +32,29 @@ COMPANION_MIN_BYTES = 64 * 1024 * 1024
 _READ = 1024 * 1024
 _KEPT = 64  # files whose digests are kept; each is at most 10,000 x 16 bytes per size
 
-_wanted: Counter[int] = Counter()
+_wanted: Counter[tuple[int, int]] = Counter()  # (block size, from file size): stores
 _kept: OrderedDict[tuple[FileIdentity, int], list[bytes]] = OrderedDict()
 _lock = threading.Lock()
 
 
-def want(block_size: int) -> None:
-    """A store will look digests of this block size up (until `unwant`)."""
+def want(block_size: int, from_size: int = 0) -> None:
+    """A store will look up digests of this block size for files of at least
+    `from_size` bytes (its multipart threshold), until `unwant`."""
     with _lock:
-        _wanted[block_size] += 1
+        _wanted[(block_size, from_size)] += 1
 
 
-def unwant(block_size: int) -> None:
+def unwant(block_size: int, from_size: int = 0) -> None:
     with _lock:
-        _wanted[block_size] -= 1
-        if _wanted[block_size] <= 0:
-            del _wanted[block_size]
+        _wanted[(block_size, from_size)] -= 1
+        if _wanted[(block_size, from_size)] <= 0:
+            del _wanted[(block_size, from_size)]
 
 
-def wanted() -> tuple[int, ...]:
+def wanted(size: int) -> tuple[int, ...]:
+    """The block sizes some store would look up for a file of `size` bytes."""
     with _lock:
-        return tuple(sorted(_wanted))
+        return tuple(sorted({block for block, least in _wanted if size >= least}))
 
 
 def lookup(identity: FileIdentity, block_size: int) -> Sequence[bytes]:
@@ -85,12 +87,12 @@ class BlockDigester:
 
     @classmethod
     def for_file(cls, fd: int, size: int) -> BlockDigester | None:
-        if size < COMPANION_MIN_BYTES or not (sizes := wanted()):
+        if size < COMPANION_MIN_BYTES or not (sizes := wanted(size)):
             return None
         return cls(fd, size, sizes)
 
     def stop(self, identity: FileIdentity | None) -> None:
-        """Stop after the current block; keep what was taken if `identity` is settled."""
+        """Stop after the current read; keep what was taken if `identity` is settled."""
         self._stopped.set()
         if identity is None:
             return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,12 +39,17 @@ def wait_for(digests: list[bytes], count: int) -> None:
 
 
 @pytest.fixture
-def wants() -> Iterator[list[int]]:
-    """Block sizes asked for during the test, given back after it."""
-    asked: list[int] = []
-    yield asked
-    for size in asked:
-        block_digests.unwant(size)
+def want() -> Iterator[Callable[..., None]]:
+    """block_digests.want, given back after the test."""
+    asked: list[tuple[int, int]] = []
+
+    def asking(block_size: int, from_size: int = 0) -> None:
+        block_digests.want(block_size, from_size)
+        asked.append((block_size, from_size))
+
+    yield asking
+    for block_size, from_size in asked:
+        block_digests.unwant(block_size, from_size)
 
 
 def test_blocks_of_every_wanted_size_are_hashed_whatever_their_alignment(
@@ -66,12 +71,11 @@ def test_blocks_of_every_wanted_size_are_hashed_whatever_their_alignment(
 
 
 def test_intake_keeps_the_digests_it_took_under_the_files_identity(
-    tmp_path: Path, wants: list[int], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, want: Callable[..., None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(block_digests, "COMPANION_MIN_BYTES", MiB)
     path = settled_file(tmp_path / "model.bin", 48 * MiB + 5)
-    block_digests.want(5 * MiB)
-    wants.append(5 * MiB)
+    want(5 * MiB)
 
     hashed = sha256_file(path)
 
@@ -84,16 +88,16 @@ def test_intake_keeps_the_digests_it_took_under_the_files_identity(
 
 
 def test_nothing_is_hashed_or_kept_unless_a_store_wants_it_and_the_file_settled(
-    tmp_path: Path, wants: list[int], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, want: Callable[..., None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(block_digests, "COMPANION_MIN_BYTES", MiB)
     path = settled_file(tmp_path / "model.bin", 4 * MiB)
     fd = os.open(path, os.O_RDONLY)
     try:
         assert BlockDigester.for_file(fd, 4 * MiB) is None, "no store wants digests"
-        block_digests.want(MiB)
-        wants.append(MiB)
+        want(MiB, 3 * MiB)
         assert BlockDigester.for_file(fd, MiB - 1) is None, "too small to gain anything"
+        assert BlockDigester.for_file(fd, 3 * MiB - 1) is None, "the store puts it whole"
         digester = BlockDigester.for_file(fd, 4 * MiB)
     finally:
         os.close(fd)
@@ -103,3 +107,4 @@ def test_nothing_is_hashed_or_kept_unless_a_store_wants_it_and_the_file_settled(
     digester.stop(None)  # no settled identity: a later write might not show in the stat
 
     assert block_digests.lookup(FileIdentity.of(path.stat()), MiB) == ()
+

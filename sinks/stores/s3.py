@@ -20,7 +20,8 @@ aborted when the same key is next delivered. The parts read must be the file who
 sha256 was journaled: proved by its stat where the intake recorded a settled identity
 (`FileIdentity`), else by hashing it again in the same pass. For such a settled file,
 the MD5s of the first parts were usually taken at intake, on the core its sha256 left
-idle (`router.block_digests`; the store asks for its `part_size` when it opens): those
+idle (`router.block_digests`; the store asks for its `part_size`, from its
+`multipart_threshold`, when it opens): those
 parts are only read, and a part the server refuses drops them for the retry.
 
 Deliveries come in batches (`max_batch`). Where the server does not honour
@@ -318,7 +319,7 @@ class S3Store(BaseBatchSink):
 
     async def open(self) -> None:
         if not self._wants_digests:
-            block_digests.want(int(self.settings.part_size))
+            block_digests.want(*self._digest_sizes())
             self._wants_digests = True
         client = await self._get_client()
         if self.settings.conditional_writes == "auto":
@@ -326,11 +327,15 @@ class S3Store(BaseBatchSink):
 
     async def close(self) -> None:
         if self._wants_digests:
-            block_digests.unwant(int(self.settings.part_size))
+            block_digests.unwant(*self._digest_sizes())
             self._wants_digests = False
         await self._stack.aclose()
         self._client = None
         self._signed = None
+
+    def _digest_sizes(self) -> tuple[int, int]:
+        """The part MD5s intake may take for this store (router.block_digests)."""
+        return int(self.settings.part_size), int(self.settings.multipart_threshold)
 
     async def health(self) -> bool:
         try:

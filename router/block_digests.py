@@ -32,29 +32,33 @@ COMPANION_MIN_BYTES = 64 * 1024 * 1024
 _READ = 1024 * 1024
 _KEPT = 64  # files whose digests are kept; each is at most 10,000 x 16 bytes per size
 
-_wanted: Counter[tuple[int, int]] = Counter()  # (block size, from file size): stores
+# (block size, from file size, to file size): how many stores look such digests up
+_wanted: Counter[tuple[int, int, int]] = Counter()
 _kept: OrderedDict[tuple[FileIdentity, int], list[bytes]] = OrderedDict()
 _lock = threading.Lock()
 
 
-def want(block_size: int, from_size: int = 0) -> None:
-    """A store will look up digests of this block size for files of at least
-    `from_size` bytes (its multipart threshold), until `unwant`."""
+def want(block_size: int, from_size: int = 0, to_size: int = 2**63) -> None:
+    """A store will look up digests of this block size for files of `from_size` to
+    `to_size` bytes (S3: from its multipart threshold to the largest file its part size
+    fits in 10,000 parts), until `unwant`."""
     with _lock:
-        _wanted[(block_size, from_size)] += 1
+        _wanted[(block_size, from_size, to_size)] += 1
 
 
-def unwant(block_size: int, from_size: int = 0) -> None:
+def unwant(block_size: int, from_size: int = 0, to_size: int = 2**63) -> None:
+    key = (block_size, from_size, to_size)
     with _lock:
-        _wanted[(block_size, from_size)] -= 1
-        if _wanted[(block_size, from_size)] <= 0:
-            del _wanted[(block_size, from_size)]
+        _wanted[key] -= 1
+        if _wanted[key] <= 0:
+            del _wanted[key]
 
 
 def wanted(size: int) -> tuple[int, ...]:
     """The block sizes some store would look up for a file of `size` bytes."""
     with _lock:
-        return tuple(sorted({block for block, least in _wanted if size >= least}))
+        return tuple(sorted({block for block, least, most in _wanted
+                             if least <= size <= most}))
 
 
 def lookup(identity: FileIdentity, block_size: int) -> Sequence[bytes]:
@@ -82,14 +86,22 @@ class BlockDigester:
         self._size = size
         self.digests: dict[int, list[bytes]] = {block: [] for block in block_sizes}
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="router-block-md5", daemon=True)
-        self._thread.start()
+        try:
+            threading.Thread(target=self._run, name="router-block-md5", daemon=True).start()
+        except RuntimeError:
+            os.close(self._fd)
+            raise
 
     @classmethod
     def for_file(cls, fd: int, size: int) -> BlockDigester | None:
+        """A companion for intake's hash of `fd`, if a store wants one; never an error:
+        without a companion (no fd or thread to spare) the store hashes the parts."""
         if size < COMPANION_MIN_BYTES or not (sizes := wanted(size)):
             return None
-        return cls(fd, size, sizes)
+        try:
+            return cls(fd, size, sizes)
+        except (OSError, RuntimeError):  # EMFILE; "can't start new thread"
+            return None
 
     def stop(self, identity: FileIdentity | None) -> None:
         """Stop after the current read; keep what was taken if `identity` is settled."""

@@ -41,15 +41,15 @@ def wait_for(digests: list[bytes], count: int) -> None:
 @pytest.fixture
 def want() -> Iterator[Callable[..., None]]:
     """block_digests.want, given back after the test."""
-    asked: list[tuple[int, int]] = []
+    asked: list[tuple[int, ...]] = []
 
-    def asking(block_size: int, from_size: int = 0) -> None:
-        block_digests.want(block_size, from_size)
-        asked.append((block_size, from_size))
+    def asking(*sizes: int) -> None:
+        block_digests.want(*sizes)
+        asked.append(sizes)
 
     yield asking
-    for block_size, from_size in asked:
-        block_digests.unwant(block_size, from_size)
+    for sizes in asked:
+        block_digests.unwant(*sizes)
 
 
 def test_blocks_of_every_wanted_size_are_hashed_whatever_their_alignment(
@@ -95,9 +95,10 @@ def test_nothing_is_hashed_or_kept_unless_a_store_wants_it_and_the_file_settled(
     fd = os.open(path, os.O_RDONLY)
     try:
         assert BlockDigester.for_file(fd, 4 * MiB) is None, "no store wants digests"
-        want(MiB, 3 * MiB)
+        want(MiB, 3 * MiB, 5 * MiB)
         assert BlockDigester.for_file(fd, MiB - 1) is None, "too small to gain anything"
         assert BlockDigester.for_file(fd, 3 * MiB - 1) is None, "the store puts it whole"
+        assert BlockDigester.for_file(fd, 5 * MiB + 1) is None, "its parts grow past MiB"
         digester = BlockDigester.for_file(fd, 4 * MiB)
     finally:
         os.close(fd)
@@ -108,3 +109,21 @@ def test_nothing_is_hashed_or_kept_unless_a_store_wants_it_and_the_file_settled(
 
     assert block_digests.lookup(FileIdentity.of(path.stat()), MiB) == ()
 
+
+def test_intake_hashes_without_a_companion_when_none_can_start(
+    tmp_path: Path, want: Callable[..., None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of file descriptors or threads, the companion is skipped, never the file."""
+    monkeypatch.setattr(block_digests, "COMPANION_MIN_BYTES", MiB)
+    path = settled_file(tmp_path / "model.bin", 3 * MiB)
+    want(MiB)
+
+    def no_fds(fd: int) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(block_digests.os, "dup", no_fds)
+    hashed = sha256_file(path)
+
+    assert hashed.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert hashed.identity is not None
+    assert block_digests.lookup(hashed.identity, MiB) == ()

@@ -932,6 +932,22 @@ def taken_at_intake(staged: StagedFile) -> list[bytes]:
     return digester.digests[PART]
 
 
+async def test_an_open_store_asks_intake_for_its_part_md5s_and_a_closed_one_stops(
+    rclone_s3: RcloneS3,
+) -> None:
+    """Only for files it uploads in parts of `part_size`: from its multipart threshold to
+    10,000 parts."""
+    sink = store_for(rclone_s3, part_size=6 * MiB, multipart_threshold=20 * MiB)
+    await sink.open()  # (other tests' stores may be open: only 6 MiB is this one's)
+    try:
+        assert 6 * MiB in block_digests.wanted(20 * MiB)
+        assert 6 * MiB not in block_digests.wanted(20 * MiB - 1)
+        assert 6 * MiB not in block_digests.wanted(60_000 * MiB + 1)
+    finally:
+        await sink.close()
+    assert 6 * MiB not in block_digests.wanted(20 * MiB)
+
+
 async def test_part_md5s_taken_at_intake_are_sent_and_wrong_ones_are_caught_then_dropped(
     tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3,
     monkeypatch: pytest.MonkeyPatch,

@@ -21,8 +21,8 @@ sha256 was journaled: proved by its stat where the intake recorded a settled ide
 (`FileIdentity`), else by hashing it again in the same pass. For such a settled file,
 the MD5s of the first parts were usually taken at intake, on the core its sha256 left
 idle (`router.block_digests`; the store asks for its `part_size`, from its
-`multipart_threshold`, when it opens): those
-parts are only read, and a part the server refuses drops them for the retry.
+`multipart_threshold`, when it opens): those parts are only read, and a part the
+server refuses drops them for the retry.
 
 Deliveries come in batches (`max_batch`). Where the server does not honour
 `If-None-Match` (rclone), the conflict check needs to know whether each key is taken:
@@ -333,9 +333,11 @@ class S3Store(BaseBatchSink):
         self._client = None
         self._signed = None
 
-    def _digest_sizes(self) -> tuple[int, int]:
-        """The part MD5s intake may take for this store (router.block_digests)."""
-        return int(self.settings.part_size), int(self.settings.multipart_threshold)
+    def _digest_sizes(self) -> tuple[int, int, int]:
+        """The part MD5s intake may take for this store (router.block_digests): of the
+        files it uploads in parts of `part_size` (see _part_size_for)."""
+        part = int(self.settings.part_size)
+        return part, int(self.settings.multipart_threshold), part * MAX_PARTS
 
     async def health(self) -> bool:
         try:

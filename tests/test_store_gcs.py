@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import hashlib
 import json
 import math
@@ -12,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import pytest
 
 import sinks.stores.gcs as gcsmod
@@ -352,7 +355,7 @@ async def test_object_without_sha256_metadata_is_compared_by_md5(
 # -- verification ---------------------------------------------------------------------
 
 
-async def test_corrupted_chunk_is_rejected_by_the_md5_check(
+async def test_corrupted_chunk_is_rejected_by_the_crc32c_check(
     tmp_path: Path, store: GCSStore, storage: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Bytes sent that differ from the file: GCS refuses the object, nothing is stored."""
@@ -373,7 +376,7 @@ async def test_corrupted_chunk_is_rejected_by_the_md5_check(
         await store.deliver(item)
 
     assert "gs://artifacts/corrupt/model.bin" in str(err.value)
-    assert "MD5" in str(err.value)
+    assert "CRC32C" in str(err.value)
     assert not await exists(storage, "artifacts", "corrupt/model.bin")
 
     monkeypatch.undo()
@@ -400,25 +403,53 @@ async def test_file_changed_after_intake_fails_permanently(
     assert not await exists(storage, "artifacts", f"{target}/model.bin")
 
 
-async def test_a_settled_file_changed_after_its_md5_was_taken_is_not_stored(
+@pytest.mark.parametrize("field", ["crc32c", "md5Hash"])
+@pytest.mark.parametrize("size", [1000, 2 * THRESHOLD + 1], ids=["simple", "resumable"])
+async def test_the_declared_checksum_is_what_gcs_checks_the_object_against(
+    field: str, size: int, tmp_path: Path, store: GCSStore, storage: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On both upload paths, with the CRC32C or (where google-crc32c has no C build) the
+    MD5: a right one is stored as the object's, a wrong one (the bytes sent are not what
+    was checksummed) leaves no object."""
+    monkeypatch.setattr(gcsmod, "CHECKSUM_FIELD", field)
+    staged = write_file(tmp_path / "model.bin", size, seed=31)
+    assert staged.path is not None
+    data = staged.path.read_bytes()
+    digest = (google_crc32c.Checksum(data) if field == "crc32c" else hashlib.md5(data)).digest()
+    target = f"{field}/{size}"
+
+    await store.deliver(make_item(staged, target=target))
+    _, metadata = await remote(storage, "artifacts", f"{target}/model.bin")
+    assert metadata[field] == base64.b64encode(digest).decode("ascii")
+
+    original = gcsmod._declared
+    monkeypatch.setattr(gcsmod, "_declared", lambda where, what: dataclasses.replace(
+        original(where, what), value="AAAAAA=="))
+    with pytest.raises(TransientError, match=r"(?i)crc32c|md5"):
+        await store.deliver(make_item(staged, target=f"wrong-{target}"))
+    assert not await exists(storage, "artifacts", f"wrong-{target}/model.bin")
+
+
+async def test_a_settled_file_changed_after_its_crc32c_was_taken_is_not_stored(
     tmp_path: Path, store: GCSStore, storage: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Trusting the identity skips the sha256, not the proof: the MD5 taken when the
+    """Trusting the identity skips the sha256, not the proof: the CRC32C taken when the
     identity still held is what GCS checks the object against."""
     staged = write_settled(tmp_path / "model.bin", 2 * THRESHOLD + 5, seed=17)
     assert staged.path is not None
     path = staged.path
-    original = gcsmod.verified_digests
+    original = gcsmod._declared
 
     def then_written(where: Path, what: Any) -> Any:
         digests = original(where, what)
         flip_last_byte(path)
         return digests
 
-    monkeypatch.setattr(gcsmod, "verified_digests", then_written)
+    monkeypatch.setattr(gcsmod, "_declared", then_written)
 
     item = make_item(staged, target="moved")
-    with pytest.raises(TransientError, match="MD5"):
+    with pytest.raises(TransientError, match="CRC32C"):
         await store.deliver(item)
     assert not await exists(storage, "artifacts", "moved/model.bin")
     monkeypatch.undo()  # the retry: the stat has moved, so the file is hashed and refused

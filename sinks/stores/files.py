@@ -15,18 +15,21 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from router.delivery import StagedFile
 
 __all__ = [
     "HASH_CHUNK",
     "BufferReader",
+    "Checksum",
     "FileChanged",
     "FileDigests",
     "MiB",
     "hash_file",
     "read_into",
     "read_small",
+    "verified_checksum",
     "verified_digests",
 ]
 
@@ -62,19 +65,28 @@ def hash_file(path: Path) -> FileDigests:
     return FileDigests(md5.digest(), sha.hexdigest(), size)
 
 
-def verified_digests(path: Path, staged: StagedFile) -> FileDigests:
-    """The MD5 to upload `path` with, once it is known to be the file journaled as
-    `staged` (else FileChanged): by its identity where the intake recorded one and the
-    stat matches it before and after the read, else by its sha256, taken again here.
-    The server then checks what it receives against that MD5."""
-    md5 = hashlib.md5(usedforsecurity=False)
+class Checksum(Protocol):
+    """hashlib's interface, which google_crc32c.Checksum shares."""
+
+    def update(self, data: bytes, /) -> object: ...
+    def digest(self) -> bytes: ...
+
+
+ChecksumT = TypeVar("ChecksumT", bound=Checksum)
+
+
+def verified_checksum(path: Path, staged: StagedFile, checksum: ChecksumT) -> ChecksumT:
+    """`checksum` fed the bytes of `path`, once they are known to be the file journaled
+    as `staged` (else FileChanged): by its identity where the intake recorded one and
+    the stat matches it before and after the read, else by its sha256, taken again here.
+    The server then checks what it receives against that checksum."""
     size = 0
     with open(path, "rb") as fh:
         identity = staged.identity
         trusted = identity is not None and identity.matches(os.fstat(fh.fileno()))
         sha = None if trusted else hashlib.sha256()
         while chunk := fh.read(HASH_CHUNK):
-            md5.update(chunk)
+            checksum.update(chunk)
             if sha is not None:
                 sha.update(chunk)
             size += len(chunk)
@@ -83,7 +95,13 @@ def verified_digests(path: Path, staged: StagedFile) -> FileDigests:
     sha256 = staged.sha256 if sha is None else sha.hexdigest()
     if sha256 != staged.sha256 or size != staged.size:
         raise FileChanged(f"sha256 now {sha256[:12]}..., journaled {staged.sha256[:12]}...")
-    return FileDigests(md5.digest(), sha256, size)
+    return checksum
+
+
+def verified_digests(path: Path, staged: StagedFile) -> FileDigests:
+    """The MD5 to upload `path` with (see verified_checksum)."""
+    md5 = verified_checksum(path, staged, hashlib.md5(usedforsecurity=False))
+    return FileDigests(md5.digest(), staged.sha256, staged.size)
 
 
 def read_small(path: Path, limit: int) -> tuple[bytes, FileDigests]:

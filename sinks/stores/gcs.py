@@ -6,8 +6,11 @@ no-op; different content fails permanently unless the rule says `on_conflict:
 overwrite` (replace) or `version` (a `.v<version>` suffix per artifact version).
 
 Every object carries the file's sha256 as custom metadata `sha256`, and the file's
-MD5 is declared in the object resource (`md5Hash`) so that GCS refuses to create an
-object whose bytes do not hash to it; the MD5 GCS reports back is checked as well.
+CRC32C is declared in the object resource (`crc32c`) so that GCS refuses to create an
+object whose bytes do not hash to it; the CRC32C GCS reports back is checked as well.
+CRC32C is what Google recommends for this (every object has one, composite ones
+included), and google-crc32c takes it at memory speed: the pass over a large file
+before its first byte goes up takes about 0.17 s per GiB, where an MD5 took 1.6 s.
 
 Files below `resumable_threshold` go up in one multipart request with
 gcloud-aio-storage's `Storage.upload` (which holds the body in memory: at most the
@@ -21,6 +24,7 @@ next attempt after a dropped connection resumes from the last byte GCS persisted
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -34,6 +38,7 @@ from typing import Any, cast
 from urllib.parse import quote
 
 import aiohttp
+import google_crc32c
 from pydantic import ByteSize, Field, field_validator
 
 from router.delivery import StagedFile
@@ -51,12 +56,12 @@ from sinks.stores.claims import KeyClaims
 from sinks.stores.files import (
     HASH_CHUNK,
     BufferReader,
+    Checksum,
     FileChanged,
-    FileDigests,
     MiB,
     hash_file,
     read_into,
-    verified_digests,
+    verified_checksum,
 )
 from sinks.stores.local import versioned_key
 from sinks.urls import reject_userinfo, without_userinfo
@@ -122,6 +127,33 @@ class GCSStoreSettings(SinkSettings):
 
 class _ObjectExists(PermanentError):
     """An upload with ifGenerationMatch=0 found the key taken (412): look at it."""
+
+
+# Where google-crc32c has no C build (it would warn), its pure-Python CRC32C runs at a
+# few MiB/s: the MD5 (hashlib) is declared instead, as GCS checks either.
+CHECKSUM_FIELD = "crc32c" if google_crc32c.implementation == "c" else "md5Hash"
+
+
+@dataclass
+class _Declared:
+    """What an upload declares the object to be; GCS refuses an object that is not."""
+
+    field: str  # "crc32c" (big-endian) or "md5Hash": the resource field, as GCS gives it
+    value: str  # base64
+    sha256: str
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.size} bytes with {self.field} {self.value}"
+
+
+def _declared(path: Path, staged: StagedFile) -> _Declared:
+    """The file's checksum, once its bytes are known to be the journaled file's."""
+    checksum: Checksum = (google_crc32c.Checksum() if CHECKSUM_FIELD == "crc32c"
+                          else hashlib.md5(usedforsecurity=False))
+    digest = verified_checksum(path, staged, checksum).digest()
+    return _Declared(CHECKSUM_FIELD, base64.b64encode(digest).decode("ascii"),
+                     staged.sha256, staged.size)
 
 
 @dataclass
@@ -402,11 +434,11 @@ class GCSStore(BaseSink):
     ) -> dict[str, Any]:
         """Upload and verify the file; with `if_absent`, _ObjectExists if the key is taken.
 
-        The MD5 taken here is what the object is verified against, so the bytes sent
+        The CRC32C taken here is what the object is verified against, so the bytes sent
         are the ones checked to be the journaled file."""
         size = staged.size
         try:
-            digests = await asyncio.to_thread(verified_digests, path, staged)
+            digests = await asyncio.to_thread(_declared, path, staged)
             if size >= self.settings.resumable_threshold:
                 resource = await self._upload_resumable(path, key, digests, if_absent)
             else:
@@ -466,17 +498,17 @@ class GCSStore(BaseSink):
             raise self._map_error(exc, "download", key) from exc
         return digest.hexdigest()
 
-    def _resource(self, key: str, digests: FileDigests) -> dict[str, Any]:
+    def _resource(self, key: str, digests: _Declared) -> dict[str, Any]:
         return {
             "name": key,
             "contentType": mimetypes.guess_type(key)[0] or "application/octet-stream",
             # GCS refuses to create the object unless its bytes hash to this.
-            "md5Hash": digests.md5_b64,
+            digests.field: digests.value,
             "metadata": {"sha256": digests.sha256},
         }
 
     async def _upload_simple(
-        self, path: Path, key: str, digests: FileDigests, if_absent: bool = False
+        self, path: Path, key: str, digests: _Declared, if_absent: bool = False
     ) -> dict[str, Any]:
         resource = self._resource(key, digests)
         fh = await asyncio.to_thread(open, path, "rb")
@@ -526,7 +558,7 @@ class GCSStore(BaseSink):
         raise self._status_error(status, message, action, key)
 
     async def _upload_resumable(
-        self, path: Path, key: str, digests: FileDigests, if_absent: bool = False
+        self, path: Path, key: str, digests: _Declared, if_absent: bool = False
     ) -> dict[str, Any]:
         session = self._sessions.get(key)
         offset = 0
@@ -560,7 +592,7 @@ class GCSStore(BaseSink):
         finally:
             os.close(fd)
 
-    async def _start_session(self, key: str, digests: FileDigests, if_absent: bool) -> _Session:
+    async def _start_session(self, key: str, digests: _Declared, if_absent: bool) -> _Session:
         resource = self._resource(key, digests)
         status, headers, body = await self._request(
             "POST",
@@ -656,7 +688,7 @@ class GCSStore(BaseSink):
                     f"upload {self._uri(key)}: the resumable session is gone ({status}); "
                     "the next attempt starts a new one"
                 )
-            if status == 400:  # refused data (e.g. MD5 mismatch): the session is dead
+            if status == 400:  # refused data (e.g. CRC32C mismatch): the session is dead
                 self._forget_session(key)
             self._raise_for(status, body, action, key)
 
@@ -664,17 +696,16 @@ class GCSStore(BaseSink):
         with contextlib.suppress(Exception):
             await self._request("DELETE", session.uri, "cancel upload of", key)
 
-    async def _verify(self, key: str, resource: dict[str, Any], digests: FileDigests) -> None:
+    async def _verify(self, key: str, resource: dict[str, Any], digests: _Declared) -> None:
         """Check what GCS says it stored against the file."""
-        reported = resource.get("md5Hash")
+        reported = resource.get(digests.field)
         size = int(resource.get("size", -1))
-        if (reported and reported != digests.md5_b64) or size != digests.size:
+        if (reported and reported != digests.value) or size != digests.size:
             with contextlib.suppress(Exception):
                 await self._storage.delete(self.bucket, key, headers=await self._auth_headers())
             raise TransientError(
-                f"upload {self._uri(key)}: GCS reports {size} bytes with MD5 {reported}, the "
-                f"file has {digests.size} bytes with MD5 {digests.md5_b64}; the object was "
-                "removed, retry"
+                f"upload {self._uri(key)}: GCS reports {size} bytes with {digests.field} "
+                f"{reported}, the file has {digests}; the object was removed, retry"
             )
 
 

@@ -57,7 +57,7 @@ if off:
     sys.exit("floors that are not the versions tested (set each floor to the version "
              "installed, or make the floor installable):\n  " + "\n  ".join(off))
 PY
-VIRTUAL_ENV=$low "$uv" pip list 2>/dev/null | grep -iE '^(pydantic|typer|click|sqlalchemy|aiosqlite|aiomqtt|paho-mqtt|aiobotocore|botocore|gcloud-aio-storage|aiohttp|asyncpg|alembic|aiofiles|watchfiles|structlog|orjson|tensorboardx|prometheus-client|uvloop|rich|ruamel.yaml|pyyaml) ' \
+VIRTUAL_ENV=$low "$uv" pip list 2>/dev/null | grep -iE '^(pydantic|typer|click|sqlalchemy|aiosqlite|aiomqtt|paho-mqtt|aiobotocore|botocore|gcloud-aio-storage|google-crc32c|aiohttp|asyncpg|alembic|aiofiles|watchfiles|structlog|orjson|tensorboardx|prometheus-client|uvloop|rich|ruamel.yaml|pyyaml) ' \
   | tr -s ' ' | paste -sd ',' | sed 's/,/, /g; s/^/lowest versions: /'
 
 # Not here: the committed JSON schema (written by the newest pydantic, which words it a

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from router.approvals import record_decision
-from router.db import artifacts, lineage, locations, runs, version_counters
+from router.db import artifacts, execute_many, lineage, locations, runs, version_counters
 from router.delivery import DeliveryResult, StoredObject
 from router.intake import AcceptedEvent
 from router.rules import RoutePlan
@@ -145,7 +145,7 @@ _BUMP_COUNTER = (
     .values(last=version_counters.c.last + sa.bindparam("count", type_=sa.Integer))
     .returning(version_counters.c.last)
 )
-_INSERT_ARTIFACTS = sa.insert(artifacts).returning(artifacts.c.id, sort_by_parameter_order=True)
+_INSERT_ARTIFACTS = sa.insert(artifacts)
 _INSERT_LINEAGE = sa.insert(lineage)
 _ARTIFACT_IDS = sa.select(artifacts.c.id, artifacts.c.event_id, artifacts.c.artifact_index).where(
     artifacts.c.event_id.in_(sa.bindparam("ids", expanding=True))
@@ -243,8 +243,8 @@ def record_events(
     if not accepted:
         return
     run_keys = sorted({(e.manifest.pipeline, e.manifest.run_id) for e, _ in accepted})
-    conn.execute(  # executemany: one compiled statement whatever the number of runs
-        _touch_runs(conn.dialect.name),
+    execute_many(
+        conn, _touch_runs(conn.dialect.name),
         [{"pipeline": p, "run_id": r, "created_at": now, "updated_at": now} for p, r in run_keys],
     )
     ended = [
@@ -259,14 +259,22 @@ def record_events(
         for event, plan in accepted
         for index in range(len(event.manifest.artifacts))
     ]
-    ids: list[int] = list(conn.execute(_INSERT_ARTIFACTS, rows).scalars())
-    position = 0
+    # executemany without RETURNING: with it (ids in row order), SQLAlchemy inserts
+    # SQLite rows one statement each. Most events (metrics, no inputs) need no ids.
+    execute_many(conn, _INSERT_ARTIFACTS, rows)
+    referring = [
+        (event, plan) for event, plan in accepted
+        if event.manifest.inputs or any(a.decision is not None for a in plan.artifacts)
+    ]
+    if not referring:
+        return
+    found = conn.execute(_ARTIFACT_IDS, {"ids": [e.event_id for e, _ in referring]})
+    ids = {(r.event_id, r.artifact_index): r.id for r in found}
     edges = []
-    for event, plan in accepted:
+    for event, plan in referring:
         m = event.manifest
         for index in range(len(m.artifacts)):
-            artifact_id = ids[position]
-            position += 1
+            artifact_id = ids[(event.event_id, index)]
             art_plan = plan.artifacts[index]
             if art_plan.decision is not None:
                 record_decision(
@@ -276,7 +284,7 @@ def record_events(
             edges += [{"artifact_id": artifact_id, "input_ref": ref}
                       for ref in dict.fromkeys(m.inputs)]
     if edges:
-        conn.execute(_INSERT_LINEAGE, edges)
+        execute_many(conn, _INSERT_LINEAGE, edges)
 
 
 def record_locations_batch(
@@ -311,8 +319,7 @@ def record_locations_batch(
             }
             for obj in objects
         ]
-    if rows:  # executemany: one compiled statement, not a new multi-VALUES one per call
-        conn.execute(_add_locations(conn.dialect.name), rows)
+    execute_many(conn, _add_locations(conn.dialect.name), rows)
 
 
 def _to_artifact(row: Any) -> ArtifactRow:

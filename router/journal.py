@@ -20,7 +20,7 @@ import structlog
 from pydantic import BaseModel, Field
 
 from router import approvals, catalog
-from router.db import Database, deliveries, events, held_messages
+from router.db import Database, deliveries, events, execute_many, held_messages
 from router.delivery import Action, DeliveryResult
 from router.errors import Problem
 from router.intake import AcceptedEvent, Rejection
@@ -398,7 +398,7 @@ class DeliveryJournal:
                 detail="; ".join(e for a in plan.artifacts for e in a.errors) or None,
             )
         if event_rows:
-            conn.execute(_INSERT_EVENTS, event_rows)
+            execute_many(conn, _INSERT_EVENTS, event_rows)
         for row in delivery_rows:
             if row["action"] == Action.EXPORT.value:
                 self._number_snapshot(conn, row)
@@ -419,7 +419,7 @@ class DeliveryJournal:
                         record=records[row["event_id"]], has_dependents=row["key"] in awaited,
                     ))
         if delivery_rows:
-            conn.execute(_INSERT_DELIVERIES, delivery_rows)
+            execute_many(conn, _INSERT_DELIVERIES, delivery_rows)
         catalog.record_events(conn, planned, now)
         return [o if o is not None else outcomes[i] for i, o in order]
 
@@ -948,7 +948,7 @@ def _complete_in(
     retry = [c for c in held if c.outcome == "retry"]
     dead = [c for c in held if c.outcome == "dead"]
     if done:
-        conn.execute(_MARK_DONE, [
+        execute_many(conn, _MARK_DONE, [
             {"k": c.key, "r": c.result.model_dump(mode="json") if c.result else None,
              "now": now, "o": owner, "a": c.attempts}
             for c in done
@@ -960,13 +960,13 @@ def _complete_in(
             now,
         )
     if retry:
-        conn.execute(_MARK_RETRY, [
+        execute_many(conn, _MARK_RETRY, [
             {"k": c.key, "n": c.next_attempt_at or now, "e": c.error, "now": now, "o": owner,
              "a": c.attempts}
             for c in retry
         ])
     if dead:
-        conn.execute(_MARK_DEAD, [
+        execute_many(conn, _MARK_DEAD, [
             {"k": c.key, "e": c.error, "now": now, "o": owner, "a": c.attempts}
             for c in dead])
         for c in dead:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from router.catalog import list_artifacts, list_runs
 from router.catalog_read import get_run, resolve_refs
@@ -627,3 +628,51 @@ async def test_a_stale_failed_deploy_does_not_fail_the_decision(
     assert await decision() == "deploying"
     await peer.complete([outcome_of(taken, "done", result=DeliveryResult(uri="x://deploy"))])
     assert await decision() == "deployed"
+
+
+async def test_execute_many_stores_what_sqlalchemy_stores(journal: DeliveryJournal) -> None:
+    """The journal's hot inserts and updates skip SQLAlchemy's per-row parameter work
+    (db.execute_many): every column, a JSON null and a value fixed in the statement
+    (`state="done"`) included, must come out as `conn.execute` stores them."""
+    from router import journal as journal_module
+    from router.db import deliveries, events, execute_many
+
+    def delivery(key: str) -> dict[str, object]:
+        return {"key": key, "event_id": key, "artifact_index": 2, "action": "store",
+                "stack": "s", "component": "c", "sink_id": "s.c", "target": None,
+                "params": {"on_conflict": "skip", "n": [1, 2.5, None]}, "after": None,
+                "state": "in_flight", "attempts": 1, "next_attempt_at": 1.5,
+                "created_at": 2.5, "updated_at": 3.5, "owner": "test", "lease_until": 9.5}
+
+    def event_row(key: str) -> dict[str, object]:
+        return {"id": key, "source": "mqtt", "bundle": None, "state": "accepted",
+                "stack": "s", "pipeline": "p", "run_id": "r", "step_name": "t",
+                "digest": "d", "record": {"a": {"b": [True, None]}}, "error": None,
+                "received_at": 1.25, "finished_at": None, "moved": False}
+
+    def write(conn: sa.Connection) -> None:
+        conn.execute(events.insert(), [event_row("by-sqlalchemy")])
+        execute_many(conn, events.insert(), [event_row("by-driver")])
+        conn.execute(deliveries.insert(), [delivery("by-sqlalchemy")])
+        execute_many(conn, deliveries.insert(), [delivery("by-driver")])
+        done = {"r": None, "now": 7.0, "o": "test", "a": 1}
+        conn.execute(journal_module._MARK_DONE, [{**done, "k": "by-sqlalchemy"}])
+        execute_many(conn, journal_module._MARK_DONE, [{**done, "k": "by-driver"}])
+
+    await journal.db.run_write(write)
+    async with journal.db.read() as conn:
+        stored = {}
+        for table, key in ((events, events.c.id), (deliveries, deliveries.c.key)):
+            query = sa.select(table).where(key.like("by-%")).order_by(key)
+            for row in (await conn.execute(query)).mappings():
+                data = dict(row)
+                data.pop(key.name)
+                data.pop("event_id", None)
+                stored.setdefault(table.name, []).append(data)
+        raw = (await conn.execute(sa.text(
+            "SELECT result IS NULL FROM deliveries WHERE key LIKE 'by-%' ORDER BY key"
+        ))).scalars().all()
+    assert stored["events"][0] == stored["events"][1]
+    assert stored["deliveries"][0] == stored["deliveries"][1]
+    assert stored["deliveries"][0]["state"] == "done" and stored["deliveries"][0]["owner"] is None
+    assert raw[0] == raw[1], "None in a JSON column: the same JSON null (or SQL NULL) both ways"

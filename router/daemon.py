@@ -48,6 +48,14 @@ from sinks.registry import SINK_TYPES
 
 __all__ = ["Daemon", "parse_listen"]
 
+# The collector's thresholds once started. Python's default young generation (700
+# allocations) is collected while an intake batch's objects are still alive: each pass
+# walked them, and each tenth promoted them towards full passes over the whole heap.
+# That was 12 % of the daemon's CPU under an MQTT burst; with 20,000 the batch is gone
+# when a pass comes, and full passes wait for 100 middle ones (bench/RESULTS.md,
+# session 27). Cyclic garbage still goes within 20,000 allocations.
+GC_THRESHOLDS = (20_000, 10, 100)
+
 log = structlog.get_logger("router.daemon")
 
 
@@ -249,6 +257,7 @@ class Daemon:
         # every thread for 60-80 ms and were the tail of intake latency.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         log.info(
             "artifact-router started",
             config=self.loaded.source,

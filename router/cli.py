@@ -37,8 +37,15 @@ model_app = typer.Typer(help="Model versions and their deploy decisions.", no_ar
 app.add_typer(model_app, name="model")
 
 EX_CONFIG = 78  # sysexits.h, as `vector validate` uses
-console = Console()
-err_console = Console(stderr=True)
+
+def _width(stream: Any) -> int | None:
+    """A terminal's own width; piped output (a log, `| grep`) gets room for whole values,
+    where rich would squeeze tables into 80 columns and cut names and URIs short."""
+    return None if stream.isatty() or os.environ.get("COLUMNS") else 1000
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
 
 ConfigOpt = Annotated[
     Path | None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,6 +158,12 @@ def test_readme_demo_command_runs_and_shows_where_artifacts_landed(tmp_path: Pat
     assert "prep/train_data/train.csv" in result.stdout
     assert "train/fraud_detector/model.pkl" in result.stdout
     assert '"accuracy":0.97' in result.stdout
+    # Piped, the catalog table keeps whole names and locations (rich alone would squeeze
+    # it into 80 columns and cut them with an ellipsis).
+    assert "\u2026" not in result.stdout
+    assert "fraud_detector_metrics" in result.stdout
+    model = re.search(r"file://\S+/train/fraud_detector/model\.pkl", result.stdout)
+    assert model is not None and Path(model.group()[len("file://"):]).is_file()
 
 
 def test_emit_refuses_an_id_it_cannot_deliver_and_an_unusable_spool(tmp_path: Path) -> None:

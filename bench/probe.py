@@ -8,6 +8,9 @@ comparisons of a change, alternating with a worktree of the commit before.
     PYTHONPATH=<tree> python bench/probe.py behind-large [MiB]    # 50 small bundles after a large
     PYTHONPATH=<tree> python bench/probe.py mqtt-behind-large [MiB]  # the same over MQTT
 
+PROBE_PROFILE=FILE records the daemon with py-spy (`--gil`, collapsed stacks) while the
+load runs: `py-spy record -f raw`, for flame graphs or summing per function.
+PROBE_SETTINGS='{"concurrency": 1024}' adds `router:` settings (mqtt-intake).
 PROBE_OVERWRITE=1 routes small-to-s3 with `on_conflict: overwrite` (no presence check).
 PROBE_UNSYNCED=1 leaves behind-large's big file unwritten-back, as a step that just
 wrote it would: the local store's flushes then compete with its write-back.
@@ -22,13 +25,17 @@ probe of its own. Nothing is compared with a peer here: that is `python -m bench
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +48,24 @@ def _cpu(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+@contextlib.contextmanager
+def _profiled(pid: int) -> Iterator[None]:
+    """py-spy on the daemon while the block runs, when PROBE_PROFILE names an output."""
+    out = os.environ.get("PROBE_PROFILE")
+    if not out:
+        yield
+        return
+    spy = subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--gil", "-r", "200",
+                            "-f", "raw", "-o", out, "--pid", str(pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # attached before the load starts
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
 
 
 def probe(scenario: str, n: int) -> str:
@@ -73,7 +98,8 @@ def probe(scenario: str, n: int) -> str:
         assert daemon.proc is not None
         user0, sys0 = _cpu(daemon.proc.pid)
         s0 = sum(_cpu(server.proc.pid)) if server is not None else 0.0
-        seconds = _route(daemon, bundles)
+        with _profiled(daemon.proc.pid):
+            seconds = _route(daemon, bundles)
         user1, sys1 = _cpu(daemon.proc.pid)
         s1 = sum(_cpu(server.proc.pid)) if server is not None else 0.0
         server_cpu = f"; server CPU {s1 - s0:.2f} s" if server is not None else ""
@@ -202,12 +228,14 @@ def _probe_mqtt(work: Path, n: int) -> str:
     messages = _payloads(n, "probe")
     broker = _broker(work / "broker")
     try:
-        daemon = MqttDaemon(work / "router", broker)
+        daemon = MqttDaemon(work / "router", broker,
+                            **json.loads(os.environ.get("PROBE_SETTINGS") or "{}"))
         daemon.start()
         assert daemon.proc is not None
         user0, sys0 = _cpu(daemon.proc.pid)
-        t0, _ = _publish_burst(broker.port, messages)
-        _wait_done([daemon], n)
+        with _profiled(daemon.proc.pid):
+            t0, _ = _publish_burst(broker.port, messages)
+            _wait_done([daemon], n)
         seconds = daemon.last_finished() - t0
         user1, sys1 = _cpu(daemon.proc.pid)
         daemon.stop()

@@ -1,0 +1,142 @@
+"""The journal's own cost per event, in one process: accept (plan, journal, catalog,
+deliveries claimed at intake) and completion (done, locations, event finished) of
+inline metrics events, as mqtt-intake sends them, on SQLite, with no broker, sink or
+daemon around it. For before/after comparisons of journal changes, which the daemon
+probes (bench/probe.py) cannot resolve under this machine's noise of 15 % or more.
+
+    PYTHONPATH=<tree> python bench/journal_cost.py [N]              # CPU us per event
+    PYTHONPATH=<tree> python bench/journal_cost.py --callgrind [N]  # instructions
+
+`--callgrind` runs this under valgrind twice (N and 3N events) and divides the
+difference by 2N: instructions per event, start-up left out, the same from run to run
+whatever else the machine is doing. The journal is written under $TMPDIR.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from router.config import load_config
+from router.db import Database
+from router.delivery import DeliveryResult
+from router.intake import AcceptedEvent
+from router.journal import ClaimedDelivery, Completion, DeliveryJournal
+from router.manifest import parse_manifest
+from router.rules import RoutePlan, plan_event
+
+BATCH = 250  # about what the MQTT source hands the journal under a burst
+STACK = load_config(discover=False).config.stacks["local"]  # jsonl tracker
+
+
+class _AllSlots:
+    """The dispatcher's side of a claim at intake, with room for every delivery."""
+
+    lease_seconds = 120.0
+
+    def __init__(self) -> None:
+        self.adopted: list[ClaimedDelivery] = []
+
+    def take(self, sink_id: str, stack: str, component: str) -> bool:
+        return True
+
+    def give_back(self, sink_ids: Sequence[str]) -> None:
+        pass
+
+    def slots_for_intake(self) -> _AllSlots:
+        return self
+
+    def adopt(self, claimed: list[ClaimedDelivery], waiting: bool) -> None:
+        self.adopted += claimed
+
+
+def _events(n: int) -> list[AcceptedEvent]:
+    return [
+        AcceptedEvent(
+            event_id=f"cost-{i:06d}", source="mqtt", bundle=None, files=[[]],
+            digest=f"{i:064x}", received_at=time.time(),
+            manifest=parse_manifest({
+                "manifest_version": 1, "id": f"cost-{i:06d}", "pipeline": "bench",
+                "run_id": f"run-{i % 50:03d}", "step_name": "eval",
+                "artifacts": [{"type": "metrics", "name": "evaluation", "step": i,
+                               "values": {"accuracy": 0.9, "loss": 1.0 / (i + 1),
+                                          "f1_score": 0.8}}],
+            }),
+        )
+        for i in range(n)
+    ]
+
+
+def _plan(event: AcceptedEvent, versions: list[str]) -> RoutePlan:
+    return plan_event(event.manifest, event_id=event.event_id, stack=STACK,
+                      versions=versions, received_at=datetime.now(UTC))
+
+
+async def _run(n: int, work: Path) -> float:
+    """CPU seconds of the journal work for `n` events (the events built beforehand)."""
+    db = Database(f"sqlite+aiosqlite:///{work / 'journal.db'}")
+    await db.migrate()
+    journal = DeliveryJournal(db, owner="cost")
+    events = _events(n)
+    handoff = _AllSlots()
+    done = DeliveryResult(uri=f"file://{work}/tracking.jsonl")
+    gc.collect()
+    gc.freeze()  # as the daemon does once started: the prepared events are not its heap
+    start = time.process_time()
+    for first in range(0, n, BATCH):
+        handoff.adopted = []
+        await journal.accept(events[first:first + BATCH], _plan, handoff)
+        finished, _ = await journal.cycle([
+            Completion(key=c.key, event_id=c.event_id, artifact_index=c.artifact_index,
+                       sink_id=c.sink_id, action=c.action, outcome="done", result=done,
+                       attempts=c.attempts)
+            for c in handoff.adopted
+        ], 0)
+        assert len(finished) == len(handoff.adopted), "every event finishes"
+    cpu = time.process_time() - start
+    await db.dispose()
+    return cpu
+
+
+def _instructions(n: int) -> int:
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("--callgrind needs valgrind on PATH")
+    out = subprocess.run(
+        [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+         __file__, str(n)], capture_output=True, text=True, check=True, env=os.environ,
+    ).stderr
+    match = re.search(r"Collected : (\d+)", out)
+    assert match, out[-2000:]
+    return int(match.group(1))
+
+
+def main(argv: list[str]) -> None:
+    callgrind = "--callgrind" in argv
+    args = [a for a in argv if a != "--callgrind"]
+    n = int(args[0]) if args else (1000 if callgrind else 10_000)
+    if callgrind:
+        per_event = (_instructions(3 * n) - _instructions(n)) / (2 * n)
+        print(f"journal: {per_event:,.0f} instructions per event (callgrind, "
+              f"{3 * n} - {n} events)")
+        return
+    work = Path(tempfile.mkdtemp(prefix="journal-cost-"))
+    try:
+        cpu = asyncio.run(_run(n, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"journal: {cpu / n * 1e6:.0f} us CPU per event ({n} events, batches of {BATCH})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

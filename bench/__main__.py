@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         if filesystem is not None and filesystem.warning:
             console.print(f"[yellow]{filesystem.warning}[/yellow]")
         for name in names:
+            # The scenario before may leave hundreds of MiB to write back (large-to-s3's
+            # objects); flushed during the next one, it stalled mqtt-intake's fsyncs for
+            # 0.5 s and that was its p99 (bench/RESULTS.md, session 27).
+            os.sync()
             console.print(f"[bold]{name}[/bold] ...")
             results += SCENARIOS[name](Path(tmp) / name, args.quick, reps)
     table = Table("scenario", "unit", "router", "peer", "peer value", "ratio",

@@ -330,7 +330,7 @@ class _ArtifactBase(BaseModel):
 
     @property
     def kind(self) -> ArtifactKind:
-        return ArtifactKind(self.type)  # type: ignore[attr-defined]
+        return _KIND_ALIASES[self.type]  # type: ignore[attr-defined]  # no enum call per access
 
     def metrics(self) -> dict[str, float]:
         """Numeric metrics attached to this artifact (used by deploy conditions)."""

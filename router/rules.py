@@ -229,19 +229,20 @@ def plan_event(
     """Every delivery the event needs under `stack`, in dependency order."""
     plans = []
     for index, artifact in enumerate(manifest.artifacts):
-        rule = stack.rule_for(artifact.kind) or RoutingRule()
+        kind = artifact.kind
+        rule = stack.rule_for(kind) or RoutingRule()
         upload = artifact.upload if upload_all is None else upload_all
         plan = ArtifactPlan(
             index=index,
             name=artifact.name,
-            kind=artifact.kind,
+            kind=kind,
             version=versions[index],
             upload=upload,
         )
         values = {
             "run_id": manifest.run_id,
             "step_name": manifest.step_name,
-            "artifact_name": artifact.kind.value,
+            "artifact_name": kind.value,
             "pipeline": manifest.pipeline,
             "name": artifact.name,
             "version": versions[index],
@@ -284,7 +285,7 @@ def plan_event(
                 first_store = first_store or key
 
         export = rule.export_to_dataset
-        if export is not None and artifact.kind is ArtifactKind.DATASET and artifact.files:
+        if export is not None and kind is ArtifactKind.DATASET and artifact.files:
             resolved = stack.resolve_store(export.store) if upload else None
             if not upload:
                 plan.errors.append(
@@ -314,20 +315,20 @@ def plan_event(
                 )
 
         wants_remote = rule.register or rule.deploy
-        if wants_remote and artifact.kind is ArtifactKind.MODEL and not upload:
+        if wants_remote and kind is ArtifactKind.MODEL and not upload:
             plan.errors.append(
-                f"rule for {artifact.kind.value} asks to "
+                f"rule for {kind.value} asks to "
                 f"{'register' if rule.register else 'deploy'} but the artifact has "
                 "upload: false, so there is nothing remote to point at; set upload: true "
                 "(or FLOWYML_UPLOAD_ALL_ARTIFACTS=true)"
             )
-        elif wants_remote and artifact.kind is ArtifactKind.MODEL and first_store is None:
+        elif wants_remote and kind is ArtifactKind.MODEL and first_store is None:
             plan.errors.append(
                 f"rule for model asks to {'register' if rule.register else 'deploy'} but no "
                 "file of this model was stored (it has no files, or no store took them); "
                 "add the model's files to the manifest"
             )
-        elif wants_remote and artifact.kind is ArtifactKind.MODEL:
+        elif wants_remote and kind is ArtifactKind.MODEL:
             register_key: str | None = None
             if rule.register:
                 register_key = delivery_key(
@@ -365,7 +366,7 @@ def plan_event(
         if rule.log_to_tracker and _has_values(artifact):
             if not stack.trackers:
                 plan.errors.append(
-                    f"rule for {artifact.kind.value} sets log_to_tracker but stack "
+                    f"rule for {kind.value} sets log_to_tracker but stack "
                     f"{stack.name!r} has no experiment_tracker; nothing was logged"
                 )
             for component, _ in stack.trackers:

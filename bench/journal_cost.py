@@ -7,8 +7,9 @@ probes (bench/probe.py) cannot resolve under this machine's noise of 15 % or mor
     PYTHONPATH=<tree> python bench/journal_cost.py [N]              # CPU us per event
     PYTHONPATH=<tree> python bench/journal_cost.py --callgrind [N]  # instructions
 
-`--callgrind` runs this under valgrind twice (N and 3N events) and divides the
-difference by 2N: instructions per event, start-up left out, the same from run to run
+`--callgrind` runs this under valgrind with N and 3N events, and again only building
+them (the manifests parsed); the difference of the differences over 2N is the journal's
+instructions per event, start-up and the test events left out, the same from run to run
 whatever else the machine is doing. The journal is written under $TMPDIR.
 """
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -27,6 +30,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.scenarios_mqtt import _payloads
 from router.config import load_config
 from router.db import Database
 from router.delivery import DeliveryResult
@@ -61,19 +65,14 @@ class _AllSlots:
 
 
 def _events(n: int) -> list[AcceptedEvent]:
+    """mqtt-intake's own manifests (bench.scenarios_mqtt), parsed as its source would."""
     return [
         AcceptedEvent(
-            event_id=f"cost-{i:06d}", source="mqtt", bundle=None, files=[[]],
-            digest=f"{i:064x}", received_at=time.time(),
-            manifest=parse_manifest({
-                "manifest_version": 1, "id": f"cost-{i:06d}", "pipeline": "bench",
-                "run_id": f"run-{i % 50:03d}", "step_name": "eval",
-                "artifacts": [{"type": "metrics", "name": "evaluation", "step": i,
-                               "values": {"accuracy": 0.9, "loss": 1.0 / (i + 1),
-                                          "f1_score": 0.8}}],
-            }),
+            event_id=event_id, source="mqtt", bundle=None, files=[[]],
+            digest=hashlib.sha256(payload).hexdigest(), received_at=time.time(),
+            manifest=parse_manifest(json.loads(payload)),
         )
-        for i in range(n)
+        for event_id, _topic, payload in _payloads(n, "cost")
     ]
 
 
@@ -108,13 +107,13 @@ async def _run(n: int, work: Path) -> float:
     return cpu
 
 
-def _instructions(n: int) -> int:
+def _instructions(n: int, *flags: str) -> int:
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise SystemExit("--callgrind needs valgrind on PATH")
     out = subprocess.run(
         [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-         __file__, str(n)], capture_output=True, text=True, check=True, env=os.environ,
+         __file__, str(n), *flags], capture_output=True, text=True, check=True, env=os.environ,
     ).stderr
     match = re.search(r"Collected : (\d+)", out)
     assert match, out[-2000:]
@@ -123,10 +122,15 @@ def _instructions(n: int) -> int:
 
 def main(argv: list[str]) -> None:
     callgrind = "--callgrind" in argv
-    args = [a for a in argv if a != "--callgrind"]
+    args = [a for a in argv if not a.startswith("--")]
     n = int(args[0]) if args else (1000 if callgrind else 10_000)
+    if "--events-only" in argv:  # what --callgrind takes off: building the test events
+        _events(n)
+        return
     if callgrind:
-        per_event = (_instructions(3 * n) - _instructions(n)) / (2 * n)
+        journal = _instructions(3 * n) - _instructions(n)
+        building = _instructions(3 * n, "--events-only") - _instructions(n, "--events-only")
+        per_event = (journal - building) / (2 * n)
         print(f"journal: {per_event:,.0f} instructions per event (callgrind, "
               f"{3 * n} - {n} events)")
         return

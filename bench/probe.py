@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import DaemonUnderTest
-from bench.scenarios import LOCAL_STACK, _route, _s3_server, _s3_stack, _stage_bundles
+from bench.scenarios import LOCAL_STACK, _bin, _route, _s3_server, _s3_stack, _stage_bundles
 
 
 def _cpu(pid: int) -> tuple[float, float]:
@@ -57,7 +57,7 @@ def _profiled(pid: int) -> Iterator[None]:
     if not out:
         yield
         return
-    spy = subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--gil", "-r", "200",
+    spy = subprocess.Popen([_bin("py-spy"), "record", "--gil", "-r", "200",
                             "-f", "raw", "-o", out, "--pid", str(pid)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # attached before the load starts

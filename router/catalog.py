@@ -208,6 +208,9 @@ def _artifact_row(event: AcceptedEvent, plan: RoutePlan, index: int, now: float)
     staged = event.files[index]
     detected = event.detected[index] if index < len(event.detected) else {}
     art_plan = plan.artifacts[index]
+    # Fields of some kinds only, read from the model's __dict__: a getattr default
+    # goes through pydantic's __getattr__ and an AttributeError for the other kinds.
+    fields = artifact.__dict__
     return {
         "event_id": event.event_id,
         "artifact_index": index,
@@ -218,13 +221,13 @@ def _artifact_row(event: AcceptedEvent, plan: RoutePlan, index: int, now: float)
         "kind": artifact.kind.value,
         "version": art_plan.version,
         "upload": art_plan.upload,
-        "framework": getattr(artifact, "framework", None) or detected.get("framework"),
-        "format": getattr(artifact, "format", None) or detected.get("format"),
+        "framework": fields.get("framework") or detected.get("framework"),
+        "format": fields.get("format") or detected.get("format"),
         "checksum": artifact_checksum([f.sha256 for f in staged]),
         "size": sum(f.size for f in staged),
         "metadata": artifact.metadata,
-        "values": getattr(artifact, "values", None),
-        "step": getattr(artifact, "step", None),
+        "values": fields.get("values"),
+        "step": fields.get("step"),
         "files": [f.model_dump(mode="json") for f in staged],
         "decision": art_plan.decision.model_dump(mode="json") if art_plan.decision else None,
         "plan_errors": art_plan.errors or None,

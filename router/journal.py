@@ -106,17 +106,27 @@ _CLAIM = (
         state="in_flight", attempts=deliveries.c.attempts + 1,
         owner=sa.bindparam("claimer"), lease_until=sa.bindparam("lease"), updated_at=_NOW,
     )
-    .returning(deliveries.c.key)
-)
-_CLAIMED_ROWS = (
-    sa.select(deliveries, _PREREQ.c.result.label("upstream"), events.c.record.label("record"))
-    .select_from(
-        deliveries.outerjoin(_PREREQ, deliveries.c.after == _PREREQ.c.key).join(
-            events, events.c.id == deliveries.c.event_id
-        )
+    # what the dispatcher needs, read in the same statement (a select after it, by key,
+    # cost as much again)
+    .returning(
+        deliveries.c.key, deliveries.c.event_id, deliveries.c.artifact_index,
+        deliveries.c.action, deliveries.c.stack, deliveries.c.component,
+        deliveries.c.sink_id, deliveries.c.target, deliveries.c.params,
+        deliveries.c.attempts, deliveries.c.created_at, deliveries.c.after,
     )
-    .where(deliveries.c.key.in_(_each("keys")))
 )
+# A delivery's prerequisite's result, handed to it as `upstream` (register after store).
+_RESULTS = sa.select(deliveries.c.key, deliveries.c.result).where(
+    deliveries.c.key.in_(_each("keys")))
+_RECORDS = sa.select(events.c.id, events.c.record).where(events.c.id.in_(_each("ids")))
+
+# Records of events this daemon accepted and has not seen finish, for the claims of
+# their deliveries: under a burst most deliveries are claimed by a later dispatcher
+# tick, and reading each one's record back (JSON decoded once per delivery) cost a
+# tenth of a tick. Oldest evicted first; events with many files are not kept, so the
+# memory stays small (a miss reads the database, as before).
+_RECORDS_KEPT = 4096
+_RECORD_FILES_KEPT = 64
 
 
 @functools.cache
@@ -253,6 +263,7 @@ class DeliveryJournal:
         # Bundles already moved whose `moved` flag is not written yet: it rides along
         # with the next dispatcher tick instead of costing a transaction of its own.
         self._moved_backlog: list[str] = []
+        self._records: dict[str, dict[str, Any]] = {}  # see _RECORDS_KEPT
 
     # --- intake -------------------------------------------------------------------
 
@@ -269,8 +280,10 @@ class DeliveryJournal:
         """
         slots = handoff.slots_for_intake() if handoff is not None else None
         held: list[str] = []
+        records: dict[str, dict[str, Any]] = {}
         try:
-            outcomes = await self.db.run_write(self._accept_tx, batch, planner, slots, held)
+            outcomes = await self.db.run_write(
+                self._accept_tx, batch, planner, slots, held, records)
         except Exception as exc:
             if slots is not None and held:
                 slots.give_back(held)  # rolled back: nothing was claimed
@@ -286,7 +299,20 @@ class DeliveryJournal:
                 [c for o in outcomes for c in o.claimed],
                 waiting=any(o.deliveries > len(o.claimed) for o in outcomes),
             )
+        self._keep_records(records, outcomes)
         return outcomes
+
+    def _keep_records(self, records: dict[str, dict[str, Any]],
+                      outcomes: list[AcceptOutcome]) -> None:
+        """Keep the records of newly journaled events whose deliveries wait for a claim."""
+        for o in outcomes:
+            record = records.get(o.event_id)
+            if (o.outcome == "accepted" and o.deliveries > len(o.claimed)
+                    and record is not None
+                    and sum(map(len, record["files"])) <= _RECORD_FILES_KEPT):
+                self._records[o.event_id] = record
+        while len(self._records) > _RECORDS_KEPT:  # the writer thread only pops
+            self._records.pop(next(iter(self._records)), None)
 
     async def _accept_apart(
         self, batch: Sequence[AcceptedEvent], planner: Planner, handoff: Handoff | None,
@@ -314,8 +340,10 @@ class DeliveryJournal:
     def _accept_tx(
         self, conn: sa.Connection, batch: Sequence[AcceptedEvent], planner: Planner,
         slots: ClaimSlots | None = None, held: list[str] | None = None,
+        records: dict[str, dict[str, Any]] | None = None,
     ) -> list[AcceptOutcome]:
-        """A fixed number of multi-row statements whatever the batch size."""
+        """A fixed number of multi-row statements whatever the batch size; `records`,
+        if given, gets each new event's record (for _keep_records, after the commit)."""
         outcomes: dict[str, AcceptOutcome] = {}
         order: list[tuple[str, AcceptOutcome | None]] = []
         now = time.time()  # after the lock: commit-near
@@ -352,7 +380,7 @@ class DeliveryJournal:
         planned: list[tuple[AcceptedEvent, RoutePlan]] = []
         event_rows: list[dict[str, Any]] = []
         delivery_rows: list[dict[str, Any]] = []
-        records: dict[str, dict[str, Any]] = {}
+        new_records: dict[str, dict[str, Any]] = {}
         for event in fresh:
             m = event.manifest
             plan = planner(event, versions[event.event_id])
@@ -380,7 +408,7 @@ class DeliveryJournal:
                 for d in plan.deliveries
             ]
             delivery_rows += rows
-            records[event.event_id] = record
+            new_records[event.event_id] = record
             outcomes[event.event_id] = AcceptOutcome(
                 event_id=event.event_id,
                 outcome="accepted",
@@ -406,11 +434,13 @@ class DeliveryJournal:
                         stack=row["stack"], component=row["component"],
                         sink_id=row["sink_id"], target=row["target"],
                         params=row["params"], attempts=1, created_at=now,
-                        record=records[row["event_id"]], has_dependents=row["key"] in awaited,
+                        record=new_records[row["event_id"]], has_dependents=row["key"] in awaited,
                     ))
         if delivery_rows:
             execute_many(conn, _INSERT_DELIVERIES, delivery_rows)
         catalog.record_events(conn, planned, now)
+        if records is not None:
+            records.update(new_records)
         return [o if o is not None else outcomes[i] for i, o in order]
 
     @staticmethod
@@ -577,6 +607,8 @@ class DeliveryJournal:
         for start in range(0, len(moved), 500):
             conn.execute(_MARK_MOVED, {"ids": moved[start:start + 500]})
         finished = _complete_in(conn, completions, now, self.owner) if completions else []
+        for event in finished:
+            self._records.pop(event.event_id, None)
         claimed = (
             self._claim_in(conn, limit, slots, held, excluded, lease_seconds, now)
             if limit > 0 else []
@@ -602,10 +634,10 @@ class DeliveryJournal:
         leaves out at least one more sink, so there are few.
         """
         excluded = list(excluded)
-        claimed_keys: list[str] = []
+        claimed: list[Any] = []
         deploying: set[tuple[str, str, str]] = set()  # models whose deploy this claim takes
-        while len(claimed_keys) < limit:
-            params: dict[str, Any] = {"now": now, "window": limit - len(claimed_keys) + 64}
+        while len(claimed) < limit:
+            params: dict[str, Any] = {"now": now, "window": limit - len(claimed) + 64}
             if excluded:
                 params["excluded"] = excluded
             query = _due(locking=not self.db.is_sqlite, excluding=bool(excluded))
@@ -613,7 +645,7 @@ class DeliveryJournal:
             picked: list[Any] = []
             crowding: set[str] = set()
             for row in rows:
-                if len(claimed_keys) + len(picked) >= limit:
+                if len(claimed) + len(picked) >= limit:
                     break
                 if row.action == Action.DEPLOY.value and not approvals.deploy_may_start(
                         conn, row.key, deploying):
@@ -624,14 +656,21 @@ class DeliveryJournal:
                         continue  # this sink is saturated; others still get their turn
                     held.append(row.sink_id)
                 picked.append(row)
-            claimed_keys += self._claim_rows(conn, picked, slots, held, lease_seconds, now)
+            claimed += self._claim_rows(conn, picked, slots, held, lease_seconds, now)
             crowding.difference_update(excluded)
             if len(rows) < params["window"] or not crowding:
                 break  # every due row was seen, or no full sink crowded the window
             excluded += sorted(crowding)
-        if not claimed_keys:
+        if not claimed:
             return []
-        full = conn.execute(_CLAIMED_ROWS, {"keys": claimed_keys}).all()
+        records = {r.event_id: self._records.get(r.event_id) for r in claimed}
+        missing = [event_id for event_id, record in records.items() if record is None]
+        for start in range(0, len(missing), 500):
+            records.update(conn.execute(_RECORDS, {"ids": missing[start:start + 500]}).all())
+        awaited = list({r.after for r in claimed if r.after is not None})
+        upstream: dict[str, Any] = {}
+        for start in range(0, len(awaited), 500):
+            upstream.update(conn.execute(_RESULTS, {"keys": awaited[start:start + 500]}).all())
         return [
             ClaimedDelivery(
                 key=r.key,
@@ -645,10 +684,11 @@ class DeliveryJournal:
                 params=r.params or {},
                 attempts=r.attempts,
                 created_at=r.created_at,
-                upstream=DeliveryResult.model_validate(r.upstream) if r.upstream else None,
-                record=r.record,
+                upstream=(DeliveryResult.model_validate(upstream[r.after])
+                          if r.after is not None and upstream.get(r.after) else None),
+                record=records[r.event_id],
             )
-            for r in full
+            for r in claimed
         ]
 
     def _claim_rows(
@@ -659,22 +699,22 @@ class DeliveryJournal:
         held: list[str],
         lease_seconds: float,
         now: float,
-    ) -> list[str]:
-        """Mark `picked` in flight for this daemon; the keys it got (another daemon may
-        have taken some first: their slots are given back)."""
+    ) -> list[Any]:
+        """Mark `picked` in flight for this daemon; the rows it got, as they are now
+        (another daemon may have taken some first: their slots are given back)."""
         if not picked:
             return []
-        claimed_keys: list[str] = list(conn.execute(_CLAIM, {
+        claimed: list[Any] = list(conn.execute(_CLAIM, {
             "keys": [r.key for r in picked], "claimer": self.owner,
             "lease": now + lease_seconds, "now": now,
-        }).scalars())
-        if slots is not None and len(claimed_keys) < len(picked):
-            got = set(claimed_keys)
+        }))
+        if slots is not None and len(claimed) < len(picked):
+            got = {r.key for r in claimed}
             lost = [r.sink_id for r in picked if r.key not in got]
             slots.give_back(lost)
             for sink_id in lost:
                 held.remove(sink_id)
-        return claimed_keys
+        return claimed
 
     async def unmoved(self, source: str) -> list[FinishedEvent]:
         """Finished events of `source` whose follow-up (a receipt) was not confirmed."""

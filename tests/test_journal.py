@@ -676,3 +676,38 @@ async def test_execute_many_stores_what_sqlalchemy_stores(journal: DeliveryJourn
     assert stored["deliveries"][0] == stored["deliveries"][1]
     assert stored["deliveries"][0]["state"] == "done" and stored["deliveries"][0]["owner"] is None
     assert raw[0] == raw[1], "None in a JSON column: the same JSON null (or SQL NULL) both ways"
+
+
+async def test_a_claim_tick_hands_out_each_events_journaled_record(
+    journal: DeliveryJournal, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A delivery claimed by a dispatcher tick carries its event's record, which the
+    sink reads (manifest, files, versions). The journal keeps the records of events it
+    accepted for that tick instead of reading them back (a bounded number, oldest out
+    first); an evicted one, or one accepted by another daemon, is read from the
+    database. Whichever, the record handed out is the one journaled, and what is kept
+    is dropped when its event finishes."""
+    from router import journal as journal_module
+
+    monkeypatch.setattr(journal_module, "_RECORDS_KEPT", 3)
+    await journal.accept([event(f"e{i}") for i in range(5)], planner)
+    assert sorted(journal._records) == ["e2", "e3", "e4"], "the newest three kept"
+    peer = DeliveryJournal(journal.db, owner="peer")  # accepted none of them
+
+    mine = await journal.claim(4)  # e0 and e1: evicted, read back
+    theirs = await peer.claim(100)
+    assert len(mine) == 4 and len(theirs) == 6
+    for c in mine + theirs:
+        assert c.record == await journal.event_record(c.event_id)
+        assert c.record["event_id"] == c.event_id
+        assert c.record["versions"] and c.record["files"][0][0]["name"] == "model.pkl"
+
+    await journal.complete([outcome_of(c, "done", result=DeliveryResult()) for c in mine])
+    await peer.complete([outcome_of(c, "done", result=DeliveryResult()) for c in theirs])
+    assert {s for s, n in (await journal.status()).events.items() if n} == {"done"}
+    assert sorted(journal._records) == ["e2", "e3", "e4"], "finished by the peer"
+    await journal.accept([event("e5")], planner)
+    both = await journal.claim(10)
+    assert [c.record == await journal.event_record("e5") for c in both] == [True, True]
+    await journal.complete([outcome_of(c, "done", result=DeliveryResult()) for c in both])
+    assert "e5" not in journal._records, "finished here: dropped"

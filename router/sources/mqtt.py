@@ -1072,6 +1072,7 @@ class MqttSource:
             source="mqtt",
             manifest=manifest,
             files=[[] for _ in manifest.artifacts],
+            detected=[{} for _ in manifest.artifacts],  # what _stage finds with no files
             digest=hashlib.sha256(raw).hexdigest(),
             received_at=received_at,
             reply_to=self._reply_to(message, event_id),
@@ -1230,6 +1231,8 @@ class MqttSource:
     def _stage(self, event: AcceptedEvent) -> AcceptedEvent | list[Problem]:
         """Write inline content (fsynced) and hash local files: runs in a thread."""
         manifest = event.manifest
+        if not any(artifact.files for artifact in manifest.artifacts):
+            return event  # metrics, parameters: nothing to write, hash or detect
         base = self.inline_root / _segment(event.event_id)
         problems: list[Problem] = []
         files: list[list[StagedFile]] = []

@@ -28,6 +28,7 @@ from sinks.durable import flush
 __all__ = ["JsonlTracker", "JsonlTrackerSettings", "read_jsonl"]
 
 _LOCK_STRIPES = 64
+_FILES_KEPT = 4096
 # Run files whose keys stay in memory, the most recently appended to: a long-lived
 # daemon sees runs without end. One evicted is read again when next appended to.
 CACHED_FILES = 128
@@ -67,9 +68,18 @@ class JsonlTracker(BaseBatchSink):
         self._seen_lock = threading.Lock()  # files of different lock stripes share it
         # Appends to one file are serialised (in-process; flock covers other processes).
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._files: dict[tuple[str, str], Path] = {}  # see file_for
 
     def file_for(self, pipeline: str, run_id: str) -> Path:
-        return self.root / sanitise_segment(pipeline) / f"{sanitise_segment(run_id)}.jsonl"
+        # Remembered per run: a run's metrics come as many small deliveries, and the
+        # sanitising and the Path joins cost more than the line written.
+        path = self._files.get((pipeline, run_id))
+        if path is None:
+            if len(self._files) >= _FILES_KEPT:
+                self._files.clear()
+            path = self.root / sanitise_segment(pipeline) / f"{sanitise_segment(run_id)}.jsonl"
+            self._files[pipeline, run_id] = path
+        return path
 
     async def deliver_batch(self, items: list[DeliveryItem]) -> list[DeliveryResult | Exception]:
         """Rows grouped by file: one append and one fsync per file per batch (group

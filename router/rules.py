@@ -228,6 +228,7 @@ def plan_event(
 ) -> RoutePlan:
     """Every delivery the event needs under `stack`, in dependency order."""
     plans = []
+    date = ""  # of received_at, for path templates: formatted once, when a path needs it
     for index, artifact in enumerate(manifest.artifacts):
         kind = artifact.kind
         rule = stack.rule_for(kind) or RoutingRule()
@@ -239,16 +240,20 @@ def plan_event(
             version=versions[index],
             upload=upload,
         )
-        values = {
-            "run_id": manifest.run_id,
-            "step_name": manifest.step_name,
-            "artifact_name": kind.value,
-            "pipeline": manifest.pipeline,
-            "name": artifact.name,
-            "version": versions[index],
-            "date": received_at.strftime("%Y-%m-%d"),
-        }
         first_store: str | None = None
+        export = rule.export_to_dataset
+        values: dict[str, str] = {}
+        if artifact.files and (upload or export is not None):  # a path to render
+            date = date or received_at.strftime("%Y-%m-%d")
+            values = {
+                "run_id": manifest.run_id,
+                "step_name": manifest.step_name,
+                "artifact_name": kind.value,
+                "pipeline": manifest.pipeline,
+                "name": artifact.name,
+                "version": versions[index],
+                "date": date,
+            }
         if upload and artifact.files:
             for store in rule.stores:
                 resolved = stack.resolve_store(store)
@@ -284,7 +289,6 @@ def plan_event(
                 )
                 first_store = first_store or key
 
-        export = rule.export_to_dataset
         if export is not None and kind is ArtifactKind.DATASET and artifact.files:
             resolved = stack.resolve_store(export.store) if upload else None
             if not upload:

@@ -128,13 +128,14 @@ class DaemonUnderTest:
         self.log = root / "daemon.log"
 
     start_timeout = 30.0  # seconds until the daemon must be ready
+    command_prefix: list[str] = []  # a wrapper for the daemon: valgrind, in bench/probe.py
     settle = 0.3  # the spool watcher is up once the schema exists and the loop idles
 
     def start(self, env: dict[str, str] | None = None) -> None:
         self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", "run", "--config", str(self.config),
-             "--log-level", "WARNING"],
+            [*self.command_prefix, sys.executable, "-m", "router.cli", "run",
+             "--config", str(self.config), "--log-level", "WARNING"],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=self.root,
             env={**os.environ, **(env or {})},
         )

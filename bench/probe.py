@@ -14,7 +14,8 @@ PROBE_SETTINGS='{"concurrency": 1024}' adds `router:` settings (mqtt-intake).
 PROBE_CALLGRIND=1 runs the daemon under valgrind's callgrind (mqtt-intake) and reports
 the instructions it ran per message from the first publish to the last done, start-up
 and stop left out: the same from run to run of one build within about 1 %, where its
-CPU seconds vary by 15 % or more on this machine (slow: about 1,000 messages a minute).
+CPU seconds vary by 15 % or more on this machine (2,000 messages take about a minute);
+PROBE_CALLGRIND_OUT=FILE keeps callgrind's profile for callgrind_annotate.
 PROBE_OVERWRITE=1 routes small-to-s3 with `on_conflict: overwrite` (no presence check).
 PROBE_UNSYNCED=1 leaves behind-large's big file unwritten-back, as a step that just
 wrote it would: the local store's flushes then compete with its write-back.
@@ -237,8 +238,9 @@ def _probe_mqtt(work: Path, n: int) -> str:
                             **json.loads(os.environ.get("PROBE_SETTINGS") or "{}"))
         counting = bool(os.environ.get("PROBE_CALLGRIND"))
         if counting:
+            out = os.environ.get("PROBE_CALLGRIND_OUT", "/dev/null")  # for callgrind_annotate
             daemon.command_prefix = [_valgrind(), "--tool=callgrind", "--instr-atstart=no",
-                                     "--callgrind-out-file=/dev/null"]
+                                     f"--callgrind-out-file={out}"]
             daemon.start_timeout = 900.0
         daemon.start()
         assert daemon.proc is not None

@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 import sqlalchemy as sa
@@ -271,8 +272,9 @@ def record_events(
     ]
     if not referring:
         return
-    found = conn.execute(_ARTIFACT_IDS, {"ids": [e.event_id for e, _ in referring]})
-    ids = {(r.event_id, r.artifact_index): r.id for r in found}
+    found = cast("Sequence[tuple[int, str, int]]", conn.execute(
+        _ARTIFACT_IDS, {"ids": [e.event_id for e, _ in referring]}).all())
+    ids = {(event_id, index): artifact_id for artifact_id, event_id, index in found}
     edges = []
     for event, plan in referring:
         m = event.manifest
@@ -298,7 +300,7 @@ def record_locations_batch(
         return
     event_ids = {event_id for event_id, *_ in items}
     found = conn.execute(_ARTIFACT_IDS, {"ids": list(event_ids)})
-    ids = {(r.event_id, r.artifact_index): r.id for r in found}
+    ids = {(event_id, index): artifact_id for artifact_id, event_id, index in found}
     rows = []
     for event_id, index, key, sink_id, action, result in items:
         artifact_id = ids.get((event_id, index))

@@ -13,7 +13,7 @@ import functools
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import sqlalchemy as sa
 import structlog
@@ -641,21 +641,22 @@ class DeliveryJournal:
             if excluded:
                 params["excluded"] = excluded
             query = _due(locking=not self.db.is_sqlite, excluding=bool(excluded))
-            rows = conn.execute(query, params).all()
-            picked: list[Any] = []
+            rows = cast("Sequence[tuple[str, str, str, str, str]]",
+                        conn.execute(query, params).all())
+            picked: list[tuple[str, str]] = []  # (key, sink_id)
             crowding: set[str] = set()
-            for row in rows:
+            for key, sink_id, stack, component, action in rows:
                 if len(claimed) + len(picked) >= limit:
                     break
-                if row.action == Action.DEPLOY.value and not approvals.deploy_may_start(
-                        conn, row.key, deploying):
+                if action == Action.DEPLOY.value and not approvals.deploy_may_start(
+                        conn, key, deploying):
                     continue  # another deploy of this model is in flight: one at a time
                 if slots is not None:
-                    if not slots.take(row.sink_id, row.stack, row.component):
-                        crowding.add(row.sink_id)
+                    if not slots.take(sink_id, stack, component):
+                        crowding.add(sink_id)
                         continue  # this sink is saturated; others still get their turn
-                    held.append(row.sink_id)
-                picked.append(row)
+                    held.append(sink_id)
+                picked.append((key, sink_id))
             claimed += self._claim_rows(conn, picked, slots, held, lease_seconds, now)
             crowding.difference_update(excluded)
             if len(rows) < params["window"] or not crowding:
@@ -663,38 +664,41 @@ class DeliveryJournal:
             excluded += sorted(crowding)
         if not claimed:
             return []
-        records = {r.event_id: self._records.get(r.event_id) for r in claimed}
+        # Rows read as tuples, in _CLAIM's RETURNING order: a Row's attribute access
+        # costs ten times its index (SQLAlchemy's Row formats an AttributeError first).
+        records = {row[1]: self._records.get(row[1]) for row in claimed}
         missing = [event_id for event_id, record in records.items() if record is None]
         for start in range(0, len(missing), 500):
             records.update(conn.execute(_RECORDS, {"ids": missing[start:start + 500]}).all())
-        awaited = list({r.after for r in claimed if r.after is not None})
+        awaited = list({row[-1] for row in claimed if row[-1] is not None})
         upstream: dict[str, Any] = {}
         for start in range(0, len(awaited), 500):
             upstream.update(conn.execute(_RESULTS, {"keys": awaited[start:start + 500]}).all())
         return [
             ClaimedDelivery(
-                key=r.key,
-                event_id=r.event_id,
-                artifact_index=r.artifact_index,
-                action=r.action,
-                stack=r.stack,
-                component=r.component,
-                sink_id=r.sink_id,
-                target=r.target,
-                params=r.params or {},
-                attempts=r.attempts,
-                created_at=r.created_at,
-                upstream=(DeliveryResult.model_validate(upstream[r.after])
-                          if r.after is not None and upstream.get(r.after) else None),
-                record=records[r.event_id],
+                key=key,
+                event_id=event_id,
+                artifact_index=artifact_index,
+                action=action,
+                stack=stack,
+                component=component,
+                sink_id=sink_id,
+                target=target,
+                params=params or {},
+                attempts=attempts,
+                created_at=created_at,
+                upstream=(DeliveryResult.model_validate(upstream[after])
+                          if after is not None and upstream.get(after) else None),
+                record=records[event_id],
             )
-            for r in claimed
+            for (key, event_id, artifact_index, action, stack, component, sink_id, target,
+                 params, attempts, created_at, after) in claimed
         ]
 
     def _claim_rows(
         self,
         conn: sa.Connection,
-        picked: list[Any],
+        picked: list[tuple[str, str]],
         slots: ClaimSlots | None,
         held: list[str],
         lease_seconds: float,
@@ -705,12 +709,12 @@ class DeliveryJournal:
         if not picked:
             return []
         claimed: list[Any] = list(conn.execute(_CLAIM, {
-            "keys": [r.key for r in picked], "claimer": self.owner,
+            "keys": [key for key, _ in picked], "claimer": self.owner,
             "lease": now + lease_seconds, "now": now,
         }))
         if slots is not None and len(claimed) < len(picked):
-            got = {r.key for r in claimed}
-            lost = [r.sink_id for r in picked if r.key not in got]
+            got = {row[0] for row in claimed}
+            lost = [sink_id for key, sink_id in picked if key not in got]
             slots.give_back(lost)
             for sink_id in lost:
                 held.remove(sink_id)
@@ -937,9 +941,10 @@ def _held_only(
     keys = list({c.key for c in completions})
     held: dict[str, int] = {}
     for start in range(0, len(keys), 500):
-        rows = conn.execute(_HOLDERS, {"keys": keys[start:start + 500]})
-        held.update((r.key, r.attempts) for r in rows
-                    if r.state == "in_flight" and r.owner == owner)
+        rows = cast("Sequence[tuple[str, str, str | None, int]]",
+                    conn.execute(_HOLDERS, {"keys": keys[start:start + 500]}).all())
+        held.update((key, attempts) for key, state, row_owner, attempts in rows
+                    if state == "in_flight" and row_owner == owner)
     kept = []
     for c in completions:
         attempt = held.get(c.key)
@@ -1046,9 +1051,10 @@ def _finish_events(conn: sa.Connection, ids: set[str], now: float) -> list[Finis
     if not ids:
         return []
     return [
-        FinishedEvent(event_id=r.id, bundle=r.bundle, source=r.source, state=r.state,
-                      reply_to=r.reply_to)
-        for r in conn.execute(_FINISH, {"ids": list(ids), "now": now})
+        FinishedEvent(event_id=event_id, bundle=bundle, source=source, state=state,
+                      reply_to=reply_to)
+        for event_id, bundle, source, state, reply_to
+        in conn.execute(_FINISH, {"ids": list(ids), "now": now})
     ]
 
 

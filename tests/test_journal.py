@@ -711,3 +711,21 @@ async def test_a_claim_tick_hands_out_each_events_journaled_record(
     assert [c.record == await journal.event_record("e5") for c in both] == [True, True]
     await journal.complete([outcome_of(c, "done", result=DeliveryResult()) for c in both])
     assert "e5" not in journal._records, "finished here: dropped"
+
+
+def test_sqlite_still_binds_none_as_null_and_booleans_as_integers() -> None:
+    """router.db registers sqlite3 adapters for None and bool (they skip a failed
+    attribute lookup per value); what SQLite stores must not change: queries such as
+    `lease_until IS NULL` and `moved = 0` rely on it."""
+    import sqlite3
+
+    import router.db  # noqa: F401 - registers the adapters
+
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (a, b, c)")
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?)", [(None, True, False)])
+    conn.execute("INSERT INTO t VALUES (?, ?, ?)", (None, False, True))
+    assert conn.execute(
+        "SELECT typeof(a), a IS NULL, typeof(b), b, typeof(c), c FROM t ORDER BY rowid"
+    ).fetchall() == [("null", 1, "integer", 1, "integer", 0),
+                     ("null", 1, "integer", 0, "integer", 1)]

@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import operator
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -222,40 +223,61 @@ def execute_many(
     """
     if not rows:
         return
-    sql, params = _compiled_many(statement, conn.dialect, tuple(rows[0]))
+    many = _compiled_many(statement, conn.dialect, tuple(rows[0]))
     try:
-        data = [
-            tuple(fixed if key is None else row[key] if process is None else process(row[key])
-                  for key, process, fixed in params)
-            for row in rows
-        ]
+        data = [many.values(row) for row in rows]
     except Exception as exc:  # a value its column cannot take: as SQLAlchemy reports it
-        raise sa.exc.StatementError(str(exc), sql, None, exc) from exc
-    conn.exec_driver_sql(sql, data)
+        raise sa.exc.StatementError(str(exc), many.sql, None, exc) from exc
+    conn.exec_driver_sql(many.sql, data)
 
 
-_Param = tuple[str | None, Callable[[Any], Any] | None, Any]
+class _Many(NamedTuple):
+    """A statement compiled for execute_many, and how a row becomes its parameters."""
+
+    sql: str
+    get: Callable[[Mapping[str, Any]], Any]  # the row's values in position order (C code)
+    single: bool  # one value: itemgetter returns it bare, not in a tuple
+    processed: tuple[tuple[int, Callable[[Any], Any]], ...]  # (index, bind processor)
+    fixed: tuple[tuple[int, Any], ...]  # (position, processed value) fixed in the statement
+
+    def values(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        got = self.get(row)
+        if self.single:
+            got = (got,)
+        if not self.processed and not self.fixed:
+            return tuple(got)
+        values = list(got)
+        for index, process in self.processed:
+            values[index] = process(values[index])
+        for position, value in self.fixed:  # in ascending order
+            values.insert(position, value)
+        return tuple(values)
 
 
 @functools.lru_cache(maxsize=256)
 def _compiled_many(
     statement: sa.Insert | sa.Update, dialect: sa.Dialect, keys: tuple[str, ...]
-) -> tuple[str, list[_Param]]:
-    """The SQL and, per positional parameter, (row key, bind processor, None), or
-    (None, None, processed value) for a value fixed in the statement (`state="done"`)."""
+) -> _Many:
+    """The SQL, and per positional parameter either a row key (with the column's bind
+    processor, if any) or a value fixed in the statement (`state="done"`), processed."""
     compiled = statement.compile(dialect=dialect, column_keys=list(keys))
     assert compiled.positiontup is not None and not any(
         b.expanding for b in compiled.binds.values()), "positional, no IN lists"
-    params: list[_Param] = []
-    for name in compiled.positiontup:
+    keyed: list[str] = []
+    processed: list[tuple[int, Callable[[Any], Any]]] = []
+    fixed: list[tuple[int, Any]] = []
+    for position, name in enumerate(compiled.positiontup):
         bind = compiled.binds[name]
         process = bind.type.dialect_impl(dialect).bind_processor(dialect)
         if name in keys:
-            params.append((name, process, None))
+            if process is not None:
+                processed.append((len(keyed), process))
+            keyed.append(name)
         else:
             value = bind.effective_value
-            params.append((None, None, value if process is None else process(value)))
-    return str(compiled), params
+            fixed.append((position, value if process is None else process(value)))
+    get = operator.itemgetter(*keyed) if keyed else (lambda row: ())
+    return _Many(str(compiled), get, len(keyed) == 1, tuple(processed), tuple(fixed))
 
 
 class Database:

@@ -9,6 +9,7 @@ burst of completions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sqlite3
 import time
@@ -311,8 +312,11 @@ class DeliveryJournal:
                     and record is not None
                     and sum(map(len, record["files"])) <= _RECORD_FILES_KEPT):
                 self._records[o.event_id] = record
-        while len(self._records) > _RECORDS_KEPT:  # the writer thread only pops
-            self._records.pop(next(iter(self._records)), None)
+        while len(self._records) > _RECORDS_KEPT:
+            # The writer thread pops finished events meanwhile (never iterates): a pop
+            # between iter() and next() ends this one, and the loop tries again.
+            with contextlib.suppress(RuntimeError, StopIteration):
+                self._records.pop(next(iter(self._records)), None)
 
     async def _accept_apart(
         self, batch: Sequence[AcceptedEvent], planner: Planner, handoff: Handoff | None,

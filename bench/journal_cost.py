@@ -74,7 +74,7 @@ def _events(n: int) -> list[AcceptedEvent]:
     """mqtt-intake's own manifests (bench.scenarios_mqtt), parsed as its source would."""
     return [
         AcceptedEvent(
-            event_id=event_id, source="mqtt", bundle=None, files=[[]],
+            event_id=event_id, source="mqtt", bundle=None, files=[[]], detected=[{}],
             digest=hashlib.sha256(payload).hexdigest(), received_at=time.time(),
             manifest=parse_manifest(json.loads(payload)),
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import threading
 from datetime import UTC, datetime
@@ -28,7 +29,6 @@ from sinks.durable import flush
 __all__ = ["JsonlTracker", "JsonlTrackerSettings", "read_jsonl"]
 
 _LOCK_STRIPES = 64
-_FILES_KEPT = 4096
 # Run files whose keys stay in memory, the most recently appended to: a long-lived
 # daemon sees runs without end. One evicted is read again when next appended to.
 CACHED_FILES = 128
@@ -52,6 +52,13 @@ def read_jsonl(path: Path) -> list[dict[str, object]]:
     return rows
 
 
+@functools.lru_cache(maxsize=4096)
+def _run_file(root: Path, pipeline: str, run_id: str) -> Path:
+    """Remembered: a run's metrics come as many small deliveries, and the sanitising and
+    the Path joins cost more than the line written."""
+    return root / sanitise_segment(pipeline) / f"{sanitise_segment(run_id)}.jsonl"
+
+
 class JsonlTracker(BaseBatchSink):
     Settings = JsonlTrackerSettings
     settings: JsonlTrackerSettings
@@ -68,18 +75,9 @@ class JsonlTracker(BaseBatchSink):
         self._seen_lock = threading.Lock()  # files of different lock stripes share it
         # Appends to one file are serialised (in-process; flock covers other processes).
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
-        self._files: dict[tuple[str, str], Path] = {}  # see file_for
 
     def file_for(self, pipeline: str, run_id: str) -> Path:
-        # Remembered per run: a run's metrics come as many small deliveries, and the
-        # sanitising and the Path joins cost more than the line written.
-        path = self._files.get((pipeline, run_id))
-        if path is None:
-            if len(self._files) >= _FILES_KEPT:
-                self._files.clear()
-            path = self.root / sanitise_segment(pipeline) / f"{sanitise_segment(run_id)}.jsonl"
-            self._files[pipeline, run_id] = path
-        return path
+        return _run_file(self.root, pipeline, run_id)
 
     async def deliver_batch(self, items: list[DeliveryItem]) -> list[DeliveryResult | Exception]:
         """Rows grouped by file: one append and one fsync per file per batch (group

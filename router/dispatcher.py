@@ -36,7 +36,13 @@ from router.delivery import (
     StagedFile,
     TransientError,
 )
-from router.journal import ClaimedDelivery, Completion, DeliveryJournal, FinishedEvent
+from router.journal import (
+    ClaimedDelivery,
+    Completion,
+    DeliveryJournal,
+    FinishedEvent,
+    Outcome,
+)
 from router.metrics import RouterMetrics
 from sinks.registry import create_sink, sink_class
 
@@ -65,7 +71,7 @@ def backoff_delay(policy: RetryPolicy, attempt: int, rng: random.Random | None =
     return (rng or random).uniform(0, ceiling)
 
 
-def _completion(d: ClaimedDelivery, outcome: str, **fields: Any) -> Completion:
+def _completion(d: ClaimedDelivery, outcome: Outcome, **fields: Any) -> Completion:
     return Completion(
         key=d.key, event_id=d.event_id, artifact_index=d.artifact_index, sink_id=d.sink_id,
         action=d.action, outcome=outcome, attempts=d.attempts, **fields,

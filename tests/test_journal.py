@@ -6,6 +6,7 @@ import asyncio
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -14,10 +15,10 @@ from router.catalog import list_artifacts, list_runs
 from router.catalog_read import get_run, resolve_refs
 from router.client import _SqlBackend
 from router.config import StackConfig, load_config
-from router.db import Database
+from router.db import Database, events
 from router.delivery import DeliveryResult, StagedFile, StoredObject
 from router.intake import AcceptedEvent
-from router.journal import ClaimedDelivery, Completion, DeliveryJournal
+from router.journal import ClaimedDelivery, Completion, DeliveryJournal, Outcome
 from router.manifest import MAX_STEP, MetricsArtifact, parse_manifest
 from router.rules import plan_event
 
@@ -493,12 +494,11 @@ async def test_held_messages_are_kept_per_holder_in_order_until_released(
 # --- stale outcomes: an attempt is (owner, attempt number) ----------------------------
 
 
-def outcome_of(c: ClaimedDelivery, outcome: str, **fields: object) -> Completion:
+def outcome_of(c: ClaimedDelivery, outcome: Outcome, **fields: Any) -> Completion:
     """What the dispatcher records for claim `c` (router.dispatcher._completion)."""
-    return Completion.model_validate({
-        "key": c.key, "event_id": c.event_id, "artifact_index": c.artifact_index,
-        "sink_id": c.sink_id, "action": c.action, "outcome": outcome, "attempts": c.attempts,
-        **fields})
+    return Completion(
+        key=c.key, event_id=c.event_id, artifact_index=c.artifact_index,
+        sink_id=c.sink_id, action=c.action, outcome=outcome, attempts=c.attempts, **fields)
 
 
 def metrics_after_store(ev: AcceptedEvent, versions: list[str]):  # type: ignore[no-untyped-def]
@@ -676,6 +676,52 @@ async def test_execute_many_stores_what_sqlalchemy_stores(journal: DeliveryJourn
     assert stored["deliveries"][0] == stored["deliveries"][1]
     assert stored["deliveries"][0]["state"] == "done" and stored["deliveries"][0]["owner"] is None
     assert raw[0] == raw[1], "None in a JSON column: the same JSON null (or SQL NULL) both ways"
+
+
+async def test_execute_many_of_many_rows_stores_each_row_once_in_order(
+    journal: DeliveryJournal,
+) -> None:
+    """On SQLite, execute_many sends INSERT rows as multi-row VALUES, a power of two per
+    statement (300 rows: 256 + 32 + 8 + 4): every row lands with its own values, and an
+    ON CONFLICT insert takes rows in order as executemany does (the first of two with
+    one key wins, a row already stored is left alone). PostgreSQL: one row each."""
+    from router import catalog
+    from router.db import _compiled_many, execute_many, locations
+
+    def event_row(i: int) -> dict[str, object]:
+        return {"id": f"many-{i:03d}", "source": "mqtt", "bundle": None, "state": "done",
+                "stack": "s", "pipeline": "p", "run_id": f"r{i % 7}", "step_name": "t",
+                "digest": f"d{i}", "record": {"i": i, "tags": [i, None]}, "error": None,
+                "received_at": i + 0.5, "finished_at": None, "moved": i % 2 == 0}
+
+    def location(i: int, uri: str) -> dict[str, object]:
+        return {"artifact_id": 1, "delivery_key": f"k{i % 40}", "sink_id": "s.c",
+                "action": "store", "file_name": "f", "uri": uri, "sha256": None,
+                "size": i, "version_id": None, "created_at": 1.0}
+
+    def write(conn: sa.Connection) -> tuple[bool, bool]:
+        execute_many(conn, events.insert(), [event_row(i) for i in range(300)])
+        add = catalog._add_locations(conn.dialect.name)
+        execute_many(conn, add, [location(i, "first") for i in range(10)])
+        # 80 rows on 40 keys, 10 of them stored already: the earliest row of a key wins.
+        execute_many(conn, add, [location(i, f"row {i}") for i in range(80)])
+        multi = _compiled_many(events.insert(), conn.dialect, tuple(event_row(0)))
+        upsert = _compiled_many(add, conn.dialect, tuple(location(0, "")))
+        return multi.values_group is not None, upsert.values_group is not None
+
+    multi_rows = await journal.db.run_write(write)
+    assert multi_rows == ((True, True) if journal.db.is_sqlite else (False, False))
+    async with journal.db.read() as conn:
+        rows = (await conn.execute(
+            sa.select(events.c.id, events.c.record, events.c.moved, events.c.run_id)
+            .where(events.c.id.like("many-%")).order_by(events.c.id))).all()
+        stored = dict((await conn.execute(
+            sa.select(locations.c.delivery_key, locations.c.uri)
+            .where(locations.c.delivery_key.like("k%")))).all())
+    assert [r[0] for r in rows] == [f"many-{i:03d}" for i in range(300)]
+    assert all(r[1] == {"i": i, "tags": [i, None]} and r[2] == (i % 2 == 0)
+               and r[3] == f"r{i % 7}" for i, r in enumerate(rows))
+    assert stored == {f"k{i}": "first" if i < 10 else f"row {i}" for i in range(40)}
 
 
 async def test_a_claim_tick_hands_out_each_events_journaled_record(

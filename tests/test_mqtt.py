@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from router.journal import FinishedEvent
 from router.manifest import ManifestError, parse_manifest
 from router.metrics import RouterMetrics
 from router.sources import mqtt as mqtt_source
+from router.sources import paho_reads
 from router.sources.mqtt import (
     MqttPublishError,
     MqttSource,
@@ -1507,6 +1509,82 @@ def test_paho_decodes_v5_properties_with_shared_tables() -> None:
         got.SessionExpiryInterval = 5
 
 
+def test_the_read_buffer_hands_paho_the_bytes_it_asks_for_from_one_socket_read() -> None:
+    """paho_reads.ReadBuffer over a real socket: small reads come out of one large one,
+    a read with nothing waiting raises as the socket does, the end of the stream is
+    b"", and the rest of a large payload goes straight through."""
+    left, right = socket.socketpair()
+    try:
+        right.setblocking(False)
+        reads: list[int] = []
+
+        def socket_recv(n: int) -> bytes:
+            reads.append(n)
+            return right.recv(n)
+
+        buffer = paho_reads.ReadBuffer(socket_recv)
+        with pytest.raises(BlockingIOError):
+            buffer(1)
+        left.sendall(b"\x30\x05hello\x30\x02ok")
+        assert [buffer(1), buffer(1), buffer(5)] == [b"\x30", b"\x05", b"hello"]
+        assert buffer.pending() == 4 and reads == [paho_reads.CHUNK] * 2
+        assert buffer(10) == b"\x30\x02ok"  # no more than it holds: paho asks again
+        assert buffer.pending() == 0 and buffer.consumed == 11 and len(reads) == 2
+        big = os.urandom(3 * paho_reads.CHUNK)
+        left.sendall(big)
+        got = b""
+        while len(got) < len(big):
+            got += buffer(len(big) - len(got))
+        assert got == big and all(n == paho_reads.CHUNK or n > paho_reads.CHUNK for n in reads)
+        left.close()
+        assert buffer(1) == b""  # the end of the stream reaches paho as such
+    finally:
+        left.close()
+        right.close()
+
+
+@needs_v5
+async def test_packets_read_together_are_all_decoded_and_the_bound_still_pauses_reading(
+    mqtt_broker: Broker,
+) -> None:
+    """A burst arrives in a few socket reads, not three or four per message; every
+    message read with another is decoded without the socket becoming readable again;
+    and a consumer that takes nothing stops decoding at its queue bound, though the
+    bytes of more messages are already read."""
+    bound, n = 20, 300
+    settings = MqttSettings(host="127.0.0.1", port=mqtt_broker.port, protocol="5")
+    client = mqtt_source._make_client(settings, client_id="reads-together", persistent=False,
+                                      receive_maximum=1000)
+    assert isinstance(client, mqtt_source._BoundedClient)
+    client._queue_limit = bound  # the broker may send 1,000; the queue holds 20
+    async with client:
+        await client.subscribe("reads/#", qos=1)
+        buffer = client._client._sock_recv
+        assert isinstance(buffer, paho_reads.ReadBuffer)
+        socket_recv, reads = buffer._socket_recv, []
+        buffer._socket_recv = lambda size: reads.append(size) or socket_recv(size)
+        sent = [(f"reads/{i}", f"message {i}".encode()) for i in range(n)]
+        await asyncio.to_thread(publish_all, mqtt_broker, sent)
+        deadline = time.monotonic() + 30
+        while client._queue.qsize() < bound:
+            assert time.monotonic() < deadline, client._queue.qsize()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # room for any decoding past the bound to show
+        assert client._queue.qsize() == bound and client._paused
+        got: list[bytes] = []
+        # Well inside the keepalive (60 s): a packet left undecoded in the buffer would
+        # wait for the next PINGRESP to make the socket readable.
+        async with asyncio.timeout(20):
+            async for message in client.messages:
+                got.append(message.payload)  # type: ignore[arg-type]
+                client._client.ack(message.mid, message.qos)
+                client.drained()
+                if len(got) == n:
+                    break
+        assert sorted(got) == sorted(payload for _, payload in sent)
+        assert len(reads) < n // 3, f"{len(reads)} socket reads for {n} messages"
+
+
 def test_the_mqtt_source_runs_on_paho_2_1_which_has_no_packet_module(tmp_path: Path) -> None:
     """aiomqtt 2 accepts paho 2.1, which has no `paho.mqtt._packet` (its client decodes
     packets itself): importing the router's MQTT source failed there with
@@ -1527,6 +1605,11 @@ def test_the_mqtt_source_runs_on_paho_2_1_which_has_no_packet_module(tmp_path: P
         "sent = Properties(PacketTypes.PUBLISH); sent.ResponseTopic = 'replies/7'\n"
         "got = client.Properties(PacketTypes.PUBLISH); got.unpack(sent.pack())\n"
         "assert got.ResponseTopic == 'replies/7' and got.pack() == sent.pack()\n"
+        "from router.sources import paho_reads\n"  # paho 2.1 reads through _sock_recv too
+        "c = client.Client(client.CallbackAPIVersion.VERSION2)\n"
+        "buffer = paho_reads.install(c)\n"
+        "assert c._sock_recv is buffer and buffer._socket_recv.__func__ is "
+        "client.Client._sock_recv\n"
     )
     root = Path(__file__).parent.parent
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -92,7 +92,7 @@ from router.manifest import (
     parse_manifest,
 )
 from router.metrics import RouterMetrics
-from router.sources import inline_roots
+from router.sources import inline_roots, paho_reads
 from router.sources.mqtt_pool import (
     POOL_PREFIX,
     Drained,
@@ -224,12 +224,20 @@ class _BoundedClient(aiomqtt.Client):
         self.session_present = bool(getattr(flags, "session_present", False))
         super()._on_connect(client, userdata, flags, *args)
 
-    # Same as aiomqtt's, but keeps the reader so that it can be removed and put back.
+    # Same as aiomqtt's, but keeps the reader so that it can be removed and put back,
+    # and decodes every packet already read (paho_reads) in one call, until paused.
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        buffered = paho_reads.install(client)
+
         def reader() -> None:
             try:
-                while True:
+                while not self._paused and client._sock is not None:
+                    consumed = buffered.consumed
                     client.loop_read()
+                    if buffered.consumed == consumed:
+                        break  # nothing read: the socket is drained (or closed)
+                    if buffered.pending() > 0:
+                        continue  # packets read with this one, which no poll would report
                     pending = getattr(client._sock, "pending", None)
                     if pending is not None and pending() > 0:
                         continue  # bytes a TLS layer decoded but paho has not read yet
@@ -1520,7 +1528,8 @@ class MqttSource:
             item = by_id.get(event_id)
             if state in ("done", "failed") and item is not None and item.event is not None:
                 self._queue_receipts([FinishedEvent(
-                    event_id=event_id, bundle=None, source="mqtt", state=state,
+                    event_id=event_id, bundle=None, source="mqtt",
+                    state="done" if state == "done" else "failed",
                     reply_to=item.event.reply_to)])
 
     async def _reject(self, item: _Item) -> None:

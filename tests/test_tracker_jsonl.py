@@ -173,3 +173,18 @@ def test_memory_stays_bounded_over_many_runs_and_replays_to_forgotten_runs_write
     keys = [str(r["key"]) for r in read_jsonl(tracker.file_for("p", "run0"))]
     assert keys == [f"run0-k{i}" for i in range(50)] + ["new"]
     assert len(tracker._seen) == 3 and tracker.file_for("p", "run0") in tracker._seen
+
+
+def test_a_pipeline_folder_removed_while_running_is_made_again(tmp_path: Path) -> None:
+    """The pipeline's folder is made when its file cannot be opened (not tried per
+    batch): one removed under a running daemon, by a clean-up say, comes back with the
+    next line, and the line is not taken for one written before."""
+    import shutil
+
+    tracker = JsonlTracker("t", JsonlTrackerSettings(path=tmp_path / "tracking"))
+    assert not asyncio.run(tracker.deliver(item("k1"))).skipped
+    path = tracker.file_for("p", "r")
+    assert [r["key"] for r in read_jsonl(path)] == ["k1"]
+    shutil.rmtree(path.parent)
+    assert not asyncio.run(tracker.deliver(item("k2"))).skipped
+    assert [r["key"] for r in read_jsonl(path)] == ["k2"]

@@ -18,6 +18,7 @@ import os
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 
@@ -57,6 +58,15 @@ def _run_file(root: Path, pipeline: str, run_id: str) -> Path:
     """Remembered: a run's metrics come as many small deliveries, and the sanitising and
     the Path joins cost more than the line written."""
     return root / sanitise_segment(pipeline) / f"{sanitise_segment(run_id)}.jsonl"
+
+
+def _open_to_append(path: Path) -> BinaryIO:
+    """The run's file; its pipeline's folder is made when missing, not tried per batch."""
+    try:
+        return open(path, "a+b")
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a+b")
 
 
 class JsonlTracker(BaseBatchSink):
@@ -162,8 +172,7 @@ class JsonlTracker(BaseBatchSink):
         cached with the file size they were read up to; only what others appended since
         is read again (all of it for a file the cache has forgotten).
         """
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+b") as fh:
+        with _open_to_append(path) as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             keys, offset = self._recall(path)
             try:

@@ -7,6 +7,7 @@ probes (bench/probe.py) cannot resolve under this machine's noise of 15 % or mor
     PYTHONPATH=<tree> python bench/journal_cost.py [N]              # CPU us per event
     PYTHONPATH=<tree> python bench/journal_cost.py --callgrind [N]  # instructions
     ... --ticks    # deliveries claimed by dispatcher ticks, not at intake
+    ... --busy     # wall-clock us per event next to a thread that never waits
 
 Under a burst the daemon's dispatcher slots are full when a batch is journaled, so most
 deliveries (88 % in a 20,000-message mqtt-intake run) are claimed by a later tick's
@@ -17,6 +18,12 @@ accepted with no slots, and claimed by the cycle that completes the batch before
 them (the manifests parsed); the difference of the differences over 2N is the journal's
 instructions per event, start-up and the test events left out, the same from run to run
 whatever else the machine is doing. The journal is written under $TMPDIR.
+
+`--busy` runs a thread of pure Python beside the journal, standing in for the daemon's
+event loop under a burst, and reports the journal's wall-clock time per event: each
+time the driver lets go of the GIL (sqlite3 does at every step of a statement, one
+per row of an executemany or of a RETURNING), the journal's thread must win it back
+from that thread, which instructions and CPU time do not show.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -96,8 +104,14 @@ def _done(claimed: Sequence[ClaimedDelivery], result: DeliveryResult) -> list[Co
     ]
 
 
-async def _run(n: int, work: Path, ticks: bool) -> float:
-    """CPU seconds of the journal work for `n` events (the events built beforehand)."""
+def _spin(stop: threading.Event) -> None:
+    while not stop.is_set():
+        sum(range(100))
+
+
+async def _run(n: int, work: Path, ticks: bool, busy: bool) -> float:
+    """CPU seconds of the journal work for `n` events (the events built beforehand),
+    or with `busy` its wall-clock seconds next to a spinning thread."""
     db = Database(f"sqlite+aiosqlite:///{work / 'journal.db'}")
     await db.migrate()
     journal = DeliveryJournal(db, owner="cost")
@@ -106,7 +120,11 @@ async def _run(n: int, work: Path, ticks: bool) -> float:
     done = DeliveryResult(uri=f"file://{work}/tracking.jsonl")
     gc.collect()
     gc.freeze()  # as the daemon does once started: the prepared events are not its heap
-    start = time.process_time()
+    stop = threading.Event()
+    if busy:
+        threading.Thread(target=_spin, args=(stop,), daemon=True).start()
+    clock = time.perf_counter if busy else time.process_time
+    start = clock()
     claimed: list[ClaimedDelivery] = []
     finishes = 0
     for first in range(0, n, BATCH):
@@ -122,9 +140,10 @@ async def _run(n: int, work: Path, ticks: bool) -> float:
         finished, _ = await journal.cycle(_done(claimed, done), 0)
         finishes += len(finished)
     assert finishes == n, f"every event finishes: {finishes} of {n}"
-    cpu = time.process_time() - start
+    spent = clock() - start
+    stop.set()
     await db.dispose()
-    return cpu
+    return spent
 
 
 def _instructions(n: int, *flags: str) -> int:
@@ -147,7 +166,7 @@ def main(argv: list[str]) -> None:
     if "--events-only" in argv:  # what --callgrind takes off: building the test events
         _events(n)
         return
-    ticks = "--ticks" in argv
+    ticks, busy = "--ticks" in argv, "--busy" in argv
     if callgrind:
         mode = ("--ticks",) if ticks else ()
         journal = _instructions(3 * n, *mode) - _instructions(n, *mode)
@@ -158,11 +177,12 @@ def main(argv: list[str]) -> None:
         return
     work = Path(tempfile.mkdtemp(prefix="journal-cost-"))
     try:
-        cpu = asyncio.run(_run(n, work, ticks))
+        spent = asyncio.run(_run(n, work, ticks, busy))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"journal: {cpu / n * 1e6:.0f} us CPU per event ({n} events, batches of {BATCH}"
-          f"{', claimed by ticks' if ticks else ''})")
+    print(f"journal: {spent / n * 1e6:.0f} us {'wall-clock' if busy else 'CPU'} per event "
+          f"({n} events, batches of {BATCH}{', claimed by ticks' if ticks else ''}"
+          f"{', next to a busy thread' if busy else ''})")
 
 
 if __name__ == "__main__":

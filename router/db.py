@@ -212,7 +212,8 @@ def execute_many(
     conn: sa.Connection, statement: sa.Insert | sa.Update, rows: Sequence[Mapping[str, Any]]
 ) -> None:
     """`conn.execute(statement, rows)` for an INSERT or UPDATE without RETURNING or
-    `IN` lists, sent as the driver's own executemany of one tuple per row.
+    `IN` lists, sent as the driver's own executemany of one tuple per row, or on SQLite
+    as a few statements of many rows each.
 
     SQLAlchemy's executemany builds and processes a parameter dict per row, about a
     third of a journal insert's CPU (bench/RESULTS.md, session 27), and every event
@@ -228,33 +229,59 @@ def execute_many(
         data = [many.values(row) for row in rows]
     except Exception as exc:  # a value its column cannot take: as SQLAlchemy reports it
         raise sa.exc.StatementError(str(exc), many.sql, None, exc) from exc
-    if many.values_group is None or len(data) == 1:
+    multi = many.multi
+    if multi is None or len(data) == 1 or (
+            multi.distinct is not None and len({r[multi.distinct] for r in rows}) < len(rows)):
         conn.exec_driver_sql(many.sql, data)
         return
-    # SQLite: a multi-row VALUES per power-of-two chunk of rows. sqlite3's executemany
+    # SQLite: many rows per statement, a power of two at a time. sqlite3's executemany
     # steps the statement once per row and lets go of the GIL at each step; while the
     # event loop thread is busy, taking it back costs the journal's thread up to a
-    # switch interval per row (bench/RESULTS.md, session 29: 256 rows in 258-407 ms
-    # against 12-15 ms as one statement, next to a busy thread). Powers of two keep the
-    # statements few and cached by sqlite3.
-    start, most = 0, many.rows_at_most
+    # switch interval per row (bench/RESULTS.md, session 29: 256 rows inserted in
+    # 258-407 ms against 12-15 ms as one statement, next to a busy thread; session 30:
+    # 64 rows updated in 6.5 ms against 0.3 ms). Powers of two keep the statements few
+    # and cached by sqlite3.
+    if multi.fixed:  # UPDATE: the rows carry the row keys' values, the rest come once
+        data = [multi.keyed(row) for row in data]
+    start = 0
     while start < len(data):
-        count = min(most, 1 << ((len(data) - start).bit_length() - 1))
+        count = min(multi.rows_at_most, 1 << ((len(data) - start).bit_length() - 1))
         chunk = data[start:start + count]
-        sql = _rows_sql(many.sql, many.values_group, count)
-        conn.exec_driver_sql(sql, tuple(v for row in chunk for v in row))
+        conn.exec_driver_sql(_rows_sql(multi.head, multi.group, multi.tail, count),
+                             (*(v for row in chunk for v in row), *multi.fixed))
         start += count
 
 
 # Bound parameters one SQLite statement may hold: 32,766 from SQLite 3.32, 999 before.
 _SQLITE_VARIABLES = 32_766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
-_ROWS_PER_INSERT = 256
+_SQLITE_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
+_ROWS_PER_STATEMENT = 256
 
 
 @functools.lru_cache(maxsize=256)
-def _rows_sql(sql: str, group: str, count: int) -> str:
-    head, _, tail = sql.partition(group)
+def _rows_sql(head: str, group: str, tail: str, count: int) -> str:
     return head + ", ".join([group] * count) + tail
+
+
+class _MultiRow(NamedTuple):
+    """One SQLite statement for many rows: `head + group, group, ... + tail`.
+
+    INSERT: the VALUES row repeated. UPDATE: `WITH _rows(c0, ...) AS (VALUES ...)
+    UPDATE ... FROM _rows WHERE ...`, each row parameter read from `_rows`; the
+    parameters fixed in the statement follow the rows once (`fixed`), and `keyed`
+    picks a row's own values out of its full parameter tuple.
+    """
+
+    head: str
+    group: str
+    tail: str
+    rows_at_most: int
+    fixed: tuple[Any, ...] = ()
+    keyed: Callable[[tuple[Any, ...]], tuple[Any, ...]] = tuple
+    # UPDATE: the row key compared with the table's primary key. Two rows naming the
+    # same table row would be applied one after the other by executemany, but only one
+    # (either) by UPDATE ... FROM: such a batch goes by executemany.
+    distinct: str | None = None
 
 
 class _Many(NamedTuple):
@@ -265,10 +292,7 @@ class _Many(NamedTuple):
     single: bool  # one value: itemgetter returns it bare, not in a tuple
     processed: tuple[tuple[int, Callable[[Any], Any]], ...]  # (index, bind processor)
     fixed: tuple[tuple[int, Any], ...]  # (position, processed value) fixed in the statement
-    # SQLite INSERTs whose every parameter is in their one VALUES row: that row's text,
-    # repeated for several rows per statement; None: one row per execution.
-    values_group: str | None = None
-    rows_at_most: int = 1
+    multi: _MultiRow | None = None  # SQLite: how to send many rows per statement
 
     def values(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
         got = self.get(row)
@@ -308,19 +332,26 @@ def _compiled_many(
             fixed.append((position, value if process is None else process(value)))
     get = operator.itemgetter(*keyed) if keyed else (lambda row: ())
     sql = str(compiled)
-    group = _values_group(sql, len(compiled.positiontup)) if (
-        dialect.name == "sqlite" and isinstance(statement, sa.Insert)) else None
-    most = 1
-    if group is not None:
-        fit = min(_ROWS_PER_INSERT, _SQLITE_VARIABLES // max(1, len(compiled.positiontup)))
-        most = 1 << (fit.bit_length() - 1)  # a power of two, as the chunks are
-    return _Many(sql, get, len(keyed) == 1, tuple(processed), tuple(fixed), group, most)
+    multi = None
+    if dialect.name == "sqlite" and keyed:
+        if isinstance(statement, sa.Insert):
+            multi = _insert_rows(sql, len(compiled.positiontup))
+        elif _SQLITE_UPDATE_FROM:
+            multi = _update_rows(sql, compiled.positiontup, keyed, fixed,
+                                 _primary_key_parameter(statement, keyed))
+    return _Many(sql, get, len(keyed) == 1, tuple(processed), tuple(fixed), multi)
 
 
-def _values_group(sql: str, parameters: int) -> str | None:
-    """`(?, ?, ...)` of `INSERT ... VALUES (?, ?, ...) [ON CONFLICT ...]`, when it holds
-    every parameter of the statement (an upsert's SET with parameters of its own does
-    not qualify) and appears once."""
+def _at_most(parameters_per_row: int) -> int:
+    """Rows per statement: a power of two, as the chunks are, within SQLite's limit."""
+    fit = min(_ROWS_PER_STATEMENT, _SQLITE_VARIABLES // max(1, parameters_per_row))
+    return 1 << (fit.bit_length() - 1)
+
+
+def _insert_rows(sql: str, parameters: int) -> _MultiRow | None:
+    """`INSERT ... VALUES (?, ?, ...) [ON CONFLICT ...]` with the VALUES row repeated,
+    when that row holds every parameter of the statement (an upsert's SET with
+    parameters of its own does not qualify) and appears once."""
     start = sql.find(" VALUES (")
     if start < 0:
         return None
@@ -330,7 +361,50 @@ def _values_group(sql: str, parameters: int) -> str | None:
     if ("(" in group[1:] or sql.count(group) != 1 or group.count("?") != parameters
             or sql.count("?") != parameters):
         return None
-    return group
+    return _MultiRow(sql[:start], group, sql[end + 1:], _at_most(parameters))
+
+
+def _update_rows(
+    sql: str, positions: Sequence[str], keyed: list[str], fixed: list[tuple[int, Any]],
+    distinct: str | None,
+) -> _MultiRow | None:
+    """`UPDATE t SET a=? WHERE t.k = ?` as `WITH _rows(c0, c1) AS (VALUES (?, ?), ...)
+    UPDATE t SET a=_rows.c0 FROM _rows WHERE t.k = _rows.c1`, when the statement's
+    `?` are its parameters alone and it has one WHERE (no subqueries)."""
+    pieces = sql.split("?")
+    if (distinct is None or len(pieces) != len(positions) + 1 or sql.count(" WHERE ") != 1
+            or " FROM " in sql or "SELECT" in sql):
+        return None
+    at = {name: index for index, name in enumerate(keyed)}
+    text = pieces[0]
+    for name, piece in zip(positions, pieces[1:], strict=True):
+        text += (f"_rows.c{at[name]}" if name in at else "?") + piece
+    columns = ", ".join(f"c{i}" for i in range(len(keyed)))
+    where = text.index(" WHERE ")
+    own = [index for index in range(len(positions)) if positions[index] in at]
+    return _MultiRow(
+        f"WITH _rows({columns}) AS (VALUES ", "(" + ", ".join("?" * len(keyed)) + ")",
+        f") {text[:where]} FROM _rows{text[where:]}", _at_most(len(keyed)),
+        fixed=tuple(value for _, value in fixed),
+        keyed=operator.itemgetter(*own) if len(own) > 1 else (lambda row: (row[own[0]],)),
+        distinct=distinct,
+    )
+
+
+def _primary_key_parameter(statement: sa.Update, keyed: list[str]) -> str | None:
+    """The row key an UPDATE compares its table's one-column primary key with, in a
+    WHERE of plain ANDed terms; None if there is none."""
+    primary = list(statement.table.primary_key)
+    where = statement.whereclause
+    if len(primary) != 1 or where is None:
+        return None
+    terms = where.clauses if isinstance(where, sa.BooleanClauseList) else [where]
+    for term in terms:
+        if (isinstance(term, sa.BinaryExpression) and term.operator is operator.eq
+                and term.left is primary[0] and isinstance(term.right, sa.BindParameter)
+                and term.right.key in keyed):
+            return term.right.key
+    return None
 
 
 class Database:

@@ -707,7 +707,7 @@ async def test_execute_many_of_many_rows_stores_each_row_once_in_order(
         execute_many(conn, add, [location(i, f"row {i}") for i in range(80)])
         multi = _compiled_many(events.insert(), conn.dialect, tuple(event_row(0)))
         upsert = _compiled_many(add, conn.dialect, tuple(location(0, "")))
-        return multi.values_group is not None, upsert.values_group is not None
+        return multi.multi is not None, upsert.multi is not None
 
     multi_rows = await journal.db.run_write(write)
     assert multi_rows == ((True, True) if journal.db.is_sqlite else (False, False))
@@ -722,6 +722,65 @@ async def test_execute_many_of_many_rows_stores_each_row_once_in_order(
     assert all(r[1] == {"i": i, "tags": [i, None]} and r[2] == (i % 2 == 0)
                and r[3] == f"r{i % 7}" for i, r in enumerate(rows))
     assert stored == {f"k{i}": "first" if i < 10 else f"row {i}" for i in range(40)}
+
+
+async def test_execute_many_updates_each_row_as_executemany_would(
+    journal: DeliveryJournal,
+) -> None:
+    """On SQLite, execute_many sends an UPDATE's rows as one `WITH ... UPDATE ... FROM`
+    per power of two (300 rows: 256 + 32 + 8 + 4). The outcome matches SQLAlchemy's own
+    executemany row for row: each row's values land on its key, stale attempts and other
+    owners' rows are left alone, JSON results are stored as JSON; and a batch naming one
+    key twice goes row by row, so that the first outcome wins as it would one by one."""
+    from router import journal as journal_module
+    from router.db import _compiled_many, deliveries, execute_many
+
+    def in_flight(key: str, attempts: int) -> dict[str, object]:
+        return {"key": key, "event_id": "e", "artifact_index": 0, "action": "store",
+                "stack": "s", "component": "c", "sink_id": "s.c", "target": None,
+                "params": {}, "after": None, "state": "in_flight", "attempts": attempts,
+                "next_attempt_at": 0.0, "created_at": 1.0, "updated_at": 1.0,
+                "owner": "me" if attempts % 5 else "peer", "lease_until": 9.0}
+
+    def outcome(key: str, i: int) -> dict[str, object]:
+        # Every 7th row names an attempt older than the row's; every 3rd none at all.
+        attempt = None if i % 3 == 0 else (i % 4) + 1 - (i % 7 == 0)
+        return {"k": key, "r": {"uri": f"u{i}", "n": [i, None]} if i % 2 else None,
+                "now": 5.0 + i, "o": "me", "a": attempt}
+
+    def write(conn: sa.Connection) -> bool:
+        for way in ("by-sqlalchemy", "by-driver"):
+            execute_many(conn, deliveries.insert(),
+                         [in_flight(f"{way}-{i:03d}", (i % 4) + 1) for i in range(300)])
+        conn.execute(journal_module._MARK_DONE,
+                     [outcome(f"by-sqlalchemy-{i:03d}", i) for i in range(300)])
+        execute_many(conn, journal_module._MARK_DONE,
+                     [outcome(f"by-driver-{i:03d}", i) for i in range(300)])
+        twice = {"key": "twice", "attempts": 1}
+        execute_many(conn, deliveries.insert(), [{**in_flight("twice", 1), **twice}])
+        execute_many(conn, journal_module._MARK_DEAD, [
+            {"k": "twice", "e": "first", "now": 1.0, "o": "me", "a": None},
+            {"k": "twice", "e": "second", "now": 2.0, "o": "me", "a": None}])
+        keys = tuple(outcome("k", 1))
+        return _compiled_many(journal_module._MARK_DONE, conn.dialect, keys).multi is not None
+
+    multi_rows = await journal.db.run_write(write)
+    assert multi_rows == journal.db.is_sqlite
+    async with journal.db.read() as conn:
+        query = sa.select(deliveries.c.key, deliveries.c.state, deliveries.c.owner,
+                          deliveries.c.result, deliveries.c.updated_at,
+                          deliveries.c.lease_until, deliveries.c.last_error)
+        rows = (await conn.execute(query.where(deliveries.c.key.like("by-%"))
+                                   .order_by(deliveries.c.key))).all()
+        twice = (await conn.execute(query.where(deliveries.c.key == "twice"))).one()
+    by_sqlalchemy = [tuple(r[1:]) for r in rows if r[0].startswith("by-sqlalchemy")]
+    by_driver = [tuple(r[1:]) for r in rows if r[0].startswith("by-driver")]
+    assert len(by_driver) == 300 and by_driver == by_sqlalchemy
+    done = [i for i, r in enumerate(by_driver) if r[0] == "done"]
+    assert 100 < len(done) < 300, "some rows updated, stale attempts and peers' left"
+    assert all(by_driver[i][2] == ({"uri": f"u{i}", "n": [i, None]} if i % 2 else None)
+               and by_driver[i][3] == 5.0 + i for i in done)
+    assert (twice.state, twice.last_error, twice.updated_at) == ("dead", "first", 1.0)
 
 
 async def test_a_claim_tick_hands_out_each_events_journaled_record(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import faulthandler
 import json
 import os
 import re
@@ -125,11 +126,12 @@ def run(
 ) -> None:
     """Run the daemon until SIGTERM or SIGINT (then drain and exit 0).
 
-    SIGHUP reloads the config file."""
+    SIGHUP reloads the config file; SIGUSR1 writes every thread's stack to stderr."""
     # First of all: a signal that arrives while the daemon starts (the imports, the
     # config, the journal's migrations) is noted here and acted on by the daemon once it
     # has started, instead of killing it (SIGHUP's and SIGTERM's default action).
     noted = _note_signals()
+    _dump_stacks_on_sigusr1()
     from router.daemon import Daemon
     from router.logs import configure_logging, secret_values
 
@@ -174,6 +176,18 @@ def _note_signals() -> list[int]:
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(sig, lambda signum, _frame: noted.append(signum))
     return noted
+
+
+def _dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>`: every thread's Python stack to stderr, and the daemon runs
+    on. For a daemon that seems stuck: faulthandler writes from the signal itself, so it
+    answers with the event loop blocked too. Frames only (file, line, function), no
+    values, so no secret can show. Not on Windows (no SIGUSR1)."""
+    sig = getattr(signal, "SIGUSR1", None)
+    if sig is not None:
+        # A stderr without a file descriptor (a test runner's capture) has none to write to.
+        with contextlib.suppress(OSError, ValueError, RuntimeError, AttributeError):
+            faulthandler.register(sig, file=sys.stderr, all_threads=True)
 
 
 @app.command()

@@ -178,7 +178,14 @@ class Workspace:
 
     def daemon_logs(self, lines: int = 80) -> str:
         """The end of each daemon's log: what a timed-out wait needs to be diagnosed
-        from CI output alone."""
+        from CI output alone. Daemons still running are asked first for every thread's
+        stack (SIGUSR1), which shows where a stuck one waits."""
+        running = [d for d in self.daemons if d.proc.poll() is None]
+        for daemon in running:
+            daemon.proc.send_signal(signal.SIGUSR1)
+        if running:
+            time.sleep(1.0)
+            lines = max(lines, 400)  # a stack per thread: the I/O pool's included
         out = []
         for daemon in self.daemons:
             tail = daemon.log_path.read_text(errors="replace").splitlines()[-lines:]

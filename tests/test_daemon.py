@@ -289,6 +289,26 @@ def test_sigterm_drains_and_exits_zero(workspace: Workspace, start_daemon) -> No
     assert workspace.wait_settled(50)["events"] == {"done": 50}
 
 
+def test_sigusr1_writes_every_threads_stack_and_the_daemon_runs_on(
+    workspace: Workspace, start_daemon  # type: ignore[no-untyped-def]
+) -> None:
+    """`kill -USR1` on a daemon that seems stuck: each thread's Python stack goes to
+    stderr (the event loop's thread and the I/O pool's), and the daemon keeps routing
+    and still stops cleanly."""
+    daemon: DaemonProcess = start_daemon(workspace)
+    daemon.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while "Current thread" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    dump = daemon.log()
+    assert "Current thread" in dump, dump
+    assert dump.count("Thread 0x") >= 1 and "router/cli.py" in dump, dump
+    write_bundle(workspace.spool, "after", model_manifest("clf", run_id="r1"),
+                 {"model.pkl": b"weights"})
+    assert workspace.wait_settled(1)["events"] == {"done": 1}
+    assert daemon.terminate() == 0
+
+
 def test_sigterm_during_a_checkpoints_hash_gives_it_up_and_the_next_start_takes_it(
     workspace: Workspace, start_daemon  # type: ignore[no-untyped-def]
 ) -> None:

@@ -225,13 +225,17 @@ def execute_many(
     if not rows:
         return
     many = _compiled_many(statement, conn.dialect, tuple(rows[0]))
+    multi = many.multi
+    if multi is not None and (len(rows) == 1 or (
+            multi.distinct is not None and len({r[multi.distinct] for r in rows}) < len(rows))):
+        multi = None
+    # An UPDATE's rows carry their own values only: the fixed ones follow them once.
+    per_row = many.own if multi is not None and multi.fixed else many.values
     try:
-        data = [many.values(row) for row in rows]
+        data = [per_row(row) for row in rows]
     except Exception as exc:  # a value its column cannot take: as SQLAlchemy reports it
         raise sa.exc.StatementError(str(exc), many.sql, None, exc) from exc
-    multi = many.multi
-    if multi is None or len(data) == 1 or (
-            multi.distinct is not None and len({r[multi.distinct] for r in rows}) < len(rows)):
+    if multi is None:
         conn.exec_driver_sql(many.sql, data)
         return
     # SQLite: many rows per statement, a power of two at a time. sqlite3's executemany
@@ -241,8 +245,6 @@ def execute_many(
     # 258-407 ms against 12-15 ms as one statement, next to a busy thread; session 30:
     # 64 rows updated in 6.5 ms against 0.3 ms). Powers of two keep the statements few
     # and cached by sqlite3.
-    if multi.fixed:  # UPDATE: the rows carry the row keys' values, the rest come once
-        data = [multi.keyed(row) for row in data]
     start = 0
     while start < len(data):
         count = min(multi.rows_at_most, 1 << ((len(data) - start).bit_length() - 1))
@@ -268,8 +270,7 @@ class _MultiRow(NamedTuple):
 
     INSERT: the VALUES row repeated. UPDATE: `WITH _rows(c0, ...) AS (VALUES ...)
     UPDATE ... FROM _rows WHERE ...`, each row parameter read from `_rows`; the
-    parameters fixed in the statement follow the rows once (`fixed`), and `keyed`
-    picks a row's own values out of its full parameter tuple.
+    parameters fixed in the statement follow the rows once (`fixed`).
     """
 
     head: str
@@ -277,7 +278,6 @@ class _MultiRow(NamedTuple):
     tail: str
     rows_at_most: int
     fixed: tuple[Any, ...] = ()
-    keyed: Callable[[tuple[Any, ...]], tuple[Any, ...]] = tuple
     # UPDATE: the row key compared with the table's primary key. Two rows naming the
     # same table row would be applied one after the other by executemany, but only one
     # (either) by UPDATE ... FROM: such a batch goes by executemany.
@@ -294,15 +294,23 @@ class _Many(NamedTuple):
     fixed: tuple[tuple[int, Any], ...]  # (position, processed value) fixed in the statement
     multi: _MultiRow | None = None  # SQLite: how to send many rows per statement
 
-    def values(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
+    def own(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The row's own parameters, processed, in position order."""
         got = self.get(row)
         if self.single:
             got = (got,)
-        if not self.processed and not self.fixed:
+        if not self.processed:
             return tuple(got)
         values = list(got)
         for index, process in self.processed:
             values[index] = process(values[index])
+        return tuple(values)
+
+    def values(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        """Every parameter of the statement: the row's own and the fixed ones."""
+        if not self.fixed:
+            return self.own(row)
+        values = list(self.own(row))
         for position, value in self.fixed:  # in ascending order
             values.insert(position, value)
         return tuple(values)
@@ -381,13 +389,10 @@ def _update_rows(
         text += (f"_rows.c{at[name]}" if name in at else "?") + piece
     columns = ", ".join(f"c{i}" for i in range(len(keyed)))
     where = text.index(" WHERE ")
-    own = [index for index in range(len(positions)) if positions[index] in at]
     return _MultiRow(
         f"WITH _rows({columns}) AS (VALUES ", "(" + ", ".join("?" * len(keyed)) + ")",
         f") {text[:where]} FROM _rows{text[where:]}", _at_most(len(keyed)),
-        fixed=tuple(value for _, value in fixed),
-        keyed=operator.itemgetter(*own) if len(own) > 1 else (lambda row: (row[own[0]],)),
-        distinct=distinct,
+        fixed=tuple(value for _, value in fixed), distinct=distinct,
     )
 
 

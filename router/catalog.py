@@ -31,7 +31,6 @@ __all__ = [
     "RunRow",
     "artifact_checksum",
     "file_uri_paths",
-    "list_artifacts",
     "list_runs",
     "raise_version_counter",
     "record_events",
@@ -325,49 +324,6 @@ def record_locations_batch(
             for obj in objects
         ]
     execute_many(conn, _add_locations(conn.dialect.name), rows)
-
-
-def _to_artifact(row: Any) -> ArtifactRow:
-    data = dict(row._mapping)
-    data["plan_errors"] = data.get("plan_errors") or []
-    return ArtifactRow.model_validate(data)
-
-
-async def list_artifacts(
-    conn: AsyncConnection,
-    *,
-    pipeline: str | None = None,
-    run_id: str | None = None,
-    step_name: str | None = None,
-    name: str | None = None,
-    limit: int = 1000,
-) -> list[ArtifactRow]:
-    query = sa.select(artifacts).order_by(artifacts.c.created_at.desc(), artifacts.c.id.desc())
-    for column, value in (
-        (artifacts.c.pipeline, pipeline),
-        (artifacts.c.run_id, run_id),
-        (artifacts.c.step_name, step_name),
-        (artifacts.c.name, name),
-    ):
-        if value is not None:
-            query = query.where(column == value)
-    rows = [_to_artifact(r) for r in (await conn.execute(query.limit(limit))).all()]
-    if not rows:
-        return rows
-    by_id = {r.id: r for r in rows}
-    for loc in (
-        await conn.execute(
-            sa.select(locations).where(locations.c.artifact_id.in_(by_id)).order_by(locations.c.id)
-        )
-    ).all():
-        by_id[loc.artifact_id].locations.append(
-            LocationRow.model_validate(dict(loc._mapping))
-        )
-    for edge in (
-        await conn.execute(sa.select(lineage).where(lineage.c.artifact_id.in_(by_id)))
-    ).all():
-        by_id[edge.artifact_id].inputs.append(edge.input_ref)
-    return rows
 
 
 async def list_runs(

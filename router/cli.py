@@ -564,7 +564,7 @@ def artifacts(
     as_json: JsonOpt = False,
 ) -> None:
     """Catalogued artifacts with versions, checksums and locations."""
-    from router.catalog import list_artifacts
+    from router.catalog_read import query_artifacts
 
     loaded = _load(config)
     if rejected:
@@ -578,7 +578,7 @@ def artifacts(
 
     async def fetch(journal: Any) -> Any:
         async with journal.db.read() as conn:
-            return await list_artifacts(conn, pipeline=pipeline, run_id=run, limit=limit)
+            return await query_artifacts(conn, pipeline=pipeline, run_id=run, limit=limit)
 
     rows = asyncio.run(_with_journal(loaded, fetch))
     if as_json:

@@ -1,4 +1,6 @@
-"""Shared pieces of the SageMaker sinks: settings, the aiobotocore client, error mapping.
+"""Shared pieces of the AWS sinks: the connection settings every one of them takes
+(`AwsSettings`: region, endpoint, credentials, timeouts; the `s3` store's too), and for
+the SageMaker sinks the aiobotocore client and the error mapping.
 
 Both `sagemaker_model_registry` and `sagemaker_endpoint` speak to the SageMaker API
 through one aiobotocore client per sink (created on first use, closed by `close()`),
@@ -25,7 +27,7 @@ import html
 import re
 import unicodedata
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -34,6 +36,7 @@ from sinks.base import PermanentError, SinkSettings, TransientError
 from sinks.urls import reject_userinfo
 
 __all__ = [
+    "AwsSettings",
     "SageMakerClient",
     "SageMakerSettings",
     "entity_name",
@@ -76,14 +79,16 @@ _RETRYABLE_CODES = TRANSIENT_CODES | {
 _MESSAGE_LIMIT = 400
 
 
-class SageMakerSettings(SinkSettings):
-    """Where SageMaker is and how to authenticate; shared by both SageMaker sinks."""
+class AwsSettings(SinkSettings):
+    """Where an AWS service is and how to authenticate: the S3 store and both SageMaker
+    sinks take the same keys, checked the same way."""
 
     region: str | None = Field(
         default=None, description="AWS region; default: the AWS chain (AWS_REGION, profile)"
     )
     endpoint_url: str | None = Field(
-        default=None, description="e.g. http://127.0.0.1:5000 for moto_server"
+        default=None, description="an S3-compatible server or moto_server, e.g. "
+        "http://127.0.0.1:5000"
     )
     aws_access_key_id: str | None = None
     aws_secret_access_key: SecretStr | None = None
@@ -105,13 +110,17 @@ class SageMakerSettings(SinkSettings):
         )
 
     @model_validator(mode="after")
-    def _credentials_pair(self) -> SageMakerSettings:
+    def _credentials_pair(self) -> Self:
         if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
             raise ValueError(
                 "set both aws_access_key_id and aws_secret_access_key, or neither to use "
                 "the standard AWS credential chain"
             )
         return self
+
+
+class SageMakerSettings(AwsSettings):
+    """Where SageMaker is and how to authenticate; shared by both SageMaker sinks."""
 
 
 def entity_name(*parts: str, fallback: str = "model") -> str:

@@ -54,6 +54,7 @@ __all__ = [
     "moto_s3",
     "rclone_s3",
     "rclone_s3_private",
+    "undeliverable_items",
     "write_file",
     "write_settled",
 ]
@@ -344,3 +345,22 @@ def make_item(
         target=target,
         params={"on_conflict": on_conflict} if on_conflict else {},
     )
+
+
+def undeliverable_items(tmp_path: Path) -> list[tuple[DeliveryItem, str]]:
+    """Items no object store can deliver as given, each with what its error must say:
+    a file gone since intake, an on_conflict no store knows, no target, no local path."""
+    kept = write_file(tmp_path / "kept.bin", 100, seed=5)
+    gone = write_file(tmp_path / "gone.bin", 100, seed=6)
+    assert gone.path is not None
+    gone.path.unlink()
+    return [
+        (make_item(gone, target="undeliverable/gone"),
+         f"{gone.path} no longer exists; it cannot be uploaded to "),
+        (make_item(kept, target="undeliverable/typo", on_conflict="replace"),
+         "on_conflict 'replace' is not one of fail, overwrite, version"),
+        (make_item(kept).model_copy(update={"target": None}),
+         "store delivery without a target key"),
+        (make_item(kept.model_copy(update={"path": None}), target="undeliverable/nopath"),
+         "file 'kept.bin' has no local path to upload from"),
+    ]

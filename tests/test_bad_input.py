@@ -46,7 +46,8 @@ from router.manifest import Manifest, ManifestError, parse_manifest
 from router.metrics import RouterMetrics
 from router.rules import FILE_SLOT, object_key, plan_event, render_path
 from router.sources.mqtt import MqttSource
-from sinks.stores.local import LocalStore, LocalStoreSettings, versioned_key
+from sinks.stores.keys import versioned_key
+from sinks.stores.local import LocalStore, LocalStoreSettings
 from tests.conftest import ROOT, Workspace, write_bundle
 
 CORPUS = Path(__file__).resolve().parent / "corpus"

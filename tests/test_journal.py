@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from router.catalog import list_artifacts, list_runs
-from router.catalog_read import get_run, resolve_refs
+from router.catalog import list_runs
+from router.catalog_read import get_run, query_artifacts, resolve_refs
 from router.client import _SqlBackend
 from router.config import StackConfig, load_config
 from router.db import Database, events
@@ -103,7 +103,7 @@ async def test_accept_journals_plan_and_catalog_in_one_batch(journal: DeliveryJo
     assert status.events == {"accepted": 2}
     assert status.deliveries.pending == 4
     async with journal.db.read() as conn:
-        rows = await list_artifacts(conn, pipeline="fraud")
+        rows = await query_artifacts(conn, pipeline="fraud")
         runs = await list_runs(conn)
     # versions: next integer per (pipeline, name), assigned in acceptance order
     assert sorted(r.version for r in rows if r.name == "clf") == ["1", "2"]
@@ -120,7 +120,7 @@ async def test_steps_up_to_the_largest_a_manifest_allows_are_catalogued(
         [event(f"e{i}", step=step) for i, step in enumerate(steps)], planner)
     assert [o.outcome for o in outcomes] == ["accepted", "accepted"]
     async with journal.db.read() as conn:
-        rows = await list_artifacts(conn, pipeline="fraud", name="eval")
+        rows = await query_artifacts(conn, pipeline="fraud", name="eval")
     assert sorted(r.step or 0 for r in rows) == steps
 
 
@@ -184,9 +184,9 @@ async def test_an_input_resolves_to_the_version_its_consumer_was_made_from(
     await journal.accept([event("scorer", name="scorer", inputs=[ref])], planner)
     await journal.accept([event("v2")], planner)
     async with journal.db.read() as conn:
-        rows = {r.name: r for r in await list_artifacts(conn, pipeline="fraud")
+        rows = {r.name: r for r in await query_artifacts(conn, pipeline="fraud")
                 if r.name in ("early", "scorer")}
-        by_version = {r.version: r.id for r in await list_artifacts(conn, name="clf")}
+        by_version = {r.version: r.id for r in await query_artifacts(conn, name="clf")}
         newest = await resolve_refs(conn, [ref])
         as_made = await resolve_refs(conn, [ref], as_of=rows["scorer"].created_at)
         before = await resolve_refs(conn, [ref], as_of=rows["early"].created_at)
@@ -243,7 +243,7 @@ async def test_automatic_versions_never_repeat_an_explicit_whole_number(
     await journal.accept([event("e4", version="1.0.0"), event("e5", version="9999999999"),
                           event("e6")], planner)
     async with journal.db.read() as conn:
-        rows = await list_artifacts(conn, pipeline="fraud")
+        rows = await query_artifacts(conn, pipeline="fraud")
     versions = {r.event_id: r.version for r in rows if r.name == "clf"}
     assert versions == {"e1": "3", "e2": "4", "e3": "1", "e4": "1.0.0", "e5": "9999999999",
                         "e6": "5"}
@@ -252,7 +252,7 @@ async def test_automatic_versions_never_repeat_an_explicit_whole_number(
 async def test_explicit_versions_are_kept(journal: DeliveryJournal) -> None:
     await journal.accept([event("e1", version="1.0.0")], planner)
     async with journal.db.read() as conn:
-        rows = await list_artifacts(conn, name="clf")
+        rows = await query_artifacts(conn, name="clf")
     assert rows[0].version == "1.0.0"
 
 
@@ -354,7 +354,7 @@ async def test_completion_records_locations_and_finishes_the_event(
     finished = await journal.complete(completions[1:])
     assert [(f.event_id, f.state, f.bundle) for f in finished] == [("e1", "done", "e1")]
     async with journal.db.read() as conn:
-        rows = await list_artifacts(conn, run_id="run-1")
+        rows = await query_artifacts(conn, run_id="run-1")
     model = next(r for r in rows if r.kind == "model")
     assert [loc.uri for loc in model.locations] == ["file:///x/model.pkl"]
     assert model.inputs == ["fraud/run-0/prep/train_data"]
@@ -553,13 +553,13 @@ async def test_a_stale_done_records_no_location(journal: DeliveryJournal) -> Non
 
     await journal.complete([outcome_of(slow, "done", result=stored("s3://b/m", "v-stale"))])
     async with journal.db.read() as conn:
-        model = next(r for r in await list_artifacts(conn, name="clf"))
+        model = next(r for r in await query_artifacts(conn, name="clf"))
     assert model.locations == []
     assert (await journal.status()).sinks["local.artifact_store"].in_flight == 1
 
     await peer.complete([outcome_of(taken, "done", result=stored("s3://b/m", "v-new"))])
     async with journal.db.read() as conn:
-        model = next(r for r in await list_artifacts(conn, name="clf"))
+        model = next(r for r in await query_artifacts(conn, name="clf"))
     assert [(loc.uri, loc.version_id) for loc in model.locations] == [("s3://b/m", "v-new")]
 
 
@@ -586,7 +586,7 @@ async def test_the_same_daemon_claiming_again_ignores_its_first_attempts_outcome
     await journal.complete([outcome_of(second, "done", result=stored("s3://b/m", "v2"))])
     assert [c.artifact_index for c in await journal.claim(10)] == [1]
     async with journal.db.read() as conn:
-        model = next(r for r in await list_artifacts(conn, name="clf"))
+        model = next(r for r in await query_artifacts(conn, name="clf"))
     assert [loc.version_id for loc in model.locations] == ["v2"]
 
 

@@ -28,6 +28,7 @@ from tests.servers_storage import (
     gcs_emulator,
     gcs_emulator_private,
     make_item,
+    undeliverable_items,
     write_file,
     write_settled,
 )
@@ -654,3 +655,14 @@ def test_chunk_size_must_be_a_multiple_of_256_kib() -> None:
     problems = check_component("artifact_store", "stacks.p.artifact_store", component)
     assert [p.field for p in problems] == ["stacks.p.artifact_store.chunk_size"]
     assert "256 KiB" in problems[0].message
+
+
+async def test_an_item_that_cannot_be_delivered_as_given_fails_permanently_saying_why(
+    tmp_path: Path, store: GCSStore, storage: Any
+) -> None:
+    for item, message in undeliverable_items(tmp_path):
+        with pytest.raises(PermanentError) as raised:
+            await store.deliver(item)
+        assert message in str(raised.value)
+    for name in ("gone/gone.bin", "typo/kept.bin", "nopath/kept.bin"):
+        assert not await exists(storage, "artifacts", f"undeliverable/{name}")

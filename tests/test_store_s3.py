@@ -35,6 +35,7 @@ from tests.servers_storage import (
     moto_s3,
     rclone_s3,
     rclone_s3_private,
+    undeliverable_items,
     write_file,
     write_settled,
 )
@@ -1035,6 +1036,18 @@ async def test_file_changed_after_intake_fails_permanently(
     listing = await s3_client.list_objects_v2(Bucket=rclone_s3.bucket, Prefix=f"{target}/")
     assert listing.get("KeyCount", 0) == 0
     assert await pending_uploads(s3_client, rclone_s3.bucket) == []
+
+
+async def test_an_item_that_cannot_be_delivered_as_given_fails_permanently_saying_why(
+    tmp_path: Path, store: S3Store, s3_client: Any, rclone_s3: RcloneS3
+) -> None:
+    cases = undeliverable_items(tmp_path)
+    # In one batch, as the dispatcher sends them: each gets its own error.
+    outcomes = await store.deliver_batch([item for item, _ in cases])
+    for (_, message), outcome in zip(cases, outcomes, strict=True):
+        assert isinstance(outcome, PermanentError) and message in str(outcome)
+    listing = await s3_client.list_objects_v2(Bucket=rclone_s3.bucket, Prefix="undeliverable/")
+    assert listing.get("KeyCount", 0) == 0
 
 
 async def test_stale_multipart_upload_of_the_key_is_aborted(

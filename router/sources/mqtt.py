@@ -68,7 +68,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from router import catalog
+from router.catalog_read import query_artifacts
 from router.config import MqttSettings
 from router.db import deliveries
 from router.delivery import StagedFile
@@ -1754,7 +1754,7 @@ class MqttSource:
         record = await self.journal.event_record(event.event_id)
         manifest = record["manifest"]
         async with self.journal.db.read() as conn:
-            rows = await catalog.list_artifacts(
+            rows = await query_artifacts(
                 conn,
                 pipeline=manifest["pipeline"],
                 run_id=manifest["run_id"],

@@ -8,6 +8,7 @@ journaled raises FileChanged.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from router.delivery import StagedFile
+from sinks.base import PermanentError, TransientError
 
 __all__ = [
     "HASH_CHUNK",
@@ -26,6 +28,7 @@ __all__ = [
     "FileChanged",
     "FileDigests",
     "MiB",
+    "accepted_size",
     "hash_file",
     "read_into",
     "read_small",
@@ -51,6 +54,24 @@ class FileDigests:
     def md5_b64(self) -> str:
         """As HTTP carries it (Content-MD5, GCS md5Hash)."""
         return base64.b64encode(self.md5).decode("ascii")
+
+
+async def accepted_size(path: Path, staged: StagedFile, uri: str) -> int:
+    """The size of an accepted file about to be uploaded to `uri`, checked against the
+    size intake journaled: a file gone or edited since cannot be delivered as accepted
+    (permanent); one that cannot be read now may be readable later (transient)."""
+    try:
+        size = (await asyncio.to_thread(os.stat, path)).st_size
+    except FileNotFoundError as exc:
+        raise PermanentError(f"{path} no longer exists; it cannot be uploaded to {uri}") from exc
+    except OSError as exc:
+        raise TransientError(f"cannot read {path}: {exc.strerror}") from exc
+    if size != staged.size:
+        raise PermanentError(
+            f"{path} changed after it was accepted (now {size} bytes, journaled "
+            f"{staged.size}); emit a new bundle instead of editing an accepted one"
+        )
+    return size
 
 
 def hash_file(path: Path) -> FileDigests:

@@ -42,7 +42,6 @@ import google_crc32c
 from pydantic import ByteSize, Field, field_validator
 
 from router.delivery import StagedFile
-from router.rules import object_key
 from sinks.base import (
     BaseSink,
     DeliveryItem,
@@ -59,11 +58,19 @@ from sinks.stores.files import (
     Checksum,
     FileChanged,
     MiB,
+    accepted_size,
     hash_file,
     read_into,
     verified_checksum,
 )
-from sinks.stores.local import versioned_key
+from sinks.stores.keys import (
+    checked_on_conflict,
+    clean_prefix,
+    file_keys,
+    folder_key,
+    prefixed,
+    upload_result,
+)
 from sinks.urls import reject_userinfo, without_userinfo
 
 __all__ = ["GCSStore", "GCSStoreSettings"]
@@ -100,13 +107,7 @@ class GCSStoreSettings(SinkSettings):
     timeout: float = Field(default=60.0, gt=0, description="seconds per request")
     connect_timeout: float = Field(default=10.0, gt=0)
 
-    @field_validator("prefix")
-    @classmethod
-    def _clean_prefix(cls, value: str) -> str:
-        segments = [s for s in value.strip("/").split("/") if s not in ("", ".")]
-        if any(s == ".." for s in segments):
-            raise ValueError("prefix may not contain '..' segments")
-        return "/".join(segments)
+    _clean_prefix = field_validator("prefix")(clean_prefix)
 
     @field_validator("api_root")
     @classmethod
@@ -321,59 +322,26 @@ class GCSStore(BaseSink):
 
     # -- delivery -----------------------------------------------------------------
 
-    def _full_key(self, key: str) -> str:
-        return f"{self.settings.prefix}/{key}" if self.settings.prefix else key
-
     async def deliver(self, item: DeliveryItem) -> DeliveryResult:
-        if item.target is None:
-            raise PermanentError("store delivery without a target key")
-        on_conflict = item.params.get("on_conflict", "fail")
-        if on_conflict not in ("fail", "overwrite", "version"):
-            raise PermanentError(
-                f"on_conflict {on_conflict!r} is not one of fail, overwrite, version"
-            )
+        files = file_keys(item, self.settings.prefix)
+        on_conflict = checked_on_conflict(item)
         await self._get_storage()
         objects: list[StoredObject] = []
         unchanged: list[str] = []
-        for staged in item.artifact.files:
-            if staged.path is None:
-                raise PermanentError(f"file {staged.name!r} has no local path to upload from")
-            key = object_key(item.target, staged.name)
-            if on_conflict == "version":
-                key = versioned_key(key, item.artifact.version)
-            key = self._full_key(key)
-            stored, same = await self._deliver_file(staged.path, staged, key, on_conflict)
+        for staged, path, key in files:
+            stored, same = await self._deliver_file(path, staged, key, on_conflict)
             objects.append(stored)
             if same:
                 unchanged.append(staged.name)
-        if len(objects) == 1:
-            uri = objects[0].uri
-        else:
-            uri = self._uri(self._full_key(item.target.replace("{file}", "").rstrip("/")))
-        return DeliveryResult(
-            objects=objects,
-            uri=uri,
-            skipped=bool(objects) and len(unchanged) == len(objects),
-            details={"bucket": self.bucket, "unchanged": unchanged} if unchanged else {},
-        )
+        assert item.target is not None  # checked by file_keys
+        folder = self._uri(prefixed(self.settings.prefix, folder_key(item.target)))
+        return upload_result(objects, unchanged, folder, self.bucket)
 
     async def _deliver_file(
         self, path: Path, staged: StagedFile, key: str, on_conflict: str
     ) -> tuple[StoredObject, bool]:
         uri = self._uri(key)
-        try:
-            size = (await asyncio.to_thread(os.stat, path)).st_size
-        except FileNotFoundError as exc:
-            raise PermanentError(
-                f"{path} no longer exists; it cannot be uploaded to {uri}"
-            ) from exc
-        except OSError as exc:
-            raise TransientError(f"cannot read {path}: {exc.strerror}") from exc
-        if size != staged.size:
-            raise PermanentError(
-                f"{path} changed after it was accepted (now {size} bytes, journaled "
-                f"{staged.size}); emit a new bundle instead of editing an accepted one"
-            )
+        size = await accepted_size(path, staged, uri)
 
         async with self._claims.hold(key):
             existing = await self._metadata(key)

@@ -42,6 +42,7 @@ from sinks.base import (
     TransientError,
 )
 from sinks.durable import flush
+from sinks.stores.keys import versioned_key
 
 __all__ = ["LocalStore", "LocalStoreSettings"]
 
@@ -65,14 +66,6 @@ def file_sha256(path: Path) -> str:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def versioned_key(key: str, version: str) -> str:
-    """`a/model.pkl` -> `a/model.v3.pkl`: on_conflict: version keeps every version."""
-    head, _, name = key.rpartition("/")
-    stem, dot, ext = name.partition(".")
-    named = f"{stem}.v{version}{dot}{ext}"
-    return f"{head}/{named}" if head else named
 
 
 def _conflict(dest: Path, existing: str, sha256: str) -> PermanentError:

@@ -50,19 +50,18 @@ from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Literal, TypeVar
 
 import aiohttp
-from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
+from pydantic import ByteSize, Field, field_validator, model_validator
 
 import router
 from router import block_digests
 from router.delivery import StagedFile
-from router.rules import object_key
+from sinks.aws import AwsSettings
 from sinks.aws_errors import THROTTLING, TRANSIENT_CODES, error_code, unanswered_error
 from sinks.base import (
     BaseBatchSink,
     DeliveryItem,
     DeliveryResult,
     PermanentError,
-    SinkSettings,
     StoredObject,
     TransientError,
 )
@@ -72,14 +71,22 @@ from sinks.stores.files import (
     BufferReader,
     FileChanged,
     MiB,
+    accepted_size,
     hash_file,
     read_into,
     read_small,
     verified_digests,
 )
-from sinks.stores.local import versioned_key
+from sinks.stores.keys import (
+    checked_on_conflict,
+    clean_prefix,
+    file_keys,
+    folder_key,
+    prefixed,
+    upload_result,
+)
 from sinks.stores.s3_signed import SignedS3
-from sinks.urls import reject_userinfo, without_userinfo
+from sinks.urls import without_userinfo
 
 __all__ = ["S3Store", "S3StoreSettings", "content_md5"]
 
@@ -105,14 +112,9 @@ _MULTIPART_ETAG = re.compile(r"([0-9a-f]{32})-(\d+)")
 _CLOCK_SKEW = re.compile(r"difference between the request time and", re.IGNORECASE)
 
 
-class S3StoreSettings(SinkSettings):
+class S3StoreSettings(AwsSettings):
     bucket_name: str = Field(min_length=3, max_length=255)
     prefix: str = ""
-    region: str | None = None
-    endpoint_url: str | None = None
-    aws_access_key_id: str | None = None
-    aws_secret_access_key: SecretStr | None = None
-    aws_session_token: SecretStr | None = None
     sse: Literal["AES256", "aws:kms", "aws:kms:dsse"] | None = Field(
         default=None, description="server-side encryption"
     )
@@ -135,36 +137,11 @@ class S3StoreSettings(SinkSettings):
     addressing_style: Literal["auto", "path", "virtual"] = Field(
         default="auto", description="auto means path style when endpoint_url is set"
     )
-    connect_timeout: float = Field(default=10.0, gt=0)
-    read_timeout: float = Field(default=60.0, gt=0)
-    max_attempts: int = Field(
-        default=3, ge=1, le=20, description="attempts per request inside one delivery"
-    )
 
-    @field_validator("prefix")
-    @classmethod
-    def _clean_prefix(cls, value: str) -> str:
-        segments = [s for s in value.strip("/").split("/") if s not in ("", ".")]
-        if any(s == ".." for s in segments):
-            raise ValueError("prefix may not contain '..' segments")
-        return "/".join(segments)
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _no_userinfo(cls, value: str | None) -> str | None:
-        return reject_userinfo(
-            value, "endpoint_url",
-            "remove it from the URL: S3 credentials go in aws_access_key_id and "
-            "aws_secret_access_key (or the standard AWS credential chain)",
-        )
+    _clean_prefix = field_validator("prefix")(clean_prefix)
 
     @model_validator(mode="after")
-    def _consistent(self) -> S3StoreSettings:
-        if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
-            raise ValueError(
-                "set both aws_access_key_id and aws_secret_access_key, or neither to use "
-                "the standard AWS credential chain"
-            )
+    def _kms_needs_sse(self) -> S3StoreSettings:
         if self.kms_key_id is not None and self.sse not in ("aws:kms", "aws:kms:dsse"):
             raise ValueError("kms_key_id needs sse: aws:kms (or aws:kms:dsse)")
         return self
@@ -430,28 +407,6 @@ class S3Store(BaseBatchSink):
 
     # -- delivery -----------------------------------------------------------------
 
-    def _full_key(self, key: str) -> str:
-        return f"{self.settings.prefix}/{key}" if self.settings.prefix else key
-
-    def _keys(self, item: DeliveryItem) -> list[tuple[StagedFile, Path, str]]:
-        """Each file of the item with its local path and its object key."""
-        if item.target is None:
-            raise PermanentError("store delivery without a target key")
-        on_conflict = item.params.get("on_conflict", "fail")
-        if on_conflict not in ("fail", "overwrite", "version"):
-            raise PermanentError(
-                f"on_conflict {on_conflict!r} is not one of fail, overwrite, version"
-            )
-        out = []
-        for staged in item.artifact.files:
-            if staged.path is None:
-                raise PermanentError(f"file {staged.name!r} has no local path to upload from")
-            key = object_key(item.target, staged.name)
-            if on_conflict == "version":
-                key = versioned_key(key, item.artifact.version)
-            out.append((staged, staged.path, self._full_key(key)))
-        return out
-
     async def deliver_batch(
         self, items: list[DeliveryItem]
     ) -> list[DeliveryResult | Exception]:
@@ -459,7 +414,7 @@ class S3Store(BaseBatchSink):
         planned: list[list[tuple[StagedFile, Path, str]] | Exception] = []
         for item in items:
             try:
-                planned.append(self._keys(item))
+                planned.append(file_keys(item, self.settings.prefix))
             except PermanentError as exc:
                 planned.append(exc)
         # Keys whose conflict check would need a HEAD: with three or more, one listing
@@ -513,7 +468,7 @@ class S3Store(BaseBatchSink):
         self, client: Any, item: DeliveryItem, files: list[tuple[StagedFile, Path, str]],
         listing: _Listing,
     ) -> DeliveryResult:
-        on_conflict = item.params.get("on_conflict", "fail")
+        on_conflict = checked_on_conflict(item)
         objects: list[StoredObject] = []
         unchanged: list[str] = []
         for staged, path, key in files:
@@ -524,17 +479,9 @@ class S3Store(BaseBatchSink):
             objects.append(stored)
             if same:
                 unchanged.append(staged.name)
-        if len(objects) == 1:
-            uri = objects[0].uri
-        else:
-            assert item.target is not None  # checked by _keys
-            uri = self._uri(self._full_key(item.target.replace("{file}", "").rstrip("/")))
-        return DeliveryResult(
-            objects=objects,
-            uri=uri,
-            skipped=bool(objects) and len(unchanged) == len(objects),
-            details={"bucket": self.bucket, "unchanged": unchanged} if unchanged else {},
-        )
+        assert item.target is not None  # checked by file_keys
+        folder = self._uri(prefixed(self.settings.prefix, folder_key(item.target)))
+        return upload_result(objects, unchanged, folder, self.bucket)
 
     async def _free_keys(self, client: Any, keys: list[str]) -> set[str]:
         """Which of `keys` hold no object, from listings of their key range.
@@ -583,19 +530,7 @@ class S3Store(BaseBatchSink):
     ) -> tuple[StoredObject, bool]:
         """Upload one file, alone among this sink's writers of `key` (see claims.py)."""
         uri = self._uri(key)
-        try:
-            size = (await asyncio.to_thread(os.stat, path)).st_size
-        except FileNotFoundError as exc:
-            raise PermanentError(
-                f"{path} no longer exists; it cannot be uploaded to {uri}"
-            ) from exc
-        except OSError as exc:
-            raise TransientError(f"cannot read {path}: {exc.strerror}") from exc
-        if size != staged.size:
-            raise PermanentError(
-                f"{path} changed after it was accepted (now {size} bytes, journaled "
-                f"{staged.size}); emit a new bundle instead of editing an accepted one"
-            )
+        size = await accepted_size(path, staged, uri)
 
         async with self._claims.hold(key):
             # A listing found the key free and nothing wrote it since: no HEAD needed.
@@ -730,7 +665,7 @@ class S3Store(BaseBatchSink):
         """
         from botocore.exceptions import ClientError
 
-        key = self._full_key(PROBE_KEY)
+        key = prefixed(self.settings.prefix, PROBE_KEY)
         try:
             await client.put_object(Bucket=self.bucket, Key=key, Body=b"")
             try:

@@ -54,6 +54,7 @@ from sinks.base import (
     SinkSettings,
     TransientError,
 )
+from sinks.durable import fsync_paths
 from sinks.mlflow_rest import LruCache, short_hash
 from sinks.trackers.mlflow import param_text, tracked_values
 
@@ -90,14 +91,6 @@ def append_sidecar(path: Path, key: str) -> None:
         fh.write(key.encode("utf-8") + b"\n")
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class TensorBoardTracker(BaseSink):
@@ -172,7 +165,7 @@ class TensorBoardTracker(BaseSink):
         os.replace(partial, target)
         state.newest = target.name
         state.unrecorded[tag] = target  # until the sidecar has it: a retry must find it
-        fsync_dir(run_dir)
+        fsync_paths([run_dir])
         append_sidecar(sidecar, item.key)
         del state.unrecorded[tag]
         return target, True

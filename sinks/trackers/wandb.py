@@ -47,9 +47,10 @@ from sinks.base import (
     SinkSettings,
     TransientError,
 )
+from sinks.durable import fsync_paths
 from sinks.mlflow_rest import LruCache, short_hash
 from sinks.trackers.mlflow import tracked_values
-from sinks.trackers.tensorboard import append_sidecar, fsync_dir, read_sidecar
+from sinks.trackers.tensorboard import append_sidecar, read_sidecar
 
 __all__ = ["STEP_METRIC", "WandbTracker", "WandbTrackerSettings", "wandb_key", "wandb_run_id"]
 
@@ -186,7 +187,7 @@ class WandbTracker(BaseSink):
             raise OSError(f"W&B wrote {len(produced)} run directories in {staging}, expected 1")
         target.parent.mkdir(parents=True, exist_ok=True)
         produced[0].rename(target)
-        fsync_dir(target.parent)
+        fsync_paths([target.parent])
         shutil.rmtree(staging, ignore_errors=True)
         self._record(item, sidecar, ended)
         return True

@@ -62,6 +62,19 @@ def temp_files(store: LocalStore) -> list[str]:
     return sorted(os.listdir(tmp)) if tmp.exists() else []
 
 
+def test_an_unknown_on_conflict_fails_permanently_and_writes_nothing(
+    store: LocalStore, src: Path
+) -> None:
+    # As the S3 and GCS stores do: a value no store knows is not taken for "fail".
+    batch = [item("a", "typo", [staged(src, "m.bin", b"x")], on_conflict="replace"),
+             item("b", "fine", [staged(src, "m.bin", b"y")])]
+    out = asyncio.run(store.deliver_batch(batch))
+    assert isinstance(out[0], PermanentError)
+    assert "on_conflict 'replace' is not one of fail, overwrite, version" in str(out[0])
+    assert not (store.root / "typo").exists()
+    assert isinstance(out[1], DeliveryResult) and (store.root / "fine" / "m.bin").exists()
+
+
 def test_one_bad_item_never_fails_the_rest_of_its_batch(store: LocalStore, src: Path) -> None:
     (store.root / "taken").mkdir(parents=True)
     (store.root / "taken" / "m.bin").write_bytes(b"someone else's file")

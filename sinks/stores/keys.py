@@ -2,7 +2,9 @@
 
 One place decides the object key of each file (the rule's rendered target, the file's
 name, `on_conflict: version`, the store's prefix) and the result a delivery of several
-files reports, so that the local, S3 and GCS stores lay artifacts out the same way.
+files reports, for the S3 and GCS stores. The local store, which also catalogues remote
+objects where they are, takes the `on_conflict` check and `versioned_key` from here, so
+all three lay artifacts out and refuse an unknown `on_conflict` the same way.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from sinks.base import (
     TransientError,
 )
 from sinks.durable import flush
-from sinks.stores.keys import versioned_key
+from sinks.stores.keys import checked_on_conflict, versioned_key
 
 __all__ = ["LocalStore", "LocalStoreSettings"]
 
@@ -188,7 +188,7 @@ class LocalStore(BaseBatchSink):
         item = pending.item
         if item.target is None:
             raise PermanentError("store delivery without a target key")
-        on_conflict = item.params.get("on_conflict", "fail")
+        on_conflict = checked_on_conflict(item)
         for staged in item.artifact.files:
             if staged.path is None and staged.uri:
                 # A remote object referenced over MQTT: catalogued where it already is.

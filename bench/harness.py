@@ -11,6 +11,8 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +21,8 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "DaemonUnderTest", "Figure", "ScenarioResult", "median", "p99", "peer_startup", "run_peer",
-    "steady_rate",
+    "DaemonUnderTest", "Figure", "ScenarioResult", "free_port", "median", "p99", "peer_startup",
+    "run_peer", "steady_rate",
 ]
 
 
@@ -52,6 +54,12 @@ class ScenarioResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def free_port() -> int:
+    from tests.servers_mqtt import free_port
+
+    return free_port()
 
 
 def median(values: list[float]) -> float:
@@ -114,11 +122,13 @@ class DaemonUnderTest:
         self.spool = root / "spool"
         self.db_path = root / "state" / "router.db"
         self.config = root / "router.yaml"
+        self.http_port = free_port()
         settings = {
             "spool": str(self.spool),
             "state_dir": str(root / "state"),
             "journal_url": f"sqlite+aiosqlite:///{self.db_path}",
             "rescan_seconds": 2.0,
+            "listen": f"127.0.0.1:{self.http_port}",  # /healthz says when it is ready
             **(router or {}),
         }
         self.config.write_text(yaml.safe_dump(
@@ -127,9 +137,8 @@ class DaemonUnderTest:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "daemon.log"
 
-    start_timeout = 30.0  # seconds until the daemon must be ready
     command_prefix: list[str] = []  # a wrapper for the daemon: valgrind, in bench/probe.py
-    settle = 0.3  # the spool watcher is up once the schema exists and the loop idles
+    start_timeout = 30.0  # seconds until the daemon must be ready
 
     def start(self, env: dict[str, str] | None = None) -> None:
         self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
@@ -145,7 +154,6 @@ class DaemonUnderTest:
                 self.kill()
                 raise RuntimeError(f"daemon did not start: {self.log.read_text()[-3000:]}")
             time.sleep(0.05)
-        time.sleep(self.settle)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -155,14 +163,14 @@ class DaemonUnderTest:
             self._log.close()
 
     def _ready(self) -> bool:
-        if not self.db_path.exists():
-            return False
+        """/healthz says ok: the spool watches (and MQTT, where set, is subscribed), so
+        the load starts on a daemon that takes it, not on one still starting up."""
         try:
-            with sqlite3.connect(self.db_path, timeout=5) as conn:
-                conn.execute("select count(*) from events").fetchone()
-            return True
-        except sqlite3.Error:
-            return False
+            url = f"http://127.0.0.1:{self.http_port}/healthz"
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return bool(json.loads(resp.read()).get("status") == "ok")
+        except (OSError, ValueError, urllib.error.URLError):
+            return False  # not listening yet, or 503 while starting
 
     # --- reading the journal (MqttDaemon reads PostgreSQL through its own _query) ------
 

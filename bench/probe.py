@@ -10,7 +10,8 @@ comparisons of a change, alternating with a worktree of the commit before.
 
 PROBE_PROFILE=FILE records the daemon with py-spy (`--gil`, collapsed stacks) while the
 load runs: `py-spy record -f raw`, for flame graphs or summing per function.
-PROBE_SETTINGS='{"concurrency": 1024}' adds `router:` settings (mqtt-intake).
+PROBE_SETTINGS='{"concurrency": 1024}' adds `router:` settings (mqtt-intake, small-to-local,
+small-to-s3).
 PROBE_CALLGRIND=1 runs the daemon under valgrind's callgrind (mqtt-intake) and reports
 the instructions it ran per message from the first publish to the last done, start-up
 and stop left out: the same from run to run of one build within about 1 %, where its
@@ -99,7 +100,8 @@ def probe(scenario: str, n: int) -> str:
             bundles = _stage_bundles(work / "staging", n, 16 * 1024)
             rule = {"on_conflict": "overwrite"} if os.environ.get("PROBE_OVERWRITE") else {}
             stack = _s3_stack(server, "probe", **rule)
-        daemon = DaemonUnderTest(work / "router", stack)
+        daemon = DaemonUnderTest(work / "router", stack,
+                                 json.loads(os.environ.get("PROBE_SETTINGS") or "{}"))
         daemon.start()
         assert daemon.proc is not None
         user0, sys0 = _cpu(daemon.proc.pid)

@@ -114,6 +114,10 @@ def _local_latency(root: Path, rate: float, seconds: float) -> dict[str, float]:
     """Offered load at a fixed rate; latency from rename to done (journal finished_at)."""
     n = int(rate * seconds)
     bundles = _stage_bundles(root / "staging", n, 4096, prefix="lat")
+    # Written back before the clock starts: staged all at once, they would otherwise be
+    # flushed by the store's first syncfs, charging the first bundles for the data of
+    # all later ones, which a step writes just before it hands each bundle over.
+    os.sync()
     daemon = DaemonUnderTest(root / "router", LOCAL_STACK(root / "store"))
     daemon.start()
     renamed: dict[str, float] = {}

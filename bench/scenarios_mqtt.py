@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -45,12 +44,6 @@ RUNS = 50  # metric points spread over this many runs (one jsonl file per run)
 
 
 # --- servers ---------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    from tests.servers_mqtt import free_port
-
-    return free_port()
 
 
 def _broker(root: Path) -> Any:
@@ -161,7 +154,8 @@ def _stack(root: Path) -> dict[str, Any]:
 
 
 class MqttDaemon(DaemonUnderTest):
-    """A daemon fed by MQTT; ready once /healthz says its subscription is up.
+    """A daemon fed by MQTT; ready once /healthz says its subscription is up (the base
+    class's check: every source ready).
 
     With `pg_url` the journal and catalog are on PostgreSQL and the counts come from
     there (asyncpg); else from the SQLite file as in DaemonUnderTest.
@@ -170,29 +164,17 @@ class MqttDaemon(DaemonUnderTest):
     def __init__(self, root: Path, broker: Any, *, pg_url: str | None = None,
                  shared_group: str | None = None, mqtt: dict[str, Any] | None = None,
                  **router: Any) -> None:
-        self.http_port = _free_port()
         self.pg_url = pg_url
         mqtt = broker.mqtt_settings(client_id=f"bench-router-{uuid.uuid4().hex[:8]}",
                                     topics=[TOPIC_FILTER], **(mqtt or {}))
         if shared_group:
             mqtt["shared_group"] = shared_group
-        settings: dict[str, Any] = {"mqtt": mqtt, "listen": f"127.0.0.1:{self.http_port}",
-                                    "drain_seconds": 10, **router}
+        settings: dict[str, Any] = {"mqtt": mqtt, "drain_seconds": 10, **router}
         if pg_url:
             settings["journal_url"] = pg_url
         super().__init__(root, _stack(root), settings)
 
     start_timeout = 60.0
-    settle = 0.0  # ready means subscribed (/healthz)
-
-    def _ready(self) -> bool:
-        url = f"http://127.0.0.1:{self.http_port}/healthz"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                body = json.loads(resp.read())
-        except (OSError, ValueError, urllib.error.URLError):
-            return False
-        return bool(body.get("checks", {}).get("MqttSource"))
 
     def received(self) -> int:
         """Messages this daemon took from the broker (its /metrics counter)."""

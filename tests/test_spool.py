@@ -160,6 +160,35 @@ def test_a_bundle_arriving_right_after_the_start_scan_is_seen_at_once(tmp_path: 
     asyncio.run(scenario())
 
 
+def test_the_spool_says_ready_only_once_it_watches(tmp_path: Path) -> None:
+    """/healthz reports the spool's `healthy`: a supervisor that waits for it before
+    handing over work must find a spool that sees a bundle at once. So it is false
+    until the watcher is armed and the start scan done, and a bundle renamed in as soon
+    as it says ready is taken by the watcher, not left for the rescan (an hour here)."""
+    import asyncio
+
+    paths = _spool(tmp_path)
+    staged = paths.incoming / ".tmp-first"
+    staged.mkdir()
+    (staged / "manifest.json").write_text(_METRICS_MANIFEST)
+    seen_before_run: list[bool] = []
+
+    async def scenario() -> None:
+        async with _running_source(tmp_path, paths,
+                                   lambda source: seen_before_run.append(source.healthy)
+                                   ) as source:
+            for _ in range(200):
+                if source.healthy:
+                    break
+                await asyncio.sleep(0.01)
+            assert source.healthy, "the spool never said it was ready"
+            os.rename(staged, paths.incoming / "first")
+            await _taken(paths, "first")
+
+    asyncio.run(scenario())
+    assert seen_before_run == [False], "ready before the spool ran: bundles would wait"
+
+
 def test_a_bundle_completed_in_place_is_taken_without_waiting_for_the_rescan(
         tmp_path: Path) -> None:
     """DESIGN's second way to write a bundle: files first in incoming/<name>/, then

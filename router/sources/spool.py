@@ -228,14 +228,16 @@ class SpoolSource:
         # Bundles journaled but not yet renamed out of incoming/: the dispatcher may
         # claim their deliveries in the very next transaction, before the rename.
         self._in_transit: dict[str, asyncio.Event] = {}
-        self.healthy = True
+        # Ready, for /healthz: false until the watcher is armed and the start scan done,
+        # so that a supervisor which waits for it knows a bundle renamed in is seen at once.
+        self.healthy = False
 
     # --- lifecycle ----------------------------------------------------------------
 
     async def run(self) -> None:
         self.paths.ensure()
         await until_it_answers(self._recover, "finishing bundle moves a crash cut off",
-                               lambda ok: setattr(self, "healthy", ok))
+                               lambda ok: None if ok else setattr(self, "healthy", False))
         tasks = [asyncio.create_task(self._watch(), name="spool-watch"),
                  asyncio.create_task(self._look_again(), name="spool-incomplete")]
         # The watcher first, then the scan: a bundle renamed in between would otherwise
@@ -243,6 +245,7 @@ class SpoolSource:
         # up its inotify watches before its first await, so one turn of the loop arms it.
         await asyncio.sleep(0)
         self._scan()
+        self.healthy = True
         tasks.append(asyncio.create_task(self._rescan_loop(), name="spool-rescan"))
         try:
             while not self._stop.is_set():

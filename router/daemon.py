@@ -377,18 +377,23 @@ class Daemon:
     # --- http -------------------------------------------------------------------------
 
     async def _healthz(self, _request: web.Request) -> web.Response:
+        # The slow checks first (a hung sink takes up to its timeout), then the flags:
+        # the answer tells how things are when it is sent, not when it was asked for
+        # (a request made while the daemon starts would otherwise say "not ready").
+        sinks = await self.pool.health()
+        try:
+            await self.journal.known_events(["-healthz-"])
+            journal = True
+        except Exception:
+            journal = False
         checks: dict[str, Any] = {
             "spool": self.spool.healthy,
             "dispatcher": self.dispatcher.healthy,
+            "journal": journal,
         }
-        try:
-            await self.journal.known_events(["-healthz-"])
-            checks["journal"] = True
-        except Exception:
-            checks["journal"] = False
         for source in self.extra_sources:
             checks[type(source).__name__] = bool(getattr(source, "healthy", True))
-        checks["sinks"] = await self.pool.health()
+        checks["sinks"] = sinks
         ok = checks["journal"] and checks["spool"] and checks["dispatcher"] and all(
             v for k, v in checks.items() if k not in ("sinks",) and isinstance(v, bool)
         )

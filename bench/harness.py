@@ -11,7 +11,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "DaemonUnderTest", "Figure", "ScenarioResult", "free_port", "median", "p99", "peer_startup",
-    "run_peer", "steady_rate",
+    "DaemonUnderTest", "Figure", "ScenarioResult", "median", "p99", "peer_startup", "run_peer",
+    "steady_rate",
 ]
 
 
@@ -54,12 +53,6 @@ class ScenarioResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
-
-
-def free_port() -> int:
-    from tests.servers_mqtt import free_port
-
-    return free_port()
 
 
 def median(values: list[float]) -> float:
@@ -122,6 +115,8 @@ class DaemonUnderTest:
         self.spool = root / "spool"
         self.db_path = root / "state" / "router.db"
         self.config = root / "router.yaml"
+        from tests.servers_mqtt import free_port
+
         self.http_port = free_port()
         settings = {
             "spool": str(self.spool),
@@ -169,7 +164,7 @@ class DaemonUnderTest:
             url = f"http://127.0.0.1:{self.http_port}/healthz"
             with urllib.request.urlopen(url, timeout=2) as resp:
                 return bool(json.loads(resp.read()).get("status") == "ok")
-        except (OSError, ValueError, urllib.error.URLError):
+        except (OSError, ValueError):  # URLError and HTTPError are OSErrors
             return False  # not listening yet, or 503 while starting
 
     # --- reading the journal (MqttDaemon reads PostgreSQL through its own _query) ------

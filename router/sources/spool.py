@@ -236,8 +236,12 @@ class SpoolSource:
 
     async def run(self) -> None:
         self.paths.ensure()
+        def unready_while_failing(ok: bool) -> None:  # ready only once watching (below)
+            if not ok:
+                self.healthy = False
+
         await until_it_answers(self._recover, "finishing bundle moves a crash cut off",
-                               lambda ok: None if ok else setattr(self, "healthy", False))
+                               unready_while_failing)
         tasks = [asyncio.create_task(self._watch(), name="spool-watch"),
                  asyncio.create_task(self._look_again(), name="spool-incomplete")]
         # The watcher first, then the scan: a bundle renamed in between would otherwise

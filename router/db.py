@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import itertools
 import operator
 import os
 import sqlite3
@@ -250,7 +251,7 @@ def execute_many(
         count = min(multi.rows_at_most, 1 << ((len(data) - start).bit_length() - 1))
         chunk = data[start:start + count]
         conn.exec_driver_sql(_rows_sql(multi.head, multi.group, multi.tail, count),
-                             (*(v for row in chunk for v in row), *multi.fixed))
+                             (*itertools.chain.from_iterable(chunk), *multi.fixed))
         start += count
 
 

@@ -49,6 +49,8 @@ from sinks.registry import create_sink, sink_class
 __all__ = ["Dispatcher", "InFlightSlots", "IntakeSlots", "SinkPool", "backoff_delay"]
 
 log = structlog.get_logger("router.dispatcher")
+# Actions whose sink reads the artifact's files (a bundle must be located for them).
+_FILE_ACTIONS = frozenset({Action.STORE.value, Action.TRACK.value, Action.EXPORT.value})
 
 OPEN_TIMEOUT = 30.0  # seconds a sink may take to open at start (SinkPool.warm_up)
 HEALTH_TIMEOUT = 5.0  # seconds each sink's health() may take (SinkPool.health)
@@ -565,7 +567,7 @@ class Dispatcher:
 
     @staticmethod
     def _needs_files(d: ClaimedDelivery) -> bool:
-        return d.action in (Action.STORE.value, Action.TRACK.value, Action.EXPORT.value)
+        return d.action in _FILE_ACTIONS
 
     async def _build_items(self, ds: list[ClaimedDelivery]) -> list[DeliveryItem | Exception]:
         """Delivery items for claimed rows; bundles are located in one thread hop."""

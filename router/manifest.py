@@ -67,6 +67,7 @@ class ArtifactKind(StrEnum):
 
 # Aliases accepted on input, compared case-insensitively.  DATA is Domino Flows' name.
 _KIND_ALIASES = {kind.value: kind for kind in ArtifactKind} | {"data": ArtifactKind.DATASET}
+_KIND_TAGS = {alias: kind.value for alias, kind in _KIND_ALIASES.items()}  # no enum access
 _KIND_HELP = "use one of model, dataset (or data), metrics, parameters, report, artifact"
 
 
@@ -425,8 +426,7 @@ def _artifact_tag(value: Any) -> str | None:
     raw = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
     if not isinstance(raw, str):
         return None
-    kind = _KIND_ALIASES.get(raw.strip().lower())
-    return kind.value if kind else None
+    return _KIND_TAGS.get(raw.strip().lower())
 
 
 AnyArtifact = Annotated[

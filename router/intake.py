@@ -178,8 +178,8 @@ def sha256_file(path: Path, expected: os.stat_result | None = None,
             size += n
             if abandon is not None and abandon.is_set():
                 raise HashAbandoned(path, size, before.st_size)
-        after = os.fstat(fd)
-        identity = settled_identity(before, after, size, started)
+        if size >= _IDENTITY_MIN_BYTES:  # smaller files have none: no stat to compare
+            identity = settled_identity(before, os.fstat(fd), size, started)
     finally:
         os.close(fd)
         if companion is not None:
@@ -340,14 +340,17 @@ class _Found(NamedTuple):
 
 def load_bundle(
     bundle: Path, received_at: float, hash_up_to: int | None = None,
-    abandon: threading.Event | None = None,
+    abandon: threading.Event | None = None, *, manifest_st: os.stat_result | None = None,
 ) -> AcceptedEvent | Rejection | LargeBundle:
     """Validate a complete bundle directory (manifest.json present).
 
     With `hash_up_to`, a valid bundle whose files hold more bytes than that is returned
     as a LargeBundle before any is hashed, so that the caller can hash it apart from
     the small ones it is reading (1 GiB takes about a second). Setting `abandon` stops
-    the hashing (HashAbandoned: the router is stopping)."""
+    the hashing (HashAbandoned: the router is stopping). `manifest_st` is the caller's
+    own lstat of manifest.json, if it took one: each system call of a reading thread may
+    hand the GIL to another (bench/RESULTS.md, session 33). The file opened must still
+    be that one."""
     name = bundle.name
     if (shown := not_utf8(name)) is not None:
         # The journal stores names as UTF-8: refused here, before anything is read.
@@ -369,7 +372,7 @@ def load_bundle(
             "in incoming/: move or copy the directory there instead of linking to it")])
     manifest_path = bundle / "manifest.json"
     try:
-        st = manifest_path.lstat()
+        st = manifest_st if manifest_st is not None else manifest_path.lstat()
         if not stat.S_ISREG(st.st_mode):
             # A FIFO would block the reader forever, a symlink could point anywhere.
             raise ManifestError(

@@ -83,7 +83,8 @@ def _load_if_complete(path: Path, hash_up_to: int | None = None,
     an entry that cannot be looked into (a symlink loop, a directory without search
     permission) is rejected alone, never failing the batch it was read with."""
     try:
-        os.lstat(path / "manifest.json")  # one stat: is it a directory with a manifest?
+        # One stat: is it a directory with a manifest? load_bundle checks it, not again.
+        manifest_st: os.stat_result | None = os.lstat(path / "manifest.json")
     except FileNotFoundError:
         return load_bundle(path, time.time()) if os.path.islink(path) else None
     except NotADirectoryError:
@@ -92,8 +93,9 @@ def _load_if_complete(path: Path, hash_up_to: int | None = None,
         _not_a_bundle(path.name)
         return None
     except OSError:
-        pass  # ELOOP, EACCES...: load_bundle rejects it, naming the entry and the error
-    return load_bundle(path, time.time(), hash_up_to, abandon)
+        # ELOOP, EACCES...: load_bundle rejects it, naming the entry and the error
+        manifest_st = None
+    return load_bundle(path, time.time(), hash_up_to, abandon, manifest_st=manifest_st)
 
 
 @functools.lru_cache(maxsize=256)  # once per name: a file being written changes often

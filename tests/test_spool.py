@@ -97,10 +97,12 @@ _METRICS_MANIFEST = json.dumps({
 
 @contextlib.asynccontextmanager
 async def _running_source(
-    tmp_path: Path, paths: SpoolPaths, prepare: Callable[[SpoolSource], None] | None = None
+    tmp_path: Path, paths: SpoolPaths, prepare: Callable[[SpoolSource], None] | None = None,
+    rescan_seconds: float = 3600,
 ) -> AsyncIterator[SpoolSource]:
-    """A SpoolSource running on a real SQLite journal with its rescan an hour away: a
-    bundle it takes was seen by the watcher (or looked at again), not by the rescan."""
+    """A SpoolSource running on a real SQLite journal with its rescan an hour away (by
+    default): a bundle it takes was seen by the watcher (or looked at again), not by the
+    rescan."""
     import asyncio
 
     from router.db import Database
@@ -110,7 +112,7 @@ async def _running_source(
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'j.db'}")
     await db.migrate()
     source = SpoolSource(paths, DeliveryJournal(db), planner, preflight=lambda e: None,
-                         metrics=RouterMetrics(), rescan_seconds=3600)
+                         metrics=RouterMetrics(), rescan_seconds=rescan_seconds)
     if prepare is not None:
         prepare(source)
     running = asyncio.create_task(source.run())
@@ -187,6 +189,55 @@ def test_the_spool_says_ready_only_once_it_watches(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert seen_before_run == [False], "ready before the spool ran: bundles would wait"
+
+
+def test_rescans_leave_alone_the_bundles_the_intake_already_has(tmp_path: Path) -> None:
+    """A rescan every 50 ms while a batch of 30 bundles waits on its journal commit (and
+    30 more wait their turn): every bundle is read once and taken. Before, each rescan
+    stat'ed every name in incoming/, and queued the batch under way again, whose names
+    were then read a second time, gone by then."""
+    import asyncio
+
+    paths = _spool(tmp_path)
+    for i in range(60):
+        write_bundle(paths.root, f"b{i:02d}", model_manifest(f"m{i}"), {"model.pkl": b"x"})
+    reads: list[str] = []
+    looked_at: list[str] = []
+    release, first_batch_read = asyncio.Event(), asyncio.Event()
+
+    def instrument(source: SpoolSource) -> None:
+        source.batch_size = 30
+        read_all, accept, states = source._read_all, source.journal.accept, source._states
+
+        async def recorded_read(names: list[str], hash_up_to: int | None) -> Any:
+            reads.extend(names)
+            first_batch_read.set()
+            return await read_all(names, hash_up_to)
+
+        async def held_accept(*args: Any, **kwargs: Any) -> Any:
+            await release.wait()
+            return await accept(*args, **kwargs)
+
+        def recorded_states(names: list[str]) -> list[str]:
+            if reads:  # not the start scan, which finds all 60
+                looked_at.extend(names)
+            return states(names)
+
+        source._read_all = recorded_read  # type: ignore[method-assign]
+        source.journal.accept = held_accept  # type: ignore[method-assign]
+        source._states = recorded_states  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        async with _running_source(tmp_path, paths, instrument, rescan_seconds=0.05):
+            await asyncio.wait_for(first_batch_read.wait(), 10)
+            await asyncio.sleep(0.5)  # some ten rescans while the first batch waits
+            release.set()
+            for i in range(60):
+                await _taken(paths, f"b{i:02d}")
+
+    asyncio.run(scenario())
+    assert sorted(reads) == [f"b{i:02d}" for i in range(60)]  # each once
+    assert looked_at == []  # every name was in hand when a rescan came
 
 
 def test_a_bundle_completed_in_place_is_taken_without_waiting_for_the_rescan(
